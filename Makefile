@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# `install` keeps a torch that is already there (a CUDA build on a GPU machine); where none is
+# installed it puts the CPU build in place first, so the unpinned range in pyproject.toml never
+# pulls several GB of CUDA wheels onto a machine without a GPU.
+PYTHON ?= python3
+TORCH_CPU ?= torch==2.13.0
+FAISS_EXTRA := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+
+.PHONY: install demo test lint
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_CPU)"
+	$(PYTHON) -m pip install -q -e ".[$(FAISS_EXTRA),dev]"
+
+demo: install
+	$(PYTHON) -m grads_ray demo --output runs/demo
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check grads_ray tests jobs benchmarks

@@ -1,0 +1,125 @@
+"""``grads-ray``: run the whole job, one stage, or the offline demo.
+
+    grads-ray run CONFIG.yaml [key.sub=value ...]
+    grads-ray demo [--output DIR] [key.sub=value ...]
+    grads-ray STAGE [--config CONFIG.yaml] [--model DIR] [--data PATH ...] [--output DIR] [key=value ...]
+STAGE is one of ingest, warmup, score, similarity, select, finetune, evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from grads_ray.config import Config, ConfigError, load_config
+from grads_ray.data.readers import InputError
+
+STAGE_COMMANDS = ("ingest", "warmup", "score", "similarity", "select", "finetune", "evaluate")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. select.budget=10%%")
+    p.add_argument("--model", help="local Hugging Face causal-LM folder (model.path)")
+    p.add_argument("--data", action="append", help="corpus file or folder (data.paths); repeatable")
+    p.add_argument("--output", help="run directory (output)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--limit", type=int, help="smoke test: only the first N rows of the corpus")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    p.add_argument("--on-long", choices=["truncate", "reject"], help="policy for rows over data.max_length")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grads-ray", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="every stage, from a YAML config")
+    run.add_argument("config")
+    _common(run)
+    demo = sub.add_parser("demo", help="build the offline demo corpus and model, then run every stage")
+    _common(demo)
+    for name in STAGE_COMMANDS:
+        p = sub.add_parser(name, help=f"the {name} stage (and what it needs, if missing)")
+        p.add_argument("--config")
+        _common(p)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = list(args.overrides or [])
+    if args.model:
+        extra.append(f"model.path={args.model}")
+    if args.data:
+        extra.append("data.paths=[" + ",".join(repr(d) for d in args.data) + "]")
+    if args.output:
+        extra.append(f"output={args.output}")
+    if args.address:
+        extra.append(f"ray.address={args.address}")
+    if args.limit is not None:
+        extra.append(f"data.limit={args.limit}")
+    if args.strict:
+        extra.append("data.strict=true")
+    if args.on_long:
+        extra.append(f"data.on_long={args.on_long}")
+    return extra
+
+
+def demo_config(args: argparse.Namespace) -> Config:
+    """Build (once) the demo assets under OUTPUT/assets and point the config at them."""
+    from grads_ray.demo.corpus import build_corpus, sft_rows
+    from grads_ray.demo.model import build_demo_model
+
+    output = Path(args.output or "runs/demo")
+    assets = output / "assets"
+    if not (assets / "model" / "config.json").exists():
+        print(f"grads-ray demo: building the corpus and a small model under {assets} ...", flush=True)
+        paths = build_corpus(assets)
+        texts = [r["prompt"] + "\n" + r["response"] for r in sft_rows()]
+        texts.append(Path(paths["general"]).read_text())
+        build_demo_model(assets / "model", texts)
+    base = {"output": str(output), "model": {"path": str(assets / "model")},
+            "data": {"paths": [str(assets / "corpus")]},
+            "eval": {"domain_paths": [str(assets / "heldout.jsonl")], "general_paths": [str(assets / "general.txt")]}}
+    cfg_file = resources.files("grads_ray") / "configs" / "demo.yaml"
+    with resources.as_file(cfg_file) as path:
+        return load_config(path, _overrides(args), base=base)
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    if args.command == "demo":
+        return demo_config(args)
+    path = args.config if args.command == "run" else getattr(args, "config", None)
+    cfg = load_config(path, _overrides(args))
+    if not cfg.model.path:
+        raise ConfigError("model.path is not set (use --model DIR or model.path=DIR)")
+    if not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"model.path {cfg.model.path}: no such folder")
+    if not cfg.data.paths:
+        raise ConfigError("data.paths is empty (use --data PATH or data.paths=[...])")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    from grads_ray.pipeline import Run, summary
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        cfg = resolve(args)
+        run = Run(cfg)
+        if args.command in ("run", "demo"):
+            run.run_all()
+        else:
+            getattr(run, args.command)()
+    except (ConfigError, InputError) as exc:
+        print(f"grads-ray: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(run))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Examples -> ``(input_ids, labels)`` with the prompt masked (labels -100), Hugging Face convention.
+
+Labels have the length of ``input_ids``; the model shifts them by one, so a label at position t is
+predicted from tokens < t. Only response tokens (assistant turns for chat) carry loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from grads_ray.data.formats import IGNORE_INDEX, Example, RowError
+
+# Used where a tokenizer has no chat template of its own; the demo tokenizer ships the same one.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any | None:
+    """The tokenizer saved beside the model, or None when the folder has none (pre-tokenized input)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _special(tokenizer: Any, name: str) -> list[int]:
+    tid = getattr(tokenizer, f"{name}_token_id", None)
+    return [tid] if tid is not None else []
+
+
+def encode_pair(prompt: str, response: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """``[bos] prompt response [eos]``; prompt and bos masked. Tokenized apart, so no token spans both."""
+    p = _special(tokenizer, "bos") + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + _special(tokenizer, "eos")
+    return p + r, [IGNORE_INDEX] * len(p) + r
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans that carry loss.
+
+    An assistant turn j spans from the end of ``render(messages[:j], generation prompt)`` to the end of
+    ``render(messages[:j+1])``, so the end-of-turn marker is learned too. Templates that are not
+    prefix-stable fall back to locating the turn's content in the text.
+    """
+    full = _render(tokenizer, messages, False)
+    spans, cursor = [], 0
+    for j, msg in enumerate(messages):
+        if msg["role"] != "assistant" or not msg["content"]:
+            continue
+        head = _render(tokenizer, messages[:j], True) if j else ""
+        upto = _render(tokenizer, messages[: j + 1], False)
+        if full.startswith(upto) and upto.startswith(head) and len(head) >= cursor:
+            spans.append((len(head), len(upto)))
+            cursor = len(upto)
+            continue
+        at = full.find(msg["content"], cursor)
+        if at < 0:
+            raise RowError("chat_template", f"assistant turn {j} not found in the rendered text")
+        spans.append((at, at + len(msg["content"])))
+        cursor = at + len(msg["content"])
+    return full, spans
+
+
+def encode_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = []
+    for tok, (a, b) in zip(ids, offsets, strict=True):
+        inside = b > a and any(s <= a and b <= e for s, e in spans)
+        labels.append(tok if inside else IGNORE_INDEX)
+    return list(ids), labels
+
+
+def encode(example: Example, tokenizer: Any | None, max_length: int, on_long: str) -> tuple[list[int], list[int]]:
+    """One example -> ``(input_ids, labels)`` within ``max_length``.
+
+    ``on_long="truncate"`` keeps the first ``max_length`` tokens; ``"reject"`` raises ``too_long``.
+    Either way an example left with no loss token raises ``empty_response``.
+    """
+    if example.kind == "tokens":
+        ids, labels = list(example.input_ids), list(example.labels)
+    elif tokenizer is None:
+        raise RowError("no_tokenizer", "text rows need a tokenizer in the model folder")
+    elif example.kind == "pair":
+        ids, labels = encode_pair(example.prompt, example.response, tokenizer)
+    else:
+        ids, labels = encode_chat(example.messages, tokenizer)
+    if len(ids) > max_length:
+        if on_long == "reject":
+            raise RowError("too_long", f"{len(ids)} tokens > max_length {max_length}")
+        ids, labels = ids[:max_length], labels[:max_length]
+    if not any(lab != IGNORE_INDEX for lab in labels[1:]):
+        raise RowError("empty_response", "no response token left to learn from")
+    return ids, labels

@@ -1,0 +1,485 @@
+"""The job: stages in order over one run directory, each skippable when already complete.
+
+ingest -> warmup -> score -> similarity -> select -> finetune -> evaluate. Every stage can also be run
+alone (``grads-ray STAGE``); it runs what it depends on first when that is missing. Each stage's
+fingerprint covers its own config and its inputs' fingerprints, so a changed config recomputes exactly
+the stages it affects. ``manifest.json`` records config, versions, counts, timings and input hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from grads_ray.config import Config
+from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
+from grads_ray.rundir import (
+    StageDir,
+    fingerprint,
+    read_json,
+    read_parts,
+    write_json,
+    write_jsonl,
+    write_parquet,
+)
+
+log = logging.getLogger("grads_ray")
+STAGES = ("ingest", "warmup", "score", "similarity", "select", "finetune", "evaluate")
+_RUNTIME_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+                "HF_DATASETS_OFFLINE": "1"}
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("grads-ray", "torch", "ray", "transformers", "tokenizers", "datasets", "pyarrow", "numpy",
+                "faiss-cpu", "faiss-gpu-cu12"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def _stable_fraction(ids: list[str], seed: int, fraction: float) -> np.ndarray:
+    """Deterministic per-id coin flips: True for about ``fraction`` of ids, the same for a seed."""
+    keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") for i in ids]
+    return np.asarray(keys, dtype=np.uint64) < np.uint64(int(fraction * (2**64 - 1)))
+
+
+def _keep_batch(batch: dict[str, np.ndarray], seed: int = 0, fraction: float = 1.0,
+                ids: Any = None) -> dict[str, np.ndarray]:
+    """Ray Data filter: tokenized rows without reject, optionally a seeded fraction or an id set."""
+    import ray
+
+    keep = np.array([not r for r in batch["reason"]], dtype=bool)
+    if fraction < 1.0:
+        keep &= _stable_fraction(list(batch["id"]), seed, fraction)
+    if ids is not None:
+        wanted = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
+        keep &= np.array([i in wanted for i in batch["id"]], dtype=bool)
+    return {"input_ids": batch["input_ids"][keep], "labels": batch["labels"][keep]}
+
+
+class Run:
+    """One run directory and its configuration; the stages are methods."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "manifest.json"
+        self.manifest: dict[str, Any] = read_json(path) if path.exists() else {"stages": {}}
+        self.manifest.update(config=cfg.to_dict(), versions=_versions())
+        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._fps: dict[str, str] = {}
+
+    # ---------------------------------------------------------------------------------- plumbing
+    def ensure_ray(self) -> None:
+        import ray
+
+        verbose = log.isEnabledFor(logging.INFO)
+        if ray.is_initialized():
+            return
+        os.environ.update(_RUNTIME_ENV)
+        address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": _RUNTIME_ENV}, log_to_driver=verbose)
+        else:
+            ray.init(num_cpus=self.cfg.ray.num_cpus, include_dashboard=self.cfg.ray.include_dashboard,
+                     dashboard_host=self.cfg.ray.dashboard_host, runtime_env={"env_vars": _RUNTIME_ENV},
+                     log_to_driver=verbose)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+
+    def use_gpu(self, setting: str) -> bool:
+        import ray
+
+        if setting != "auto":
+            return setting == "true"
+        return ray.cluster_resources().get("GPU", 0) > 0
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.time()
+        entry = self.manifest["stages"].setdefault(name, {})
+        log.info("stage %s ...", name)
+        yield entry
+        entry["seconds"] = round(time.time() - start, 2)
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
+        write_json(self.out / "manifest.json", self.manifest)
+
+    def _dir(self, name: str) -> StageDir:
+        return StageDir(self.out, name)
+
+    # ------------------------------------------------------------------------------------ ingest
+    def ingest(self) -> str:
+        """Plan shards, validate rows in parallel tasks, merge rejects. -> the stage's fingerprint."""
+        if "ingest" in self._fps:
+            return self._fps["ingest"]
+        from grads_ray.ingest import run_ingest
+
+        d = self.cfg.data
+        stat = [(p, os.path.getsize(p) if os.path.isfile(p) else None, os.path.getmtime(p))
+                for p in d.paths if os.path.exists(p)]
+        fp = fingerprint("ingest", d.paths, stat, d.shard_bytes, d.shard_rows, d.limit)
+        stage = self._dir("rows")
+        with self.stage("ingest") as entry:
+            if not stage.prepare(fp):
+                shards = plan_shards(d.paths, d.shard_bytes, d.shard_rows, d.limit)
+                write_json(stage.path / "shards.json", [s.to_dict() for s in shards])
+                self.ensure_ray()
+                infos = run_ingest(shards, stage)
+                digests = {p: file_digest(p) for p in d.paths}
+                stage.finish(fp, {"shards": len(shards), "rows": sum(i["rows"] for i in infos),
+                                  "rejected": sum(i["rejected"] for i in infos), "input_sha256": digests})
+            info = stage.success_info()
+            entry.update(shards=info["shards"], rows=info["rows"], rejected=info["rejected"])
+            self.manifest["inputs"] = info["input_sha256"]
+        if d.strict and info["rejected"]:
+            first = self._first_reject("rows")
+            raise InputError(f"{first['source']}:{first['line']}: {first['reason']}"
+                             f"{' (' + first['detail'] + ')' if first.get('detail') else ''} (--strict)")
+        self._fps["ingest"] = fp
+        return fp
+
+    def _first_reject(self, stage_name: str) -> dict[str, Any]:
+        for part in self._dir(stage_name).parts("rejected.jsonl"):
+            with open(part) as fh:
+                line = fh.readline()
+            if line.strip():
+                return json.loads(line)
+        return {}
+
+    def shards(self) -> list[Shard]:
+        return [Shard(**s) for s in read_json(self._dir("rows").path / "shards.json")]
+
+    def _tokenized(self, model_path: str):
+        """Ray Data dataset of tokenized rows (with reject reasons) over the whole ingested corpus."""
+        import ray
+
+        from grads_ray.scoring import tokenize_batch
+
+        d = self.cfg.data
+        files = [str(p) for p in self._dir("rows").parts()]
+        ds = ray.data.read_parquet(files).select_columns(["id", "shard", "source", "line", "record"])
+        return ds.map_batches(tokenize_batch, batch_size=self.cfg.score.tokenize_batch_size, batch_format="numpy",
+                              fn_kwargs={"model_path": model_path, "max_length": d.max_length,
+                                         "on_long": d.on_long, "trust_remote_code": self.cfg.model.trust_remote_code})
+
+    # ------------------------------------------------------------------------------------ warmup
+    def scoring_model(self) -> tuple[str, str]:
+        """The checkpoint the scorers read: the warm-up's when enabled, else the base model."""
+        if self.cfg.warmup.enabled:
+            return self.warmup()
+        return self.cfg.model.path, fingerprint("model", self.cfg.model.path)
+
+    def warmup(self) -> tuple[str, str]:
+        """Short preliminary fine-tune on a seeded fraction of the corpus. -> (model folder, fingerprint)."""
+        cfg = self.cfg
+        up = self.ingest()
+        fp = fingerprint("warmup", up, cfg.model.path, asdict(cfg.warmup), cfg.data.max_length, cfg.data.on_long, cfg.seed)
+        stage = self._dir("warmup")
+        model_dir = stage.path / "model"
+        with self.stage("warmup") as entry:
+            if not stage.prepare(fp):
+                ids = read_parts(self._dir("rows").parts(), ["id"])["id"].to_pylist()
+                n = int(_stable_fraction(ids, cfg.seed, cfg.warmup.fraction).sum())
+                metrics = self._train("warmup", cfg.model.path, model_dir, n,
+                                      {"seed": cfg.seed, "fraction": cfg.warmup.fraction}, cfg.warmup)
+                stage.finish(fp, {"rows": n, "metrics": metrics})
+            entry.update(stage.success_info())
+            entry.pop("fingerprint", None)
+        return str(model_dir), fp
+
+    def _train(self, name: str, base: str, out_model: Path, n_rows: int, keep: dict[str, Any], tcfg) -> dict:
+        self.ensure_ray()
+        from grads_ray.training.trainer import train
+
+        ds = self._tokenized(base).map_batches(_keep_batch, batch_format="numpy", fn_kwargs=keep)
+        return train(ds, n_rows, base, out_model, tcfg, name=f"{name}-{fingerprint(str(self.out.resolve()))}",
+                     storage=self.out / "ray_train", seed=self.cfg.seed, use_gpu=self.use_gpu(tcfg.use_gpu),
+                     trust_remote_code=self.cfg.model.trust_remote_code)
+
+    # ------------------------------------------------------------------------------------- score
+    def score(self) -> str:
+        """Per-example loss and gradient statistics of every ingested row. -> fingerprint."""
+        if "score" in self._fps:
+            return self._fps["score"]
+        from grads_ray.scoring import run_scoring
+
+        cfg = self.cfg
+        up = self.ingest()
+        model_path, model_fp = self.scoring_model()
+        fp = fingerprint("score", up, model_fp, cfg.data.max_length, cfg.data.on_long)
+        stats, features = self._dir("stats"), self._dir("features")
+        with self.stage("score") as entry:
+            if not stats.prepare(fp):
+                features.prepare(fp)
+                self.ensure_ray()
+                expected = {s.index: self._dir("rows").done_info(s.index)["rows"] for s in self.shards()}
+                t0 = time.time()
+                infos = run_scoring(
+                    self._dir("rows"), expected, stats, features, model_path=model_path,
+                    max_length=cfg.data.max_length, on_long=cfg.data.on_long, batch_size=cfg.score.batch_size,
+                    num_actors=cfg.score.num_actors, use_gpu=self.use_gpu(cfg.score.use_gpu),
+                    tokenize_batch_size=cfg.score.tokenize_batch_size,
+                    trust_remote_code=cfg.model.trust_remote_code)
+                done = [stats.done_info(s) for s in expected]
+                scored = sum(i["scored"] for i in done)
+                stats.finish(fp, {"scored": scored, "rejected": sum(i["rejected"] for i in done),
+                                  "model": model_path, "shards_this_run": len(infos),
+                                  "examples_per_s": round(sum(i["scored"] for i in infos) / max(time.time() - t0, 1e-9), 2)})
+                features.finish(fp, {"scored": scored})
+            info = stats.success_info()
+            entry.update({k: v for k, v in info.items() if k != "fingerprint"})
+            self._merge_rejects()
+            self._account()
+        if cfg.data.strict and info["rejected"]:
+            first = self._first_reject("stats")
+            raise InputError(f"{first['source']}:{first['line']}: {first['reason']} (--strict)")
+        self._fps["score"] = fp
+        return fp
+
+    def _merge_rejects(self) -> None:
+        rows: list[dict[str, Any]] = []
+        for name in ("rows", "stats"):
+            for part in self._dir(name).parts("rejected.jsonl"):
+                rows += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+        write_jsonl(self.out / "rejected.jsonl", rows)
+        self.manifest["rejected_by_reason"] = dict(Counter(r["reason"] for r in rows).most_common())
+
+    def _account(self) -> None:
+        """Every input row is exactly once in stats or rejected: checked, recorded, enforced."""
+        ing = self._dir("rows").success_info()
+        sc = self._dir("stats").success_info()
+        acc = {"input_rows": ing["rows"] + ing["rejected"], "rejected_ingest": ing["rejected"],
+               "rejected_score": sc["rejected"], "scored": sc["scored"]}
+        self.manifest["accounting"] = acc
+        if acc["scored"] + acc["rejected_ingest"] + acc["rejected_score"] != acc["input_rows"]:
+            raise RuntimeError(f"row accounting does not add up: {acc}")
+
+    # -------------------------------------------------------------------------------- similarity
+    def similarity(self) -> str:
+        """k nearest neighbours, near-duplicate groups and diversity over the feature vectors."""
+        if "similarity" in self._fps:
+            return self._fps["similarity"]
+        from grads_ray.similarity.index import diversity, duplicate_groups, knn
+
+        s = self.cfg.similarity
+        up = self.score()
+        fp = fingerprint("similarity", up, asdict(s))
+        stage = self._dir("similarity")
+        with self.stage("similarity") as entry:
+            if not stage.prepare(fp):
+                table = read_parts(self._dir("features").parts())
+                table = table.take(pc.sort_indices(table["id"]))
+                n = table.num_rows
+                vecs = np.stack(table["hidden_mean"].to_numpy(zero_copy_only=False)) if n else np.zeros((0, 1))
+                sims, idx, index_name = knn(vecs, s.k, s.query_batch, use_gpu=self._faiss_gpu(s.use_gpu)) if n > 1 else (
+                    np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64), "none")
+                groups = duplicate_groups(sims, idx, s.dup_threshold)
+                ids = np.asarray(table["id"].to_pylist(), dtype=object)
+                nn_ids = [ids[row[row >= 0]].tolist() for row in idx]
+                write_parquet(stage.part(0), pa.table({
+                    "id": table["id"], "nn_ids": pa.array(nn_ids, pa.list_(pa.string())),
+                    "nn_sims": pa.array([r[np.isfinite(r)].tolist() for r in sims], pa.list_(pa.float32())),
+                    "dup_group": pa.array(groups), "diversity": pa.array(diversity(sims))}))
+                sizes = Counter(groups.tolist())
+                stage.finish(fp, {"index": index_name, "k": int(idx.shape[1]) if n else 0, "vectors": n,
+                                  "dup_groups": sum(1 for c in sizes.values() if c > 1),
+                                  "rows_in_dup_groups": sum(c for c in sizes.values() if c > 1)})
+            entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
+        self._fps["similarity"] = fp
+        return fp
+
+    def _faiss_gpu(self, setting: str) -> bool | None:
+        from grads_ray.similarity.index import faiss_module, gpu_available
+
+        if setting == "false":
+            return False
+        return gpu_available(faiss_module()) if setting == "auto" else True
+
+    # ------------------------------------------------------------------------------------ select
+    def select(self) -> str:
+        """Choose the subset; write selection.parquet (every scored id) and selected.jsonl (original rows)."""
+        if "select" in self._fps:
+            return self._fps["select"]
+        from grads_ray.selection.budget import parse_budget
+        from grads_ray.selection.select import select
+
+        sc = self.cfg.select
+        up = self.similarity() if sc.method == "grads" else self.score()
+        fp = fingerprint("select", up, asdict(sc), self.cfg.seed)
+        stage = self._dir("select")
+        with self.stage("select") as entry:
+            if not stage.prepare(fp):
+                stats = read_parts(self._dir("stats").parts())
+                stats = stats.take(pc.sort_indices(stats["id"]))
+                cols = {c: stats[c].to_numpy(zero_copy_only=False) for c in stats.column_names if c != "id"}
+                div = groups = None
+                if sc.method == "grads":
+                    sim = read_parts(self._dir("similarity").parts(), ["id", "dup_group", "diversity"])
+                    sim = sim.take(pc.sort_indices(sim["id"]))
+                    if sim["id"].to_pylist() != stats["id"].to_pylist():
+                        raise RuntimeError("similarity and stats tables hold different ids")
+                    div, groups = sim["diversity"].to_numpy(), sim["dup_group"].to_numpy()
+                g = sc.grads
+                res = select(cols, parse_budget(sc.budget), sc.method, self.cfg.seed, diversity=div,
+                             dup_group=groups, max_per_dup_group=sc.max_per_dup_group,
+                             grads={"stats": g.stats, "groups": g.groups, "tail_k": g.tail_k,
+                                    "bandwidth_rule": g.bandwidth, "w_density": g.w_density,
+                                    "w_diversity": g.w_diversity, "w_loss": g.w_loss})
+                table = pa.table({"id": stats["id"], **{k: pa.array(v) for k, v in res.items()}})
+                write_parquet(self.out / "selection.parquet", table)
+                chosen = table.filter(table["selected"])
+                chosen = chosen.take(pc.sort_indices(chosen["rank"]))
+                self._write_selected(chosen["id"].to_pylist())
+                n_tok = int(cols["n_tokens"][res["selected"]].sum())
+                stage.finish(fp, {"method": sc.method, "budget": sc.budget, "scored": len(res["selected"]),
+                                  "selected": int(res["selected"].sum()), "selected_tokens": n_tok,
+                                  "total_tokens": int(cols["n_tokens"].sum()),
+                                  "not_selected_by_reason": dict(Counter(r for r in res["reason"] if r))})
+            entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
+        self._fps["select"] = fp
+        return fp
+
+    def _write_selected(self, ranked_ids: list[str]) -> None:
+        """The original rows of the selected ids, in rank order."""
+        want = {i: r for r, i in enumerate(ranked_ids)}
+        records: list[str | None] = [None] * len(ranked_ids)
+        for part in self._dir("rows").parts():
+            t = pq.read_table(part, columns=["id", "record"])
+            mask = pc.is_in(t["id"], value_set=pa.array(ranked_ids, pa.string()))
+            for i, rec in zip(*[t.filter(mask)[c].to_pylist() for c in ("id", "record")], strict=True):
+                records[want[i]] = rec
+        tmp = self.out / "selected.jsonl.tmp"
+        tmp.write_text("".join(r + "\n" for r in records if r is not None))
+        tmp.replace(self.out / "selected.jsonl")
+
+    # ---------------------------------------------------------------------------------- finetune
+    def finetune(self) -> tuple[str, str]:
+        """Fine-tune the base model on the selected rows. -> (model folder, fingerprint)."""
+        import ray
+
+        cfg = self.cfg
+        up = self.select()
+        fp = fingerprint("finetune", up, cfg.model.path, asdict(cfg.finetune), cfg.seed)
+        stage = self._dir("finetune")
+        model_dir = stage.path / "model"
+        with self.stage("finetune") as entry:
+            if not stage.prepare(fp):
+                sel = pq.read_table(self.out / "selection.parquet", columns=["id", "selected"])
+                ids = set(sel.filter(sel["selected"])["id"].to_pylist())
+                self.ensure_ray()
+                metrics = self._train("finetune", cfg.model.path, model_dir, len(ids),
+                                      {"ids": ray.put(ids)}, cfg.finetune)
+                stage.finish(fp, {"rows": len(ids), "metrics": metrics})
+            entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
+        return str(model_dir), fp
+
+    # ---------------------------------------------------------------------------------- evaluate
+    def evaluate(self) -> dict[str, Any]:
+        """Domain and general loss of the base and the fine-tuned model, and their relative change."""
+        import ray
+
+        from grads_ray.evaluation.metrics import evaluate_model, forgetting
+
+        cfg, e = self.cfg, self.cfg.eval
+        tuned, up = self.finetune()
+        fp = fingerprint("evaluate", up, asdict(e))
+        stage = self._dir("evaluate")
+        with self.stage("evaluate") as entry:
+            if not stage.prepare(fp):
+                domain, held_rejects = self._heldout(cfg.model.path)
+                general = "\n\n".join(Path(p).read_text(errors="replace") for p in e.general_paths) or None
+                use_gpu = self.use_gpu(cfg.finetune.use_gpu)
+                task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(evaluate_model)
+                args = (domain, general, e.block_size, e.max_general_blocks, e.batch_size, use_gpu)
+                before, after = ray.get([task.remote(cfg.model.path, *args), task.remote(tuned, *args)])
+                result = {"before": before, "after": after, **forgetting(before, after),
+                          "heldout_examples": len(domain), "heldout_rejected": held_rejects}
+                write_json(self.out / "eval.json", result)
+                stage.finish(fp, result)
+            entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
+        return read_json(self.out / "eval.json")
+
+    def _heldout(self, model_path: str) -> tuple[list[tuple[list[int], list[int]]], int]:
+        from grads_ray.data.formats import RowError, normalize
+        from grads_ray.data.readers import read_shard
+        from grads_ray.data.tokenize import encode, load_tokenizer
+
+        if not self.cfg.eval.domain_paths:
+            return [], 0
+        tok = load_tokenizer(model_path, self.cfg.model.trust_remote_code)
+        out, bad = [], 0
+        for shard in plan_shards(self.cfg.eval.domain_paths, 1 << 40, 1 << 40):
+            for raw in read_shard(shard):
+                try:
+                    if raw.error:
+                        raise raw.error
+                    out.append(encode(normalize(raw.record), tok, self.cfg.data.max_length, "truncate"))
+                except RowError:
+                    bad += 1
+        return out, bad
+
+    # ----------------------------------------------------------------------------------- run all
+    def run_all(self) -> dict[str, Any]:
+        start = time.time()
+        self.ensure_ray()
+        self.ingest()
+        self.score()
+        if self.cfg.select.method == "grads":
+            self.similarity()
+        self.select()
+        result = self.evaluate() if self.cfg.finetune.enabled else {}
+        self.manifest["total_seconds"] = round(time.time() - start, 2)
+        self.save_manifest()
+        return result
+
+
+def summary(run: Run) -> str:
+    """A short human summary of what the run directory holds."""
+    m = run.manifest
+    st = m.get("stages", {})
+    lines = [f"grads-ray: output in {run.out}"]
+    acc = m.get("accounting")
+    if acc:
+        reasons = ", ".join(f"{k} {v}" for k, v in m.get("rejected_by_reason", {}).items()) or "none"
+        lines.append(f"  input rows      {acc['input_rows']}  (rejected {acc['rejected_ingest'] + acc['rejected_score']}: {reasons})")
+        lines.append(f"  scored          {acc['scored']}  ({st.get('score', {}).get('examples_per_s', '?')} examples/s)")
+    if "similarity" in st:
+        s = st["similarity"]
+        lines.append(f"  near-duplicates {s.get('rows_in_dup_groups', 0)} rows in {s.get('dup_groups', 0)} groups ({s.get('index')})")
+    if "select" in st:
+        s = st["select"]
+        frac = s["selected"] / max(s["scored"], 1)
+        lines.append(f"  selected        {s['selected']} of {s['scored']} ({frac:.1%}; {s['selected_tokens']} of "
+                     f"{s['total_tokens']} tokens) by {s['method']}, budget {s['budget']}")
+    ev = st.get("evaluate")
+    if ev:
+        b, a = ev["before"], ev["after"]
+        for key, label in (("domain_loss", "domain loss "), ("general_loss", "general loss")):
+            if key in b and key in a:
+                lines.append(f"  {label}    {b[key]:.4f} -> {a[key]:.4f}  ({ev.get(key + '_rel_change', 0):+.1%})")
+    timing = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in st.items() if "seconds" in v)
+    lines.append(f"  stage times     {timing}")
+    if (run.out / "selected.jsonl").exists():
+        lines.append(f"  selected subset {run.out / 'selected.jsonl'}")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Ray Train plumbing: a ``TorchTrainer`` over a Ray Data dataset of tokenized rows -> an HF folder."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from grads_ray.config import TrainConfig
+
+
+def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConfig, *, name: str,
+          storage: Path, seed: int, use_gpu: bool, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Fine-tune ``model_path`` on ``dataset`` (columns input_ids, labels) and save to ``out_model``.
+
+    -> the final metrics (train loss of the first and last step, steps). A run with the same
+    ``name`` and ``storage`` resumes per Ray Train V2's run semantics.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from grads_ray.training.recipe import train_loop_per_worker
+
+    loop_config = {**asdict(cfg), "model_path": model_path, "n_rows": n_rows, "seed": seed,
+                   "trust_remote_code": trust_remote_code}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(name=name, storage_path=str(storage.resolve()),
+                                       failure_config=ray.train.FailureConfig(max_failures=2)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint")
+    tmp = out_model.with_name(out_model.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.checkpoint.to_directory(str(tmp))
+    shutil.rmtree(out_model, ignore_errors=True)
+    tmp.rename(out_model)
+    return dict(result.metrics or {})
+

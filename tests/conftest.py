@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models built from configs and saved with save_pretrained, a tiny BPE tokenizer,
+and one local Ray cluster for the tests that need it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 97
+
+
+def tiny_config(arch: str, vocab: int = VOCAB):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "gpt2":  # tied embedding / head, Conv1D layers, learned positions, biases
+        return GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=4, n_positions=128,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    raise ValueError(arch)
+
+
+def save_tiny_model(arch: str, path, vocab: int = VOCAB, seed: int = 0):
+    """Build a tiny model from its config, save it (safetensors), load it back the real way."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab))
+    model.save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A BPE tokenizer trained on Python's own docs, with the fallback chat template."""
+    from grads_ray.demo.corpus import sft_rows
+    from grads_ray.demo.model import train_tokenizer
+
+    texts = [r["prompt"] + "\n" + r["response"] for r in sft_rows()[:400]]
+    tok = train_tokenizer(texts, vocab_size=400)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}})
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()

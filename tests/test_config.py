@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from grads_ray.config import Config, ConfigError, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["select.budget=10%", "data.max_length=128", "data.paths=[a.jsonl, b]",
+                             "select.grads.w_loss=0.5", "ray.address=auto"])
+    assert isinstance(cfg, Config)
+    assert cfg.select.budget == "10%" and cfg.data.max_length == 128
+    assert cfg.data.paths == ["a.jsonl", "b"] and cfg.select.grads.w_loss == 0.5
+    assert cfg.ray.address == "auto" and cfg.warmup.fraction == 0.2
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\nselect:\n  budget: 500\n")
+    cfg = load_config(path, ["seed=4"])
+    assert cfg.seed == 4 and cfg.select.budget == "500"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("select.bugdet=5%", "unknown config key select.bugdet"),
+    ("data.max_length=long", "data.max_length: expected an integer"),
+    ("data.strict=yes please", "expected true or false"),
+    ("select.budget=150%", "select.budget"),
+    ("data.on_long=drop", "data.on_long"),
+    ("select.method=magic", "select.method"),
+    ("nokey", "not of the form"),
+])
+def test_bad_config_names_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=1") == {"a": {"b": 1}}
+    assert parse_override("a=[1, 2]") == {"a": [1, 2]}
+
+
+def test_every_shipped_yaml_loads():
+    files = sorted((ROOT / "grads_ray" / "configs").glob("*.yaml")) + sorted((ROOT / "jobs").rglob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)

@@ -1,0 +1,161 @@
+"""Row shapes, readers (JSONL, Parquet, saved datasets), shard plans, and prompt masking."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from grads_ray.data.formats import IGNORE_INDEX, RowError, normalize, row_id
+from grads_ray.data.readers import InputError, plan_shards, read_shard, validate_rows
+from grads_ray.data.tokenize import FALLBACK_CHAT_TEMPLATE, encode, encode_chat
+
+
+@pytest.mark.parametrize("row,kind", [
+    ({"prompt": "p", "response": "r"}, "pair"),
+    ({"prompt": "p", "completion": "r"}, "pair"),
+    ({"instruction": "i", "input": "x", "output": "o"}, "pair"),
+    ({"instruction": "i", "output": "o"}, "pair"),
+    ({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}, "chat"),
+    ({"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, "tokens"),
+])
+def test_accepted_shapes(row, kind):
+    assert normalize(row).kind == kind
+
+
+def test_alpaca_prompt_joins_instruction_and_input():
+    ex = normalize({"instruction": "Translate.", "input": "hola", "output": "hello"})
+    assert ex.prompt == "Translate.\n\nhola" and ex.response == "hello"
+
+
+@pytest.mark.parametrize("row,reason", [
+    ({"prompt": "p"}, "missing_field:response"),
+    ({"prompt": "p", "response": 3}, "wrong_type:response"),
+    ({"prompt": "p", "response": "   "}, "empty_response"),
+    ({"prompt": "", "response": "r"}, "empty_prompt"),
+    ({"instruction": "i", "output": ""}, "empty_output"),
+    ({"messages": [{"role": "user", "content": "u"}]}, "empty_response"),
+    ({"messages": [{"role": "robot", "content": "u"}]}, "bad_role"),
+    ({"messages": "hi"}, "wrong_type:messages"),
+    ({"input_ids": [1, 2], "labels": [1]}, "length_mismatch"),
+    ({"input_ids": [1, 2], "labels": [-100, -100]}, "empty_response"),
+    ({"input_ids": [1, "a"]}, "wrong_type:input_ids"),
+    ({"text": "x"}, "unknown_format"),
+    ([1, 2], "not_an_object"),
+])
+def test_rejects_name_the_reason(row, reason):
+    with pytest.raises(RowError) as err:
+        normalize(row)
+    assert err.value.reason == reason
+
+
+def test_row_id_kept_or_derived():
+    assert row_id({"id": 7}, "f:1") == "7"
+    assert row_id({"prompt": "p"}, "f:1") == "f:1"
+    with pytest.raises(RowError):
+        row_id({"id": [1]}, "f:1")
+
+
+def _write_jsonl(path, lines: list[bytes]):
+    path.write_bytes(b"\n".join(lines))
+
+
+def test_bad_jsonl_rows_are_rejected_with_file_and_line(tmp_path):
+    good = json.dumps({"prompt": "p", "response": "r"}).encode()
+    _write_jsonl(tmp_path / "c.jsonl", [good, b"{not json", b"", good, b"\xff\xfe bad bytes",
+                                        json.dumps({"prompt": "p"}).encode(), b'{"prompt": "p", "resp'])
+    out = [r for s in plan_shards([str(tmp_path / "c.jsonl")], 1 << 20, 100) for r in validate_rows(read_shard(s))]
+    by_line = {r["line"]: r for r in out}
+    assert sorted(by_line) == [1, 2, 4, 5, 6, 7]  # the blank line 3 is no row
+    assert by_line[1]["id"] == "c.jsonl:1" and "record" in by_line[1]
+    assert by_line[2]["reason"] == "bad_json"
+    assert by_line[5]["reason"] == "bad_utf8"
+    assert by_line[6]["reason"] == "missing_field:response"
+    assert by_line[7]["reason"] == "bad_json"  # truncated last line
+
+
+@pytest.mark.parametrize("shard_bytes", [1, 7, 50, 10_000])
+@pytest.mark.parametrize("limit", [None, 13])
+def test_shards_cover_every_line_once(tmp_path, shard_bytes, limit):
+    lines = [json.dumps({"prompt": f"p{i}", "response": "r" * (i % 5 + 1)}).encode() for i in range(40)]
+    _write_jsonl(tmp_path / "a.jsonl", lines)
+    (tmp_path / "sub").mkdir()
+    _write_jsonl(tmp_path / "sub" / "b.jsonl", lines[:9])
+    shards = plan_shards([str(tmp_path)], shard_bytes, 100, limit)
+    assert [s.index for s in shards] == list(range(len(shards)))
+    seen = [(r.source, r.line) for s in shards for r in read_shard(s)]
+    expected = [("a.jsonl", i + 1) for i in range(40)] + [("sub/b.jsonl", i + 1) for i in range(9)]
+    assert seen == expected[:limit] if limit else seen == expected
+
+
+def test_parquet_and_saved_dataset(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for path, name in ((tmp_path / "c.parquet", "c.parquet"), (tmp_path / "saved", "saved")):
+        shards = plan_shards([str(path)], 1, 3)
+        assert len(shards) == 4
+        got = [r for s in shards for r in validate_rows(read_shard(s))]
+        assert [r["id"] for r in got] == [f"{name}:{i + 1}" for i in range(10)]
+        assert json.loads(got[4]["record"]) == rows[4]
+
+
+def test_missing_or_unknown_input_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        plan_shards([str(tmp_path / "nope.jsonl")], 100, 100)
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="unknown file kind"):
+        plan_shards([str(tmp_path / "x.csv")], 100, 100)
+
+
+def test_pair_masks_prompt(tiny_tokenizer):
+    ex = normalize({"prompt": "Explain `json.dumps`.", "response": "Serialize obj to a JSON formatted str."})
+    ids, labels = encode(ex, tiny_tokenizer, 512, "truncate")
+    assert len(ids) == len(labels)
+    learned = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(learned) == ex.response + tiny_tokenizer.eos_token
+    assert labels[0] == IGNORE_INDEX and ids[0] == tiny_tokenizer.bos_token_id
+
+
+def test_chat_masks_everything_but_assistant_turns(tiny_tokenizer):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"},
+            {"role": "assistant", "content": "A mutable sequence."}, {"role": "user", "content": "And a tuple?"},
+            {"role": "assistant", "content": "An immutable one."}]
+    ids, labels = encode_chat(msgs, tiny_tokenizer)
+    learned = tiny_tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+    eos = tiny_tokenizer.eos_token
+    assert learned == f"A mutable sequence.{eos}\nAn immutable one.{eos}\n"
+
+
+def test_chat_without_template_uses_fallback(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert encode_chat(msgs, tok) == encode_chat(msgs, tiny_tokenizer)
+    assert tiny_tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
+
+
+def test_long_rows_truncate_or_reject(tiny_tokenizer):
+    ex = normalize({"prompt": "short", "response": "word " * 200})
+    ids, labels = encode(ex, tiny_tokenizer, 32, "truncate")
+    assert len(ids) == 32 and len(labels) == 32
+    with pytest.raises(RowError) as err:
+        encode(ex, tiny_tokenizer, 32, "reject")
+    assert err.value.reason == "too_long"
+    long_prompt = normalize({"prompt": "word " * 200, "response": "ok"})
+    with pytest.raises(RowError) as err:
+        encode(long_prompt, tiny_tokenizer, 32, "truncate")
+    assert err.value.reason == "empty_response"
+
+
+def test_pretokenized_rows_need_no_tokenizer():
+    ex = normalize({"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]})
+    assert encode(ex, None, 16, "truncate") == ([5, 6, 7, 8], [-100, -100, 7, 8])
+    with pytest.raises(RowError, match="no_tokenizer"):
+        encode(normalize({"prompt": "p", "response": "r"}), None, 16, "truncate")

@@ -1,0 +1,205 @@
+"""End to end on a real local Ray: every stage, row accounting, resumption, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from grads_ray.cli import main
+from grads_ray.rundir import read_parts
+from tests.conftest import save_tiny_model
+
+pytestmark = pytest.mark.ray
+
+BAD_LINES = [
+    b"{not json at all",
+    json.dumps({"prompt": "Explain `x`."}).encode(),  # missing response
+    json.dumps({"prompt": "Explain `y`.", "response": "  "}).encode(),  # empty response
+    json.dumps({"prompt": "Explain `z`.", "response": "word " * 300}).encode(),  # too long: rejected
+    b"\xff\xfe not utf-8",
+]
+
+
+def expected_ids(corpus: Path) -> list[str]:
+    """Every input row's id, derived independently of the package: its own id or file:line."""
+    ids = []
+    for f in sorted(corpus.glob("*.jsonl")):
+        for n, raw in enumerate(f.read_bytes().split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = {}
+            ids.append(str(row["id"]) if isinstance(row, dict) and "id" in row else f"{f.name}:{n}")
+    return ids
+
+
+@pytest.fixture(scope="module")
+def small_job(tmp_path_factory, tiny_tokenizer):
+    """A slice of the demo corpus in all three text shapes, planted bad rows, a tiny Llama."""
+    from grads_ray.demo.corpus import _as_shape, general_text, sft_rows
+
+    root = tmp_path_factory.mktemp("job")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rows = sft_rows()
+    train, held = rows[:150], rows[-20:]
+    files: dict[str, list[str]] = {}
+    for row in train:
+        name, shaped = _as_shape(row)
+        files.setdefault(name, []).append(json.dumps(shaped))
+    for name, lines in files.items():
+        (corpus / name).write_text("\n".join(lines) + "\n")
+    (corpus / "bad.jsonl").write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    (root / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in held) + "\n")
+    (root / "general.txt").write_text(general_text()[:20000])
+    model = root / "model"
+    save_tiny_model("llama", model, vocab=len(tiny_tokenizer))
+    tiny_tokenizer.save_pretrained(model)
+    cfg = root / "job.yaml"
+    cfg.write_text(f"""
+output: {root / 'out'}
+seed: 1
+data: {{paths: [{corpus}], max_length: 128, on_long: reject, shard_bytes: 6000}}
+model: {{path: {model}}}
+warmup: {{fraction: 0.5, epochs: 1, batch_size: 8, lr: 0.005}}
+score: {{batch_size: 8}}
+select: {{method: grads, budget: "30%"}}
+finetune: {{epochs: 2, batch_size: 8, lr: 0.005}}
+eval: {{domain_paths: [{root / 'heldout.jsonl'}], general_paths: [{root / 'general.txt'}], max_general_blocks: 16}}
+""")
+    return {"root": root, "corpus": corpus, "model": model, "config": cfg, "out": root / "out"}
+
+
+@pytest.fixture(scope="module")
+def finished(small_job, ray_local):
+    assert main(["run", str(small_job["config"])]) == 0
+    return small_job
+
+
+def test_every_input_row_lands_exactly_once(finished):
+    out = finished["out"]
+    stats = read_parts(sorted((out / "stats").glob("part-*.parquet")))
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    landed = stats["id"].to_pylist() + [r["id"] for r in rejected]
+    assert sorted(landed) == sorted(expected_ids(finished["corpus"]))
+    reasons = {(r["source"], r["line"]): r["reason"] for r in rejected}
+    assert reasons[("bad.jsonl", 1)] == "bad_json"
+    assert reasons[("bad.jsonl", 2)] == "missing_field:response"
+    assert reasons[("bad.jsonl", 3)] == "empty_response"
+    assert reasons[("bad.jsonl", 4)] == "too_long"
+    assert reasons[("bad.jsonl", 5)] == "bad_utf8"
+    manifest = json.loads((out / "manifest.json").read_text())
+    acc = manifest["accounting"]
+    assert acc["input_rows"] == len(landed) and acc["scored"] == stats.num_rows
+
+
+def test_stats_table_contract(finished):
+    stats = pq.read_table(sorted((finished["out"] / "stats").glob("part-*.parquet"))[0])
+    assert stats.column_names[:8] == ["id", "n_tokens", "loss", "grad_norm", "grad_mean", "grad_std",
+                                      "grad_max", "grad_min"]
+    assert {"embedding.grad_norm", "head.grad_max", "layer0.attn.grad_std", "norm.grad_min"} <= set(stats.column_names)
+    row = stats.slice(0, 1).to_pylist()[0]
+    assert row["grad_min"] <= row["grad_mean"] <= row["grad_max"] and row["grad_norm"] > 0
+    assert row["loss"] > 0 and row["n_tokens"] > 0
+
+
+def test_selection_outputs(finished):
+    out = finished["out"]
+    sel = pq.read_table(out / "selection.parquet").to_pylist()
+    scored = read_parts(sorted((out / "stats").glob("part-*.parquet")), ["id"])["id"].to_pylist()
+    assert sorted(r["id"] for r in sel) == sorted(scored)
+    chosen = sorted((r for r in sel if r["selected"]), key=lambda r: r["rank"])
+    assert 0 < len(chosen) <= math.ceil(0.3 * len(scored))
+    assert all(r["reason"] in ("outside_band", "duplicate", "over_budget") for r in sel if not r["selected"])
+    originals = {}
+    for f in finished["corpus"].glob("*.jsonl"):
+        for line in f.read_bytes().splitlines():
+            try:
+                row = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(row, dict) and "id" in row:
+                originals[row["id"]] = row
+    lines = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
+    assert lines == [originals[r["id"]] for r in chosen]  # the original rows, in rank order
+
+
+def test_manifest_and_evaluation(finished):
+    out = finished["out"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    for stage in ("ingest", "warmup", "score", "similarity", "select", "finetune", "evaluate"):
+        assert "seconds" in manifest["stages"][stage], stage
+    assert {"torch", "ray", "transformers", "python"} <= set(manifest["versions"])
+    assert manifest["config"]["seed"] == 1 and manifest["inputs"]
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["after"]["domain_loss"] < ev["before"]["domain_loss"]  # it learned something
+    assert "general_loss" in ev["after"] and "forgetting" in ev
+    assert (out / "finetune" / "model" / "model.safetensors").exists()
+    assert (out / "warmup" / "model" / "model.safetensors").exists()
+
+
+def test_rescoring_one_shard_is_resumed_and_reproducible(finished):
+    out = finished["out"]
+    parts = sorted((out / "stats").glob("part-*.parquet"))
+    assert len(parts) >= 3
+    before = {p.name: (p.stat().st_mtime_ns, pq.read_table(p)) for p in parts}
+    (out / "stats" / "_done" / "00001.json").unlink()  # as if the job died while writing shard 1
+    (out / "stats" / "_SUCCESS.json").unlink()
+    assert main(["score", "--config", str(finished["config"])]) == 0
+    for p in sorted((out / "stats").glob("part-*.parquet")):
+        mtime, table = before[p.name]
+        if p.name == "part-00001.parquet":
+            assert p.stat().st_mtime_ns != mtime
+            again = pq.read_table(p)
+            assert again["id"].to_pylist() == table["id"].to_pylist()
+            for col in ("loss", "grad_norm", "grad_max", "embedding.grad_std"):
+                assert again[col].to_pylist() == pytest.approx(table[col].to_pylist(), rel=1e-6)
+        else:
+            assert p.stat().st_mtime_ns == mtime, p.name  # finished shards are not recomputed
+
+
+def test_same_seed_same_selection(finished):
+    out = finished["out"]
+    first = pq.read_table(out / "selection.parquet")
+    shutil.rmtree(out / "select")
+    (out / "selection.parquet").unlink()
+    assert main(["select", "--config", str(finished["config"])]) == 0
+    assert pq.read_table(out / "selection.parquet").equals(first)
+
+
+def test_pretokenized_input_with_a_weights_only_model(tmp_path, ray_local):
+    """A model folder with only config.json + safetensors, pre-tokenized rows, the score stage alone."""
+    model = tmp_path / "gpt2"
+    save_tiny_model("gpt2", model)
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    rows = [{"id": f"t{i}", "input_ids": list(range(1, 8 + i)), "labels": [-100] * 3 + list(range(4, 8 + i))}
+            for i in range(9)]
+    rows.append({"id": "t-bad", "input_ids": [1, 2], "labels": [-100, -100]})
+    data = tmp_path / "tokens.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["score", "--model", str(model), "--data", str(data), "--output", str(out),
+                 "warmup.enabled=false"]) == 0
+    stats = read_parts(sorted((out / "stats").glob("part-*.parquet")))
+    assert sorted(stats["id"].to_pylist()) == sorted(f"t{i}" for i in range(9))
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"]) for r in rejected] == [("t-bad", "empty_response")]
+
+
+def test_strict_mode_stops_with_file_and_line(small_job, ray_local, tmp_path, capsys):
+    code = main(["score", "--config", str(small_job["config"]), "--strict", "--output", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1: bad_json" in err and "Traceback" not in err
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["score", "--model", str(tmp_path / "none"), "--data", str(tmp_path)]) == 2
+    assert "no such folder" in capsys.readouterr().err
