@@ -75,7 +75,8 @@ class ScoreConfig:
 @dataclass
 class SimilarityConfig:
     k: int = 10
-    dup_threshold: float = 0.95  # cosine similarity at or above which two examples are near-duplicates
+    # cosine at or above which two examples are near-duplicates (SemDeDup's eps = 1 - threshold, default 0.01)
+    dup_threshold: float = 0.99
     query_batch: int = 4096
     use_gpu: str = "auto"
 

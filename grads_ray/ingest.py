@@ -41,7 +41,16 @@ def run_ingest(shards: list[Shard], stage: StageDir) -> list[dict[str, Any]]:
     """Ingest every shard not yet marked done, as parallel Ray tasks. -> every shard's ledger entry."""
     import ray
 
+    from grads_ray.data.readers import InputError
+
     task = ray.remote(num_cpus=1, max_retries=3)(ingest_shard)
     pending = [s for s in shards if not stage.is_done(s.index)]
-    ray.get([task.remote(s, str(stage.path)) for s in pending])
+    refs = {task.remote(s, str(stage.path)): s for s in pending}
+    for ref, shard in refs.items():
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as err:  # a file that breaks while read: name it, no Ray traceback
+            cause = err.cause if getattr(err, "cause", None) is not None else err
+            raise InputError(f"{shard.path} (rows from line {shard.first_line}): cannot be read: "
+                             f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
     return [stage.done_info(s.index) for s in shards]

@@ -40,7 +40,6 @@ from grads_ray.rundir import (
 )
 
 log = logging.getLogger("grads_ray")
-STAGES = ("ingest", "warmup", "score", "similarity", "select", "finetune", "evaluate")
 _RUNTIME_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
                 "HF_DATASETS_OFFLINE": "1"}
 
@@ -60,17 +59,23 @@ def _stable_fraction(ids: list[str], seed: int, fraction: float) -> np.ndarray:
     return np.asarray(keys, dtype=np.uint64) < np.uint64(int(fraction * (2**64 - 1)))
 
 
-def _keep_batch(batch: dict[str, np.ndarray], seed: int = 0, fraction: float = 1.0,
-                ids: Any = None) -> dict[str, np.ndarray]:
-    """Ray Data filter: tokenized rows without reject, optionally a seeded fraction or an id set."""
+def _pick_rows(batch: dict[str, np.ndarray], seed: int = 0, fraction: float = 1.0,
+               ids: Any = None) -> dict[str, np.ndarray]:
+    """Ray Data filter on raw rows, before tokenizing: a seeded fraction of ids, or an id set."""
     import ray
 
-    keep = np.array([not r for r in batch["reason"]], dtype=bool)
+    keep = np.ones(len(batch["id"]), dtype=bool)
     if fraction < 1.0:
         keep &= _stable_fraction(list(batch["id"]), seed, fraction)
     if ids is not None:
         wanted = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
         keep &= np.array([i in wanted for i in batch["id"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _training_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tokenized rows without a reject reason, reduced to what the trainer reads."""
+    keep = np.array([not r for r in batch["reason"]], dtype=bool)
     return {"input_ids": batch["input_ids"][keep], "labels": batch["labels"][keep]}
 
 
@@ -91,9 +96,18 @@ class Run:
     def ensure_ray(self) -> None:
         import ray
 
+
+        if not ray.is_initialized():
+            self._start_ray(ray)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        # Rows reach the trainer in the same order every run, so a seed fixes the warm-up and with it
+        # every score downstream (the scorer writes per shard and sorts by id, so order is moot there).
+        ctx.execution_options.preserve_order = True
+
+    def _start_ray(self, ray) -> None:
         verbose = log.isEnabledFor(logging.INFO)
-        if ray.is_initialized():
-            return
         os.environ.update(_RUNTIME_ENV)
         address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -102,9 +116,6 @@ class Run:
             ray.init(num_cpus=self.cfg.ray.num_cpus, include_dashboard=self.cfg.ray.include_dashboard,
                      dashboard_host=self.cfg.ray.dashboard_host, runtime_env={"env_vars": _RUNTIME_ENV},
                      log_to_driver=verbose)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
 
     def use_gpu(self, setting: str) -> bool:
         import ray
@@ -170,8 +181,9 @@ class Run:
     def shards(self) -> list[Shard]:
         return [Shard(**s) for s in read_json(self._dir("rows").path / "shards.json")]
 
-    def _tokenized(self, model_path: str):
-        """Ray Data dataset of tokenized rows (with reject reasons) over the whole ingested corpus."""
+    def _tokenized(self, model_path: str, pick: dict[str, Any] | None = None):
+        """Ray Data dataset of tokenized rows (with reject reasons) over the ingested corpus, or over
+        the rows ``pick`` chooses (see :func:`_pick_rows`), filtered before the tokenizer runs."""
         import ray
 
         from grads_ray.scoring import tokenize_batch
@@ -179,6 +191,8 @@ class Run:
         d = self.cfg.data
         files = [str(p) for p in self._dir("rows").parts()]
         ds = ray.data.read_parquet(files).select_columns(["id", "shard", "source", "line", "record"])
+        if pick:
+            ds = ds.map_batches(_pick_rows, batch_format="numpy", fn_kwargs=pick)
         return ds.map_batches(tokenize_batch, batch_size=self.cfg.score.tokenize_batch_size, batch_format="numpy",
                               fn_kwargs={"model_path": model_path, "max_length": d.max_length,
                                          "on_long": d.on_long, "trust_remote_code": self.cfg.model.trust_remote_code})
@@ -212,7 +226,7 @@ class Run:
         self.ensure_ray()
         from grads_ray.training.trainer import train
 
-        ds = self._tokenized(base).map_batches(_keep_batch, batch_format="numpy", fn_kwargs=keep)
+        ds = self._tokenized(base, keep).map_batches(_training_columns, batch_format="numpy")
         return train(ds, n_rows, base, out_model, tcfg, name=f"{name}-{fingerprint(str(self.out.resolve()))}",
                      storage=self.out / "ray_train", seed=self.cfg.seed, use_gpu=self.use_gpu(tcfg.use_gpu),
                      trust_remote_code=self.cfg.model.trust_remote_code)
@@ -331,6 +345,8 @@ class Run:
         with self.stage("select") as entry:
             if not stage.prepare(fp):
                 stats = read_parts(self._dir("stats").parts())
+                if stats.num_rows == 0:
+                    raise InputError(f"no row of the corpus could be scored: see {self.out / 'rejected.jsonl'}")
                 stats = stats.take(pc.sort_indices(stats["id"]))
                 cols = {c: stats[c].to_numpy(zero_copy_only=False) for c in stats.column_names if c != "id"}
                 div = groups = None

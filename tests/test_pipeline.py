@@ -174,6 +174,42 @@ def test_same_seed_same_selection(finished):
     assert pq.read_table(out / "selection.parquet").equals(first)
 
 
+def test_warmup_is_deterministic_for_a_seed(finished):
+    from safetensors.numpy import load_file
+
+    out = finished["out"]
+    first = load_file(out / "warmup" / "model" / "model.safetensors")
+    shutil.rmtree(out / "warmup")
+    assert main(["warmup", "--config", str(finished["config"])]) == 0
+    again = load_file(out / "warmup" / "model" / "model.safetensors")
+    assert first.keys() == again.keys()
+    for name in first:
+        assert (first[name] == again[name]).all(), name
+
+
+def test_a_file_that_breaks_while_read_is_named(tmp_path, ray_local):
+    from grads_ray.data.readers import InputError, plan_shards
+    from grads_ray.ingest import run_ingest
+    from grads_ray.rundir import StageDir
+
+    data = tmp_path / "gone.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    shards = plan_shards([str(data)], 1 << 20, 100)
+    data.unlink()  # vanishes between planning and reading
+    with pytest.raises(InputError, match="gone.jsonl .*cannot be read: FileNotFoundError"):
+        run_ingest(shards, StageDir(tmp_path, "rows"))
+
+
+def test_a_corpus_with_no_good_row_is_a_clear_error(tmp_path, ray_local, capsys, small_job):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    code = main(["select", "--model", str(small_job["model"]), "--data", str(data), "--output",
+                 str(tmp_path / "o"), "warmup.enabled=false", "data.on_long=reject", "data.max_length=128"])
+    assert code == 2
+    assert "no row of the corpus could be scored" in capsys.readouterr().err
+    assert len((tmp_path / "o" / "rejected.jsonl").read_text().splitlines()) == len(BAD_LINES)
+
+
 def test_pretokenized_input_with_a_weights_only_model(tmp_path, ray_local):
     """A model folder with only config.json + safetensors, pre-tokenized rows, the score stage alone."""
     model = tmp_path / "gpt2"
