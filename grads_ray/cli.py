@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="smoke test: only the first N rows of the corpus")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
     p.add_argument("--on-long", choices=["truncate", "reject"], help="policy for rows over data.max_length")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the workers' logs too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     for name in STAGE_COMMANDS:
         p = sub.add_parser(name, help=f"the {name} stage (and what it needs, if missing)")
-        p.add_argument("--config")
+        p.add_argument("--config", help="YAML config (defaults for any key not given)")
         _common(p)
     return parser
 
@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("grads_ray").setLevel(logging.INFO)  # stage progress always; Ray's logs with -v
     try:
         cfg = resolve(args)
-        run = Run(cfg)
+        run = Run(cfg, verbose=args.verbose)
         if args.command in ("run", "demo"):
             run.run_all()
         else:

@@ -82,8 +82,9 @@ def _training_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class Run:
     """One run directory and its configuration; the stages are methods."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, verbose: bool = False):
         self.cfg = cfg
+        self.verbose = verbose  # Ray workers' logs reach the terminal only when asked for
         self.out = Path(cfg.output)
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "manifest.json"
@@ -107,7 +108,7 @@ class Run:
         ctx.execution_options.preserve_order = True
 
     def _start_ray(self, ray) -> None:
-        verbose = log.isEnabledFor(logging.INFO)
+        verbose = self.verbose
         os.environ.update(_RUNTIME_ENV)
         address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -128,9 +129,10 @@ class Run:
     def stage(self, name: str):
         start = time.time()
         entry = self.manifest["stages"].setdefault(name, {})
-        log.info("stage %s ...", name)
+        log.info("[grads-ray] %s ...", name)
         yield entry
         entry["seconds"] = round(time.time() - start, 2)
+        log.info("[grads-ray] %s done in %.1f s", name, entry["seconds"])
         self.save_manifest()
 
     def save_manifest(self) -> None:
@@ -254,7 +256,7 @@ class Run:
                     max_length=cfg.data.max_length, on_long=cfg.data.on_long, batch_size=cfg.score.batch_size,
                     num_actors=cfg.score.num_actors, use_gpu=self.use_gpu(cfg.score.use_gpu),
                     tokenize_batch_size=cfg.score.tokenize_batch_size,
-                    trust_remote_code=cfg.model.trust_remote_code)
+                    trust_remote_code=cfg.model.trust_remote_code, progress=self._score_progress(expected, t0))
                 done = [stats.done_info(s) for s in expected]
                 scored = sum(i["scored"] for i in done)
                 stats.finish(fp, {"scored": scored, "rejected": sum(i["rejected"] for i in done),
@@ -270,6 +272,19 @@ class Run:
             raise InputError(f"{first['source']}:{first['line']}: {first['reason']} (--strict)")
         self._fps["score"] = fp
         return fp
+
+    def _score_progress(self, expected: dict[int, int], t0: float):
+        total, done = sum(expected.values()), {"rows": 0, "shards": 0}
+        done_before = sum(n for s, n in expected.items() if self._dir("stats").is_done(s))
+
+        def report(info: dict[str, Any]) -> None:
+            done["rows"] += info["scored"] + info["rejected"]
+            done["shards"] += 1
+            rate = done["rows"] / max(time.time() - t0, 1e-9)
+            log.info("[grads-ray] score: shard %05d written; %d of %d rows (%.1f rows/s)",
+                     info["shard"], done_before + done["rows"], total, rate)
+
+        return report
 
     def _merge_rejects(self) -> None:
         rows: list[dict[str, Any]] = []
