@@ -224,6 +224,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = _merge(tree, parse_override(item))
     cfg = _build(Config, tree)
     validate(cfg)
+    return absolute_paths(cfg)
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's working directory);
+    URLs (``s3://``, ``file://``, ...) and empty strings are left as they are."""
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Every local path in the config made absolute, in place. -> the same config."""
+    cfg.output = _absolute(cfg.output)
+    cfg.model.path = _absolute(cfg.model.path)
+    cfg.data.paths = [_absolute(p) for p in cfg.data.paths]
+    cfg.eval.domain_paths = [_absolute(p) for p in cfg.eval.domain_paths]
+    cfg.eval.general_paths = [_absolute(p) for p in cfg.eval.general_paths]
     return cfg
 
 

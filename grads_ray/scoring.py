@@ -144,6 +144,8 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     threads = max(1, int(cpus // max(num_actors, 1)) - 1) if not use_gpu else None
     ds = ray.data.read_parquet([str(rows.part(s)) for s in pending]).select_columns(
         ["id", "shard", "source", "line", "record"])
+    # Tokenizing runs in CPU tasks. With GPU scorers (num_gpus=1) Ray Data keeps the two operators
+    # apart; on CPU-only clusters it fuses them into the scorer actor, which saves a copy per batch.
     ds = ds.map_batches(tokenize_batch, batch_size=tokenize_batch_size, batch_format="numpy",
                         fn_kwargs={"model_path": model_path, "max_length": max_length, "on_long": on_long,
                                    "trust_remote_code": trust_remote_code})

@@ -14,7 +14,7 @@ def test_defaults_and_overrides():
                              "select.grads.w_loss=0.5", "ray.address=auto"])
     assert isinstance(cfg, Config)
     assert cfg.select.budget == "10%" and cfg.data.max_length == 128
-    assert cfg.data.paths == ["a.jsonl", "b"] and cfg.select.grads.w_loss == 0.5
+    assert [Path(p).name for p in cfg.data.paths] == ["a.jsonl", "b"] and cfg.select.grads.w_loss == 0.5
     assert cfg.ray.address == "auto" and cfg.warmup.fraction == 0.2
 
 
@@ -49,3 +49,12 @@ def test_every_shipped_yaml_loads():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["model.path=m", "data.paths=[a.jsonl, s3://bucket/x]", "output=out",
+                             "eval.general_paths=[~/g.txt]"])
+    assert cfg.model.path == str(tmp_path / "m") and cfg.output == str(tmp_path / "out")
+    assert cfg.data.paths == [str(tmp_path / "a.jsonl"), "s3://bucket/x"]
+    assert cfg.eval.general_paths == [str(Path("~/g.txt").expanduser())]

@@ -210,18 +210,21 @@ def test_a_corpus_with_no_good_row_is_a_clear_error(tmp_path, ray_local, capsys,
     assert len((tmp_path / "o" / "rejected.jsonl").read_text().splitlines()) == len(BAD_LINES)
 
 
-def test_pretokenized_input_with_a_weights_only_model(tmp_path, ray_local):
-    """A model folder with only config.json + safetensors, pre-tokenized rows, the score stage alone."""
+def test_pretokenized_input_with_a_weights_only_model(tmp_path, ray_local, monkeypatch):
+    """A model folder with only config.json + safetensors, pre-tokenized rows, the score stage alone,
+    given as paths relative to the working directory (Ray workers run elsewhere)."""
     model = tmp_path / "gpt2"
     save_tiny_model("gpt2", model)
-    assert sorted(p.name for p in model.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    (model / "generation_config.json").unlink(missing_ok=True)
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
     rows = [{"id": f"t{i}", "input_ids": list(range(1, 8 + i)), "labels": [-100] * 3 + list(range(4, 8 + i))}
             for i in range(9)]
     rows.append({"id": "t-bad", "input_ids": [1, 2], "labels": [-100, -100]})
     data = tmp_path / "tokens.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
-    assert main(["score", "--model", str(model), "--data", str(data), "--output", str(out),
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", "--model", "gpt2", "--data", "tokens.jsonl", "--output", "out",
                  "warmup.enabled=false"]) == 0
     stats = read_parts(sorted((out / "stats").glob("part-*.parquet")))
     assert sorted(stats["id"].to_pylist()) == sorted(f"t{i}" for i in range(9))
