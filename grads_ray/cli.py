@@ -97,6 +97,8 @@ def resolve(args: argparse.Namespace) -> Config:
         raise ConfigError("model.path is not set (use --model DIR or model.path=DIR)")
     if not Path(cfg.model.path).is_dir():
         raise ConfigError(f"model.path {cfg.model.path}: no such folder")
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(f"model.path {cfg.model.path}: no config.json (a Hugging Face model folder is expected)")
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty (use --data PATH or data.paths=[...])")
     return cfg

@@ -20,6 +20,7 @@ from grads_ray.data.formats import IGNORE_INDEX, RowError, normalize
 from grads_ray.data.tokenize import encode, load_tokenizer
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
+ROWS_PER_BLOCK_BATCHES = 8  # rows per streamed block, in scorer batches
 STAT_BASE = ["id", "n_tokens", "loss", "grad_norm", "grad_mean", "grad_std", "grad_max", "grad_min",
              "n_response_tokens"]
 
@@ -144,6 +145,9 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     threads = max(1, int(cpus // max(num_actors, 1)) - 1) if not use_gpu else None
     ds = ray.data.read_parquet([str(rows.part(s)) for s in pending]).select_columns(
         ["id", "shard", "source", "line", "record"])
+    # The reader may hand over several files as one block; cut it so scored rows stream back to the
+    # driver (and finished shards reach disk) while scoring goes on, not all at the end.
+    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK_BATCHES * batch_size)
     # Tokenizing runs in CPU tasks. With GPU scorers (num_gpus=1) Ray Data keeps the two operators
     # apart; on CPU-only clusters it fuses them into the scorer actor, which saves a copy per batch.
     ds = ds.map_batches(tokenize_batch, batch_size=tokenize_batch_size, batch_format="numpy",

@@ -58,3 +58,13 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     assert cfg.model.path == str(tmp_path / "m") and cfg.output == str(tmp_path / "out")
     assert cfg.data.paths == [str(tmp_path / "a.jsonl"), "s3://bucket/x"]
     assert cfg.eval.general_paths == [str(Path("~/g.txt").expanduser())]
+
+
+def test_job_entrypoint_loads_from_a_bare_checkout():
+    """jobs/run.py must import the package from the uploaded working dir and reach the CLI."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "run.py"), "--help"], capture_output=True,
+                         text=True, cwd=ROOT / "jobs", timeout=120)
+    assert out.returncode == 0 and "grads-ray" in out.stdout

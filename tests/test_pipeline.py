@@ -242,3 +242,6 @@ def test_strict_mode_stops_with_file_and_line(small_job, ray_local, tmp_path, ca
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["score", "--model", str(tmp_path / "none"), "--data", str(tmp_path)]) == 2
     assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["score", "--model", str(tmp_path / "empty"), "--data", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
