@@ -321,8 +321,7 @@ class Run:
                 table = table.take(pc.sort_indices(table["id"]))
                 n = table.num_rows
                 vecs = np.stack(table["hidden_mean"].to_numpy(zero_copy_only=False)) if n else np.zeros((0, 1))
-                sims, idx, index_name = knn(vecs, s.k, s.query_batch, use_gpu=self._faiss_gpu(s.use_gpu)) if n > 1 else (
-                    np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64), "none")
+                sims, idx, index_name = knn(vecs, s.k, s.query_batch, use_gpu=self._faiss_gpu(s.use_gpu))
                 groups = duplicate_groups(sims, idx, s.dup_threshold)
                 ids = np.asarray(table["id"].to_pylist(), dtype=object)
                 nn_ids = [ids[row[row >= 0]].tolist() for row in idx]
@@ -331,7 +330,7 @@ class Run:
                     "nn_sims": pa.array([r[np.isfinite(r)].tolist() for r in sims], pa.list_(pa.float32())),
                     "dup_group": pa.array(groups), "diversity": pa.array(diversity(sims))}))
                 sizes = Counter(groups.tolist())
-                stage.finish(fp, {"index": index_name, "k": int(idx.shape[1]) if n else 0, "vectors": n,
+                stage.finish(fp, {"index": index_name, "k": int(idx.shape[1]), "vectors": n,
                                   "dup_groups": sum(1 for c in sizes.values() if c > 1),
                                   "rows_in_dup_groups": sum(c for c in sizes.values() if c > 1)})
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})

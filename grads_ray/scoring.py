@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from grads_ray.data.formats import IGNORE_INDEX, RowError, normalize
+from grads_ray.data.batching import pad_batch
+from grads_ray.data.formats import RowError, normalize
 from grads_ray.data.tokenize import encode, load_tokenizer
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
@@ -44,22 +45,6 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: in
     keep = {k: batch[k] for k in ("id", "shard", "source", "line")}
     return {**keep, "input_ids": ids_out, "labels": labels_out, "reason": np.array(reasons, dtype=object),
             "detail": np.array(details, dtype=object)}
-
-
-def pad_batch(input_ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int = 0):
-    """Right-pad variable-length rows. -> torch (B, T) input_ids, labels (-100 on pads), attention_mask."""
-    import torch
-
-    width = max((len(x) for x in input_ids), default=1)
-    b = len(input_ids)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    lab = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for i, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
-        ids[i, : len(x)] = torch.as_tensor(np.asarray(x, dtype=np.int64))
-        lab[i, : len(y)] = torch.as_tensor(np.asarray(y, dtype=np.int64))
-        mask[i, : len(x)] = 1
-    return ids, lab, mask
 
 
 class Scorer:

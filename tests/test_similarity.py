@@ -32,6 +32,10 @@ def test_knn_matches_brute_force():
 def test_knn_with_fewer_vectors_than_k():
     sims, idx, _ = knn(np.eye(3, dtype=np.float32), 10)
     assert sims.shape == (3, 2) and (idx >= 0).all()
+    for n in (0, 1):
+        sims, idx, name = knn(np.ones((n, 4), dtype=np.float32), 10)
+        assert sims.shape == idx.shape == (n, 0) and name == "none"
+        assert duplicate_groups(sims, idx, 0.9).tolist() == list(range(n))
 
 
 def test_union_find_matches_components():

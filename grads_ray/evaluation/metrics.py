@@ -11,14 +11,12 @@ import math
 
 import torch
 
-from grads_ray.data.formats import IGNORE_INDEX
-
 
 @torch.no_grad()
 def mean_token_loss(model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], batch_size: int,
                     device: torch.device | str = "cpu") -> tuple[float, int]:
     """Token-weighted mean loss over (input_ids, labels) examples. -> (loss, tokens counted)."""
-    from grads_ray.scoring import pad_batch
+    from grads_ray.data.batching import pad_batch
     from grads_ray.training.recipe import token_loss
 
     model.eval()
@@ -78,4 +76,4 @@ def forgetting(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     return out
 
 
-__all__ = ["IGNORE_INDEX", "evaluate_model", "forgetting", "mean_token_loss", "text_blocks"]
+__all__ = ["evaluate_model", "forgetting", "mean_token_loss", "text_blocks"]

@@ -40,6 +40,8 @@ def knn(vectors: np.ndarray, k: int, query_batch: int = 4096, use_gpu: bool | No
     k' = min(k, N - 1); the vector itself is removed from its own list. Missing slots hold -1 / -inf.
     """
     faiss = faiss_module()
+    if len(vectors) < 2:  # nobody to be near
+        return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64), "none"
     x = np.asarray(vectors, dtype=np.float64)
     x = l2_normalize(x - x.mean(axis=0) if center else x)
     n, d = x.shape

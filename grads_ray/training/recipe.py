@@ -34,7 +34,7 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
 
 def collate(batch: dict[str, np.ndarray], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Ray Data batch of variable-length ``input_ids``/``labels`` -> right-padded tensors (B, T)."""
-    from grads_ray.scoring import pad_batch
+    from grads_ray.data.batching import pad_batch
 
     ids, lab, mask = pad_batch(list(batch["input_ids"]), list(batch["labels"]), pad_id)
     return {"input_ids": ids, "labels": lab, "attention_mask": mask}
