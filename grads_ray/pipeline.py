@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from grads_ray.config import Config
+from grads_ray.config import Config, absolute_paths
 from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
 from grads_ray.rundir import (
     StageDir,
@@ -83,7 +83,7 @@ class Run:
     """One run directory and its configuration; the stages are methods."""
 
     def __init__(self, cfg: Config, verbose: bool = False):
-        self.cfg = cfg
+        self.cfg = absolute_paths(cfg)  # Ray workers run elsewhere; a Config built in Python too
         self.verbose = verbose  # Ray workers' logs reach the terminal only when asked for
         self.out = Path(cfg.output)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,6 @@ class Run:
     def ensure_ray(self) -> None:
         import ray
 
-
         if not ray.is_initialized():
             self._start_ray(ray)
         ctx = ray.data.DataContext.get_current()
@@ -108,15 +107,14 @@ class Run:
         ctx.execution_options.preserve_order = True
 
     def _start_ray(self, ray) -> None:
-        verbose = self.verbose
         os.environ.update(_RUNTIME_ENV)
         address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, runtime_env={"env_vars": _RUNTIME_ENV}, log_to_driver=verbose)
+            ray.init(address=address, runtime_env={"env_vars": _RUNTIME_ENV}, log_to_driver=self.verbose)
         else:
             ray.init(num_cpus=self.cfg.ray.num_cpus, include_dashboard=self.cfg.ray.include_dashboard,
                      dashboard_host=self.cfg.ray.dashboard_host, runtime_env={"env_vars": _RUNTIME_ENV},
-                     log_to_driver=verbose)
+                     log_to_driver=self.verbose)
 
     def use_gpu(self, setting: str) -> bool:
         import ray
@@ -186,18 +184,15 @@ class Run:
     def _tokenized(self, model_path: str, pick: dict[str, Any] | None = None):
         """Ray Data dataset of tokenized rows (with reject reasons) over the ingested corpus, or over
         the rows ``pick`` chooses (see :func:`_pick_rows`), filtered before the tokenizer runs."""
-        import ray
-
-        from grads_ray.scoring import tokenize_batch
+        from grads_ray.scoring import read_rows, tokenize
 
         d = self.cfg.data
-        files = [str(p) for p in self._dir("rows").parts()]
-        ds = ray.data.read_parquet(files).select_columns(["id", "shard", "source", "line", "record"])
+        ds = read_rows([str(p) for p in self._dir("rows").parts()])
         if pick:
             ds = ds.map_batches(_pick_rows, batch_format="numpy", fn_kwargs=pick)
-        return ds.map_batches(tokenize_batch, batch_size=self.cfg.score.tokenize_batch_size, batch_format="numpy",
-                              fn_kwargs={"model_path": model_path, "max_length": d.max_length,
-                                         "on_long": d.on_long, "trust_remote_code": self.cfg.model.trust_remote_code})
+        return tokenize(ds, model_path=model_path, max_length=d.max_length, on_long=d.on_long,
+                        batch_size=self.cfg.score.tokenize_batch_size,
+                        trust_remote_code=self.cfg.model.trust_remote_code)
 
     # ------------------------------------------------------------------------------------ warmup
     def scoring_model(self) -> tuple[str, str]:
@@ -274,12 +269,11 @@ class Run:
         return fp
 
     def _score_progress(self, expected: dict[int, int], t0: float):
-        total, done = sum(expected.values()), {"rows": 0, "shards": 0}
+        total, done = sum(expected.values()), {"rows": 0}
         done_before = sum(n for s, n in expected.items() if self._dir("stats").is_done(s))
 
         def report(info: dict[str, Any]) -> None:
             done["rows"] += info["scored"] + info["rejected"]
-            done["shards"] += 1
             rate = done["rows"] / max(time.time() - t0, 1e-9)
             log.info("[grads-ray] score: shard %05d written; %d of %d rows (%.1f rows/s)",
                      info["shard"], done_before + done["rows"], total, rate)

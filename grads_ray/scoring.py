@@ -19,9 +19,11 @@ import pyarrow.compute as pc
 from grads_ray.data.batching import pad_batch
 from grads_ray.data.formats import RowError, normalize
 from grads_ray.data.tokenize import encode, load_tokenizer
+from grads_ray.ingest import ROWS_SCHEMA
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
 ROWS_PER_BLOCK_BATCHES = 8  # rows per streamed block, in scorer batches
+ROW_COLUMNS = ROWS_SCHEMA.names  # the ingested rows table
 STAT_BASE = ["id", "n_tokens", "loss", "grad_norm", "grad_mean", "grad_std", "grad_max", "grad_min",
              "n_response_tokens"]
 
@@ -45,6 +47,20 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: in
     keep = {k: batch[k] for k in ("id", "shard", "source", "line")}
     return {**keep, "input_ids": ids_out, "labels": labels_out, "reason": np.array(reasons, dtype=object),
             "detail": np.array(details, dtype=object)}
+
+
+def read_rows(files: list[str]):
+    """Ray Data dataset over ingested rows tables (``rows/part-*.parquet``)."""
+    import ray
+
+    return ray.data.read_parquet(files).select_columns(ROW_COLUMNS)
+
+
+def tokenize(ds, *, model_path: str, max_length: int, on_long: str, batch_size: int, trust_remote_code: bool = False):
+    """Add ``input_ids``/``labels`` (or a reject ``reason``) to a dataset of rows, in CPU tasks."""
+    return ds.map_batches(tokenize_batch, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs={"model_path": model_path, "max_length": max_length, "on_long": on_long,
+                                     "trust_remote_code": trust_remote_code})
 
 
 class Scorer:
@@ -128,16 +144,14 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
         return infos
     cpus = ray.cluster_resources().get("CPU", 1)
     threads = max(1, int(cpus // max(num_actors, 1)) - 1) if not use_gpu else None
-    ds = ray.data.read_parquet([str(rows.part(s)) for s in pending]).select_columns(
-        ["id", "shard", "source", "line", "record"])
+    ds = read_rows([str(rows.part(s)) for s in pending])
     # The reader may hand over several files as one block; cut it so scored rows stream back to the
     # driver (and finished shards reach disk) while scoring goes on, not all at the end.
     ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK_BATCHES * batch_size)
     # Tokenizing runs in CPU tasks. With GPU scorers (num_gpus=1) Ray Data keeps the two operators
     # apart; on CPU-only clusters it fuses them into the scorer actor, which saves a copy per batch.
-    ds = ds.map_batches(tokenize_batch, batch_size=tokenize_batch_size, batch_format="numpy",
-                        fn_kwargs={"model_path": model_path, "max_length": max_length, "on_long": on_long,
-                                   "trust_remote_code": trust_remote_code})
+    ds = tokenize(ds, model_path=model_path, max_length=max_length, on_long=on_long,
+                  batch_size=tokenize_batch_size, trust_remote_code=trust_remote_code)
     ds = ds.map_batches(
         Scorer, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(num_actors, 1)),

@@ -96,9 +96,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, config["warmup_ratio"]))
     use_amp = device.type == "cuda"
     shard = ray.train.get_dataset_shard("train")
+    collate_fn = _pad_collate(pad_id)
     step, losses, tokens, loop_start = 0, [], 0, time.time()
     for epoch in range(config["epochs"]):
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=_pad_collate(pad_id),
+        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=collate_fn,
                                               local_shuffle_buffer_size=4 * config["batch_size"],
                                               local_shuffle_seed=config["seed"] + epoch):
             if step >= total:
