@@ -1,0 +1,202 @@
+"""Per-example gradient statistics from factors, without ever holding a whole per-example gradient.
+
+Every supported parameter's per-example gradient is a sum over the example's tokens of outer
+products, G_i = Σ_t l_{i,t} ⊗ r_{i,t}, in the parameter's storage layout (rows × cols):
+
+- ``Dense(left, right)``: left (B, T, R), right (B, T, C). A linear layer y = x Wᵀ stores W as
+  (out, in): left = output gradients δ, right = inputs a. GPT-2's Conv1D (y = x W, W (in, out)) has
+  them swapped. A tied LM head is a Dense term of the embedding matrix.
+- ``Rows(index, right)``: index (B, T) long, -1 where the token does not count; the left factor is
+  the one-hot row e_index. An embedding lookup W[index] has right = δ.
+- a vector parameter (norm weight, bias) has its per-example gradient (B, n) formed directly.
+
+Several terms of one parameter (a weight tied between embedding and head) add up. Padding and
+masked positions must already be zero in the factors (index -1).
+
+Per example i this yields the parameter's ``Moments``: entry sum, sum of squares, max and min. The
+sum is Σ_t (Σ l_t)(Σ r_t): no per-example gradient needed. The sum of squares is either the ghost
+norm Σ_{t,s} (l_t·l_s)(r_t·r_s) (cost ~ T²(R+C)) or read off the formed G_i (cost ~ T·R·C); max and
+min need the entries, so G_i is formed a block of rows at a time and reduced on the fly.
+Reductions run in ``acc`` dtype (float32, or float64 for a float64 model); per-example results are
+float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dense:
+    left: torch.Tensor  # (B, T, R)
+    right: torch.Tensor  # (B, T, C)
+
+
+@dataclass
+class Rows:
+    index: torch.Tensor  # (B, T) long, -1 = no contribution
+    right: torch.Tensor  # (B, T, C)
+
+
+@dataclass
+class Moments:
+    """Per-example entry statistics of one parameter's (or a group's) gradient, each (B,) float64."""
+
+    n: int  # entries per example
+    s: torch.Tensor  # Σ g
+    ss: torch.Tensor  # Σ g²
+    mx: torch.Tensor  # max g (NaN when extrema are not computed)
+    mn: torch.Tensor  # min g
+
+    def merge(self, other: Moments) -> Moments:
+        return Moments(self.n + other.n, self.s + other.s, self.ss + other.ss,
+                       torch.fmax(self.mx, other.mx), torch.fmin(self.mn, other.mn))
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """``grad_norm, grad_mean, grad_std`` (population), ``grad_max, grad_min``, each (B,)."""
+        mean = self.s / self.n
+        var = (self.ss / self.n - mean * mean).clamp(min=0.0)
+        return {"grad_norm": self.ss.sqrt(), "grad_mean": mean, "grad_std": var.sqrt(),
+                "grad_max": self.mx, "grad_min": self.mn}
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64)
+
+
+def vector_moments(g: torch.Tensor, extrema: bool = True) -> Moments:
+    """Per-example gradient of a vector parameter, g (B, n), formed already."""
+    acc = g.to(_acc_dtype(g))
+    nan = torch.full((g.shape[0],), torch.nan, dtype=torch.float64, device=g.device)
+    return Moments(g.shape[1], _f64(acc.sum(1)), _f64((acc * acc).sum(1)),
+                   _f64(g.amax(1)) if extrema else nan, _f64(g.amin(1)) if extrema else nan)
+
+
+def entry_sum(terms: list[Dense | Rows]) -> torch.Tensor:
+    """Σ of G_i's entries, (B,) float64: Σ_t (Σ_r l_t)(Σ_c r_t); a one-hot row sums to 1."""
+    total = None
+    for term in terms:
+        acc = _acc_dtype(term.right)
+        rsum = term.right.sum(-1, dtype=acc)  # (B, T)
+        lsum = term.left.sum(-1, dtype=acc) if isinstance(term, Dense) else (term.index >= 0).to(acc)
+        part = _f64((lsum * rsum).sum(1))
+        total = part if total is None else total + part
+    return total
+
+
+def ghost_sumsq(terms: list[Dense]) -> torch.Tensor:
+    """‖Σ_terms G_i‖²_F = Σ_{t,s} (l_t·l_s)(r_t·r_s) over the terms' tokens side by side, (B,) float64.
+    Memory (B, T, T); cost ~ B·T²·(R + C)."""
+    left = torch.cat([t.left for t in terms], dim=1)
+    right = torch.cat([t.right for t in terms], dim=1)
+    acc = _acc_dtype(right)
+    gl = torch.bmm(left.to(acc), left.to(acc).transpose(1, 2))  # (B, T, T)
+    gr = torch.bmm(right.to(acc), right.to(acc).transpose(1, 2))
+    return _f64((gl * gr).sum((1, 2)))
+
+
+def ghost_cheaper(tokens: int, rows: int, cols: int) -> bool:
+    """The "mixed" rule: the ghost norm costs ~T²(R+C), forming G_i costs ~T·R·C."""
+    return tokens * (rows + cols) < rows * cols
+
+
+def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elements: int,
+                   extrema: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum of squares, max and min of G_i (B,) float64 each, forming G_i a block of rows at a time:
+    at most ``chunk_elements`` entries (over the whole batch) are alive at once."""
+    first = terms[0].right
+    b, dev, dt = first.shape[0], first.device, first.dtype
+    acc = _acc_dtype(first)
+    step = max(1, min(rows, chunk_elements // max(1, b * cols)))
+    ss = torch.zeros(b, dtype=torch.float64, device=dev)
+    mx = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
+    mn = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        block = None  # (B, r1 - r0, C)
+        for term in terms:
+            if isinstance(term, Dense):
+                part = torch.bmm(term.left[:, :, r0:r1].transpose(1, 2), term.right)
+                block = part if block is None else block.add_(part)
+        if any(isinstance(t, Rows) for t in terms):
+            if block is None:
+                block = torch.zeros((b, r1 - r0, cols), dtype=dt, device=dev)
+            flat = block.view(b * (r1 - r0), cols)
+            for term in terms:
+                if isinstance(term, Rows):
+                    hit = (term.index >= r0) & (term.index < r1)  # (B, T)
+                    ex, pos = hit.nonzero(as_tuple=True)
+                    flat.index_add_(0, ex * (r1 - r0) + term.index[ex, pos] - r0, term.right[ex, pos])
+        ss += _f64(torch.linalg.vector_norm(block, dim=(1, 2), dtype=acc).square())
+        if extrema:
+            mx = torch.maximum(mx, _f64(block.amax((1, 2))))
+            mn = torch.minimum(mn, _f64(block.amin((1, 2))))
+    if not extrema:
+        mx = mn = torch.full((b,), torch.nan, dtype=torch.float64, device=dev)
+    return ss, mx, mn
+
+
+def rows_moments(terms: list[Rows], rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum of squares, max and min of a sparse-row gradient (an embedding not tied to the head):
+    G_i has a non-zero row only for each distinct index of example i, so aggregate those rows
+    (O(T·C)) and count the untouched rows as zeros. (B,) float64 each."""
+    index = torch.cat([t.index for t in terms], dim=1)  # (B, T')
+    right = torch.cat([t.right for t in terms], dim=1)  # (B, T', C)
+    b, dev = index.shape[0], index.device
+    acc = _acc_dtype(right)
+    ex, pos = (index >= 0).nonzero(as_tuple=True)
+    keys, inverse = torch.unique(ex * rows + index[ex, pos], return_inverse=True)
+    agg = torch.zeros((keys.shape[0], right.shape[-1]), dtype=acc, device=dev)
+    agg.index_add_(0, inverse, right[ex, pos].to(acc))  # (U, C): the touched rows of every G_i
+    owner = keys // rows  # (U,) which example each row belongs to
+    ss = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, owner, _f64(agg.square().sum(1)))
+    mx = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
+    mn = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
+    if keys.numel():
+        mx = mx.scatter_reduce(0, owner, _f64(agg.amax(1)), "amax")
+        mn = mn.scatter_reduce(0, owner, _f64(agg.amin(1)), "amin")
+    untouched = torch.bincount(owner, minlength=b) < rows  # some rows of G_i are all zeros
+    zero = torch.zeros_like(mx)
+    return ss, torch.where(untouched, torch.maximum(mx, zero), mx), torch.where(untouched, torch.minimum(mn, zero), mn)
+
+
+def matrix_moments(terms: list[Dense | Rows], rows: int, cols: int, *, extrema: bool = True,
+                   chunk_elements: int = 1 << 26) -> Moments:
+    """Moments of Σ_terms G_i for a (rows × cols) parameter; picks the cheapest exact method:
+    sparse rows for an embedding alone, the ghost norm when no extrema are asked and it is cheaper,
+    else formed blocks."""
+    s = entry_sum(terms)
+    if all(isinstance(t, Rows) for t in terms):
+        ss, mx, mn = rows_moments(terms, rows)
+        if not extrema:
+            mx = mn = torch.full_like(ss, torch.nan)
+    elif not extrema and all(isinstance(t, Dense) for t in terms) and ghost_cheaper(
+            sum(t.left.shape[1] for t in terms), rows, cols):
+        ss = ghost_sumsq(terms)
+        mx = mn = torch.full_like(ss, torch.nan)
+    else:
+        ss, mx, mn = formed_moments(terms, rows, cols, chunk_elements, extrema)
+    return Moments(rows * cols, s, ss, mx, mn)
+
+
+def project_terms(terms: list[Dense | Rows], p_rows: torch.Tensor, p_cols: torch.Tensor) -> torch.Tensor:
+    """Kronecker-projected gradient P_r G_i P_cᵀ without G_i (LoGra): Σ_t (P_r l_t)(P_c r_t)ᵀ.
+    p_rows (k_r, R), p_cols (k_c, C) -> (B, k_r * k_c) in ``acc`` dtype."""
+    out = None
+    for term in terms:
+        acc = _acc_dtype(term.right)
+        right = term.right.to(acc) @ p_cols.to(acc).T  # (B, T, k_c)
+        if isinstance(term, Dense):
+            left = term.left.to(acc) @ p_rows.to(acc).T  # (B, T, k_r)
+        else:
+            cols = p_rows.to(acc).T  # (R, k_r): row j is P_r e_j
+            left = torch.where((term.index >= 0)[..., None], cols[term.index.clamp(min=0)], 0.0)
+        part = torch.bmm(left.transpose(1, 2), right).flatten(1)
+        out = part if out is None else out + part
+    return out

@@ -1,0 +1,219 @@
+"""The batched engine against the plain reference (float64, one unpadded example at a time, whole
+gradients from autograd): every statistic overall and per group, the projected gradient, the hidden
+features, for Llama, Qwen2 and GPT-2, left and right padding, masked prompts, odd lengths, batch > 1.
+Relative error < 1e-5 with a float64 model, < 1e-3 with a float32 one."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from grads_ray.data.formats import IGNORE_INDEX
+from grads_ray.gradients import factored
+from grads_ray.gradients.engine import BatchedGradStats, UnsupportedModel
+from grads_ray.gradients.projection import Projector
+from tests.conftest import VOCAB, save_tiny_model, tiny_config
+from tests.reference import STATS, pad, random_examples, reference, scale_of
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+
+
+def check_against_reference(engine: BatchedGradStats, model64, examples, side: str, tol: float, **pad_kw):
+    ids, labels, mask = pad(examples, side, **pad_kw)
+    out = engine(ids, labels, mask)
+    worst = {}
+    for i, (x, y) in enumerate(examples):
+        ref = reference(model64, x, y)
+        assert out.columns["n_tokens"][i] == len(x)
+        assert out.columns["n_response_tokens"][i] == sum(1 for t in y[1:] if t != IGNORE_INDEX)
+        keys = ["loss"] + [k for k in ref if k.split(".")[-1] in STATS]
+        assert set(keys) <= set(out.columns), sorted(set(keys) - set(out.columns))
+        for key in keys:
+            err = abs(out.columns[key][i] - ref[key]) / scale_of(ref, key)
+            worst[key] = max(worst.get(key, 0.0), err)
+        if engine.projector is not None:
+            want = engine.projector.project_full(ref["grads"])
+            err = np.linalg.norm(out.grad_proj[i] - want.numpy()) / want.norm().item()
+            worst["grad_proj"] = max(worst.get("grad_proj", 0.0), err)
+        resp = torch.tensor(y) != IGNORE_INDEX
+        hidden = ref["hidden"][resp].mean(0).numpy()
+        worst["hidden_mean"] = max(worst.get("hidden_mean", 0.0),
+                                   np.abs(out.hidden_mean[i] - hidden).max() / np.abs(hidden).max())
+        if engine.fisher_rank:  # FᵀF against the best rank-r approximation of Σ z zᵀ
+            predicts = torch.tensor([t != IGNORE_INDEX for t in y[1:]])
+            z = ref["hidden"][:-1][predicts] @ engine.fisher_proj.T
+            vals, vecs = torch.linalg.eigh(z.T @ z)
+            r = engine.fisher_rank
+            best = (vecs[:, -r:] * vals[-r:]) @ vecs[:, -r:].T
+            f = torch.as_tensor(out.fisher_factor[i], dtype=torch.float64)
+            worst["fisher"] = max(worst.get("fisher", 0.0), ((f.T @ f - best).norm() / best.norm()).item())
+            assert out.fisher_energy[i] == pytest.approx((vals[-r:].sum() / vals.sum()).item(), rel=10 * tol)
+    bad = {k: v for k, v in worst.items() if v > tol}
+    assert not bad, bad
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_engine_matches_float64_reference(arch, side, dtype, tmp_path):
+    model = save_tiny_model(arch, tmp_path / arch).eval()
+    model64 = copy.deepcopy(model).double()
+    engine = BatchedGradStats(copy.deepcopy(model).to(dtype), proj_dim=48, proj_rank=4, seed=1,
+                              fisher_dim=8, fisher_rank=3)
+    examples = random_examples(5, seed=len(arch) + (side == "left"), vocab=VOCAB)
+    tol = 1e-5 if dtype == torch.float64 else 1e-3
+    out = check_against_reference(engine, model64, examples, side, tol)
+    assert out.grad_proj.shape == (5, 48) and out.fisher_factor.shape == (5, 3, 8)
+    groups = {k.rsplit(".", 1)[0] for k in out.columns if "." in k}
+    assert {"embedding", "norm", "layer0.attn", "layer0.mlp", "layer1.attn", "layer1.mlp"} <= groups
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_extrema_off_uses_ghost_norm_and_small_blocks_change_nothing(arch, tmp_path, monkeypatch):
+    """The ghost norm (no max/min) and forming the gradient in 1-row blocks give the same numbers."""
+    model64 = save_tiny_model(arch, tmp_path / arch).eval().double()
+    examples = random_examples(4, seed=11, vocab=VOCAB, lo=4, hi=6)  # short rows: the ghost is cheaper
+    ids, labels, mask = pad(examples, "left")
+    full = BatchedGradStats(model64, proj_dim=0, fisher_dim=0)(ids, labels, mask)
+    calls = []
+    real = factored.ghost_sumsq
+    monkeypatch.setattr(factored, "ghost_sumsq", lambda terms: calls.append(1) or real(terms))
+    ghost = BatchedGradStats(model64, proj_dim=0, fisher_dim=0, extrema=False)(ids, labels, mask)
+    cheaper = [n for n, p in model64.named_parameters()
+               if p.dim() == 2 and "embed" not in n and "wte" not in n and "wpe" not in n
+               and factored.ghost_cheaper(ids.shape[1], *p.shape)]
+    assert len(cheaper) >= 5 and len(calls) == len(cheaper)  # the ghost path where it is cheaper
+    tiny = BatchedGradStats(model64, proj_dim=0, fisher_dim=0, chunk_elements=1)(ids, labels, mask)
+    for key, value in full.columns.items():
+        np.testing.assert_allclose(tiny.columns[key], value, rtol=1e-12, err_msg=key)
+        if key.endswith(("grad_max", "grad_min")):
+            assert np.isnan(ghost.columns[key]).all(), key
+        else:
+            np.testing.assert_allclose(ghost.columns[key], value, rtol=1e-10, err_msg=key)
+
+
+def test_tied_llama_and_padding_idx(tmp_path):
+    """A Llama whose head is tied to its embedding (dense head rows + sparse embedding rows in one
+    matrix), and a padding_idx row that never receives a gradient, with the pad token in the data."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    cfg.tie_word_embeddings, cfg.pad_token_id = True, 0
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    model64 = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval().double()
+    assert model64.lm_head.weight is model64.model.embed_tokens.weight
+    assert model64.model.embed_tokens.padding_idx == 0
+    examples = random_examples(4, seed=5, vocab=VOCAB)
+    examples[0][0][2] = 0  # the pad id as a real token
+    engine = BatchedGradStats(model64, proj_dim=32, proj_rank=4, fisher_dim=0)
+    check_against_reference(engine, model64, examples, "right", 1e-5, pad_id=0)
+
+
+def test_lora_adapters_alone(tmp_path):
+    """With peft LoRA adapters the statistics are those of the adapters' gradient (base frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = save_tiny_model("qwen2", tmp_path / "q").eval().double()
+    torch.manual_seed(3)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False)).eval()
+    engine = BatchedGradStats(model, proj_dim=32, proj_rank=4, fisher_dim=0)
+    assert all("lora_" in n for n in engine.params) and len(engine.params) == 12
+    out = check_against_reference(engine, model, random_examples(3, seed=2, vocab=VOCAB), "left", 1e-5)
+    assert {k.rsplit(".", 1)[0] for k in out.columns if "." in k} == {"layer0.attn", "layer0.mlp",
+                                                                       "layer1.attn", "layer1.mlp"}
+
+
+def test_partly_frozen_model_and_state_restored(tmp_path):
+    """Only embedding and head trainable (the GrADS default groups): the engine sees just those, and
+    leaves requires_grad and the model's outputs as they were."""
+    model = save_tiny_model("llama", tmp_path / "m").eval().double()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("model.embed_tokens", "lm_head")))
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    engine = BatchedGradStats(model, proj_dim=16, proj_rank=4, fisher_dim=0)
+    examples = random_examples(3, seed=9, vocab=VOCAB)
+    out = check_against_reference(engine, model, examples, "right", 1e-5)
+    assert {k.rsplit(".", 1)[0] for k in out.columns if "." in k} == {"embedding", "head"}
+    assert before == {n: p.requires_grad for n, p in model.named_parameters()}
+    again = engine(*pad(examples, "right"))
+    for key, value in out.columns.items():
+        np.testing.assert_array_equal(again.columns[key], value)
+    np.testing.assert_array_equal(again.grad_proj, out.grad_proj)
+
+
+def test_unsupported_module_is_refused_by_name(tmp_path):
+    model = save_tiny_model("llama", tmp_path / "m")
+    model.model.layers[0].self_attn.register_parameter("gate", torch.nn.Parameter(torch.ones(3)))
+    with pytest.raises(UnsupportedModel, match=r"layers\.0\.self_attn\.gate.*scoring\.engine=loop"):
+        BatchedGradStats(model)
+
+
+# -- the pure functions --------------------------------------------------------------------------
+
+
+def _random_terms(seed: int, b=3, t=6, rows=7, cols=5, with_rows=True):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand((b, t), generator=g) > 0.3
+    left = torch.randn((b, t, rows), generator=g, dtype=torch.float64) * mask[..., None]
+    right = torch.randn((b, t, cols), generator=g, dtype=torch.float64) * mask[..., None]
+    terms: list = [factored.Dense(left, right)]
+    dense = torch.einsum("btr,btc->brc", left, right)
+    if with_rows:
+        index = torch.where(mask, torch.randint(0, rows, (b, t), generator=g), -1)
+        r2 = torch.randn((b, t, cols), generator=g, dtype=torch.float64)
+        terms.append(factored.Rows(index, r2))
+        for i in range(b):
+            for j in range(t):
+                if index[i, j] >= 0:
+                    dense[i, index[i, j]] += r2[i, j]
+    return terms, dense
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_factored_moments_against_formed_gradients(seed):
+    for with_rows in (False, True):
+        terms, dense = _random_terms(seed, with_rows=with_rows)
+        flat = dense.flatten(1)
+        for chunk in (1, 10, 1 << 20):
+            m = factored.matrix_moments(terms, 7, 5, chunk_elements=chunk)
+            torch.testing.assert_close(m.s, flat.sum(1))
+            torch.testing.assert_close(m.ss, flat.square().sum(1))
+            torch.testing.assert_close(m.mx, flat.amax(1))
+            torch.testing.assert_close(m.mn, flat.amin(1))
+        if not with_rows:
+            torch.testing.assert_close(factored.ghost_sumsq(terms), flat.square().sum(1))
+        p_r = torch.randn(3, 7, dtype=torch.float64)
+        p_c = torch.randn(2, 5, dtype=torch.float64)
+        torch.testing.assert_close(factored.project_terms(terms, p_r, p_c),
+                                   torch.einsum("kr,brc,jc->bkj", p_r, dense, p_c).flatten(1))
+
+
+def test_sparse_rows_count_untouched_rows_as_zero():
+    """All contributions positive: the max is theirs, the min is 0 from an untouched row, unless
+    every row is touched."""
+    right = torch.ones((1, 3, 2), dtype=torch.float64)
+    some = factored.matrix_moments([factored.Rows(torch.tensor([[0, 1, 1]]), right)], rows=3, cols=2)
+    assert some.mx.item() == 2.0 and some.mn.item() == 0.0 and some.ss.item() == 1 + 1 + 4 + 4
+    every = factored.matrix_moments([factored.Rows(torch.tensor([[0, 1, 2]]), right)], rows=3, cols=2)
+    assert every.mn.item() == 1.0
+
+
+def test_projection_is_seeded_per_parameter_and_keeps_norms():
+    shapes = {"a": (40, 30), "b": (30,), "c": (50, 20)}
+    p = Projector(shapes, dim=256, rank=8, seed=4)
+    q = Projector({"a": (40, 30)}, dim=256, rank=8, seed=4)
+    assert torch.equal(p.blocks["a"][0], q.blocks["a"][0])  # other parameters do not shift the draw
+    assert not torch.equal(p.blocks["a"][0], Projector(shapes, dim=256, rank=8, seed=5).blocks["a"][0])
+    g = torch.Generator().manual_seed(0)
+    ratios = []
+    for _ in range(200):
+        grads = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+        total = sum(v.square().sum() for v in grads.values())
+        ratios.append((p.project_full(grads).square().sum() / total).item())
+    assert abs(np.mean(ratios) - 1.0) < 0.1  # E‖Mg‖² = ‖g‖²
