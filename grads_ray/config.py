@@ -66,15 +66,26 @@ class TrainConfig:
 
 @dataclass
 class ScoreConfig:
+    """Per-example loss, gradient statistics and features (docs/design.md, "score")."""
+
     batch_size: int = 16
     num_actors: int = 1  # max actors in the scorer pool (one GPU each when GPUs are used)
     use_gpu: str = "auto"
     tokenize_batch_size: int = 256
+    engine: str = "batched"  # batched (one pass per batch) | loop (one example at a time: any model)
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float64
+    extrema: bool = True  # grad_max / grad_min (exact; without them the ghost norm is used where cheaper)
+    proj_dim: int = 512  # projected-gradient feature size (0: off)
+    proj_rank: int = 8  # per-layer Kronecker sketch: rank x rank numbers per weight matrix
+    chunk_elements: int = 1 << 26  # largest block of per-example gradient entries formed at once
+    fisher_dim: int = 64  # FisherSFT summary: last hidden state projected to this size (0: off)
+    fisher_rank: int = 4  # ... and kept as a rank-r factor per example
 
 
 @dataclass
 class SimilarityConfig:
     k: int = 10
+    feature: str = "hidden_mean"  # hidden_mean (content) | grad_proj (projected gradient)
     # cosine at or above which two examples are near-duplicates (SemDeDup's eps = 1 - threshold, default 0.01)
     dup_threshold: float = 0.99
     query_batch: int = 4096
@@ -260,6 +271,20 @@ def validate(cfg: Config) -> None:
     for key, frac in (("warmup.fraction", cfg.warmup.fraction), ("finetune.fraction", cfg.finetune.fraction)):
         if not 0 < frac <= 1:
             raise ConfigError(f"{key} must be in (0, 1], got {frac}")
+    sc = cfg.score
+    if sc.engine not in ("batched", "loop"):
+        raise ConfigError(f"score.engine must be batched or loop, got {sc.engine!r}")
+    if sc.dtype not in ("auto", "float32", "bfloat16", "float64"):
+        raise ConfigError(f"score.dtype must be auto, float32, bfloat16 or float64, got {sc.dtype!r}")
+    for key in ("proj_dim", "fisher_dim", "fisher_rank"):
+        if getattr(sc, key) < 0:
+            raise ConfigError(f"score.{key} must be >= 0 (0 turns it off)")
+    if sc.proj_rank < 1 or sc.chunk_elements < 1 or sc.batch_size < 1:
+        raise ConfigError("score.proj_rank, score.chunk_elements and score.batch_size must be >= 1")
+    if cfg.similarity.feature not in ("hidden_mean", "grad_proj"):
+        raise ConfigError(f"similarity.feature must be hidden_mean or grad_proj, got {cfg.similarity.feature!r}")
+    if cfg.similarity.feature == "grad_proj" and not sc.proj_dim:
+        raise ConfigError("similarity.feature=grad_proj needs score.proj_dim > 0")
     if not -1.0 <= cfg.similarity.dup_threshold <= 1.0:
         raise ConfigError("similarity.dup_threshold is a cosine similarity in [-1, 1]")
     from grads_ray.selection.budget import parse_budget

@@ -233,12 +233,14 @@ class Run:
         """Per-example loss and gradient statistics of every ingested row. -> fingerprint."""
         if "score" in self._fps:
             return self._fps["score"]
-        from grads_ray.scoring import run_scoring
+        from grads_ray.scoring import engine_settings, run_scoring
 
         cfg = self.cfg
         up = self.ingest()
         model_path, model_fp = self.scoring_model()
-        fp = fingerprint("score", up, model_fp, cfg.data.max_length, cfg.data.on_long)
+        settings = engine_settings(cfg.score, cfg.seed)
+        fp = fingerprint("score", up, model_fp, cfg.data.max_length, cfg.data.on_long,
+                         {k: v for k, v in settings.items() if k != "chunk_elements"})
         stats, features = self._dir("stats"), self._dir("features")
         with self.stage("score") as entry:
             if not stats.prepare(fp):
@@ -250,12 +252,12 @@ class Run:
                     self._dir("rows"), expected, stats, features, model_path=model_path,
                     max_length=cfg.data.max_length, on_long=cfg.data.on_long, batch_size=cfg.score.batch_size,
                     num_actors=cfg.score.num_actors, use_gpu=self.use_gpu(cfg.score.use_gpu),
-                    tokenize_batch_size=cfg.score.tokenize_batch_size,
-                    trust_remote_code=cfg.model.trust_remote_code, progress=self._score_progress(expected, t0))
+                    trust_remote_code=cfg.model.trust_remote_code, settings=settings,
+                    progress=self._score_progress(expected, t0))
                 done = [stats.done_info(s) for s in expected]
                 scored = sum(i["scored"] for i in done)
                 stats.finish(fp, {"scored": scored, "rejected": sum(i["rejected"] for i in done),
-                                  "model": model_path, "shards_this_run": len(infos),
+                                  "model": model_path, "shards_this_run": len(infos), "engine": cfg.score.engine,
                                   "examples_per_s": round(sum(i["scored"] for i in infos) / max(time.time() - t0, 1e-9), 2)})
                 features.finish(fp, {"scored": scored})
             info = stats.success_info()
@@ -311,10 +313,10 @@ class Run:
         stage = self._dir("similarity")
         with self.stage("similarity") as entry:
             if not stage.prepare(fp):
-                table = read_parts(self._dir("features").parts())
+                table = read_parts(self._dir("features").parts(), ["id", s.feature])
                 table = table.take(pc.sort_indices(table["id"]))
                 n = table.num_rows
-                vecs = np.stack(table["hidden_mean"].to_numpy(zero_copy_only=False)) if n else np.zeros((0, 1))
+                vecs = np.stack(table[s.feature].to_numpy(zero_copy_only=False)) if n else np.zeros((0, 1))
                 sims, idx, index_name = knn(vecs, s.k, s.query_batch, use_gpu=self._faiss_gpu(s.use_gpu))
                 groups = duplicate_groups(sims, idx, s.dup_threshold)
                 ids = np.asarray(table["id"].to_pylist(), dtype=object)

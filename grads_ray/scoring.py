@@ -1,8 +1,10 @@
 """Score stage plumbing (Ray Data): rows -> tokenize (CPU tasks) -> scorer actor pool -> per-shard Parquet.
 
 The driver consumes the stream and writes each shard's ``stats/part-*.parquet`` (the public stats
-table), ``features/part-*.parquet`` (mean last hidden state) and tokenization rejects as soon as all of
-the shard's rows have come back, then marks the shard done: a rerun scores only unfinished shards.
+table), ``features/part-*.parquet`` (hidden-state and projected-gradient features) and tokenization
+rejects as soon as all of the shard's rows have come back, then marks the shard done: a rerun scores
+only unfinished shards. The numbers come from ``gradients.engine`` (or ``gradients.stats`` for
+``score.engine=loop``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from grads_ray.data.tokenize import encode, load_tokenizer
 from grads_ray.ingest import ROWS_SCHEMA
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
-ROWS_PER_BLOCK_BATCHES = 8  # rows per streamed block, in scorer batches
+ROWS_PER_BLOCK_BATCHES = 8  # rows per streamed block (a "unit"), in scorer batches
 ROW_COLUMNS = ROWS_SCHEMA.names  # the ingested rows table
 STAT_BASE = ["id", "n_tokens", "loss", "grad_norm", "grad_mean", "grad_std", "grad_max", "grad_min",
              "n_response_tokens"]
@@ -44,7 +46,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: in
         labels_out.append(np.asarray(labels, dtype=np.int64))
         reasons.append(reason)
         details.append(detail)
-    keep = {k: batch[k] for k in ("id", "shard", "source", "line")}
+    keep = {k: batch[k] for k in ("id", "shard", "source", "line", "pos") if k in batch}
     return {**keep, "input_ids": ids_out, "labels": labels_out, "reason": np.array(reasons, dtype=object),
             "detail": np.array(details, dtype=object)}
 
@@ -56,6 +58,19 @@ def read_rows(files: list[str]):
     return ray.data.read_parquet(files).select_columns(ROW_COLUMNS)
 
 
+def read_units(batch: dict[str, np.ndarray], paths: dict[int, str], unit_rows: int):
+    """One shard's rows -> blocks of ``unit_rows`` rows, each row with ``pos``, its index in the shard.
+    Blocks start at multiples of ``unit_rows`` whatever else is being scored, so the scorer's batches
+    (rows [k·b, (k+1)·b) of a shard) never depend on which shards a run had left to do."""
+    import pyarrow.parquet as pq
+
+    for shard in batch["shard"]:
+        table = pq.read_table(paths[int(shard)]).select(ROW_COLUMNS)
+        table = table.append_column("pos", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        for start in range(0, table.num_rows, unit_rows):
+            yield table.slice(start, unit_rows)
+
+
 def tokenize(ds, *, model_path: str, max_length: int, on_long: str, batch_size: int, trust_remote_code: bool = False):
     """Add ``input_ids``/``labels`` (or a reject ``reason``) to a dataset of rows, in CPU tasks."""
     return ds.map_batches(tokenize_batch, batch_size=batch_size, batch_format="numpy",
@@ -63,47 +78,80 @@ def tokenize(ds, *, model_path: str, max_length: int, on_long: str, batch_size: 
                                      "trust_remote_code": trust_remote_code})
 
 
+FEATURE_COLUMNS = ("hidden_mean", "grad_proj", "fisher_factor", "fisher_energy")
+
+
+def engine_settings(score_cfg: Any, seed: int) -> dict[str, Any]:
+    """The score config keys the engine reads (these, with the model, decide every number written)."""
+    keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fisher_dim", "fisher_rank")
+    return {**{k: getattr(score_cfg, k) for k in keys}, "seed": seed}
+
+
 class Scorer:
     """Ray Data callable class: loads the model once, then scores batches of tokenized rows.
 
     ``__call__`` maps a batch (``id, shard, source, line, input_ids, labels, reason, detail``) to the
-    same rows with ``n_tokens, loss, grad_*`` (overall and per group) and ``hidden`` added; rows
-    rejected upstream pass through with NaN statistics.
+    same rows with ``n_tokens, loss, grad_*`` (overall and per group) and the features
+    (``hidden_mean``, ``grad_proj``, ``fisher_factor`` flattened r x d', ``fisher_energy``) added;
+    rows rejected upstream pass through with NaN statistics and zero features.
     """
 
     def __init__(self, model_path: str, use_gpu: bool = False, threads: int | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, settings: dict[str, Any] | None = None, batch_size: int = 16):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from grads_ray.gradients.engine import BatchedGradStats
+        from grads_ray.gradients.stats import LoopGradStats
+
+        settings = dict(settings or {})
+        self.batch_size = batch_size
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        dtype = settings.pop("dtype", "auto")
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, trust_remote_code=trust_remote_code).to(self.device)
+            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).to(self.device)
         self.model.eval()  # no dropout: the gradient of the loss as the model stands
+        engine = LoopGradStats if settings.pop("engine", "batched") == "loop" else BatchedGradStats
+        self.engine = engine(self.model, **settings)
         self.pad_id = self.model.config.pad_token_id or 0
-        self.hidden_size = self.model.get_input_embeddings().embedding_dim
+        self.widths = {"hidden_mean": self.model.get_input_embeddings().embedding_dim,
+                       "grad_proj": self.engine.projector.dim if self.engine.projector else 0,
+                       "fisher_factor": self.engine.fisher_rank * (self.engine.fisher_proj.shape[0]
+                                                                   if self.engine.fisher_rank else 0),
+                       "fisher_energy": 1}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from grads_ray.gradients.stats import batch_stats
-
-        ok = [i for i, r in enumerate(batch["reason"]) if not r]
+        """A block of rows (any number of units, any shards) -> the same rows scored. The engine's
+        batches are the rows of one shard with equal ``pos // batch_size``, in ``pos`` order."""
         n = len(batch["id"])
-        rows: list[dict[str, float]] = [{} for _ in range(n)]
-        hidden = np.zeros((n, self.hidden_size), dtype=np.float32)
-        if ok:
+        feats = {k: np.zeros((n, w), dtype=np.float32) for k, w in self.widths.items() if w}
+        columns: dict[str, np.ndarray] = {}
+        shard = np.asarray(batch["shard"], dtype=np.int64)
+        pos = np.asarray(batch["pos"], dtype=np.int64)
+        key = pos // self.batch_size
+        order = np.lexsort((pos, key, shard))
+        cuts = np.flatnonzero(np.diff(shard[order]) | np.diff(key[order])) + 1
+        for group in np.split(order, cuts):
+            ok = [int(i) for i in group if not batch["reason"][i]]
+            if not ok:
+                continue
             ids, lab, mask = pad_batch([batch["input_ids"][i] for i in ok], [batch["labels"][i] for i in ok],
                                        self.pad_id)
-            got, feats = batch_stats(self.model, ids.to(self.device), lab.to(self.device), mask.to(self.device))
-            for j, i in enumerate(ok):
-                rows[i] = got[j]
-                hidden[i] = feats[j]
-        columns = sorted({k for r in rows for k in r} | {c for c in STAT_BASE if c != "id"})
+            got = self.engine(ids.to(self.device), lab.to(self.device), mask.to(self.device))
+            for c, values in got.columns.items():
+                columns.setdefault(c, np.full(n, math.nan))[ok] = values
+            for k in feats:
+                value = getattr(got, k)
+                if value is not None:
+                    feats[k][ok] = np.asarray(value, dtype=np.float32).reshape(len(ok), -1)
         out = {k: batch[k] for k in ("id", "shard", "source", "line", "reason", "detail")}
-        for c in columns:
-            out[c] = np.array([r.get(c, math.nan) for r in rows], dtype=np.float64)
-        out["hidden"] = hidden
+        for c in sorted(set(columns) | {c for c in STAT_BASE if c != "id"}):
+            out[c] = columns.get(c, np.full(n, math.nan))
+        out.update({k: (v[:, 0] if k == "fisher_energy" else v) for k, v in feats.items()})
         return out
 
 
@@ -117,9 +165,13 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
     write_parquet(stats.part(shard), good.select(STAT_BASE + group_cols).cast(
         pa.schema([(c, pa.string() if c == "id" else (pa.int64() if c.startswith("n_") else pa.float64()))
                    for c in STAT_BASE + group_cols])))
-    hid = [np.asarray(v, dtype=np.float32) for v in good["hidden"].to_numpy(zero_copy_only=False)]
-    write_parquet(features.part(shard), pa.table({"id": good["id"].cast(pa.string()),
-                                                  "hidden_mean": pa.array(hid, pa.list_(pa.float32()))}))
+    feats = {"id": good["id"].cast(pa.string())}
+    for name in FEATURE_COLUMNS:
+        if name in good.column_names:
+            values = good[name].to_numpy(zero_copy_only=False)
+            feats[name] = (pa.array(values.astype(np.float32)) if name == "fisher_energy" else
+                           pa.array([np.asarray(v, dtype=np.float32) for v in values], pa.list_(pa.float32())))
+    write_parquet(features.part(shard), pa.table(feats))
     bad = table.filter(pc.invert(ok)).select(["id", "source", "line", "reason", "detail"]).to_pylist()
     write_jsonl(stats.part(shard, "rejected.jsonl"), [{**r, "stage": "score"} for r in bad])
     info = {"shard": shard, "scored": good.num_rows, "rejected": len(bad)}
@@ -130,8 +182,8 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
 
 def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, *,
                 model_path: str, max_length: int, on_long: str, batch_size: int, num_actors: int,
-                use_gpu: bool, tokenize_batch_size: int, trust_remote_code: bool = False,
-                progress=None) -> list[dict[str, Any]]:
+                use_gpu: bool, trust_remote_code: bool = False,
+                settings: dict[str, Any] | None = None, progress=None) -> list[dict[str, Any]]:
     """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done."""
     import ray
 
@@ -144,20 +196,25 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
         return infos
     cpus = ray.cluster_resources().get("CPU", 1)
     threads = max(1, int(cpus // max(num_actors, 1)) - 1) if not use_gpu else None
-    ds = read_rows([str(rows.part(s)) for s in pending])
-    # The reader may hand over several files as one block; cut it so scored rows stream back to the
-    # driver (and finished shards reach disk) while scoring goes on, not all at the end.
-    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK_BATCHES * batch_size)
-    # Tokenizing runs in CPU tasks. With GPU scorers (num_gpus=1) Ray Data keeps the two operators
-    # apart; on CPU-only clusters it fuses them into the scorer actor, which saves a copy per batch.
+    # One item per shard, each read as fixed units of rows: scored rows stream back to the driver (and
+    # finished shards reach disk) while scoring goes on, and a row's batch mates are the same in a
+    # resumed run as in an uninterrupted one (batched float arithmetic depends on them).
+    ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(read_units, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"paths": {s: str(rows.part(s)) for s in pending},
+                                   "unit_rows": ROWS_PER_BLOCK_BATCHES * batch_size})
+    # Tokenizing runs in CPU tasks, whole blocks at a time (batch_size=None keeps the units whole).
+    # With GPU scorers (num_gpus=1) Ray Data keeps the two operators apart; on CPU-only clusters it
+    # fuses them into the scorer actor, which saves a copy per batch.
     ds = tokenize(ds, model_path=model_path, max_length=max_length, on_long=on_long,
-                  batch_size=tokenize_batch_size, trust_remote_code=trust_remote_code)
+                  batch_size=None, trust_remote_code=trust_remote_code)
     ds = ds.map_batches(
-        Scorer, batch_size=batch_size, batch_format="numpy",
+        Scorer, batch_size=None, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(num_actors, 1)),
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1),
         fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu, "threads": threads,
-                               "trust_remote_code": trust_remote_code},
+                               "trust_remote_code": trust_remote_code, "settings": settings,
+                               "batch_size": batch_size},
     )
     buffers: dict[int, list[pa.Table]] = defaultdict(list)
     counts: dict[int, int] = defaultdict(int)
@@ -180,5 +237,4 @@ def _empty_scored() -> pa.Table:
     cols = {c: pa.array([], pa.float64()) for c in STAT_BASE if c != "id"}
     return pa.table({"id": pa.array([], pa.string()), "source": pa.array([], pa.string()),
                      "line": pa.array([], pa.int64()), "reason": pa.array([], pa.string()),
-                     "detail": pa.array([], pa.string()), **cols,
-                     "hidden": pa.array([], pa.list_(pa.float32()))})
+                     "detail": pa.array([], pa.string()), **cols})

@@ -11,49 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from grads_ray.data.formats import IGNORE_INDEX
 from grads_ray.gradients import factored
 from grads_ray.gradients.engine import BatchedGradStats, UnsupportedModel
 from grads_ray.gradients.projection import Projector
 from tests.conftest import VOCAB, save_tiny_model, tiny_config
-from tests.reference import STATS, pad, random_examples, reference, scale_of
+from tests.reference import check_against_reference, pad, random_examples
 
 ARCHS = ["llama", "qwen2", "gpt2"]
-
-
-def check_against_reference(engine: BatchedGradStats, model64, examples, side: str, tol: float, **pad_kw):
-    ids, labels, mask = pad(examples, side, **pad_kw)
-    out = engine(ids, labels, mask)
-    worst = {}
-    for i, (x, y) in enumerate(examples):
-        ref = reference(model64, x, y)
-        assert out.columns["n_tokens"][i] == len(x)
-        assert out.columns["n_response_tokens"][i] == sum(1 for t in y[1:] if t != IGNORE_INDEX)
-        keys = ["loss"] + [k for k in ref if k.split(".")[-1] in STATS]
-        assert set(keys) <= set(out.columns), sorted(set(keys) - set(out.columns))
-        for key in keys:
-            err = abs(out.columns[key][i] - ref[key]) / scale_of(ref, key)
-            worst[key] = max(worst.get(key, 0.0), err)
-        if engine.projector is not None:
-            want = engine.projector.project_full(ref["grads"])
-            err = np.linalg.norm(out.grad_proj[i] - want.numpy()) / want.norm().item()
-            worst["grad_proj"] = max(worst.get("grad_proj", 0.0), err)
-        resp = torch.tensor(y) != IGNORE_INDEX
-        hidden = ref["hidden"][resp].mean(0).numpy()
-        worst["hidden_mean"] = max(worst.get("hidden_mean", 0.0),
-                                   np.abs(out.hidden_mean[i] - hidden).max() / np.abs(hidden).max())
-        if engine.fisher_rank:  # FᵀF against the best rank-r approximation of Σ z zᵀ
-            predicts = torch.tensor([t != IGNORE_INDEX for t in y[1:]])
-            z = ref["hidden"][:-1][predicts] @ engine.fisher_proj.T
-            vals, vecs = torch.linalg.eigh(z.T @ z)
-            r = engine.fisher_rank
-            best = (vecs[:, -r:] * vals[-r:]) @ vecs[:, -r:].T
-            f = torch.as_tensor(out.fisher_factor[i], dtype=torch.float64)
-            worst["fisher"] = max(worst.get("fisher", 0.0), ((f.T @ f - best).norm() / best.norm()).item())
-            assert out.fisher_energy[i] == pytest.approx((vals[-r:].sum() / vals.sum()).item(), rel=10 * tol)
-    bad = {k: v for k, v in worst.items() if v > tol}
-    assert not bad, bad
-    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -33,6 +33,7 @@ from torch import nn
 
 from grads_ray.data.formats import IGNORE_INDEX
 from grads_ray.gradients.factored import Dense, Moments, Rows, matrix_moments, project_terms, vector_moments
+from grads_ray.gradients.features import fisher_projection, fisher_summary, mean_over
 from grads_ray.gradients.groups import group_of
 from grads_ray.gradients.projection import Projector
 
@@ -134,13 +135,8 @@ class BatchedGradStats:
         self.groups = list(dict.fromkeys(self.group.values()))
         self.projector = (Projector({n: tuple(p.shape) for n, p in self.params.items()}, proj_dim, proj_rank, seed)
                           if proj_dim else None)
-        hidden = model.get_input_embeddings().embedding_dim
-        self.fisher_rank = min(fisher_rank, fisher_dim, hidden) if fisher_dim and fisher_rank else 0
-        self.fisher_dim = min(fisher_dim, hidden) if self.fisher_rank else 0
-        if self.fisher_rank:
-            gen = torch.Generator().manual_seed(seed * 104729 + 3)
-            self.fisher_proj = torch.randn((self.fisher_dim, hidden), generator=gen, dtype=torch.float64)
-            self.fisher_proj /= self.fisher_dim**0.5
+        self.fisher_proj, self.fisher_rank = fisher_projection(
+            model.get_input_embeddings().embedding_dim, fisher_dim, fisher_rank, seed)
 
     # -- the pass ---------------------------------------------------------------------------------
 
@@ -272,8 +268,7 @@ class BatchedGradStats:
             for key, value in per_group[g].finish().items():
                 cols[f"{g}.{key}"] = value.cpu().numpy()
         hidden = state.hidden.to(torch.float64 if state.hidden.dtype == torch.float64 else torch.float32)
-        resp = ((labels != IGNORE_INDEX) & mask)[..., None]  # (B, T, 1)
-        hidden_mean = (hidden * resp).sum(1) / resp.sum(1).clamp(min=1)
+        hidden_mean = mean_over(hidden, (labels != IGNORE_INDEX) & mask)
         out = BatchScores(cols, hidden_mean.float().cpu().numpy())
         if self.projector:
             inner = torch.cat([state.inner[n] for n in self.params], dim=1).to(torch.float64)
@@ -297,19 +292,3 @@ def _elementwise_jacobian(module: nn.Module, attr: str, x: torch.Tensor) -> torc
     w = getattr(module, attr)
     _, tangent = jvp(lambda v: functional_call(module, {attr: v}, (x,)), (w.detach(),), (torch.ones_like(w),))
     return tangent
-
-
-def fisher_summary(hidden: torch.Tensor, target: torch.Tensor, proj: torch.Tensor, rank: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """FisherSFT's per-example information: the last layer linearised, example i contributes
-    Σ_t z_t z_tᵀ over the positions t that predict a response token, z_t = proj · h_t (d').
-    Kept as its top-``rank`` factor F_i (r, d') with F_iᵀF_i the best rank-r approximation, and the
-    share of the trace it keeps. hidden (B, T, d), target (B, T) bool -> ((B, r, d'), (B,))."""
-    z = (hidden @ proj.T) * target[..., None]  # (B, T, d')
-    gram = torch.bmm(z.transpose(1, 2), z).double()  # (B, d', d')
-    vals, vecs = torch.linalg.eigh(gram)  # ascending
-    vals = vals.clamp(min=0.0)
-    top, topv = vals[:, -rank:].flip(1), vecs[:, :, -rank:].flip(2)  # (B, r), (B, d', r)
-    factor = (topv * top.sqrt()[:, None, :]).transpose(1, 2)  # (B, r, d')
-    energy = top.sum(1) / vals.sum(1).clamp(min=1e-300)
-    return factor.float().cpu().numpy(), energy.cpu().numpy()

@@ -8,7 +8,8 @@ parameters θ. Reported, overall and per layer group G (P_G entries):
 Sums are accumulated in float64 whatever the model's dtype.
 
 This is the simple exact engine: one forward+backward per example on its unpadded tokens, so padding
-can never leak into the numbers. The batched engine (issue 3) must match it.
+can never leak into the numbers; what research code for gradient-based selection does (LESS runs
+batch size 1). ``engine.BatchedGradStats`` computes the same numbers for a whole batch at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import numpy as np
 import torch
 
 from grads_ray.data.formats import IGNORE_INDEX
+from grads_ray.gradients.engine import BatchScores
+from grads_ray.gradients.features import fisher_projection, fisher_summary, mean_over
 from grads_ray.gradients.groups import GRAD_STATS, group_of
+from grads_ray.gradients.projection import Projector
 
 
 @dataclass
@@ -71,16 +75,12 @@ def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 
 def example_stats(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                   params: list[tuple[str, torch.nn.Parameter]] | None = None,
-                  ) -> tuple[dict[str, float], torch.Tensor]:
-    """One example (unpadded): stats dict (overall and ``<group>.<stat>``) and the mean of its last
-    hidden states over response positions (labels != -100), which describes the response's content
-    rather than the prompt template. input_ids, labels (T,) -> ({column: value}, (d_model,))."""
+                  ) -> tuple[dict[str, float], torch.Tensor, dict[str, torch.Tensor]]:
+    """One example (unpadded) -> (stats dict (overall and ``<group>.<stat>``), its last hidden states
+    (T, d), its whole gradient per parameter name). input_ids, labels (T,)."""
     params = params if params is not None else trainable(model)
     out = model(input_ids=input_ids[None], output_hidden_states=True)
-    logits = out.logits[0]  # (T, V)
-    response = labels != IGNORE_INDEX  # (T,)
-    hidden = out.hidden_states[-1][0][response].mean(dim=0)  # (d_model,)
-    loss = response_loss(logits, labels)
+    loss = response_loss(out.logits[0], labels)
     grads = torch.autograd.grad(loss, [p for _, p in params])
     total, groups = _Acc(), {}
     for (name, _), g in zip(params, grads, strict=True):
@@ -93,24 +93,49 @@ def example_stats(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch
     for group, acc in groups.items():
         for stat, value in acc.finish().items():
             row[f"{group}.{stat}"] = value
-    return row, hidden.detach()
+    return row, out.hidden_states[-1][0].detach(), {n: g for (n, _), g in zip(params, grads, strict=True)}
 
 
-def batch_stats(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor) -> tuple[list[dict[str, float]], np.ndarray]:
-    """A padded batch (left or right padding): per-example stats rows and features.
+class LoopGradStats:
+    """The per-example loop behind the same interface as ``engine.BatchedGradStats`` (same columns,
+    same projection and features, same seeds): the benchmarks' baseline and ``scoring.engine=loop``
+    for models the batched engine has no rule for. Projection forms each whole gradient (slow)."""
 
-    input_ids, labels, attention_mask (B, T) -> ([B rows], (B, d_model) float32).
-    Padding positions (attention_mask 0) are dropped before each example's pass.
-    """
-    params = trainable(model)
-    rows, feats = [], []
-    for i in range(input_ids.shape[0]):
-        keep = attention_mask[i].bool()  # (T,)
-        row, hidden = example_stats(model, input_ids[i][keep], labels[i][keep], params)
-        rows.append(row)
-        feats.append(hidden.float().cpu().numpy())
-    return rows, np.stack(feats) if feats else np.zeros((0, 0), np.float32)
+    def __init__(self, model: torch.nn.Module, *, proj_dim: int = 512, proj_rank: int = 8, seed: int = 0,
+                 fisher_dim: int = 64, fisher_rank: int = 4, **_ignored):
+        self.model = model
+        self.params = trainable(model)
+        self.projector = (Projector({n: tuple(p.shape) for n, p in self.params}, proj_dim, proj_rank, seed)
+                          if proj_dim else None)
+        self.fisher_proj, self.fisher_rank = fisher_projection(
+            model.get_input_embeddings().embedding_dim, fisher_dim, fisher_rank, seed)
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> BatchScores:
+        """input_ids, labels, attention_mask (B, T), any padding -> ``BatchScores``. Padding positions
+        are dropped before each example's own forward and backward."""
+        rows, hidden, proj, factors, energy = [], [], [], [], []
+        for i in range(input_ids.shape[0]):
+            keep = attention_mask[i].bool()  # (T,)
+            ids, lab = input_ids[i][keep], labels[i][keep]
+            row, h, grads = example_stats(self.model, ids, lab, self.params)
+            rows.append(row)
+            h = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32)[None]  # (1, T, d)
+            hidden.append(mean_over(h, (lab != IGNORE_INDEX)[None])[0].float().cpu().numpy())
+            if self.projector:
+                proj.append(self.projector.project_full({n: g.cpu() for n, g in grads.items()}).float().numpy())
+            if self.fisher_rank:
+                f, e = fisher_summary(h[:, :-1], (lab[1:] != IGNORE_INDEX)[None],
+                                      self.fisher_proj.to(h.device, h.dtype), self.fisher_rank)
+                factors.append(f[0])
+                energy.append(e[0])
+        keys = list(rows[0]) if rows else []
+        out = BatchScores({k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys},
+                          np.stack(hidden) if hidden else np.zeros((0, 0), np.float32))
+        if self.projector:
+            out.grad_proj = np.stack(proj) if proj else np.zeros((0, self.projector.dim), np.float32)
+        if self.fisher_rank and factors:
+            out.fisher_factor, out.fisher_energy = np.stack(factors), np.array(energy)
+        return out
 
 
-__all__ = ["GRAD_STATS", "batch_stats", "example_stats", "response_loss", "trainable"]
+__all__ = ["GRAD_STATS", "LoopGradStats", "example_stats", "response_loss", "trainable"]

@@ -1,0 +1,254 @@
+"""Exact per-example gradient statistics: the batched engine against the per-example loop and against
+plain batched training, on the same model, data and device, measured in the same run.
+
+For each batch size B and sequence length T it times
+- ``engine``: ``BatchedGradStats`` on a padded batch (every statistic, overall and per group, the
+  projected gradient and the FisherSFT factor);
+- ``loop``: ``LoopGradStats``, one forward+backward per example (what LESS-style code does), on the
+  same examples (the first ``--loop-examples`` of the batch when that is smaller: its cost per token
+  does not depend on B);
+- ``plain``: one batched training step's forward+backward (summed weight gradients, no optimizer).
+and prints examples/s, tokens/s (real tokens, not padding), the engine's speedup over the loop, its
+cost relative to the plain step, the achieved FLOP rate (6 · params · padded tokens per pass, the
+training bound) against a large matmul measured here, and peak memory against the plain step (CUDA:
+allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and batch).
+
+    python benchmarks/grad_stats.py --quick                      # a few CPU minutes
+    python benchmarks/grad_stats.py --model qwen0.5b --batches 1,4,16,64 --lengths 512   # on a GPU
+
+The last line printed is one JSON object with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+MODELS = {  # randomly initialised from configs: nothing is downloaded
+    "tiny": dict(arch="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=2048),
+    "small": dict(arch="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=8192),
+    # the shapes of Qwen2.5-0.5B (tied embedding, grouped-query attention, q/k/v biases)
+    "qwen0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+IGNORE_INDEX = -100
+
+
+def build_model(name: str, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    spec = dict(MODELS[name])
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
+    torch.manual_seed(0)
+    cfg = cls(max_position_embeddings=4096, **spec)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
+
+
+def make_batch(batch: int, length: int, vocab: int, seed: int, device: str):
+    """Right-padded rows of random length in [T/2, T]; the first fifth of each row is a masked prompt."""
+    rng = np.random.default_rng(seed)
+    ids = torch.zeros((batch, length), dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((batch, length), dtype=torch.long)
+    for i in range(batch):
+        n = int(rng.integers(length // 2, length + 1))
+        row = torch.as_tensor(rng.integers(0, vocab, n))
+        ids[i, :n], mask[i, :n] = row, 1
+        labels[i, max(1, n // 5):n] = row[max(1, n // 5):]
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def plain_step(model, ids, labels, mask):
+    """One training step's forward+backward of the mean response-token loss (summed weight grads)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX)
+    loss.backward()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_tflops(device: str, dtype: torch.dtype) -> float:
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = timed(lambda: a @ b, device, 5 if device == "cuda" else 3)
+    return 2 * n**3 / t / 1e12
+
+
+def engine_kwargs(args) -> dict:
+    return {"proj_dim": args.proj_dim, "proj_rank": args.proj_rank, "fisher_dim": 64, "fisher_rank": 4}
+
+
+def run_pass(which: str, model, batch, args) -> None:
+    from grads_ray.gradients.engine import BatchedGradStats
+
+    if which == "plain":
+        plain_step(model, *batch)
+    else:
+        BatchedGradStats(model, **engine_kwargs(args))(*batch)
+
+
+def child_memory(args) -> None:
+    """In a fresh process: peak RSS (bytes) of one pass above what the model and batch hold."""
+    import resource
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.model, dtype, "cpu")
+    batch = make_batch(args.child_batch, args.child_length, model.config.vocab_size, 0, "cpu")
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * resource.getpagesize()
+    run_pass(args.child, model, batch, args)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_extra": peak - base}))
+
+
+def memory_ratio(args, batch: int, length: int, device: str, model=None) -> dict:
+    """Peak memory of the engine and of the plain step above the model and batch."""
+    if device == "cuda":
+        out = {}
+        data = make_batch(batch, length, model.config.vocab_size, 0, device)
+        for which in ("plain", "engine"):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            run_pass(which, model, data, args)
+            torch.cuda.synchronize()
+            out[which] = torch.cuda.max_memory_allocated() - base
+            model.zero_grad(set_to_none=True)
+    else:
+        out = {}
+        for which in ("plain", "engine"):
+            cmd = [sys.executable, __file__, "--child", which, "--child-batch", str(batch), "--child-length",
+                   str(length), "--model", args.model, "--dtype", args.dtype, "--threads", str(args.threads),
+                   "--proj-dim", str(args.proj_dim), "--proj-rank", str(args.proj_rank)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out[which] = json.loads(res.stdout.strip().splitlines()[-1])["peak_extra"]
+    return {"plain_mib": out["plain"] / 2**20, "engine_mib": out["engine"] / 2**20,
+            "ratio": out["engine"] / max(out["plain"], 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few CPU minutes: small model, short grid")
+    ap.add_argument("--model", default=None, choices=sorted(MODELS))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    ap.add_argument("--lengths", default=None, help="comma-separated sequence lengths")
+    ap.add_argument("--loop-examples", type=int, default=None, help="examples timed in the loop (cap)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--proj-dim", type=int, default=512)
+    ap.add_argument("--proj-rank", type=int, default=8)
+    ap.add_argument("--memory-at", default="16,512", help="B,T of the memory comparison ('' to skip)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--child-length", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device == "cuda" else "float32"
+    args.model = args.model or ("small" if device == "cpu" else "qwen0.5b")
+    if args.child:
+        return child_memory(args)
+    from grads_ray.gradients.engine import BatchedGradStats
+    from grads_ray.gradients.stats import LoopGradStats
+
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    batches = [int(x) for x in (args.batches or ("1,4,16" if quick else "1,4,16,64")).split(",")]
+    lengths = [int(x) for x in (args.lengths or ("128,512" if quick else "128,512,2048")).split(",")]
+    loop_cap = args.loop_examples or (4 if quick else 16)
+    repeats = args.repeats or (1 if quick else 3)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.model, dtype, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    flop_params = n_params - (0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+    peak = matmul_tflops(device, dtype)
+    engine = BatchedGradStats(model, **engine_kwargs(args))
+    loop = LoopGradStats(model, **engine_kwargs(args))
+    print(f"# {platform.node()} {platform.processor() or platform.machine()} device={device} dtype={args.dtype} "
+          f"threads={torch.get_num_threads()} model={args.model} params={n_params / 1e6:.2f}M "
+          f"matmul={peak:.3f} TFLOP/s torch={torch.__version__}")
+    print(f"{'B':>4} {'T':>5} {'engine ex/s':>12} {'engine tok/s':>13} {'loop ex/s':>10} {'vs loop':>8} "
+          f"{'vs plain':>9} {'TFLOP/s':>8} {'of matmul':>9}")
+    rows = []
+    for length in lengths:
+        loop_rate = None  # loop tokens/s at this length: measured once on up to loop_cap examples
+        for batch in batches:
+            data = make_batch(batch, length, model.config.vocab_size, seed=batch * 7919 + length, device=device)
+            real = int(data[2].sum())
+            t_engine = timed(lambda d=data: engine(*d), device, repeats)
+            t_plain = timed(lambda d=data: plain_step(model, *d), device, repeats)
+            model.zero_grad(set_to_none=True)
+            if loop_rate is None or batch <= loop_cap:
+                k = min(batch, loop_cap)
+                sub = tuple(x[:k] for x in data)
+                t_loop = timed(lambda s=sub: loop(*s), device, repeats)
+                loop_rate = (int(sub[2].sum()) / t_loop, k / t_loop)  # tokens/s, examples/s
+            engine_tok = real / t_engine
+            speedup = engine_tok / loop_rate[0]
+            tflops = 6 * flop_params * batch * length / t_engine / 1e12
+            row = {"batch": batch, "length": length, "engine_examples_per_s": batch / t_engine,
+                   "engine_tokens_per_s": engine_tok, "loop_examples_per_s": loop_rate[1],
+                   "loop_tokens_per_s": loop_rate[0], "speedup_vs_loop": speedup,
+                   "cost_vs_plain_step": t_engine / t_plain, "engine_tflops": tflops,
+                   "fraction_of_matmul": tflops / peak}
+            rows.append(row)
+            print(f"{batch:>4} {length:>5} {batch / t_engine:>12.2f} {engine_tok:>13.0f} {loop_rate[1]:>10.2f} "
+                  f"{speedup:>7.2f}x {t_engine / t_plain:>8.2f}x {tflops:>8.3f} {tflops / peak:>8.1%}", flush=True)
+    mem = None
+    if args.memory_at:
+        mb, mt = (int(x) for x in args.memory_at.split(","))
+        mem = memory_ratio(args, mb, mt, device, model)
+        print(f"# peak memory at B={mb} T={mt}: plain step {mem['plain_mib']:.0f} MiB, engine "
+              f"{mem['engine_mib']:.0f} MiB above model+batch: {mem['ratio']:.2f}x")
+    head_t = 512 if 512 in lengths else lengths[-1]
+    pick = {(r["batch"], r["length"]): r for r in rows}
+    summary = {"device": device, "dtype": args.dtype, "model": args.model, "params_m": round(n_params / 1e6, 2),
+               "threads": torch.get_num_threads(), "matmul_tflops": round(peak, 3), "headline_length": head_t}
+    for b in batches:
+        if (b, head_t) in pick:
+            summary[f"speedup_vs_loop_b{b}"] = round(pick[(b, head_t)]["speedup_vs_loop"], 2)
+    for t in lengths:
+        if (16, t) in pick:
+            summary[f"speedup_vs_loop_b16_t{t}"] = round(pick[(16, t)]["speedup_vs_loop"], 2)
+            summary[f"cost_vs_plain_step_b16_t{t}"] = round(pick[(16, t)]["cost_vs_plain_step"], 2)
+    best = max(rows, key=lambda r: r["engine_tflops"])
+    summary["best_fraction_of_matmul"] = round(best["fraction_of_matmul"], 3)
+    if mem:
+        summary["peak_mem_vs_plain"] = round(mem["ratio"], 2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Hidden-state features of each example, shared by every gradient engine.
+
+``hidden_mean``: the mean last hidden state over the response tokens (content, not the template).
+FisherSFT (arXiv 2505.14826) linearises the model at its last layer: predicting token t+1 is a
+multinomial logistic regression on h_t, whose Fisher information is bounded by Σ_t h_t h_tᵀ (up to
+the softmax covariance, ‖diag(p) − ppᵀ‖ ≤ 1). Its greedy step needs, per example, that sum in a
+reduced space: z_t = P h_t with a fixed Gaussian P (d' × d), kept as a rank-r factor F (r × d'),
+FᵀF the best rank-r approximation of Σ_t z_t z_tᵀ (d'² numbers would not scale to 10^7 examples).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def fisher_projection(hidden: int, dim: int, rank: int, seed: int) -> tuple[torch.Tensor | None, int]:
+    """The fixed projection P (d', d) float64, N(0, 1/d') entries, and the effective rank; (None, 0)
+    when the summary is off (``dim`` or ``rank`` 0). d' and r never exceed the hidden size."""
+    if not dim or not rank:
+        return None, 0
+    dim = min(dim, hidden)
+    gen = torch.Generator().manual_seed(seed * 104729 + 3)
+    return torch.randn((dim, hidden), generator=gen, dtype=torch.float64) / dim**0.5, min(rank, dim)
+
+
+def mean_over(hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden (B, T, d) over the positions where ``where`` (B, T) holds -> (B, d)."""
+    w = where[..., None].to(hidden.dtype)
+    return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def fisher_summary(hidden: torch.Tensor, target: torch.Tensor, proj: torch.Tensor, rank: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """FisherSFT's per-example information: the last layer linearised, example i contributes
+    Σ_t z_t z_tᵀ over the positions t that predict a response token, z_t = proj · h_t (d').
+    Kept as its top-``rank`` factor F_i (r, d') with F_iᵀF_i the best rank-r approximation, and the
+    share of the trace it keeps. hidden (B, T, d), target (B, T) bool -> ((B, r, d'), (B,))."""
+    z = (hidden @ proj.T) * target[..., None]  # (B, T, d')
+    gram = torch.bmm(z.transpose(1, 2), z).double()  # (B, d', d')
+    vals, vecs = torch.linalg.eigh(gram)  # ascending
+    vals = vals.clamp(min=0.0)
+    top, topv = vals[:, -rank:].flip(1), vecs[:, :, -rank:].flip(2)  # (B, r), (B, d', r)
+    factor = (topv * top.sqrt()[:, None, :]).transpose(1, 2)  # (B, r, d')
+    energy = top.sum(1) / vals.sum(1).clamp(min=1e-300)
+    return factor.float().cpu().numpy(), energy.cpu().numpy()
