@@ -59,9 +59,9 @@ def read_rows(files: list[str]):
 
 
 def read_units(batch: dict[str, np.ndarray], paths: dict[int, str], unit_rows: int):
-    """One shard's rows -> blocks of ``unit_rows`` rows, each row with ``pos``, its index in the shard.
-    Blocks start at multiples of ``unit_rows`` whatever else is being scored, so the scorer's batches
-    (rows [k·b, (k+1)·b) of a shard) never depend on which shards a run had left to do."""
+    """One shard's rows -> blocks ("units") of ``unit_rows`` rows, each row with ``pos``, its index in
+    the shard. Units start at multiples of ``unit_rows`` whatever else is being scored, and the scorer
+    cuts its batches inside units, so they never depend on which shards a run had left to do."""
     import pyarrow.parquet as pq
 
     for shard in batch["shard"]:
@@ -97,7 +97,8 @@ class Scorer:
     """
 
     def __init__(self, model_path: str, use_gpu: bool = False, threads: int | None = None,
-                 trust_remote_code: bool = False, settings: dict[str, Any] | None = None, batch_size: int = 16):
+                 trust_remote_code: bool = False, settings: dict[str, Any] | None = None, batch_size: int = 16,
+                 unit_rows: int = 128):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -105,7 +106,7 @@ class Scorer:
         from grads_ray.gradients.stats import LoopGradStats
 
         settings = dict(settings or {})
-        self.batch_size = batch_size
+        self.batch_size, self.unit_rows = batch_size, unit_rows
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -125,34 +126,40 @@ class Scorer:
                        "fisher_energy": 1}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """A block of rows (any number of units, any shards) -> the same rows scored. The engine's
-        batches are the rows of one shard with equal ``pos // batch_size``, in ``pos`` order."""
+        """A block of rows (whole units, any shards) -> the same rows scored. The engine's batches are
+        cut inside each unit (rows of one shard with equal ``pos // unit_rows``) after sorting its rows
+        by length, so little is spent on padding and a row's batch mates never depend on the run."""
         n = len(batch["id"])
         feats = {k: np.zeros((n, w), dtype=np.float32) for k, w in self.widths.items() if w}
         columns: dict[str, np.ndarray] = {}
-        shard = np.asarray(batch["shard"], dtype=np.int64)
-        pos = np.asarray(batch["pos"], dtype=np.int64)
-        key = pos // self.batch_size
-        order = np.lexsort((pos, key, shard))
-        cuts = np.flatnonzero(np.diff(shard[order]) | np.diff(key[order])) + 1
-        for group in np.split(order, cuts):
-            ok = [int(i) for i in group if not batch["reason"][i]]
-            if not ok:
-                continue
-            ids, lab, mask = pad_batch([batch["input_ids"][i] for i in ok], [batch["labels"][i] for i in ok],
+        for rows in self.batches(batch):
+            ids, lab, mask = pad_batch([batch["input_ids"][i] for i in rows], [batch["labels"][i] for i in rows],
                                        self.pad_id)
             got = self.engine(ids.to(self.device), lab.to(self.device), mask.to(self.device))
             for c, values in got.columns.items():
-                columns.setdefault(c, np.full(n, math.nan))[ok] = values
+                columns.setdefault(c, np.full(n, math.nan))[rows] = values
             for k in feats:
                 value = getattr(got, k)
                 if value is not None:
-                    feats[k][ok] = np.asarray(value, dtype=np.float32).reshape(len(ok), -1)
+                    feats[k][rows] = np.asarray(value, dtype=np.float32).reshape(len(rows), -1)
         out = {k: batch[k] for k in ("id", "shard", "source", "line", "reason", "detail")}
         for c in sorted(set(columns) | {c for c in STAT_BASE if c != "id"}):
             out[c] = columns.get(c, np.full(n, math.nan))
         out.update({k: (v[:, 0] if k == "fisher_energy" else v) for k, v in feats.items()})
         return out
+
+    def batches(self, batch: dict[str, np.ndarray]) -> list[list[int]]:
+        """Row positions of each engine batch: per (shard, unit), the rows to score sorted by
+        (length, pos), cut every ``batch_size``."""
+        shard = np.asarray(batch["shard"], dtype=np.int64)
+        pos = np.asarray(batch["pos"], dtype=np.int64)
+        length = np.array([len(x) for x in batch["input_ids"]], dtype=np.int64)
+        unit = pos // self.unit_rows
+        order = np.lexsort((pos, length, unit, shard))
+        order = order[[not batch["reason"][i] for i in order]]  # rejected rows pass through unscored
+        cuts = np.flatnonzero(np.diff(shard[order]) | np.diff(unit[order])) + 1
+        return [[int(i) for i in group[k:k + self.batch_size]] for group in np.split(order, cuts)
+                for k in range(0, len(group), self.batch_size)]
 
 
 def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: StageDir) -> dict[str, Any]:
@@ -214,7 +221,7 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1),
         fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu, "threads": threads,
                                "trust_remote_code": trust_remote_code, "settings": settings,
-                               "batch_size": batch_size},
+                               "batch_size": batch_size, "unit_rows": ROWS_PER_BLOCK_BATCHES * batch_size},
     )
     buffers: dict[int, list[pa.Table]] = defaultdict(list)
     counts: dict[int, int] = defaultdict(int)

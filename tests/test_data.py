@@ -159,3 +159,40 @@ def test_pretokenized_rows_need_no_tokenizer():
     assert encode(ex, None, 16, "truncate") == ([5, 6, 7, 8], [-100, -100, 7, 8])
     with pytest.raises(RowError, match="no_tokenizer"):
         encode(normalize({"prompt": "p", "response": "r"}), None, 16, "truncate")
+
+
+def test_scorer_batches_depend_only_on_the_unit():
+    """Engine batches: per (shard, unit) sorted by (length, pos), cut every batch_size, rejected rows
+    left out; the same whether the units arrive in one block or several, in any order."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from grads_ray.scoring import Scorer
+
+    rng = np.random.default_rng(0)
+    rows = [(s, p, int(rng.integers(1, 30)), "too_long" if (s, p) == (1, 2) else "")
+            for s in (0, 1) for p in range(10)]
+
+    def block(items):
+        return {"shard": np.array([r[0] for r in items]), "pos": np.array([r[1] for r in items]),
+                "input_ids": [np.zeros(r[2]) for r in items], "reason": np.array([r[3] for r in items], object)}
+
+    def as_keys(items, groups):
+        return sorted(tuple((items[i][0], items[i][1]) for i in g) for g in groups)
+
+    cfg = SimpleNamespace(batch_size=3, unit_rows=4)
+    whole = as_keys(rows, Scorer.batches(cfg, block(rows)))
+    units = [[r for r in rows if (r[0], r[1] // 4) == key] for key in sorted({(r[0], r[1] // 4) for r in rows})]
+    pieces = []
+    for chunk in (units[3:] + units[:3], ):  # units out of order, split over blocks
+        for k in range(0, len(chunk), 2):
+            items = [r for u in chunk[k:k + 2] for r in u]
+            pieces += as_keys(items, Scorer.batches(cfg, block(items)))
+    assert sorted(pieces) == whole
+    assert (1, 2) not in {key for g in whole for key in g}
+    assert sum(len(g) for g in whole) == len(rows) - 1
+    length = {(r[0], r[1]): r[2] for r in rows}
+    for g in whole:
+        assert len({(s, p // 4) for s, p in g}) == 1 and len(g) <= 3
+        assert [length[k] for k in g] == sorted(length[k] for k in g)

@@ -181,3 +181,45 @@ def test_projection_is_seeded_per_parameter_and_keeps_norms():
         total = sum(v.square().sum() for v in grads.values())
         ratios.append((p.project_full(grads).square().sum() / total).item())
     assert abs(np.mean(ratios) - 1.0) < 0.1  # E‖Mg‖² = ‖g‖²
+
+
+class _TanhNorm(torch.nn.Module):
+    """A "norm" with no closed form in the engine: y = w · tanh(x)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.weight * torch.tanh(x)
+
+
+class _GemmaStyleRMSNorm(torch.nn.Module):
+    """RMSNorm with the (1 + w) scale: the closed form x̂ still applies."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(-0.2, 0.3, d, dtype=torch.float64))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+@pytest.mark.parametrize("module, closed", [(torch.nn.LayerNorm(6, dtype=torch.float64), True),
+                                            (_GemmaStyleRMSNorm(6), True), (_TanhNorm(6), False)])
+def test_norm_jacobian_closed_form_or_forward_ad(module, closed):
+    """Per-example Σ_t δ_t ⊙ ∂y_t/∂w equals each example's autograd weight gradient, whichever way
+    the engine found ∂y/∂w (closed form only where it checked out against forward-mode AD)."""
+    from grads_ray.gradients.engine import _elementwise_jacobian, norm_jacobian
+
+    fn = norm_jacobian(module, "weight")
+    assert (fn is not _elementwise_jacobian) == closed
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((3, 5, 6), generator=g, dtype=torch.float64)
+    delta = torch.randn((3, 5, 6), generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        fast = (delta * fn(module, "weight", x)).sum(1)
+    for i in range(3):
+        (want,) = torch.autograd.grad((module(x[i]) * delta[i]).sum(), [module.weight])
+        torch.testing.assert_close(fast[i], want)

@@ -116,6 +116,7 @@ class BatchedGradStats:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # ties once
         names = {id(p): n for n, p in self.params.items()}
         self.calls: list[tuple[nn.Module, str, list[tuple[str, str]]]] = []
+        self.jacobians: dict[tuple[int, str], Any] = {}  # (module, attr) -> ∂y/∂w
         covered, refused = set(), []
         for mname, module in model.named_modules():
             own = [(attr, names[id(p)]) for attr, p in module.named_parameters(recurse=False) if id(p) in names]
@@ -127,6 +128,10 @@ class BatchedGradStats:
                 continue
             self.calls.append((module, rule, own))
             covered |= {n for _, n in own}
+            if rule == "elementwise":
+                for attr, _ in own:
+                    if attr != "bias":
+                        self.jacobians[id(module), attr] = norm_jacobian(module, attr)
         missing = [n for n in self.params if n not in covered]
         if refused or missing:
             raise UnsupportedModel("no batched per-example gradient rule for: " + ", ".join(refused + missing)
@@ -214,8 +219,8 @@ class BatchedGradStats:
                     term = Dense(delta, torch.where(m, x, 0.0))
                 elif call.rule == "conv1d":
                     term = Dense(torch.where(m, x, 0.0), delta)
-                else:  # elementwise affine: ∂y/∂w by forward-mode AD of the module with w alone varying
-                    term = (delta * _elementwise_jacobian(call.module, attr, x)).sum(1)  # (B, n)
+                else:  # elementwise affine: Σ_t δ_t ⊙ ∂y_t/∂w
+                    term = (delta * self.jacobians[id(call.module), attr](call.module, attr, x)).sum(1)  # (B, n)
                 state.terms[name].append(term)
                 state.pending[name] -= 1
                 if state.pending[name] == 0:
@@ -292,3 +297,40 @@ def _elementwise_jacobian(module: nn.Module, attr: str, x: torch.Tensor) -> torc
     w = getattr(module, attr)
     _, tangent = jvp(lambda v: functional_call(module, {attr: v}, (x,)), (w.detach(),), (torch.ones_like(w),))
     return tangent
+
+
+def _layer_norm_hat(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+
+def _rms_norm_hat(module: nn.Module, x: torch.Tensor, compute: torch.dtype | None) -> torch.Tensor:
+    """x / rms(x), computed in ``compute`` (float32 as transformers' RMSNorms do; None: x's dtype)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    xf = x.to(compute) if compute is not None else x
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def norm_jacobian(module: nn.Module, attr: str):
+    """The cheapest correct way to get ∂y/∂w for this module's elementwise weight: the normalised input
+    x̂ in closed form (LayerNorm; RMSNorm, including the (1 + w) variants) when it agrees with
+    forward-mode AD of the module on a random input, else forward-mode AD itself (a few times slower
+    through torch.func). -> f(module, attr, x) -> (B, T, d)."""
+    w = getattr(module, attr)
+    candidates = []
+    if isinstance(module, nn.LayerNorm) and attr == "weight":
+        candidates.append(lambda m, a, x: _layer_norm_hat(m, x))
+    elif attr == "weight" and "rms" in type(module).__name__.lower():
+        candidates.append(lambda m, a, x: _rms_norm_hat(m, x, torch.float32))
+        candidates.append(lambda m, a, x: _rms_norm_hat(m, x, None))
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn((2, 3, w.shape[0]), generator=gen, dtype=torch.float64).to(w.device, w.dtype)
+    with torch.no_grad():
+        want = _elementwise_jacobian(module, attr, probe).double()
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(w.dtype, 1e-2)  # the same arithmetic, up to rounding
+        for fn in candidates:
+            got = fn(module, attr, probe).double()
+            if got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol):
+                return fn
+    return _elementwise_jacobian
+
+

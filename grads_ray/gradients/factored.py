@@ -135,8 +135,9 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
                     flat.index_add_(0, ex * (r1 - r0) + term.index[ex, pos] - r0, term.right[ex, pos])
         ss += _f64(torch.linalg.vector_norm(block, dim=(1, 2), dtype=acc).square())
         if extrema:
-            mx = torch.maximum(mx, _f64(block.amax((1, 2))))
-            mn = torch.minimum(mn, _f64(block.amin((1, 2))))
+            lo, hi = torch.aminmax(block.flatten(1), dim=1)  # one pass for both
+            mx = torch.maximum(mx, _f64(hi))
+            mn = torch.minimum(mn, _f64(lo))
     if not extrema:
         mx = mn = torch.full((b,), torch.nan, dtype=torch.float64, device=dev)
     return ss, mx, mn
