@@ -161,6 +161,25 @@ def memory_ratio(args, batch: int, length: int, device: str, model=None) -> dict
             "ratio": out["engine"] / max(out["plain"], 1)}
 
 
+def only(args, device: str) -> None:
+    """One method, ``--passes`` times, on one batch: whole-process time and peak memory are then the
+    method's (plus the same fixed start-up for every method)."""
+    from grads_ray.gradients.engine import BatchedGradStats
+    from grads_ray.gradients.stats import LoopGradStats
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, "bfloat16" if args.dtype == "auto" and device == "cuda" else
+                    ("float32" if args.dtype == "auto" else args.dtype))
+    model = build_model(args.model, dtype, device)
+    batch, length = int((args.batches or "16").split(",")[0]), int((args.lengths or "512").split(",")[0])
+    data = make_batch(batch, length, model.config.vocab_size, 0, device)
+    run = {"engine": BatchedGradStats(model, **engine_kwargs(args)), "loop": LoopGradStats(model, **engine_kwargs(args)),
+           "plain": lambda *d: plain_step(model, *d)}[args.only]
+    for _ in range(args.passes):
+        run(*data)
+    sync(device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few CPU minutes: small model, short grid")
@@ -175,6 +194,10 @@ def main() -> None:
     ap.add_argument("--proj-dim", type=int, default=512)
     ap.add_argument("--proj-rank", type=int, default=8)
     ap.add_argument("--memory-at", default="16,512", help="B,T of the memory comparison ('' to skip)")
+    ap.add_argument("--only", default=None, choices=["engine", "loop", "plain"],
+                    help="run just this method --passes times on one batch (--batches, --lengths: first "
+                         "values) and print nothing: for timing whole processes against each other")
+    ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child-length", type=int, default=0, help=argparse.SUPPRESS)
@@ -185,6 +208,8 @@ def main() -> None:
     args.model = args.model or ("small" if device == "cpu" else "qwen0.5b")
     if args.child:
         return child_memory(args)
+    if args.only:
+        return only(args, device)
     from grads_ray.gradients.engine import BatchedGradStats
     from grads_ray.gradients.stats import LoopGradStats
 
