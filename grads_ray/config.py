@@ -71,7 +71,7 @@ class ScoreConfig:
     batch_size: int = 16
     num_actors: int = 1  # max actors in the scorer pool (one GPU each when GPUs are used)
     use_gpu: str = "auto"
-    tokenize_batch_size: int = 256
+    tokenize_batch_size: int = 256  # rows per tokenizing task for the training stages (scoring tokenizes whole units)
     engine: str = "batched"  # batched (one pass per batch) | loop (one example at a time: any model)
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float64
     extrema: bool = True  # grad_max / grad_min (exact; without them the ghost norm is used where cheaper)

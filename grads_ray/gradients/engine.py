@@ -176,7 +176,7 @@ class BatchedGradStats:
             with torch.no_grad():
                 for name in [n for n, k in state.pending.items() if k > 0]:  # uses that got no δ
                     self._reduce(state, name)
-                return self._finish(state, input_ids, labels, per_example.detach(), n_resp)
+                return self._finish(state, labels, per_example.detach(), n_resp)
         finally:
             for h in handles:
                 h.remove()
@@ -253,7 +253,7 @@ class BatchedGradStats:
             if blocks:
                 state.inner[name] = project_terms(terms, *blocks[name])
 
-    def _finish(self, state: _State, input_ids, labels, loss: torch.Tensor, n_resp: torch.Tensor) -> BatchScores:
+    def _finish(self, state: _State, labels, loss: torch.Tensor, n_resp: torch.Tensor) -> BatchScores:
         mask = state.mask
         cols: dict[str, np.ndarray] = {
             "n_tokens": mask.sum(1).cpu().numpy().astype(np.float64),
