@@ -97,8 +97,7 @@ class Scorer:
     """
 
     def __init__(self, model_path: str, use_gpu: bool = False, threads: int | None = None,
-                 trust_remote_code: bool = False, settings: dict[str, Any] | None = None, batch_size: int = 16,
-                 unit_rows: int = 128):
+                 trust_remote_code: bool = False, settings: dict[str, Any] | None = None, batch_size: int = 16):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -106,7 +105,7 @@ class Scorer:
         from grads_ray.gradients.stats import LoopGradStats
 
         settings = dict(settings or {})
-        self.batch_size, self.unit_rows = batch_size, unit_rows
+        self.batch_size, self.unit_rows = batch_size, ROWS_PER_BLOCK_BATCHES * batch_size  # as read_units cut them
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -221,7 +220,7 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1),
         fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu, "threads": threads,
                                "trust_remote_code": trust_remote_code, "settings": settings,
-                               "batch_size": batch_size, "unit_rows": ROWS_PER_BLOCK_BATCHES * batch_size},
+                               "batch_size": batch_size},
     )
     buffers: dict[int, list[pa.Table]] = defaultdict(list)
     counts: dict[int, int] = defaultdict(int)
