@@ -80,6 +80,7 @@ class ScoreConfig:
     chunk_elements: int = 1 << 26  # largest block of per-example gradient entries formed at once
     fisher_dim: int = 64  # FisherSFT summary: last hidden state projected to this size (0: off)
     fisher_rank: int = 4  # ... and kept as a rank-r factor per example
+    response_only_loss: bool = True  # loss of the response without its prompt (IFD's denominator)
 
 
 @dataclass
@@ -89,28 +90,72 @@ class SimilarityConfig:
     # cosine at or above which two examples are near-duplicates (SemDeDup's eps = 1 - threshold, default 0.01)
     dup_threshold: float = 0.99
     query_batch: int = 4096
+    clusters: int = -1  # k-means clusters for GrADS's diversity quotas: -1 auto (about sqrt N), 0 off
     use_gpu: str = "auto"
 
 
 @dataclass
 class GradsConfig:
-    """First GrADS score (docs/grads.md): gradient signal, its KDE, band criterion, diversity."""
+    """GrADS (docs/grads.md): gradient signal, criteria, KDE region, diversity, similarity reduction."""
 
-    stats: list[str] = field(default_factory=lambda: ["grad_norm", "grad_std", "grad_max", "grad_min"])
-    groups: list[str] = field(default_factory=lambda: ["embedding", "head"])
-    tail_k: float = 3.0  # examples whose signal z-score lies beyond ±k are excluded as noisy
+    groups: list[str] = field(default_factory=lambda: ["embedding", "head"])  # layer groups read
+    stats: list[str] = field(default_factory=lambda: ["grad_norm", "grad_mean", "grad_std", "grad_max", "grad_min"])
+    stat_weights: dict[str, float] = field(default_factory=dict)  # by stat or column; default 1 each
+    normalize: str = "zscore"  # zscore | robust (median/MAD) | rank (normal scores)
+    k: str = "3"  # band half-width in normalised units, or "auto" (Chauvenet's criterion for N)
+    direction: str = "both"  # both | upper | lower | none: which tails each criterion cuts
+    directions: dict[str, str] = field(default_factory=dict)  # per stat, column or "signal"
     bandwidth: str = "scott"  # scott | silverman | a number
-    w_density: float = 1.0
+    region: str = "dense"  # dense | sparse | hdr | match
+    region_mass: float = 0.9  # hdr: share of the corpus in the highest-density region
+    strata: int = 20  # match: equal-count signal strata taken in proportion
+    w_region: float = 1.0
     w_diversity: float = 0.5
     w_loss: float = 0.0
+    w_redundancy: float = 0.5
+    cluster_alpha: float = 0.5  # cluster quotas ∝ size^alpha (0 equal, 1 proportional); < 0: off
+
+
+@dataclass
+class FisherConfig:
+    """FisherSFT (docs/grads.md): greedy log det(λI + Σ F_iᵀF_i) on the score stage's factors."""
+
+    lam: str = "auto"  # λ, or auto: one average example's information per dimension, mean tr(FᵀF)/d'
+    # 0: exact lazy greedy; ε > 0: stochastic greedy (best of a sample of N/K·ln(1/ε) per pick);
+    # auto: exact up to 50,000 examples, else 0.01
+    epsilon: str = "auto"
+    batch: int = 1  # picks per round of gain evaluations: 1 exact; b > 1 faster, approximate
+    use_gpu: str = "auto"
+
+
+@dataclass
+class BaselineConfig:
+    loss_order: str = "highest"  # loss baseline: highest | lowest first
+    grad_norm_column: str = "grad_norm"  # or a group's, e.g. head.grad_norm
+    grad_norm_order: str = "highest"
+    ifd_max: float = 1.0  # IFD: examples at or above this (the prompt does not help) go last; 0: no cut
+
+
+@dataclass
+class LessConfig:
+    """LESS-style: cosine of projected gradients to a user's target set, scored with the same model."""
+
+    target_paths: list[str] = field(default_factory=list)  # SFT rows, the corpus's formats
+    reduce: str = "mean"  # mean: cosine to the mean target gradient | max: best cosine to any target
 
 
 @dataclass
 class SelectConfig:
-    method: str = "grads"  # grads | random
+    method: str = "grads"  # grads | fisher | random | loss | grad_norm | ifd | less
     budget: str = "25%"  # "5%", "0.05", "500" (examples) or "20000 tokens"
+    dedup: str = "auto"  # cap near-duplicate groups: auto (grads only) | true | false
     max_per_dup_group: int = 1
+    fill: bool = True  # GrADS: fill the budget from outside the band when the band holds too few
+    quotas: dict[str, float] = field(default_factory=dict)  # share of the budget per source; "*": the rest
     grads: GradsConfig = field(default_factory=GradsConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    less: LessConfig = field(default_factory=LessConfig)
 
 
 @dataclass
@@ -162,6 +207,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -253,6 +302,7 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.data.paths = [_absolute(p) for p in cfg.data.paths]
     cfg.eval.domain_paths = [_absolute(p) for p in cfg.eval.domain_paths]
     cfg.eval.general_paths = [_absolute(p) for p in cfg.eval.general_paths]
+    cfg.select.less.target_paths = [_absolute(p) for p in cfg.select.less.target_paths]
     return cfg
 
 
@@ -262,9 +312,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.on_long must be truncate or reject, got {cfg.data.on_long!r}")
     if cfg.data.max_length < 8:
         raise ConfigError("data.max_length must be at least 8")
-    if cfg.select.method not in ("grads", "random"):
-        raise ConfigError(f"select.method must be grads or random, got {cfg.select.method!r}")
-    for key, val in (("warmup.use_gpu", cfg.warmup.use_gpu), ("finetune.use_gpu", cfg.finetune.use_gpu),
+    _validate_select(cfg)
+    for key, val in (("select.fisher.use_gpu", cfg.select.fisher.use_gpu), ("warmup.use_gpu", cfg.warmup.use_gpu), ("finetune.use_gpu", cfg.finetune.use_gpu),
                      ("score.use_gpu", cfg.score.use_gpu), ("similarity.use_gpu", cfg.similarity.use_gpu)):
         if val not in ("auto", "true", "false"):
             raise ConfigError(f"{key} must be auto, true or false, got {val!r}")
@@ -293,3 +342,62 @@ def validate(cfg: Config) -> None:
         parse_budget(cfg.select.budget)
     except ValueError as exc:
         raise ConfigError(f"select.budget: {exc}") from None
+
+
+METHODS = ("grads", "fisher", "random", "loss", "grad_norm", "ifd", "less")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _number_or(key: str, value: str, word: str, positive: bool = False) -> None:
+    if value == word:
+        return
+    try:
+        x = float(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number or {word}, got {value!r}") from None
+    if x < 0 or (positive and x == 0):
+        raise ConfigError(f"{key} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def _validate_select(cfg: Config) -> None:
+    sc, g = cfg.select, cfg.select.grads
+    _one_of("select.method", sc.method, METHODS)
+    _one_of("select.dedup", sc.dedup, ("auto", "true", "false"))
+    _one_of("select.grads.normalize", g.normalize, ("zscore", "robust", "rank"))
+    _one_of("select.grads.region", g.region, ("dense", "sparse", "hdr", "match"))
+    for key, d in [("select.grads.direction", g.direction)] + [(f"select.grads.directions.{k}", v)
+                                                                for k, v in g.directions.items()]:
+        _one_of(key, d, ("both", "upper", "lower", "none"))
+    _number_or("select.grads.k", g.k, "auto", positive=True)
+    if g.bandwidth not in ("scott", "silverman"):
+        _number_or("select.grads.bandwidth", g.bandwidth, "scott", positive=True)
+    if not 0 < g.region_mass <= 1 or g.strata < 1:
+        raise ConfigError("select.grads.region_mass must be in (0, 1] and select.grads.strata >= 1")
+    if not g.stats or not g.groups:
+        raise ConfigError("select.grads.stats and select.grads.groups must not be empty")
+    if sc.max_per_dup_group < 1:
+        raise ConfigError("select.max_per_dup_group must be >= 1")
+    if any(v < 0 for v in sc.quotas.values()) or sum(sc.quotas.values()) <= 0 and sc.quotas:
+        raise ConfigError("select.quotas: shares must be >= 0 and not all 0")
+    _number_or("select.fisher.lam", sc.fisher.lam, "auto", positive=True)
+    _number_or("select.fisher.epsilon", sc.fisher.epsilon, "auto")
+    if sc.fisher.epsilon != "auto" and float(sc.fisher.epsilon) >= 1:
+        raise ConfigError("select.fisher.epsilon must be in [0, 1)")
+    if sc.fisher.batch < 1:
+        raise ConfigError("select.fisher.batch must be >= 1")
+    b = sc.baseline
+    _one_of("select.baseline.loss_order", b.loss_order, ("highest", "lowest"))
+    _one_of("select.baseline.grad_norm_order", b.grad_norm_order, ("highest", "lowest"))
+    _one_of("select.less.reduce", sc.less.reduce, ("mean", "max"))
+    if sc.method == "less" and not sc.less.target_paths:
+        raise ConfigError("select.method=less needs select.less.target_paths (the target/validation rows)")
+    if sc.method == "less" and not cfg.score.proj_dim:
+        raise ConfigError("select.method=less needs projected gradients: score.proj_dim > 0")
+    if sc.method == "fisher" and not (cfg.score.fisher_dim and cfg.score.fisher_rank):
+        raise ConfigError("select.method=fisher needs score.fisher_dim and score.fisher_rank > 0")
+    if sc.method == "ifd" and not cfg.score.response_only_loss:
+        raise ConfigError("select.method=ifd needs score.response_only_loss=true")

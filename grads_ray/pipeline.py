@@ -79,6 +79,31 @@ def _training_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": batch["input_ids"][keep], "labels": batch["labels"][keep]}
 
 
+def _matrix(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """A list column of equal-length rows -> (N, w) array, without a Python object per row."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, 0), dtype)
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return flat.reshape(n, -1) if flat.size else np.zeros((n, 0), dtype)
+
+
+def _lists(matrix: np.ndarray) -> pa.ListArray:
+    """(N, k) -> a list column of N rows of k values each (k may be 0), without Python objects."""
+    n, k = matrix.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), pa.array(matrix.reshape(-1)))
+
+
+def _factor_shape(width: int, score_cfg: Any) -> tuple[int, int]:
+    """(r, d') of the flattened FisherSFT factors: d' = min(fisher_dim, hidden), r = min(rank, d')."""
+    r = score_cfg.fisher_rank
+    if width % r == 0 and width // r >= r:
+        return r, width // r
+    d = int(round(width ** 0.5))
+    return d, d
+
+
 class Run:
     """One run directory and its configuration; the stages are methods."""
 
@@ -302,31 +327,42 @@ class Run:
 
     # -------------------------------------------------------------------------------- similarity
     def similarity(self) -> str:
-        """k nearest neighbours, near-duplicate groups and diversity over the feature vectors."""
+        """k nearest neighbours, near-duplicate groups, diversity and k-means clusters over the
+        feature vectors. ``nn_rows`` are positions in the id-sorted table (the select stage's order)."""
         if "similarity" in self._fps:
             return self._fps["similarity"]
-        from grads_ray.similarity.index import diversity, duplicate_groups, knn
+        from grads_ray.similarity.index import (
+            auto_clusters,
+            diversity,
+            duplicate_groups,
+            kmeans_clusters,
+            knn,
+        )
 
         s = self.cfg.similarity
         up = self.score()
-        fp = fingerprint("similarity", up, asdict(s))
+        fp = fingerprint("similarity", up, asdict(s), self.cfg.seed)
         stage = self._dir("similarity")
         with self.stage("similarity") as entry:
             if not stage.prepare(fp):
                 table = read_parts(self._dir("features").parts(), ["id", s.feature])
                 table = table.take(pc.sort_indices(table["id"]))
                 n = table.num_rows
-                vecs = np.stack(table[s.feature].to_numpy(zero_copy_only=False)) if n else np.zeros((0, 1))
-                sims, idx, index_name = knn(vecs, s.k, s.query_batch, use_gpu=self._faiss_gpu(s.use_gpu))
+                vecs = _matrix(table[s.feature]) if n else np.zeros((0, 1), np.float32)
+                use_gpu = self._faiss_gpu(s.use_gpu)
+                sims, idx, index_name = knn(vecs, s.k, s.query_batch, use_gpu=use_gpu)
                 groups = duplicate_groups(sims, idx, s.dup_threshold)
-                ids = np.asarray(table["id"].to_pylist(), dtype=object)
-                nn_ids = [ids[row[row >= 0]].tolist() for row in idx]
+                k_clusters = auto_clusters(n) if s.clusters < 0 else s.clusters
+                clusters, _ = kmeans_clusters(vecs, k_clusters, self.cfg.seed, use_gpu=use_gpu)
+                k = idx.shape[1]
                 write_parquet(stage.part(0), pa.table({
-                    "id": table["id"], "nn_ids": pa.array(nn_ids, pa.list_(pa.string())),
-                    "nn_sims": pa.array([r[np.isfinite(r)].tolist() for r in sims], pa.list_(pa.float32())),
-                    "dup_group": pa.array(groups), "diversity": pa.array(diversity(sims))}))
+                    "id": table["id"],
+                    "nn_rows": _lists(idx), "nn_sims": _lists(sims),
+                    "dup_group": pa.array(groups), "diversity": pa.array(diversity(sims)),
+                    "cluster": pa.array(clusters)}))
                 sizes = Counter(groups.tolist())
-                stage.finish(fp, {"index": index_name, "k": int(idx.shape[1]), "vectors": n,
+                stage.finish(fp, {"index": index_name, "k": int(k), "vectors": n, "feature": s.feature,
+                                  "clusters": int(clusters.max(initial=-1)) + 1,
                                   "dup_groups": sum(1 for c in sizes.values() if c > 1),
                                   "rows_in_dup_groups": sum(c for c in sizes.values() if c > 1)})
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
@@ -340,39 +376,92 @@ class Run:
             return False
         return gpu_available(faiss_module()) if setting == "auto" else True
 
+    def _needs_similarity(self) -> bool:
+        sc = self.cfg.select
+        return sc.method == "grads" or sc.dedup == "true"
+
+    # ------------------------------------------------------------------------------------ target
+    def target(self) -> str:
+        """LESS's target set scored by the same model and engine as the corpus: its projected
+        gradients, in ``target/part-00000.parquet``."""
+        if "target" in self._fps:
+            return self._fps["target"]
+        import ray
+
+        from grads_ray.scoring import engine_settings, score_examples
+
+        cfg = self.cfg
+        paths = cfg.select.less.target_paths
+        up = self.score()
+        model_path, _ = self.scoring_model()
+        digests = [file_digest(p) if Path(p).is_file() else p for p in paths]
+        fp = fingerprint("target", up, digests)
+        stage = self._dir("target")
+        with self.stage("target") as entry:
+            if not stage.prepare(fp):
+                examples, ids, bad = self._encode_files(paths, model_path, "truncate")  # as held-out rows
+                if not examples:
+                    raise InputError(f"select.less.target_paths: no usable example in {paths} ({bad} rejected)")
+                use_gpu = self.use_gpu(cfg.score.use_gpu)
+                task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(score_examples)
+                got = ray.get(task.remote(model_path, examples, settings=engine_settings(cfg.score, cfg.seed),
+                                          batch_size=cfg.score.batch_size, use_gpu=use_gpu,
+                                          trust_remote_code=cfg.model.trust_remote_code))
+                write_parquet(stage.part(0), pa.table({
+                    "id": pa.array(ids, pa.string()), "loss": pa.array(got["loss"]),
+                    "grad_proj": pa.array(list(got["grad_proj"].astype(np.float32)), pa.list_(pa.float32()))}))
+                stage.finish(fp, {"examples": len(ids), "rejected": bad})
+            entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
+        self._fps["target"] = fp
+        return fp
+
     # ------------------------------------------------------------------------------------ select
     def select(self) -> str:
-        """Choose the subset; write selection.parquet (every scored id) and selected.jsonl (original rows)."""
+        """Choose the subset; write selection.parquet (every scored id, its verdict and every score
+        component) and the selected rows, in rank order, as selected.jsonl and selected.parquet."""
         if "select" in self._fps:
             return self._fps["select"]
         from grads_ray.selection.budget import parse_budget
         from grads_ray.selection.select import select
 
-        sc = self.cfg.select
-        up = self.similarity() if sc.method == "grads" else self.score()
-        fp = fingerprint("select", up, asdict(sc), self.cfg.seed)
+        cfg, sc = self.cfg, self.cfg.select
+        ups = [self.score()]
+        if self._needs_similarity():
+            ups.append(self.similarity())
+        if sc.method == "less":
+            ups.append(self.target())
+        fp = fingerprint("select", *ups, asdict(sc), cfg.seed)
         stage = self._dir("select")
         with self.stage("select") as entry:
             if not stage.prepare(fp):
+                t0 = time.time()
                 stats = read_parts(self._dir("stats").parts())
                 if stats.num_rows == 0:
                     raise InputError(f"no row of the corpus could be scored: see {self.out / 'rejected.jsonl'}")
                 stats = stats.take(pc.sort_indices(stats["id"]))
-                cols = {c: stats[c].to_numpy(zero_copy_only=False) for c in stats.column_names if c != "id"}
-                div = groups = None
-                if sc.method == "grads":
-                    sim = read_parts(self._dir("similarity").parts(), ["id", "dup_group", "diversity"])
-                    sim = sim.take(pc.sort_indices(sim["id"]))
-                    if sim["id"].to_pylist() != stats["id"].to_pylist():
-                        raise RuntimeError("similarity and stats tables hold different ids")
-                    div, groups = sim["diversity"].to_numpy(), sim["dup_group"].to_numpy()
-                g = sc.grads
-                res = select(cols, parse_budget(sc.budget), sc.method, self.cfg.seed, diversity=div,
-                             dup_group=groups, max_per_dup_group=sc.max_per_dup_group,
-                             grads={"stats": g.stats, "groups": g.groups, "tail_k": g.tail_k,
-                                    "bandwidth_rule": g.bandwidth, "w_density": g.w_density,
-                                    "w_diversity": g.w_diversity, "w_loss": g.w_loss})
-                table = pa.table({"id": stats["id"], **{k: pa.array(v) for k, v in res.items()}})
+                ids = stats["id"].combine_chunks()
+                cols = {c: stats[c].to_numpy() for c in stats.column_names if c != "id"}
+                kwargs: dict[str, Any] = {"source": self._sources(ids)}
+                if self._needs_similarity():
+                    sim = self._aligned(self._dir("similarity"), ids,
+                                        ["id", "nn_rows", "nn_sims", "dup_group", "diversity", "cluster"])
+                    kwargs["similarity"] = {"dup_group": sim["dup_group"].to_numpy(),
+                                            "diversity": sim["diversity"].to_numpy(),
+                                            "cluster": sim["cluster"].to_numpy(),
+                                            "nn_idx": _matrix(sim["nn_rows"], np.int64),
+                                            "nn_sims": _matrix(sim["nn_sims"])}
+                if sc.method == "fisher":
+                    feats = self._aligned(self._dir("features"), ids, ["id", "fisher_factor"])
+                    flat = _matrix(feats["fisher_factor"])
+                    kwargs["fisher_factors"] = flat.reshape(len(flat), *_factor_shape(flat.shape[1], cfg.score))
+                    kwargs["device"] = "cuda" if self._torch_gpu(sc.fisher.use_gpu) else "cpu"
+                if sc.method == "less":
+                    kwargs["grad_proj"] = _matrix(self._aligned(self._dir("features"), ids,
+                                                                ["id", "grad_proj"])["grad_proj"])
+                    kwargs["target_proj"] = _matrix(read_parts(self._dir("target").parts())["grad_proj"])
+                res = select(cols, ids, parse_budget(sc.budget), sc, cfg.seed, **kwargs)
+                select_s = time.time() - t0
+                table = pa.table({"id": ids, **{k: pa.array(v) for k, v in res.items()}})
                 write_parquet(self.out / "selection.parquet", table)
                 chosen = table.filter(table["selected"])
                 chosen = chosen.take(pc.sort_indices(chosen["rank"]))
@@ -380,14 +469,35 @@ class Run:
                 n_tok = int(cols["n_tokens"][res["selected"]].sum())
                 stage.finish(fp, {"method": sc.method, "budget": sc.budget, "scored": len(res["selected"]),
                                   "selected": int(res["selected"].sum()), "selected_tokens": n_tok,
-                                  "total_tokens": int(cols["n_tokens"].sum()),
-                                  "not_selected_by_reason": dict(Counter(r for r in res["reason"] if r))})
+                                  "total_tokens": int(cols["n_tokens"].sum()), "select_seconds": round(select_s, 2),
+                                  "not_selected_by_reason": dict(Counter(r for r in res["reason"] if r)),
+                                  "selected_by_source": dict(Counter(kwargs["source"][res["selected"]].tolist()))})
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
         self._fps["select"] = fp
         return fp
 
+    def _torch_gpu(self, setting: str) -> bool:
+        import torch
+
+        return setting == "true" or (setting == "auto" and torch.cuda.is_available())
+
+    def _aligned(self, stage: StageDir, ids: pa.Array, columns: list[str]) -> pa.Table:
+        """A stage's table sorted by id, checked to hold exactly the scored ids."""
+        t = read_parts(stage.parts(), columns)
+        t = t.take(pc.sort_indices(t["id"]))
+        if t.num_rows != len(ids) or not t["id"].combine_chunks().equals(ids):
+            raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
+        return t
+
+    def _sources(self, ids: pa.Array) -> np.ndarray:
+        """Each scored id's source (its input file, relative to the path given). (N,) object."""
+        rows = read_parts(self._dir("rows").parts(), ["id", "source"])
+        pos = pc.index_in(ids, value_set=rows["id"].combine_chunks())
+        return rows["source"].combine_chunks().take(pos).to_numpy(zero_copy_only=False)
+
     def _write_selected(self, ranked_ids: list[str]) -> None:
-        """The original rows of the selected ids, in rank order."""
+        """The original rows of the selected ids, in rank order: selected.jsonl (one JSON record a
+        line, as read) and selected.parquet (id, rank, record)."""
         want = {i: r for r, i in enumerate(ranked_ids)}
         records: list[str | None] = [None] * len(ranked_ids)
         for part in self._dir("rows").parts():
@@ -395,9 +505,15 @@ class Run:
             mask = pc.is_in(t["id"], value_set=pa.array(ranked_ids, pa.string()))
             for i, rec in zip(*[t.filter(mask)[c].to_pylist() for c in ("id", "record")], strict=True):
                 records[want[i]] = rec
+        missing = [i for i, r in zip(ranked_ids, records, strict=True) if r is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} selected ids have no ingested row (first: {missing[0]!r})")
         tmp = self.out / "selected.jsonl.tmp"
-        tmp.write_text("".join(r + "\n" for r in records if r is not None))
+        tmp.write_text("".join(r + "\n" for r in records))
         tmp.replace(self.out / "selected.jsonl")
+        write_parquet(self.out / "selected.parquet", pa.table({
+            "id": pa.array(ranked_ids, pa.string()), "rank": pa.array(np.arange(len(records), dtype=np.int64)),
+            "record": pa.array(records, pa.string())}))
 
     # ---------------------------------------------------------------------------------- finetune
     def finetune(self) -> tuple[str, str]:
@@ -447,23 +563,31 @@ class Run:
         return read_json(self.out / "eval.json")
 
     def _heldout(self, model_path: str) -> tuple[list[tuple[list[int], list[int]]], int]:
-        from grads_ray.data.formats import RowError, normalize
+        examples, _, bad = self._encode_files(self.cfg.eval.domain_paths, model_path, "truncate")
+        return examples, bad
+
+    def _encode_files(self, paths: list[str], model_path: str, on_long: str
+                      ) -> tuple[list[tuple[list[int], list[int]]], list[str], int]:
+        """Small side files (held-out, target) read and tokenized in the driver.
+        -> ([(input_ids, labels)], their ids, rows rejected)."""
+        from grads_ray.data.formats import RowError, normalize, row_id
         from grads_ray.data.readers import read_shard
         from grads_ray.data.tokenize import encode, load_tokenizer
 
-        if not self.cfg.eval.domain_paths:
-            return [], 0
+        if not paths:
+            return [], [], 0
         tok = load_tokenizer(model_path, self.cfg.model.trust_remote_code)
-        out, bad = [], 0
-        for shard in plan_shards(self.cfg.eval.domain_paths, 1 << 40, 1 << 40):
+        out, ids, bad = [], [], 0
+        for shard in plan_shards(paths, 1 << 40, 1 << 40):
             for raw in read_shard(shard):
                 try:
                     if raw.error:
                         raise raw.error
-                    out.append(encode(normalize(raw.record), tok, self.cfg.data.max_length, "truncate"))
+                    out.append(encode(normalize(raw.record), tok, self.cfg.data.max_length, on_long))
+                    ids.append(row_id(raw.record, f"{raw.source}:{raw.line}"))
                 except RowError:
                     bad += 1
-        return out, bad
+        return out, ids, bad
 
     # ----------------------------------------------------------------------------------- run all
     def run_all(self) -> dict[str, Any]:
@@ -471,7 +595,7 @@ class Run:
         self.ensure_ray()
         self.ingest()
         self.score()
-        if self.cfg.select.method == "grads":
+        if self._needs_similarity():
             self.similarity()
         self.select()
         result = self.evaluate() if self.cfg.finetune.enabled else {}

@@ -21,13 +21,14 @@ import pyarrow.compute as pc
 from grads_ray.data.batching import pad_batch
 from grads_ray.data.formats import RowError, normalize
 from grads_ray.data.tokenize import encode, load_tokenizer
+from grads_ray.gradients.features import mean_token_losses, response_only
 from grads_ray.ingest import ROWS_SCHEMA
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
 ROWS_PER_BLOCK_BATCHES = 8  # rows per streamed block (a "unit"), in scorer batches
 ROW_COLUMNS = ROWS_SCHEMA.names  # the ingested rows table
 STAT_BASE = ["id", "n_tokens", "loss", "grad_norm", "grad_mean", "grad_std", "grad_max", "grad_min",
-             "n_response_tokens"]
+             "n_response_tokens", "loss_response_only"]
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: int, on_long: str,
@@ -83,7 +84,8 @@ FEATURE_COLUMNS = ("hidden_mean", "grad_proj", "fisher_factor", "fisher_energy")
 
 def engine_settings(score_cfg: Any, seed: int) -> dict[str, Any]:
     """The score config keys the engine reads (these, with the model, decide every number written)."""
-    keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fisher_dim", "fisher_rank")
+    keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fisher_dim", "fisher_rank",
+            "response_only_loss")
     return {**{k: getattr(score_cfg, k) for k in keys}, "seed": seed}
 
 
@@ -105,6 +107,7 @@ class Scorer:
         from grads_ray.gradients.stats import LoopGradStats
 
         settings = dict(settings or {})
+        self.response_only_loss = settings.pop("response_only_loss", True)
         self.batch_size, self.unit_rows = batch_size, ROWS_PER_BLOCK_BATCHES * batch_size  # as read_units cut them
         if threads:
             torch.set_num_threads(threads)
@@ -118,6 +121,10 @@ class Scorer:
         engine = LoopGradStats if settings.pop("engine", "batched") == "loop" else BatchedGradStats
         self.engine = engine(self.model, **settings)
         self.pad_id = self.model.config.pad_token_id or 0
+        cfg = self.model.config
+        vocab = self.model.get_input_embeddings().num_embeddings
+        starts = [t[0] if isinstance(t, list) else t for t in (cfg.bos_token_id, cfg.eos_token_id, self.pad_id)]
+        self.start_id = next((int(t) for t in starts if t is not None and 0 <= int(t) < vocab), 0)
         self.widths = {"hidden_mean": self.model.get_input_embeddings().embedding_dim,
                        "grad_proj": self.engine.projector.dim if self.engine.projector else 0,
                        "fisher_factor": self.engine.fisher_rank * (self.engine.fisher_proj.shape[0]
@@ -137,6 +144,12 @@ class Scorer:
             got = self.engine(ids.to(self.device), lab.to(self.device), mask.to(self.device))
             for c, values in got.columns.items():
                 columns.setdefault(c, np.full(n, math.nan))[rows] = values
+            if self.response_only_loss:  # IFD's denominator: the response without its prompt
+                alone = response_only([batch["input_ids"][i] for i in rows], [batch["labels"][i] for i in rows],
+                                      self.start_id)
+                a_ids, a_lab, a_mask = pad_batch(*alone, self.pad_id)
+                columns.setdefault("loss_response_only", np.full(n, math.nan))[rows] = mean_token_losses(
+                    self.model, a_ids.to(self.device), a_lab.to(self.device), a_mask.to(self.device))
             for k in feats:
                 value = getattr(got, k)
                 if value is not None:
@@ -159,6 +172,22 @@ class Scorer:
         cuts = np.flatnonzero(np.diff(shard[order]) | np.diff(unit[order])) + 1
         return [[int(i) for i in group[k:k + self.batch_size]] for group in np.split(order, cuts)
                 for k in range(0, len(group), self.batch_size)]
+
+
+def score_examples(model_path: str, examples: list[tuple[list[int], list[int]]], *, settings: dict[str, Any],
+                   batch_size: int, use_gpu: bool = False, trust_remote_code: bool = False) -> dict[str, np.ndarray]:
+    """Score a small, already tokenized set in one process with the corpus's scorer (same model,
+    engine, projection and seeds): LESS's target set. -> {``loss`` (M,), ``grad_proj`` (M, k)}."""
+    scorer = Scorer(model_path, use_gpu=use_gpu, trust_remote_code=trust_remote_code, settings=settings,
+                    batch_size=batch_size)
+    m = len(examples)
+    batch = {"id": np.array([str(i) for i in range(m)], dtype=object), "shard": np.zeros(m, np.int64),
+             "source": np.array(["target"] * m, dtype=object), "line": np.arange(m), "pos": np.arange(m),
+             "input_ids": [np.asarray(x, np.int64) for x, _ in examples],
+             "labels": [np.asarray(y, np.int64) for _, y in examples],
+             "reason": np.array([""] * m, dtype=object), "detail": np.array([""] * m, dtype=object)}
+    out = scorer(batch)
+    return {"loss": np.asarray(out["loss"], np.float64), "grad_proj": np.asarray(out["grad_proj"], np.float32)}
 
 
 def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: StageDir) -> dict[str, Any]:

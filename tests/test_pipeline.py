@@ -107,7 +107,7 @@ def test_stats_table_contract(finished):
     assert {"embedding.grad_norm", "head.grad_max", "layer0.attn.grad_std", "norm.grad_min"} <= set(stats.column_names)
     row = stats.slice(0, 1).to_pylist()[0]
     assert row["grad_min"] <= row["grad_mean"] <= row["grad_max"] and row["grad_norm"] > 0
-    assert row["loss"] > 0 and row["n_tokens"] > 0
+    assert row["loss"] > 0 and row["n_tokens"] > 0 and row["loss_response_only"] > 0
 
 
 def test_selection_outputs(finished):
@@ -118,6 +118,8 @@ def test_selection_outputs(finished):
     chosen = sorted((r for r in sel if r["selected"]), key=lambda r: r["rank"])
     assert 0 < len(chosen) <= math.ceil(0.3 * len(scored))
     assert all(r["reason"] in ("outside_band", "duplicate", "over_budget") for r in sel if not r["selected"])
+    assert {"signal", "density", "region", "diversity", "redundancy", "in_band", "score", "rank", "cluster", "dup_group",
+            "signal.embedding.grad_norm"} <= set(sel[0])
     originals = {}
     for f in finished["corpus"].glob("*.jsonl"):
         for line in f.read_bytes().splitlines():
@@ -129,6 +131,9 @@ def test_selection_outputs(finished):
                 originals[row["id"]] = row
     lines = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
     assert lines == [originals[r["id"]] for r in chosen]  # the original rows, in rank order
+    as_parquet = pq.read_table(out / "selected.parquet").to_pylist()
+    assert [r["id"] for r in as_parquet] == [r["id"] for r in chosen]
+    assert [json.loads(r["record"]) for r in as_parquet] == [originals[r["id"]] for r in chosen]
 
 
 def test_manifest_and_evaluation(finished):
@@ -163,6 +168,26 @@ def test_rescoring_one_shard_is_resumed_and_reproducible(finished):
                 assert again[col].to_pylist() == pytest.approx(table[col].to_pylist(), rel=1e-6)
         else:
             assert p.stat().st_mtime_ns == mtime, p.name  # finished shards are not recomputed
+
+
+@pytest.mark.parametrize("method", ["fisher", "ifd", "less", "loss", "grad_norm", "random"])
+def test_every_method_selects_from_the_same_run(finished, method, tmp_path):
+    """Each method reads what the score stage (and, for LESS, the target stage) wrote; a method
+    change recomputes the select stage only."""
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
+    extra = [f"select.less.target_paths=[{finished['root'] / 'heldout.jsonl'}]"] if method == "less" else []
+    assert main(["select", "--config", str(finished["config"]), "--output", str(out),
+                 f"select.method={method}", "select.budget=12", *extra]) == 0
+    sel = pq.read_table(out / "selection.parquet")
+    assert sum(sel["selected"].to_pylist()) == 12
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["select"]["method"] == method
+    assert "seconds" not in manifest["stages"].get("target", {}) or method == "less"
+    if method == "fisher":
+        assert {"fisher_gain", "fisher_gain_alone"} <= set(sel.column_names)
+    if method == "less":
+        assert manifest["stages"]["target"]["examples"] == 20
 
 
 def test_same_seed_same_selection(finished):

@@ -44,3 +44,33 @@ def fisher_summary(hidden: torch.Tensor, target: torch.Tensor, proj: torch.Tenso
     factor = (topv * top.sqrt()[:, None, :]).transpose(1, 2)  # (B, r, d')
     energy = top.sum(1) / vals.sum(1).clamp(min=1e-300)
     return factor.float().cpu().numpy(), energy.cpu().numpy()
+
+
+def response_only(input_ids: list[np.ndarray], labels: list[np.ndarray], start_id: int
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """IFD's unconditioned input: each example's response tokens alone (every token that carries a
+    label, turns concatenated for chats) after one start token, so the first response token is
+    predicted too and the loss covers the same tokens as the conditioned loss.
+    -> (input_ids, labels) lists, labels -100 on the start token."""
+    ids_out, lab_out = [], []
+    for x, y in zip(input_ids, labels, strict=True):
+        resp = np.asarray(x)[np.asarray(y) != -100]
+        ids_out.append(np.concatenate([[start_id], resp]).astype(np.int64))
+        lab_out.append(np.concatenate([[-100], resp]).astype(np.int64))
+    return ids_out, lab_out
+
+
+@torch.no_grad()
+def mean_token_losses(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                      attention_mask: torch.Tensor) -> np.ndarray:
+    """Each example's mean next-token loss over its labelled tokens (right padding; position ids
+    from the mask). (B, T) x3 -> (B,) float64; NaN where an example has no labelled token."""
+    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    target = labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp(min=0),
+                                            reduction="none")  # (B, T-1)
+    keep = (target != -100).to(tok.dtype)
+    count = keep.sum(1)
+    loss = (tok * keep).sum(1) / count.clamp(min=1)
+    return torch.where(count > 0, loss, torch.nan).double().cpu().numpy()

@@ -1,12 +1,20 @@
-"""Budgets: "5%" or "0.05" (fraction of scored examples), "500" (examples), "20000 tokens"."""
+"""Budgets: "5%" or "0.05" (fraction of scored examples), "500" (examples), "20000 tokens".
+
+A budget is spent by walking an order (best first): examples cost 1 each under a fraction or count
+budget, and their token count under a token budget, where a candidate that no longer fits is
+skipped and a later, shorter one may still fit. Per-group limits (per-source quotas) are spent the
+same way. Vectorised: a prefix sum finds where the budget first overflows; only candidates small
+enough to still fit after that point are walked one by one.
+"""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from grads_ray.selection.ranking import ceil_fraction, split_evenly
 
 _TOKENS = re.compile(r"^\s*(\d[\d_]*)\s*(tokens?|tok)\s*$", re.IGNORECASE)
 
@@ -20,6 +28,15 @@ class Budget:
         if self.kind == "fraction":
             return f"{self.value:.4g} of the scored examples"
         return f"{int(self.value)} {'examples' if self.kind == 'count' else 'tokens'}"
+
+    def limit(self, n_total: int) -> int:
+        """What the budget allows: examples (fraction rounded up, or count) or tokens."""
+        return ceil_fraction(self.value, n_total) if self.kind == "fraction" else int(self.value)
+
+    def costs(self, n_tokens: np.ndarray) -> np.ndarray:
+        """What each example costs against :meth:`limit`: 1, or its tokens. (N,) -> (N,) int64."""
+        n_tokens = np.asarray(n_tokens, dtype=np.int64)
+        return n_tokens if self.kind == "tokens" else np.ones(len(n_tokens), np.int64)
 
 
 def parse_budget(text: str | float | int) -> Budget:
@@ -42,19 +59,67 @@ def parse_budget(text: str | float | int) -> Budget:
     return Budget(kind, value)
 
 
-def take_within_budget(order: np.ndarray, n_tokens: np.ndarray, budget: Budget, n_total: int) -> np.ndarray:
-    """The prefix of ``order`` (indices, best first) that the budget pays for.
+def fits(cost_in_order: np.ndarray, limit: int) -> np.ndarray:
+    """Which candidates a walk in order takes: each one whose cost still fits in what is left.
+    (M,) costs in order -> (M,) bool. Exact for any costs; O(M) plus a walk over the few small
+    candidates after the first overflow."""
+    cost = np.asarray(cost_in_order, dtype=np.int64)
+    take = np.zeros(len(cost), bool)
+    if len(cost) == 0 or limit <= 0:
+        return take
+    csum = np.cumsum(cost)
+    p = int(np.searchsorted(csum, limit, side="right"))  # the first p fit as a prefix
+    take[:p] = True
+    left = limit - (int(csum[p - 1]) if p else 0)
+    if p < len(cost) and left > 0:
+        tail = p + 1 + np.flatnonzero(cost[p + 1:] <= left)  # cost[p] itself overflowed
+        for j, c in zip(tail.tolist(), cost[tail].tolist(), strict=True):
+            if c <= left:
+                take[j] = True
+                left -= c
+                if left == 0:
+                    break
+    return take
 
-    Fractions count examples, rounded up, out of ``n_total``; a token budget takes candidates in
-    order and skips any that no longer fits. -> selected indices in rank order.
+
+def take_within_budget(order: np.ndarray, n_tokens: np.ndarray, budget: Budget, n_total: int) -> np.ndarray:
+    """The part of ``order`` (indices, best first) that the budget pays for, in rank order.
+    Fractions count examples, rounded up, out of ``n_total``."""
+    return order[fits(budget.costs(n_tokens)[order], budget.limit(n_total))]
+
+
+def group_limits(limit: int, groups: list[str], shares: dict[str, float]) -> dict[str, int]:
+    """Split a budget's limit over named groups by their shares. A ``"*"`` share is split evenly
+    over the groups not named; groups that get no share get 0. Shares are normalised when they add
+    up to more than 1; integer parts are handed out by largest remainder so they sum exactly."""
+    named = {g: float(shares[g]) for g in groups if g in shares}
+    others = [g for g in groups if g not in shares]
+    rest = float(shares.get("*", 0.0))
+    weights = {**named, **{g: rest / len(others) for g in others}} if others else dict(named)
+    total = sum(weights.values())
+    if total <= 0:
+        return {g: 0 for g in groups}
+    scale = 1.0 / total if total > 1 else 1.0
+    names = sorted(weights)
+    raw = np.array([weights[g] * scale for g in names])
+    allowed = int(round(limit * raw.sum()))
+    split = split_evenly(allowed, raw)
+    return {**{g: 0 for g in groups}, **dict(zip(names, split.tolist(), strict=True))}
+
+
+def take_with_quotas(order: np.ndarray, cost: np.ndarray, limit: int, group: np.ndarray | None = None,
+                     limits: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Walk ``order`` under a total ``limit`` and, optionally, a limit per group.
+
+    A group's limit is spent first by its own best candidates (the same skip rule), then the total
+    over the survivors in the given order. -> (taken in order, over-quota mask over ``order``).
     """
-    if budget.kind in ("fraction", "count"):
-        k = math.ceil(budget.value * n_total) if budget.kind == "fraction" else int(budget.value)
-        return order[:k]
-    cost = n_tokens[order]
-    left, keep = int(budget.value), []
-    for i, c in zip(order.tolist(), cost.tolist(), strict=True):
-        if c <= left:
-            keep.append(i)
-            left -= c
-    return np.asarray(keep, dtype=np.int64)
+    cost = np.asarray(cost, dtype=np.int64)
+    over_quota = np.zeros(len(order), bool)
+    if group is not None and limits is not None:
+        g = np.asarray(group)[order]
+        for name, lim in limits.items():
+            pos = np.flatnonzero(g == name)
+            over_quota[pos[~fits(cost[order[pos]], int(lim))]] = True
+    survivors = order[~over_quota]
+    return survivors[fits(cost[survivors], limit)], over_quota

@@ -1,101 +1,169 @@
-"""A first GrADS score (arXiv 2511.08620), as documented in docs/grads.md. Arrays in, arrays out.
+"""GrADS (arXiv 2511.08620, "Learn More, Forget Less") as named components; docs/grads.md has the
+formulas, what the paper states and where our choice fills a gap. Arrays in, arrays out.
 
-1. Gradient signal: for each configured (group, statistic), x = log(|stat| + eps), z-scored over the
-   corpus; the signal s_i is the mean of those z-scores.
-2. Band criterion (self-adaptive): z(s_i) beyond ±tail_k is excluded as noisy/uninformative.
-3. Representativeness: a Gaussian KDE of s over the corpus (Scott or Silverman bandwidth, or given),
-   evaluated at each s_i and scaled to [0, 1] by its maximum.
-4. Diversity: 1 - mean cosine similarity to the k nearest neighbours, as a rank in [0, 1].
-5. score = w_density·density + w_diversity·diversity + w_loss·rank(loss).
-Similarity reduction and the budget are applied by :func:`grads_ray.selection.select.select`.
+1. :func:`gradient_signal` — the configured layer groups' statistics, each transformed (log of a
+   magnitude, asinh of a signed mean), normalised over the corpus and averaged into one signal.
+2. :func:`criteria` — self-adaptive thresholds: each normalised statistic (and the signal) must lie
+   within k of the centre in the configured direction; k is given or Chauvenet's rule for N.
+3. :func:`region_score` — a Gaussian KDE of the signal over the corpus and the region examples are
+   taken from: dense (representative, default), sparse, hdr (the highest-density region holding a
+   given mass) or match (signal strata, taken in proportion: the subset keeps the distribution).
+4. Content diversity — the k-NN diversity of the similarity stage (as a rank), and cluster-balanced
+   quotas over its k-means clusters (applied to the order by :mod:`grads_ray.selection.select`).
+5. :func:`redundancy` — similarity reduction: each example's highest cosine to a k-NN neighbour
+   ranked above it; near-duplicate groups are capped by the selection itself.
+6. :func:`grads_components` — score = w_region·region + w_diversity·diversity + w_loss·rank(loss)
+   − w_redundancy·redundancy; every component is returned for selection.parquet.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-EPS = 1e-12
+from grads_ray.selection.kde import bandwidth, hdr_level, kde_density
+from grads_ray.selection.ranking import NORMALIZERS, chauvenet_k, quantile_bins, rank01
+
+EPS = 1e-30
+SIGNED_STATS = ("grad_mean",)  # signed statistics: asinh-transformed; the rest are magnitudes
 
 
-def zscore(x: np.ndarray) -> np.ndarray:
-    """(x - mean) / std over the corpus; a constant column gives zeros. (N,) -> (N,) float64."""
-    x = np.asarray(x, dtype=np.float64)
-    sd = x.std()
-    return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+def transform(values: np.ndarray, stat: str) -> np.ndarray:
+    """Magnitudes (norm, std, max, |min|) are log-normal-like: log(|x| + 1e-30). The signed mean is
+    kept signed and its heavy tails tamed: asinh(x / median|x|). (N,) -> (N,) float64."""
+    x = np.asarray(values, dtype=np.float64)
+    if stat.rsplit(".", 1)[-1] in SIGNED_STATS:
+        scale = np.median(np.abs(x[np.isfinite(x)])) if np.isfinite(x).any() else 1.0
+        return np.arcsinh(x / (scale if scale > 0 else 1.0))
+    return np.log(np.abs(x) + EPS)
 
 
-def rank01(x: np.ndarray) -> np.ndarray:
-    """Ranks scaled to [0, 1] (ties broken by position); N=1 gives 1. (N,) -> (N,) float64."""
-    n = len(x)
-    if n <= 1:
-        return np.ones(n)
-    ranks = np.empty(n)
-    ranks[np.argsort(x, kind="stable")] = np.arange(n)
-    return ranks / (n - 1)
-
-
-def bandwidth(x: np.ndarray, rule: str | float) -> float:
-    """Gaussian KDE bandwidth: Scott σ·n^(-1/5), Silverman 0.9·min(σ, IQR/1.34)·n^(-1/5), or a number."""
-    try:
-        return float(rule)
-    except (TypeError, ValueError):
-        pass
-    n = max(len(x), 1)
-    sd = float(np.std(x))
-    if rule == "scott":
-        h = sd * n ** (-0.2)
-    elif rule == "silverman":
-        iqr = float(np.subtract(*np.percentile(x, [75, 25])))
-        spread = min(sd, iqr / 1.34) if iqr > 0 else sd
-        h = 0.9 * spread * n ** (-0.2)
-    else:
-        raise ValueError(f"unknown bandwidth rule {rule!r}: scott, silverman or a number")
-    return h if h > 0 else 1.0
-
-
-def kde_density(x: np.ndarray, h: float, grid: int = 2048) -> np.ndarray:
-    """Gaussian KDE of the sample x evaluated at each x_i, by linear binning on a grid and a discrete
-    convolution: O(N + grid·m) instead of O(N²). (N,) -> (N,) float64 densities."""
-    x = np.asarray(x, dtype=np.float64)
-    lo, hi = x.min() - 4 * h, x.max() + 4 * h
-    step = (hi - lo) / (grid - 1)
-    pos = (x - lo) / step  # fractional grid position
-    left = np.clip(np.floor(pos).astype(np.int64), 0, grid - 2)
-    frac = pos - left
-    counts = np.bincount(left, 1 - frac, minlength=grid) + np.bincount(left + 1, frac, minlength=grid)
-    m = int(min(grid - 1, np.ceil(4 * h / step)))
-    offsets = np.arange(-m, m + 1) * step
-    kernel = np.exp(-0.5 * (offsets / h) ** 2) / (h * np.sqrt(2 * np.pi) * len(x))
-    dens_grid = np.convolve(counts, kernel, mode="same")
-    return np.interp(x, lo + step * np.arange(grid), dens_grid)
-
-
-def gradient_signal(columns: dict[str, np.ndarray], stats: list[str], groups: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Combine the configured statistics into one signal. -> ((N,) signal, names of the columns used).
-
-    Reads ``<group>.<stat>`` for each configured group present, else the overall ``<stat>``.
-    """
+def signal_columns(columns: dict[str, np.ndarray], stats: list[str], groups: list[str]) -> list[str]:
+    """The stats-table columns the signal reads: ``<group>.<stat>`` for each configured group and
+    statistic present; when no group column exists, the overall ``<stat>`` columns."""
     used = [f"{g}.{s}" for g in groups for s in stats if f"{g}.{s}" in columns]
     if not used:
         used = [s for s in stats if s in columns]
     if not used:
-        raise ValueError(f"none of the statistics {stats} is in the stats table")
-    z = [zscore(np.log(np.abs(np.asarray(columns[c], dtype=np.float64)) + EPS)) for c in used]
-    return np.mean(z, axis=0), used
+        raise ValueError(f"none of the statistics {stats} (groups {groups}) is in the stats table")
+    return used
 
 
-def grads_scores(columns: dict[str, np.ndarray], diversity: np.ndarray, *, stats: list[str],
-                 groups: list[str], tail_k: float, bandwidth_rule: str | float,
-                 w_density: float, w_diversity: float, w_loss: float) -> dict[str, np.ndarray]:
-    """Score components for N examples: signal, signal_z, in_band, density, diversity, score."""
-    signal, _ = gradient_signal(columns, stats, groups)
-    sz = zscore(signal)
-    in_band = np.abs(sz) <= tail_k
-    h = bandwidth(signal[in_band] if in_band.any() else signal, bandwidth_rule)
-    dens = kde_density(signal, h)
-    dens = dens / dens.max() if dens.max() > 0 else dens
-    div = rank01(diversity)
-    loss_rank = rank01(np.asarray(columns["loss"], dtype=np.float64))
-    score = w_density * dens + w_diversity * div + w_loss * loss_rank
-    return {"signal": signal, "signal_z": sz, "in_band": in_band, "density": dens,
-            "diversity": div, "score": score}
+def gradient_signal(columns: dict[str, np.ndarray], stats: list[str], groups: list[str],
+                    normalize: str = "zscore", weights: dict[str, float] | None = None
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Combine the statistics into one signal: s_i = Σ_c w_c·norm(transform(c))_i / Σ_c w_c.
+    ``weights`` is keyed by statistic (``grad_norm``) or by column (``head.grad_norm``), default 1.
+    -> ((N,) signal, {column: (N,) normalised values})."""
+    norm = NORMALIZERS[normalize]
+    used = signal_columns(columns, stats, groups)
+    weights = weights or {}
+    z = {c: norm(transform(columns[c], c)) for c in used}
+    w = np.array([float(weights.get(c, weights.get(c.rsplit(".", 1)[-1], 1.0))) for c in used])
+    if w.sum() <= 0:
+        raise ValueError("the signal's weights add up to 0")
+    signal = np.tensordot(w / w.sum(), np.stack([z[c] for c in used]), axes=1)
+    return signal, z
+
+
+def within(z: np.ndarray, k: float, direction: str) -> np.ndarray:
+    """The band test: both -> |z| ≤ k, upper -> z ≤ k (cut the high tail), lower -> z ≥ -k (cut the
+    low tail), none -> always. (N,) -> (N,) bool."""
+    if direction == "both":
+        return np.abs(z) <= k
+    if direction == "upper":
+        return z <= k
+    if direction == "lower":
+        return z >= -k
+    if direction == "none":
+        return np.ones(len(z), bool)
+    raise ValueError(f"unknown criterion direction {direction!r}: both, upper, lower or none")
+
+
+def criteria(z: dict[str, np.ndarray], signal_z: np.ndarray, k: float | str, direction: str,
+             directions: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Self-adaptive gradient-distribution criteria. Each normalised column and the normalised
+    signal must pass :func:`within`; a column's direction is looked up by column, then statistic,
+    then ``signal`` for the signal, else ``direction``. k = ``"auto"``: Chauvenet's k for N.
+    -> ((N,) passes every criterion, (N,) number of criteria failed, k used)."""
+    n = len(signal_z)
+    k_used = chauvenet_k(n) if k == "auto" else float(k)
+    directions = directions or {}
+    failed = np.zeros(n, np.int64)
+    for c, values in {**z, "signal": signal_z}.items():
+        d = directions.get(c, directions.get(c.rsplit(".", 1)[-1], direction))
+        failed += ~within(values, k_used, d)
+    return failed == 0, failed, k_used
+
+
+def region_score(signal: np.ndarray, fit: np.ndarray, region: str, bandwidth_rule: str | float,
+                 mass: float = 0.9, strata: int = 20) -> dict[str, np.ndarray]:
+    """Where examples are taken from, by a Gaussian KDE of the signal fitted on the examples in
+    ``fit`` (those passing the criteria) and evaluated at every example.
+
+    dense: region = p(s)/max p (representative first); sparse: 1 - p(s)/max p (rare first);
+    hdr: 1 inside the highest-density region holding ``mass`` of the fitted examples, else 0;
+    match: 0 everywhere, and ``stratum`` (equal-count signal bins) so the order can take each
+    stratum in proportion. -> {density (N,), region (N,), stratum (N,) int64 or absent}.
+    """
+    base = signal[fit] if fit.any() else signal
+    h = bandwidth(base, bandwidth_rule)
+    dens = kde_density(base, h, at=signal)
+    top = dens.max() if len(dens) and dens.max() > 0 else 1.0
+    out = {"density": dens / top}
+    if region == "dense":
+        out["region"] = out["density"]
+    elif region == "sparse":
+        out["region"] = 1.0 - out["density"]
+    elif region == "hdr":
+        level = hdr_level(out["density"][fit] if fit.any() else out["density"], mass)
+        out["region"] = (out["density"] >= level).astype(np.float64)
+    elif region == "match":
+        out["region"] = np.zeros(len(signal))
+        out["stratum"] = quantile_bins(signal, strata)
+    else:
+        raise ValueError(f"unknown region {region!r}: dense, sparse, hdr or match")
+    return out
+
+
+def redundancy(base: np.ndarray, tiebreak: np.ndarray, nn_idx: np.ndarray, nn_sims: np.ndarray) -> np.ndarray:
+    """Similarity reduction: the highest cosine between an example and any of its k nearest
+    neighbours that ranks above it by ``base`` score (ties by ``tiebreak``), clipped at 0.
+    An example whose better neighbours are near copies of it is pushed down; the best of a
+    neighbourhood is not. (N,), (N,), (N, k) int (-1 = none), (N, k) -> (N,) float64 in [0, 1]."""
+    n = len(base)
+    if nn_idx is None or nn_idx.size == 0:
+        return np.zeros(n)
+    rank = np.empty(n, np.int64)
+    rank[np.lexsort((tiebreak, -np.nan_to_num(base, nan=-np.inf)))] = np.arange(n)
+    valid = nn_idx >= 0
+    j = np.where(valid, nn_idx, 0)
+    above = valid & (rank[j] < rank[:, None])
+    sims = np.where(above, np.nan_to_num(nn_sims, neginf=0.0), 0.0)
+    return np.clip(sims.max(axis=1, initial=0.0), 0.0, 1.0)
+
+
+def grads_components(columns: dict[str, np.ndarray], cfg: Any, *, tiebreak: np.ndarray,
+                     diversity: np.ndarray | None = None, nn_idx: np.ndarray | None = None,
+                     nn_sims: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every GrADS component for N examples (``cfg``: a :class:`grads_ray.config.GradsConfig`).
+
+    -> {signal, signal_z, criteria_failed, in_band, density, region, diversity, loss_rank,
+    redundancy, score, [stratum]} as (N,) arrays, plus ``signal.<column>`` normalised inputs.
+    """
+    n = len(columns["loss"])
+    signal, z = gradient_signal(columns, cfg.stats, cfg.groups, cfg.normalize, cfg.stat_weights)
+    signal_z = NORMALIZERS[cfg.normalize](signal)
+    in_band, failed, _ = criteria(z, signal_z, cfg.k, cfg.direction, cfg.directions)
+    in_band &= np.isfinite(signal)
+    reg = region_score(np.nan_to_num(signal), in_band, cfg.region, cfg.bandwidth, cfg.region_mass, cfg.strata)
+    div = rank01(diversity) if diversity is not None else np.zeros(n)
+    loss_rank = rank01(columns["loss"])
+    base = cfg.w_region * reg["region"] + cfg.w_diversity * div + cfg.w_loss * loss_rank
+    red = redundancy(base, tiebreak, nn_idx, nn_sims) if cfg.w_redundancy else np.zeros(n)
+    out = {"signal": signal, "signal_z": signal_z, "criteria_failed": failed, "in_band": in_band,
+           **reg, "diversity": div, "loss_rank": loss_rank, "redundancy": red,
+           "score": base - cfg.w_redundancy * red}
+    out.update({f"signal.{c}": v for c, v in z.items()})
+    return out

@@ -1,67 +1,153 @@
-"""Selection under a budget: GrADS or random, deterministic for a seed. Arrays in, arrays out.
+"""Selection under a budget, for every method; deterministic for a seed. Arrays in, arrays out.
 
-Every scored example gets a verdict: selected (with its rank) or a reason it was not:
-``outside_band`` (GrADS tail criterion), ``duplicate`` (its near-duplicate group already has
-``max_per_dup_group`` members selected) or ``over_budget``.
+Rows may come in any order: ties break by a seeded hash of the id, so the subset depends on the
+ids, the numbers and the seed only, never on shards, actors or row order.
+
+Every scored example gets a verdict: selected (with its rank) or the reason it was not, the first
+that applies of ``duplicate`` (its near-duplicate group already has ``max_per_dup_group`` members
+ranked above it), ``over_source_quota`` (its source's share of the budget was spent),
+``outside_band`` (GrADS's criteria) / ``ifd_above_max`` (IFD), or ``over_budget``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import pyarrow as pa
 
-from grads_ray.selection.budget import Budget, take_within_budget
-from grads_ray.selection.grads import grads_scores
+from grads_ray.selection.baselines import ifd, less_score, ordered, random_score
+from grads_ray.selection.budget import Budget, group_limits, take_with_quotas
+from grads_ray.selection.fisher import fisher_greedy
+from grads_ray.selection.grads import grads_components
+from grads_ray.selection.ranking import cap_per_group, id_hash, interleave, order_desc
 
-
-def _order(score: np.ndarray, seed: int) -> np.ndarray:
-    """Indices by descending score; ties broken by a seeded permutation (deterministic)."""
-    tiebreak = np.random.default_rng(seed).permutation(len(score))
-    return np.lexsort((tiebreak, -score))
-
-
-def cap_per_group(order: np.ndarray, group: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Walk ``order`` and keep at most ``cap`` members per group. -> (kept, dropped) in order."""
-    seen: dict[int, int] = {}
-    keep = np.zeros(len(order), dtype=bool)
-    for j, i in enumerate(order.tolist()):
-        g = int(group[i])
-        if seen.get(g, 0) < cap:
-            seen[g] = seen.get(g, 0) + 1
-            keep[j] = True
-    return order[keep], order[~keep]
+EXACT_FISHER_MAX = 50_000  # fisher.epsilon=auto: exact lazy greedy up to this many examples
+NOT_PREFERRED_REASON = {"grads": "outside_band", "ifd": "ifd_above_max"}
 
 
-def select(columns: dict[str, np.ndarray], budget: Budget, method: str, seed: int, *,
-           diversity: np.ndarray | None = None, dup_group: np.ndarray | None = None,
-           max_per_dup_group: int = 1, grads: dict | None = None) -> dict[str, np.ndarray]:
-    """Rows must come in a deterministic order (the caller sorts by id).
+def fisher_lambda(factors: np.ndarray, setting: str) -> float:
+    """λ for FisherSFT: a number, or ``auto`` = mean_i tr(F_iᵀF_i) / d' (one average example's
+    information per dimension), so the prior weighs as much as one example whatever the scale."""
+    if setting != "auto":
+        return float(setting)
+    f = np.asarray(factors, dtype=np.float64)
+    lam = float((f ** 2).sum(axis=(1, 2)).mean() / f.shape[-1]) if len(f) else 1.0
+    return lam if lam > 0 else 1.0
 
-    -> dict of (N,) arrays: ``selected`` (bool), ``rank`` (int, -1 if not selected), ``reason``
-    (str, "" if selected), ``score`` and, for GrADS, each score component.
+
+def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Budget, cfg: Any, seed: int, *,
+           similarity: dict[str, np.ndarray] | None = None, fisher_factors: np.ndarray | None = None,
+           grad_proj: np.ndarray | None = None, target_proj: np.ndarray | None = None,
+           source: np.ndarray | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
+    """Choose a subset of N scored examples (``cfg``: a :class:`grads_ray.config.SelectConfig`).
+
+    ``columns``: the stats table as (N,) arrays; ``similarity``: ``dup_group``, ``diversity``,
+    ``cluster`` (N,) and ``nn_idx``/``nn_sims`` (N, k) from the similarity stage; ``fisher_factors``
+    (N, r, d'); ``grad_proj`` (N, k) and ``target_proj`` (T, k) for LESS; ``source`` (N,) for quotas.
+    -> (N,) arrays: ``selected``, ``rank`` (-1 if not), ``reason``, ``score`` and every component.
     """
+    method = cfg.method
     n = len(columns["loss"])
-    n_tokens = np.asarray(columns["n_tokens"], dtype=np.int64)
+    sim = similarity or {}
+    tiebreak = id_hash(ids, seed)
+    cost = budget.costs(columns["n_tokens"])
+    limit = budget.limit(n)
+    limits = None
+    if cfg.quotas and source is not None:
+        limits = group_limits(limit, sorted(set(np.asarray(source).tolist())), cfg.quotas)
     reason = np.full(n, "", dtype=object)
     out: dict[str, np.ndarray] = {}
-    if method == "random":
-        order = np.random.default_rng(seed).permutation(n)
-        out["score"] = np.zeros(n)
-    elif method == "grads":
-        comps = grads_scores(columns, diversity if diversity is not None else np.zeros(n), **(grads or {}))
-        out.update({k: v for k, v in comps.items()})
-        order = _order(comps["score"], seed)
-        band = comps["in_band"][order]
-        reason[order[~band]] = "outside_band"
-        order = order[band]
-        if dup_group is not None:
-            order, dropped = cap_per_group(order, dup_group, max_per_dup_group)
+    dedup = cfg.dedup == "true" or (cfg.dedup == "auto" and method == "grads")
+    groups = sim.get("dup_group") if dedup else None
+
+    if method == "fisher":
+        if fisher_factors is None:
+            raise ValueError("FisherSFT needs the score stage's fisher_factor features")
+        eligible = np.ones(n, bool)
+        if groups is not None:  # a duplicate's gain is low anyway; capping keeps the rule uniform
+            kept, dropped = cap_per_group(order_desc(np.zeros(n), tiebreak), groups, cfg.max_per_dup_group)
+            eligible[dropped] = False
             reason[dropped] = "duplicate"
+        lam = fisher_lambda(fisher_factors, cfg.fisher.lam)
+        eps = cfg.fisher.epsilon
+        eps = (0.0 if n <= EXACT_FISHER_MAX else 0.01) if eps == "auto" else float(eps)
+        chosen, gain, gain0 = fisher_greedy(
+            fisher_factors, cost, limit, lam, order0=np.argsort(tiebreak, kind="stable"), eligible=eligible,
+            group=source if limits is not None else None, group_limits=limits, epsilon=eps,
+            batch=cfg.fisher.batch, seed=seed, device=device)
+        picked_gain = np.full(n, np.nan)
+        picked_gain[chosen] = gain
+        out.update({"fisher_gain_alone": gain0, "fisher_gain": picked_gain,
+                    "score": np.where(np.isnan(picked_gain), gain0, picked_gain)})
+        over_quota = np.zeros(n, bool)
+        if limits is not None:
+            used = {g: int(cost[chosen][np.asarray(source)[chosen] == g].sum()) for g in limits}
+            full = {g for g, lim in limits.items() if lim - used[g] < cost.min(initial=1)}
+            over_quota = np.isin(np.asarray(source), list(full))
+        rank = np.full(n, -1, dtype=np.int64)
+        rank[chosen] = np.arange(len(chosen))
+        selected = rank >= 0
+        reason[~selected & (reason == "") & over_quota] = "over_source_quota"
+        reason[~selected & (reason == "")] = "over_budget"
+        out.update({"selected": selected, "rank": rank, "reason": reason})
+        return out
+
+    preferred = np.ones(n, bool)
+    balance = None
+    if method == "grads":
+        comps = grads_components(columns, cfg.grads, tiebreak=tiebreak, diversity=sim.get("diversity"),
+                                 nn_idx=sim.get("nn_idx"), nn_sims=sim.get("nn_sims"))
+        out.update(comps)
+        score, preferred = comps["score"], comps["in_band"]
+        cluster = sim.get("cluster")
+        out.update({k: sim[k] for k in ("cluster", "dup_group") if k in sim})
+        if cfg.grads.region == "match":
+            strata = comps["stratum"].astype(np.int64)
+            balance = (strata, 1.0) if cluster is None or cfg.grads.cluster_alpha < 0 else (
+                strata * (int(cluster.max(initial=0)) + 1) + cluster, max(cfg.grads.cluster_alpha, 0.0))
+        elif cluster is not None and cfg.grads.cluster_alpha >= 0:
+            balance = (cluster, cfg.grads.cluster_alpha)
+    elif method == "random":
+        score = random_score(tiebreak)
+    elif method == "loss":
+        score = ordered(columns["loss"], cfg.baseline.loss_order)
+    elif method == "grad_norm":
+        col = cfg.baseline.grad_norm_column
+        if col not in columns:
+            raise ValueError(f"select.baseline.grad_norm_column={col!r} is not in the stats table")
+        score = ordered(columns[col], cfg.baseline.grad_norm_order)
+    elif method == "ifd":
+        if "loss_response_only" not in columns or np.isnan(columns["loss_response_only"]).all():
+            raise ValueError("IFD needs loss_response_only: rescore with score.response_only_loss=true")
+        score = ifd(columns["loss"], columns["loss_response_only"])
+        out["ifd"] = score
+        if cfg.baseline.ifd_max > 0:
+            preferred = np.nan_to_num(score, nan=np.inf) < cfg.baseline.ifd_max
+    elif method == "less":
+        if grad_proj is None or target_proj is None:
+            raise ValueError("LESS needs projected gradients of the corpus and of the target set")
+        score = less_score(grad_proj, target_proj, cfg.less.reduce)
     else:
         raise ValueError(f"unknown selection method {method!r}")
-    chosen = take_within_budget(order, n_tokens, budget, n)
+    out["score"] = score
+
+    order = order_desc(score, tiebreak)
+    first, rest = order[preferred[order]], order[~preferred[order]]
+    if balance is not None:
+        first = interleave(first, *balance)
+    order = np.concatenate([first, rest]) if (cfg.fill or method != "grads") else first
+    if groups is not None:
+        order, dropped = cap_per_group(order, groups, cfg.max_per_dup_group)
+        reason[dropped] = "duplicate"
+    chosen, over_quota = take_with_quotas(order, cost, limit, source if limits is not None else None, limits)
+    reason[order[over_quota]] = "over_source_quota"
     rank = np.full(n, -1, dtype=np.int64)
     rank[chosen] = np.arange(len(chosen))
     selected = rank >= 0
+    why = NOT_PREFERRED_REASON.get(method)
+    if why:
+        reason[~selected & (reason == "") & ~preferred] = why
     reason[~selected & (reason == "")] = "over_budget"
     out.update({"selected": selected, "rank": rank, "reason": reason})
     return out

@@ -96,3 +96,27 @@ def diversity(sims: np.ndarray) -> np.ndarray:
     valid = np.isfinite(sims)
     mean = np.where(valid, sims, 0).sum(1) / np.maximum(valid.sum(1), 1)
     return (1.0 - mean).astype(np.float32)
+
+
+def auto_clusters(n: int) -> int:
+    """The default number of k-means clusters: about √N, at most 1024, at least 1."""
+    return int(min(1024, max(1, round(n ** 0.5))))
+
+
+def kmeans_clusters(vectors: np.ndarray, k: int, seed: int, use_gpu: bool | None = None, niter: int = 20,
+                    center: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means (FAISS) of the centred, L2-normalised vectors; FAISS trains on at most 256
+    points per centroid (a seeded sample) and every vector is then assigned to its nearest centroid.
+    (N, d) -> ((N,) int64 cluster ids in [0, k'), (k', d) float32 centroids), k' = min(k, N)."""
+    faiss = faiss_module()
+    n = len(vectors)
+    if n == 0 or k <= 1:
+        return np.zeros(n, np.int64), np.zeros((min(n, 1), vectors.shape[1] if vectors.ndim == 2 else 1), np.float32)
+    x = np.asarray(vectors, dtype=np.float64)
+    x = l2_normalize(x - x.mean(axis=0) if center else x)
+    k = min(k, n)
+    gpu = bool((use_gpu is None and gpu_available(faiss)) or use_gpu)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=gpu, verbose=False)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    return assign[:, 0].astype(np.int64), km.centroids
