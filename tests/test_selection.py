@@ -12,7 +12,14 @@ import pytest
 
 from grads_ray.config import GradsConfig, SelectConfig
 from grads_ray.selection.baselines import ifd, less_score, random_score
-from grads_ray.selection.budget import Budget, fits, group_limits, parse_budget, take_with_quotas, take_within_budget
+from grads_ray.selection.budget import (
+    Budget,
+    fits,
+    group_limits,
+    parse_budget,
+    take_with_quotas,
+    take_within_budget,
+)
 from grads_ray.selection.fisher import brute_force_greedy, fisher_greedy, log_det_objective
 from grads_ray.selection.grads import criteria, gradient_signal, grads_components, redundancy, region_score
 from grads_ray.selection.kde import bandwidth, hdr_level, kde_density
