@@ -89,6 +89,15 @@ def _matrix(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
     return flat.reshape(n, -1) if flat.size else np.zeros((n, 0), dtype)
 
 
+def _count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
+    """How many rows under ``mask`` carry each name."""
+    from grads_ray.selection.select import source_codes
+
+    code, labels = source_codes(names)
+    counts = np.bincount(code[mask], minlength=len(labels))
+    return {label: int(c) for label, c in zip(labels, counts, strict=True) if c}
+
+
 def _lists(matrix: np.ndarray) -> pa.ListArray:
     """(N, k) -> a list column of N rows of k values each (k may be 0), without Python objects."""
     n, k = matrix.shape
@@ -471,7 +480,7 @@ class Run:
                                   "selected": int(res["selected"].sum()), "selected_tokens": n_tok,
                                   "total_tokens": int(cols["n_tokens"].sum()), "select_seconds": round(select_s, 2),
                                   "not_selected_by_reason": dict(Counter(r for r in res["reason"] if r)),
-                                  "selected_by_source": dict(Counter(kwargs["source"][res["selected"]].tolist()))})
+                                  "selected_by_source": _count_by(kwargs["source"], res["selected"])})
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
         self._fps["select"] = fp
         return fp
@@ -489,11 +498,11 @@ class Run:
             raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
         return t
 
-    def _sources(self, ids: pa.Array) -> np.ndarray:
-        """Each scored id's source (its input file, relative to the path given). (N,) object."""
+    def _sources(self, ids: pa.Array) -> pa.Array:
+        """Each scored id's source (its input file, relative to the path given), as Arrow strings."""
         rows = read_parts(self._dir("rows").parts(), ["id", "source"])
         pos = pc.index_in(ids, value_set=rows["id"].combine_chunks())
-        return rows["source"].combine_chunks().take(pos).to_numpy(zero_copy_only=False)
+        return rows["source"].combine_chunks().take(pos)
 
     def _write_selected(self, ranked_ids: list[str]) -> None:
         """The original rows of the selected ids, in rank order: selected.jsonl (one JSON record a

@@ -32,11 +32,26 @@ def test_yaml_then_overrides(tmp_path):
     ("select.budget=150%", "select.budget"),
     ("data.on_long=drop", "data.on_long"),
     ("select.method=magic", "select.method"),
+    ("select.method=less", "select.less.target_paths"),
+    ("select.grads.k=wide", "select.grads.k must be a number or auto"),
+    ("select.grads.k=0", "select.grads.k must be > 0"),
+    ("select.grads.directions={grad_norm: up}", "select.grads.directions.grad_norm"),
+    ("select.grads.region=middle", "select.grads.region"),
+    ("select.quotas=[a, b]", "select.quotas: expected a mapping"),
+    ("select.quotas={a: lots}", "select.quotas.a: expected a number"),
+    ("select.fisher.epsilon=1", "select.fisher.epsilon"),
     ("nokey", "not of the form"),
 ])
 def test_bad_config_names_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_selection_keys_read_from_overrides():
+    cfg = load_config(None, ["select.method=fisher", "select.grads.k=auto", "select.fisher.epsilon=0.05",
+                             "select.quotas={law.jsonl: 0.5, '*': 0.5}", "select.grads.directions={signal: upper}"])
+    assert cfg.select.method == "fisher" and cfg.select.grads.k == "auto" and cfg.select.fisher.epsilon == "0.05"
+    assert cfg.select.quotas == {"law.jsonl": 0.5, "*": 0.5} and cfg.select.grads.directions == {"signal": "upper"}
 
 
 def test_parse_override_reads_yaml_values():

@@ -119,7 +119,7 @@ def take_with_quotas(order: np.ndarray, cost: np.ndarray, limit: int, group: np.
     if group is not None and limits is not None:
         g = np.asarray(group)[order]
         for name, lim in limits.items():
-            pos = np.flatnonzero(g == name)
+            pos = np.flatnonzero(g == name)  # few groups (sources): one vectorised pass each
             over_quota[pos[~fits(cost[order[pos]], int(lim))]] = True
     survivors = order[~over_quota]
     return survivors[fits(cost[survivors], limit)], over_quota

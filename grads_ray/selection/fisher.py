@@ -19,7 +19,8 @@ greedy choice (Minoux 1978). Under a token budget the greedy ratio is Δ_i / tok
 Cost: O(N·r·d') for the first gains; each pick O(m·r·d'² + d'²r) for the m stale candidates it
 re-evaluates (m small in practice: lazy greedy rarely looks past the first few); memory N·r·d'.
 ``batch > 1`` accepts gains up to batch − 1 picks old (an approximation that trades exactness for
-fewer evaluations). Runs on a CUDA device when given one; float64 throughout.
+fewer evaluations). Runs on a CUDA device when given one; the factors stay in their stored
+precision and every gain and update is computed in float64.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ REFRESH_EVERY = 256  # picks between recomputing A⁻¹ from A (keeps Woodbury's
 
 def gains(factors: torch.Tensor, a_inv: torch.Tensor) -> torch.Tensor:
     """Δ_i = log det(I_r + F_i A⁻¹ F_iᵀ) for a batch. (m, r, d'), (d', d') -> (m,) float64."""
+    factors = factors.to(torch.float64)
     m = factors @ a_inv @ factors.transpose(1, 2)  # (m, r, r), symmetric PSD
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
     return torch.linalg.slogdet(eye + m)[1]
@@ -90,7 +92,8 @@ def fisher_greedy(factors: np.ndarray, cost: np.ndarray, limit: int, lam: float,
     """
     n = len(factors)
     dev = torch.device(device)
-    f = torch.tensor(np.asarray(factors), dtype=torch.float64, device=dev)
+    # kept in their stored precision (float32: N·r·d'·4 bytes); every gain is computed in float64
+    f = torch.as_tensor(np.ascontiguousarray(factors)).to(dev)
     cost_np = np.asarray(cost, dtype=np.int64)
     gain0 = np.zeros(n)
     state = _State(f.shape[2], lam, dev)
@@ -161,7 +164,7 @@ def _lazy(f, cost, ok, gain0, tie, budget: _Budget, state: _State, batch: int):
             picked_gain.append(ub[i] * max(int(cost[i]), 1))
             ub[i] = -np.inf
             budget.spend(i)
-            state.add(f[i])
+            state.add(f[i].to(torch.float64))
             m = REEVALUATE
             continue
         # re-evaluate the stale candidates with the highest bounds (always including i); a miss
@@ -208,7 +211,7 @@ def _stochastic(f, cost, ok, tie, budget: _Budget, state: _State, epsilon: float
             picked.append(i)
             picked_gain.append(g[b] * max(int(cost[i]), 1))
             budget.spend(i)
-            state.add(f[i])
+            state.add(f[i].to(torch.float64))
     return picked, picked_gain
 
 

@@ -31,20 +31,29 @@ def fisher_lambda(factors: np.ndarray, setting: str) -> float:
     information per dimension), so the prior weighs as much as one example whatever the scale."""
     if setting != "auto":
         return float(setting)
-    f = np.asarray(factors, dtype=np.float64)
-    lam = float((f ** 2).sum(axis=(1, 2)).mean() / f.shape[-1]) if len(f) else 1.0
+    f = np.asarray(factors)
+    lam = float(np.einsum("nrd,nrd->", f, f, dtype=np.float64) / (len(f) * f.shape[-1])) if len(f) else 1.0
     return lam if lam > 0 else 1.0
+
+
+def source_codes(source: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Names per row -> ((N,) int64 codes, the names by code), through Arrow's dictionary encoding."""
+    arr = source if isinstance(source, (pa.Array, pa.ChunkedArray)) else pa.array(source, pa.string())
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    enc = arr.dictionary_encode()
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
 
 
 def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Budget, cfg: Any, seed: int, *,
            similarity: dict[str, np.ndarray] | None = None, fisher_factors: np.ndarray | None = None,
            grad_proj: np.ndarray | None = None, target_proj: np.ndarray | None = None,
-           source: np.ndarray | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
+           source: pa.Array | np.ndarray | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
     """Choose a subset of N scored examples (``cfg``: a :class:`grads_ray.config.SelectConfig`).
 
     ``columns``: the stats table as (N,) arrays; ``similarity``: ``dup_group``, ``diversity``,
     ``cluster`` (N,) and ``nn_idx``/``nn_sims`` (N, k) from the similarity stage; ``fisher_factors``
-    (N, r, d'); ``grad_proj`` (N, k) and ``target_proj`` (T, k) for LESS; ``source`` (N,) for quotas.
+    (N, r, d'); ``grad_proj`` (N, k) and ``target_proj`` (T, k) for LESS; ``source`` (N,) names for
+    quotas (Arrow or numpy; dictionary-encoded here, so no Python object per row is touched).
     -> (N,) arrays: ``selected``, ``rank`` (-1 if not), ``reason``, ``score`` and every component.
     """
     method = cfg.method
@@ -53,9 +62,11 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
     tiebreak = id_hash(ids, seed)
     cost = budget.costs(columns["n_tokens"])
     limit = budget.limit(n)
-    limits = None
+    limits = code = None
     if cfg.quotas and source is not None:
-        limits = group_limits(limit, sorted(set(np.asarray(source).tolist())), cfg.quotas)
+        code, names = source_codes(source)
+        by_name = group_limits(limit, sorted(names), cfg.quotas)
+        limits = {c: by_name[name] for c, name in enumerate(names)}
     reason = np.full(n, "", dtype=object)
     out: dict[str, np.ndarray] = {}
     dedup = cfg.dedup == "true" or (cfg.dedup == "auto" and method == "grads")
@@ -74,7 +85,7 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
         eps = (0.0 if n <= EXACT_FISHER_MAX else 0.01) if eps == "auto" else float(eps)
         chosen, gain, gain0 = fisher_greedy(
             fisher_factors, cost, limit, lam, order0=np.argsort(tiebreak, kind="stable"), eligible=eligible,
-            group=source if limits is not None else None, group_limits=limits, epsilon=eps,
+            group=code, group_limits=limits, epsilon=eps,
             batch=cfg.fisher.batch, seed=seed, device=device)
         picked_gain = np.full(n, np.nan)
         picked_gain[chosen] = gain
@@ -82,9 +93,9 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
                     "score": np.where(np.isnan(picked_gain), gain0, picked_gain)})
         over_quota = np.zeros(n, bool)
         if limits is not None:
-            used = {g: int(cost[chosen][np.asarray(source)[chosen] == g].sum()) for g in limits}
-            full = {g for g, lim in limits.items() if lim - used[g] < cost.min(initial=1)}
-            over_quota = np.isin(np.asarray(source), list(full))
+            used = np.bincount(code[chosen], weights=cost[chosen], minlength=len(limits))
+            full = [g for g, lim in limits.items() if lim - used[g] < cost.min(initial=1)]
+            over_quota = np.isin(code, full)
         rank = np.full(n, -1, dtype=np.int64)
         rank[chosen] = np.arange(len(chosen))
         selected = rank >= 0
@@ -140,7 +151,7 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
     if groups is not None:
         order, dropped = cap_per_group(order, groups, cfg.max_per_dup_group)
         reason[dropped] = "duplicate"
-    chosen, over_quota = take_with_quotas(order, cost, limit, source if limits is not None else None, limits)
+    chosen, over_quota = take_with_quotas(order, cost, limit, code, limits)
     reason[order[over_quota]] = "over_source_quota"
     rank = np.full(n, -1, dtype=np.int64)
     rank[chosen] = np.arange(len(chosen))
