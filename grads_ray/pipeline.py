@@ -468,7 +468,10 @@ class Run:
                     kwargs["grad_proj"] = _matrix(self._aligned(self._dir("features"), ids,
                                                                 ["id", "grad_proj"])["grad_proj"])
                     kwargs["target_proj"] = _matrix(read_parts(self._dir("target").parts())["grad_proj"])
-                res = select(cols, ids, parse_budget(sc.budget), sc, cfg.seed, **kwargs)
+                try:
+                    res = select(cols, ids, parse_budget(sc.budget), sc, cfg.seed, **kwargs)
+                except ValueError as exc:  # a setting that does not fit this corpus: say which
+                    raise InputError(f"select: {exc}") from None
                 select_s = time.time() - t0
                 table = pa.table({"id": ids, **{k: pa.array(v) for k, v in res.items()}})
                 write_parquet(self.out / "selection.parquet", table)

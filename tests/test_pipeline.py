@@ -190,6 +190,24 @@ def test_every_method_selects_from_the_same_run(finished, method, tmp_path):
         assert manifest["stages"]["target"]["examples"] == 20
 
 
+def test_same_subset_whatever_the_shards_and_actors(small_job, ray_local, tmp_path):
+    """Float64 scoring makes a row's numbers independent of its batch mates, so the shard layout
+    and the number of scorer actors leave the statistics, and with them the subset, unchanged."""
+    base = ["warmup.enabled=false", "score.dtype=float64", "select.budget=25"]
+    tables = []
+    for name, extra in (("one", ["data.shard_bytes=10000000", "score.num_actors=1"]),
+                        ("many", ["data.shard_bytes=3000", "score.num_actors=2"])):
+        assert main(["select", "--config", str(small_job["config"]), "--output", str(tmp_path / name),
+                     *base, *extra]) == 0
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        tables.append((manifest["stages"]["ingest"], pq.read_table(tmp_path / name / "selection.parquet")))
+    (one, a), (many, b) = tables
+    assert one["shards"] < many["shards"] and a.num_rows == b.num_rows
+    chosen = [{r["id"]: r["rank"] for r in t.select(["id", "rank", "selected"]).to_pylist() if r["selected"]}
+              for t in (a, b)]
+    assert chosen[0] == chosen[1] and len(chosen[0]) == 25
+
+
 def test_same_seed_same_selection(finished):
     out = finished["out"]
     first = pq.read_table(out / "selection.parquet")

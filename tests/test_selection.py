@@ -346,6 +346,11 @@ def test_quotas_are_shares_of_the_budget():
         assert {"over_source_quota"} <= set(res["reason"]), method
 
 
+def test_a_quota_for_an_unknown_source_is_an_error():
+    with pytest.raises(ValueError, match="'law.json', which is no source"):
+        _run(_inputs(50), Budget("count", 5), SelectConfig(method="random", quotas={"law.json": 0.5}))
+
+
 def test_grads_band_fill_duplicates_and_clusters():
     inp = _inputs(800, seed=3)
     groups = inp["similarity"]["dup_group"]

@@ -25,6 +25,8 @@ precision and every gain and update is computed in float64.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -93,7 +95,9 @@ def fisher_greedy(factors: np.ndarray, cost: np.ndarray, limit: int, lam: float,
     n = len(factors)
     dev = torch.device(device)
     # kept in their stored precision (float32: N·r·d'·4 bytes); every gain is computed in float64
-    f = torch.as_tensor(np.ascontiguousarray(factors)).to(dev)
+    with warnings.catch_warnings():  # Arrow-backed arrays are read-only; nothing here writes to them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        f = torch.as_tensor(np.ascontiguousarray(factors)).to(dev)
     cost_np = np.asarray(cost, dtype=np.int64)
     gain0 = np.zeros(n)
     state = _State(f.shape[2], lam, dev)

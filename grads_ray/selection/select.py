@@ -65,6 +65,10 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
     limits = code = None
     if cfg.quotas and source is not None:
         code, names = source_codes(source)
+        unknown = sorted(set(cfg.quotas) - set(names) - {"*"})
+        if unknown:
+            raise ValueError(f"select.quotas names {unknown[0]!r}, which is no source of the corpus "
+                             f"(sources: {', '.join(sorted(names)[:10])})")
         by_name = group_limits(limit, sorted(names), cfg.quotas)
         limits = {c: by_name[name] for c, name in enumerate(names)}
     reason = np.full(n, "", dtype=object)
