@@ -80,7 +80,9 @@ class ScoreConfig:
     chunk_elements: int = 1 << 26  # largest block of per-example gradient entries formed at once
     fisher_dim: int = 64  # FisherSFT summary: last hidden state projected to this size (0: off)
     fisher_rank: int = 4  # ... and kept as a rank-r factor per example
-    response_only_loss: bool = True  # loss of the response without its prompt (IFD's denominator)
+    # loss of the response without its prompt (IFD's denominator): one more forward pass, off by
+    # default (+25% score-stage time on the demo); select.method=ifd needs it
+    response_only_loss: bool = False
 
 
 @dataclass

@@ -444,7 +444,7 @@ class Run:
         with self.stage("select") as entry:
             if not stage.prepare(fp):
                 t0 = time.time()
-                stats = read_parts(self._dir("stats").parts())
+                stats = read_parts(self._dir("stats").parts(), self._select_columns())
                 if stats.num_rows == 0:
                     raise InputError(f"no row of the corpus could be scored: see {self.out / 'rejected.jsonl'}")
                 stats = stats.take(pc.sort_indices(stats["id"]))
@@ -487,6 +487,19 @@ class Run:
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
         self._fps["select"] = fp
         return fp
+
+    def _select_columns(self) -> list[str]:
+        """The stats columns the configured method reads (a 10^7-row table with every layer group's
+        statistics would not fit in the driver's memory whole)."""
+        parts = self._dir("stats").parts()
+        if not parts:
+            return ["id", "loss", "n_tokens"]
+        names = list(dict.fromkeys(c for p in parts for c in pq.read_schema(p).names))  # an empty shard has fewer
+        sc, g = self.cfg.select, self.cfg.select.grads
+        want = {"id", "loss", "n_tokens", "loss_response_only", sc.baseline.grad_norm_column}
+        if sc.method == "grads":
+            want |= {f"{grp}.{st}" for grp in g.groups for st in g.stats} | set(g.stats)
+        return [c for c in names if c in want]
 
     def _torch_gpu(self, setting: str) -> bool:
         import torch

@@ -110,7 +110,10 @@ class StageDir:
 
 def read_parts(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
     """Concatenate Parquet parts (an empty list gives an empty table)."""
-    tables = [pq.read_table(p, columns=columns) for p in paths]
+    tables = []
+    for p in paths:  # a part may lack columns (an empty shard has no group columns): read what it has
+        have = None if columns is None else [c for c in columns if c in pq.read_schema(p).names]
+        tables.append(pq.read_table(p, columns=have))
     if not tables:
         return pa.table({c: [] for c in (columns or [])})
     return pa.concat_tables(tables, promote_options="default")

@@ -107,7 +107,7 @@ class Scorer:
         from grads_ray.gradients.stats import LoopGradStats
 
         settings = dict(settings or {})
-        self.response_only_loss = settings.pop("response_only_loss", True)
+        self.response_only_loss = settings.pop("response_only_loss", False)
         self.batch_size, self.unit_rows = batch_size, ROWS_PER_BLOCK_BATCHES * batch_size  # as read_units cut them
         if threads:
             torch.set_num_threads(threads)

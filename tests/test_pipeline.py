@@ -69,7 +69,7 @@ seed: 1
 data: {{paths: [{corpus}], max_length: 128, on_long: reject, shard_bytes: 6000}}
 model: {{path: {model}}}
 warmup: {{fraction: 0.5, epochs: 1, batch_size: 8, lr: 0.005}}
-score: {{batch_size: 8}}
+score: {{batch_size: 8, response_only_loss: true}}
 select: {{method: grads, budget: "30%"}}
 finetune: {{epochs: 2, batch_size: 8, lr: 0.005}}
 eval: {{domain_paths: [{root / 'heldout.jsonl'}], general_paths: [{root / 'general.txt'}], max_general_blocks: 16}}
