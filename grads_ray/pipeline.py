@@ -98,10 +98,11 @@ def _count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
     return {label: int(c) for label, c in zip(labels, counts, strict=True) if c}
 
 
-def _lists(matrix: np.ndarray) -> pa.ListArray:
-    """(N, k) -> a list column of N rows of k values each (k may be 0), without Python objects."""
+def _lists(matrix: np.ndarray) -> pa.LargeListArray:
+    """(N, k) -> a list column of N rows of k values each (k may be 0), without Python objects;
+    64-bit offsets, so N·k may pass 2^31."""
     n, k = matrix.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), pa.array(matrix.reshape(-1)))
+    return pa.LargeListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int64) * k), pa.array(matrix.reshape(-1)))
 
 
 def _factor_shape(width: int, score_cfg: Any) -> tuple[int, int]:

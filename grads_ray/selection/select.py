@@ -95,18 +95,11 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
         picked_gain[chosen] = gain
         out.update({"fisher_gain_alone": gain0, "fisher_gain": picked_gain,
                     "score": np.where(np.isnan(picked_gain), gain0, picked_gain)})
-        over_quota = np.zeros(n, bool)
-        if limits is not None:
+        if limits is not None:  # sources whose quota cannot pay for even the cheapest example
             used = np.bincount(code[chosen], weights=cost[chosen], minlength=len(limits))
             full = [g for g, lim in limits.items() if lim - used[g] < cost.min(initial=1)]
-            over_quota = np.isin(code, full)
-        rank = np.full(n, -1, dtype=np.int64)
-        rank[chosen] = np.arange(len(chosen))
-        selected = rank >= 0
-        reason[~selected & (reason == "") & over_quota] = "over_source_quota"
-        reason[~selected & (reason == "")] = "over_budget"
-        out.update({"selected": selected, "rank": rank, "reason": reason})
-        return out
+            reason[(reason == "") & np.isin(code, full)] = "over_source_quota"
+        return _verdicts(out, chosen, reason)
 
     preferred = np.ones(n, bool)
     balance = None
@@ -157,12 +150,18 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
         reason[dropped] = "duplicate"
     chosen, over_quota = take_with_quotas(order, cost, limit, code, limits)
     reason[order[over_quota]] = "over_source_quota"
-    rank = np.full(n, -1, dtype=np.int64)
+    if method in NOT_PREFERRED_REASON:
+        reason[(reason == "") & ~preferred] = NOT_PREFERRED_REASON[method]
+    return _verdicts(out, chosen, reason)
+
+
+def _verdicts(out: dict[str, np.ndarray], chosen: np.ndarray, reason: np.ndarray) -> dict[str, np.ndarray]:
+    """Add ``selected``, ``rank`` (pick order, -1 if not) and ``reason`` to ``out``: the chosen get
+    "", the rest keep the reason already set, else ``over_budget``."""
+    rank = np.full(len(reason), -1, dtype=np.int64)
     rank[chosen] = np.arange(len(chosen))
     selected = rank >= 0
-    why = NOT_PREFERRED_REASON.get(method)
-    if why:
-        reason[~selected & (reason == "") & ~preferred] = why
+    reason[selected] = ""
     reason[~selected & (reason == "")] = "over_budget"
     out.update({"selected": selected, "rank": rank, "reason": reason})
     return out
