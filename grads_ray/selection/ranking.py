@@ -37,9 +37,11 @@ def id_hash(ids: pa.Array | pa.ChunkedArray | list[str], seed: int) -> np.ndarra
     data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
     start, length = offsets[:-1], np.diff(offsets)
     h = np.full(n, _FNV_OFFSET, np.uint64) ^ _splitmix(np.array([seed & 0xFFFFFFFFFFFFFFFF], np.uint64))
+    longest_first = np.argsort(-length, kind="stable")
+    desc = length[longest_first]
     with np.errstate(over="ignore"):
-        for j in range(int(length.max(initial=0))):
-            live = np.flatnonzero(length > j)
+        for j in range(int(length.max(initial=0))):  # byte j of every id longer than j: Σ lengths in all
+            live = longest_first[:int(np.searchsorted(-desc, -j, side="left"))]
             h[live] = (h[live] ^ data[start[live] + j].astype(np.uint64)) * _FNV_PRIME
     return _splitmix(h)
 
