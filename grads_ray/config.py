@@ -91,7 +91,15 @@ class SimilarityConfig:
     feature: str = "hidden_mean"  # hidden_mean (content) | grad_proj (projected gradient)
     # cosine at or above which two examples are near-duplicates (SemDeDup's eps = 1 - threshold, default 0.01)
     dup_threshold: float = 0.99
+    eps: float = -1.0  # SemDeDup's knob: when >= 0, dup_threshold = 1 - eps
     query_batch: int = 4096
+    index: str = "auto"  # auto (flat up to exact_max, else ivf_flat) | flat | ivf_flat | ivf_pq
+    exact_max: int = 200_000
+    nlist: int = 0  # IVF cells; 0: about 4·sqrt(N)
+    nprobe: int = 32  # IVF cells searched per query
+    pq_m: int = 32  # IVF-PQ: bytes per vector
+    train_size: int = 100_000  # IVF: vectors sampled (seeded) to train the quantiser
+    recall_sample: int = 1000  # approximate index: queries checked against an exact search
     clusters: int = -1  # k-means clusters for GrADS's diversity quotas: -1 auto (about sqrt N), 0 off
     use_gpu: str = "auto"
 
@@ -338,6 +346,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("similarity.feature=grad_proj needs score.proj_dim > 0")
     if not -1.0 <= cfg.similarity.dup_threshold <= 1.0:
         raise ConfigError("similarity.dup_threshold is a cosine similarity in [-1, 1]")
+    if cfg.similarity.eps > 2.0:
+        raise ConfigError("similarity.eps is 1 - a cosine similarity: in [0, 2] (negative: unset)")
+    _one_of("similarity.index", cfg.similarity.index, ("auto", "flat", "ivf_flat", "ivf_pq"))
+    if min(cfg.similarity.nprobe, cfg.similarity.pq_m, cfg.similarity.train_size, cfg.similarity.k) < 1:
+        raise ConfigError("similarity.k, nprobe, pq_m and train_size must be >= 1")
     from grads_ray.selection.budget import parse_budget
 
     try:

@@ -342,11 +342,13 @@ class Run:
         if "similarity" in self._fps:
             return self._fps["similarity"]
         from grads_ray.similarity.index import (
+            IndexSpec,
             auto_clusters,
             diversity,
             duplicate_groups,
             kmeans_clusters,
             knn,
+            recall_at_k,
         )
 
         s = self.cfg.similarity
@@ -360,8 +362,13 @@ class Run:
                 n = table.num_rows
                 vecs = _matrix(table[s.feature]) if n else np.zeros((0, 1), np.float32)
                 use_gpu = self._faiss_gpu(s.use_gpu)
-                sims, idx, index_name = knn(vecs, s.k, s.query_batch, use_gpu=use_gpu)
-                groups = duplicate_groups(sims, idx, s.dup_threshold)
+                spec = IndexSpec(kind=s.index, exact_max=s.exact_max, nlist=s.nlist, nprobe=s.nprobe, pq_m=s.pq_m,
+                                 train_size=s.train_size, seed=self.cfg.seed)
+                sims, idx, index_name = knn(vecs, s.k, s.query_batch, use_gpu=use_gpu, spec=spec)
+                exact = "IVF" not in index_name
+                recall = 1.0 if exact else recall_at_k(vecs, idx, s.recall_sample, self.cfg.seed)
+                threshold = 1.0 - s.eps if s.eps >= 0 else s.dup_threshold
+                groups = duplicate_groups(sims, idx, threshold)
                 k_clusters = auto_clusters(n) if s.clusters < 0 else s.clusters
                 clusters, _ = kmeans_clusters(vecs, k_clusters, self.cfg.seed, use_gpu=use_gpu)
                 k = idx.shape[1]
@@ -371,7 +378,8 @@ class Run:
                     "dup_group": pa.array(groups), "diversity": pa.array(diversity(sims)),
                     "cluster": pa.array(clusters)}))
                 sizes = Counter(groups.tolist())
-                stage.finish(fp, {"index": index_name, "k": int(k), "vectors": n, "feature": s.feature,
+                stage.finish(fp, {"index": index_name, "exact": bool(exact), "recall_at_k": round(recall, 4),
+                                  "dup_threshold": threshold, "k": int(k), "vectors": n, "feature": s.feature,
                                   "clusters": int(clusters.max(initial=-1)) + 1,
                                   "dup_groups": sum(1 for c in sizes.values() if c > 1),
                                   "rows_in_dup_groups": sum(c for c in sizes.values() if c > 1)})

@@ -40,6 +40,8 @@ def test_yaml_then_overrides(tmp_path):
     ("select.quotas=[a, b]", "select.quotas: expected a mapping"),
     ("select.quotas={a: lots}", "select.quotas.a: expected a number"),
     ("select.fisher.epsilon=1", "select.fisher.epsilon"),
+    ("similarity.index=hnsw", "similarity.index"),
+    ("similarity.eps=3", "similarity.eps"),
     ("nokey", "not of the form"),
 ])
 def test_bad_config_names_the_key(override, match):

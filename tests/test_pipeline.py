@@ -142,6 +142,9 @@ def test_manifest_and_evaluation(finished):
     for stage in ("ingest", "warmup", "score", "similarity", "select", "finetune", "evaluate"):
         assert "seconds" in manifest["stages"][stage], stage
     assert {"torch", "ray", "transformers", "python"} <= set(manifest["versions"])
+    sim = manifest["stages"]["similarity"]
+    assert sim["index"] == "IndexFlatIP" and sim["exact"] and sim["recall_at_k"] == 1.0
+    assert sim["clusters"] >= 2 and sim["dup_threshold"] == 0.99
     assert manifest["config"]["seed"] == 1 and manifest["inputs"]
     ev = json.loads((out / "eval.json").read_text())
     assert ev["after"]["domain_loss"] < ev["before"]["domain_loss"]  # it learned something
@@ -188,6 +191,16 @@ def test_every_method_selects_from_the_same_run(finished, method, tmp_path):
         assert {"fisher_gain", "fisher_gain_alone"} <= set(sel.column_names)
     if method == "less":
         assert manifest["stages"]["target"]["examples"] == 20
+
+
+def test_an_approximate_index_reports_its_recall(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
+    assert main(["similarity", "--config", str(finished["config"]), "--output", str(out),
+                 "similarity.index=ivf_flat", "similarity.nlist=2", "similarity.nprobe=1", "similarity.eps=0.02"]) == 0
+    sim = json.loads((out / "manifest.json").read_text())["stages"]["similarity"]
+    assert sim["index"] == "IndexIVFFlat(IVF2,Flat, nprobe=1)" and not sim["exact"]  # ~130 rows: 2 cells
+    assert 0 < sim["recall_at_k"] <= 1 and sim["dup_threshold"] == pytest.approx(0.98)
 
 
 def test_same_subset_whatever_the_shards_and_actors(small_job, ray_local, tmp_path):

@@ -1,14 +1,17 @@
-"""Nearest neighbours and near-duplicate groups over per-example vectors (numpy in, numpy out).
+"""Nearest neighbours, near-duplicate groups and clusters over per-example vectors (numpy in, numpy out).
 
 Vectors are centred on the corpus mean, then L2-normalised, so inner product is cosine similarity
 of the centred vectors (hidden states of a language model share a large common direction that
-otherwise makes every pair look alike). FAISS's exact ``IndexFlatIP``
-(on a GPU when faiss-gpu and a device are present) answers k-NN in query batches; near-duplicate
-groups are the connected components of the pairs at or above a cosine threshold among those
-neighbours (union-find). Issue 5 adds IVF indexes and sharding for 10^7 vectors.
+otherwise makes every pair look alike). A FAISS index (:class:`IndexSpec`: exact ``IndexFlatIP`` up
+to a size, IVF-Flat or IVF-PQ above it; on the GPUs when faiss-gpu and a device are present) answers
+k-NN in query batches; an approximate index's recall@k is measured on a sample against an exact
+search. Near-duplicate groups are the connected components of the neighbour pairs at or above a
+cosine threshold; clusters come from spherical k-means.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,56 +36,126 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
-def knn(vectors: np.ndarray, k: int, query_batch: int = 4096, use_gpu: bool | None = None,
-        center: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
-    """Each vector's k nearest others by cosine. (N, d) -> (sims (N, k'), idx (N, k'), index name).
+@dataclass
+class IndexSpec:
+    """Which FAISS index answers k-NN (docs/similarity in docs/grads.md and README).
 
-    k' = min(k, N - 1); the vector itself is removed from its own list. Missing slots hold -1 / -inf.
+    ``kind``: ``flat`` (exact inner product), ``ivf_flat`` / ``ivf_pq`` (inverted lists over
+    ``nlist`` k-means cells, trained on a seeded sample of ``train_size`` vectors; ``nprobe`` cells
+    searched per query; PQ stores ``pq_m`` bytes per vector), or ``auto``: flat up to ``exact_max``
+    vectors, else ivf_flat. ``nlist`` 0 = auto, about 4·√N.
     """
+
+    kind: str = "auto"
+    exact_max: int = 200_000
+    nlist: int = 0
+    nprobe: int = 32
+    pq_m: int = 32
+    train_size: int = 100_000
+    seed: int = 0
+
+    def resolve(self, n: int, d: int) -> tuple[str, str]:
+        """-> (kind, FAISS factory string) for n vectors of dimension d."""
+        kind = ("flat" if n <= self.exact_max else "ivf_flat") if self.kind == "auto" else self.kind
+        if kind == "flat":
+            return kind, "Flat"
+        nlist = self.nlist or int(min(65536, max(1, round(4 * n ** 0.5))))
+        nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))  # FAISS wants ~39 training points a cell
+        if kind == "ivf_flat":
+            return kind, f"IVF{nlist},Flat"
+        if kind == "ivf_pq":
+            m = self.pq_m
+            while d % m:  # PQ needs m | d
+                m -= 1
+            return kind, f"IVF{nlist},PQ{m}"
+        raise ValueError(f"unknown index kind {self.kind!r}: auto, flat, ivf_flat or ivf_pq")
+
+
+def build_index(x: np.ndarray, spec: IndexSpec, use_gpu: bool | None = None):
+    """A trained, filled inner-product index over the rows of x (N, d) float32. -> (index, name)."""
     faiss = faiss_module()
-    if len(vectors) < 2:  # nobody to be near
-        return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64), "none"
-    x = np.asarray(vectors, dtype=np.float64)
-    x = l2_normalize(x - x.mean(axis=0) if center else x)
     n, d = x.shape
-    kk = min(k, max(n - 1, 0))
-    index = faiss.IndexFlatIP(d)
-    name = "IndexFlatIP"
+    kind, factory = spec.resolve(n, d)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if kind != "flat":
+        sample = x
+        if n > spec.train_size:
+            sample = x[np.sort(np.random.default_rng(spec.seed).choice(n, spec.train_size, replace=False))]
+        index.train(sample)
+        faiss.extract_index_ivf(index).nprobe = min(spec.nprobe, faiss.extract_index_ivf(index).nlist)
+    name = "IndexFlatIP" if kind == "flat" else f"{type(index).__name__}({factory}, nprobe={spec.nprobe})"
     if (use_gpu is None and gpu_available(faiss)) or use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
         name += "(gpu)"
     index.add(x)
-    sims = np.full((n, kk), -np.inf, dtype=np.float32)
-    idx = np.full((n, kk), -1, dtype=np.int64)
+    return index, name
+
+
+def _drop_self(sims: np.ndarray, idx: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own row from its k+1 results (where present; else drop the last), keeping
+    the rest in order. Missing results (FAISS's -1) get sim -inf. (b, k+1) -> (b, k)."""
+    not_self = idx != rows[:, None]
+    order = np.argsort(~not_self, axis=1, kind="stable")[:, :k]  # self, if any, sorts last
+    idx = np.take_along_axis(idx, order, 1)
+    sims = np.take_along_axis(sims, order, 1).astype(np.float32)
+    sims[idx < 0] = -np.inf
+    return sims, idx
+
+
+def knn(vectors: np.ndarray, k: int, query_batch: int = 4096, use_gpu: bool | None = None,
+        center: bool = True, spec: IndexSpec | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Each vector's k nearest others by cosine. (N, d) -> (sims (N, k'), idx (N, k'), index name).
+
+    k' = min(k, N - 1); the vector itself is removed from its own list. Missing slots hold -1 / -inf
+    (an IVF search can return fewer than k). ``spec`` picks the index (default: exact).
+    """
+    if len(vectors) < 2:  # nobody to be near
+        return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64), "none"
+    x = np.asarray(vectors, dtype=np.float64)
+    x = l2_normalize(x - x.mean(axis=0) if center else x)
+    n = len(x)
+    kk = min(k, n - 1)
+    index, name = build_index(x, spec or IndexSpec(kind="flat"), use_gpu)
+    sims = np.empty((n, kk), dtype=np.float32)
+    idx = np.empty((n, kk), dtype=np.int64)
     for start in range(0, n, query_batch):
         q = x[start:start + query_batch]
-        s, i = index.search(q, kk + 1)  # (b, kk+1): usually self first
-        rows = np.arange(start, start + len(q))[:, None]
-        not_self = i != rows
-        for r in range(len(q)):
-            keep_i, keep_s = i[r][not_self[r]][:kk], s[r][not_self[r]][:kk]
-            idx[start + r, :len(keep_i)] = keep_i
-            sims[start + r, :len(keep_s)] = keep_s
+        s, i = index.search(q, kk + 1)  # usually self first
+        sims[start:start + len(q)], idx[start:start + len(q)] = _drop_self(s, i, np.arange(start, start + len(q)), kk)
     return sims, idx, name
 
 
+def recall_at_k(vectors: np.ndarray, idx: np.ndarray, sample: int = 1000, seed: int = 0,
+                center: bool = True) -> float:
+    """Share of the exact k nearest neighbours that ``idx`` (from an approximate index) found, on a
+    seeded sample of queries, the exact ones by a flat search. (N, d), (N, k) -> recall in [0, 1]."""
+    n, k = idx.shape
+    if n < 2 or k == 0:
+        return 1.0
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+    x = np.asarray(vectors, dtype=np.float64)
+    x = l2_normalize(x - x.mean(axis=0) if center else x)
+    exact, _ = build_index(x, IndexSpec(kind="flat"), use_gpu=False)
+    s, i = exact.search(x[rows], k + 1)
+    _, truth = _drop_self(s, i, rows, k)
+    found = sum(len(np.intersect1d(a[a >= 0], b[b >= 0])) for a, b in zip(idx[rows], truth, strict=True))
+    return found / max(int((truth >= 0).sum()), 1)
+
+
 def union_find_groups(n: int, pairs_a: np.ndarray, pairs_b: np.ndarray) -> np.ndarray:
-    """Connected components of an undirected graph on n nodes. -> (n,) group id = smallest member."""
-    parent = np.arange(n)
+    """Connected components of an undirected graph on n nodes (scipy's, in C). -> (n,) group id =
+    the smallest member's index."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(a: int) -> int:
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:  # path compression
-            parent[a], a = root, parent[a]
-        return root
-
-    for a, b in zip(pairs_a.tolist(), pairs_b.tolist(), strict=True):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(a) for a in range(n)], dtype=np.int64)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    a, b = np.asarray(pairs_a, np.int64), np.asarray(pairs_b, np.int64)
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    smallest = np.full(label.max() + 1, n, np.int64)
+    np.minimum.at(smallest, label, np.arange(n))
+    return smallest[label]
 
 
 def duplicate_groups(sims: np.ndarray, idx: np.ndarray, threshold: float) -> np.ndarray:
