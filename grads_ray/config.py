@@ -160,6 +160,7 @@ class SelectConfig:
     budget: str = "25%"  # "5%", "0.05", "500" (examples) or "20000 tokens"
     dedup: str = "auto"  # cap near-duplicate groups: auto (grads only) | true | false
     max_per_dup_group: int = 1
+    max_similarity: float = 0.0  # > 0: skip a candidate with cosine above this to one ranked above it
     fill: bool = True  # GrADS: fill the budget from outside the band when the band holds too few
     quotas: dict[str, float] = field(default_factory=dict)  # share of the budget per source; "*": the rest
     grads: GradsConfig = field(default_factory=GradsConfig)
@@ -394,6 +395,11 @@ def _validate_select(cfg: Config) -> None:
         raise ConfigError("select.grads.region_mass must be in (0, 1] and select.grads.strata >= 1")
     if not g.stats or not g.groups:
         raise ConfigError("select.grads.stats and select.grads.groups must not be empty")
+    if not 0.0 <= sc.max_similarity <= 1.0:
+        raise ConfigError("select.max_similarity is a cosine in [0, 1] (0: off)")
+    if sc.max_similarity > 0 and sc.method == "fisher":
+        raise ConfigError("select.max_similarity does not apply to fisher (its log-det gain already "
+                          "discounts examples like those chosen)")
     if sc.max_per_dup_group < 1:
         raise ConfigError("select.max_per_dup_group must be >= 1")
     if any(v < 0 for v in sc.quotas.values()) or sum(sc.quotas.values()) <= 0 and sc.quotas:

@@ -473,6 +473,12 @@ class Run:
                     flat = _matrix(feats["fisher_factor"])
                     kwargs["fisher_factors"] = flat.reshape(len(flat), *_factor_shape(flat.shape[1], cfg.score))
                     kwargs["device"] = "cuda" if self._torch_gpu(sc.fisher.use_gpu) else "cpu"
+                if sc.max_similarity > 0 and sc.method != "fisher":
+                    from grads_ray.similarity.index import l2_normalize
+
+                    feat = cfg.similarity.feature
+                    vecs = _matrix(self._aligned(self._dir("features"), ids, ["id", feat])[feat])
+                    kwargs["vectors"] = l2_normalize(vecs - vecs.mean(axis=0))  # as the similarity stage
                 if sc.method == "less":
                     kwargs["grad_proj"] = _matrix(self._aligned(self._dir("features"), ids,
                                                                 ["id", "grad_proj"])["grad_proj"])

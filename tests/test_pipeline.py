@@ -193,6 +193,15 @@ def test_every_method_selects_from_the_same_run(finished, method, tmp_path):
         assert manifest["stages"]["target"]["examples"] == 20
 
 
+def test_the_greedy_similarity_pass_reads_the_feature_vectors(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
+    assert main(["select", "--config", str(finished["config"]), "--output", str(out),
+                 "select.max_similarity=0.5", "select.budget=12"]) == 0
+    sel = pq.read_table(out / "selection.parquet")
+    assert sum(sel["selected"].to_pylist()) == 12 and "too_similar" in set(sel["reason"].to_pylist())
+
+
 def test_an_approximate_index_reports_its_recall(finished, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))

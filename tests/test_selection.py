@@ -372,6 +372,29 @@ def test_grads_band_fill_duplicates_and_clusters():
                                                                             & (off["reason"] != "duplicate")])[-24:].min())
 
 
+@pytest.mark.parametrize("method", ["grads", "loss", "random"])
+def test_greedy_similarity_pass_keeps_the_selection_apart(method):
+    from grads_ray.similarity.index import l2_normalize
+
+    inp = _inputs(400, seed=6)
+    rng = np.random.default_rng(6)
+    base = rng.normal(size=(200, 12))
+    vec = np.concatenate([base, base + 0.05 * rng.normal(size=(200, 12))])  # every row has a near twin
+    vec = l2_normalize(vec - vec.mean(0))
+    cfg = SelectConfig(method=method, max_similarity=0.9, dedup="false")
+    res = select(inp["cols"], inp["ids"], Budget("count", 60), cfg, 3, similarity=inp["similarity"], vectors=vec)
+    chosen = np.flatnonzero(res["selected"])
+    sims = vec[chosen] @ vec[chosen].T
+    np.fill_diagonal(sims, -1)
+    assert len(chosen) == 60 and sims.max() <= 0.9
+    assert "too_similar" in set(res["reason"]) and ((res["reason"] == "") == res["selected"]).all()
+    off = select(inp["cols"], inp["ids"], Budget("count", 60), replace(cfg, max_similarity=0.0), 3,
+                 similarity=inp["similarity"])
+    twins = vec[np.flatnonzero(off["selected"])] @ vec[np.flatnonzero(off["selected"])].T
+    np.fill_diagonal(twins, -1)
+    assert twins.max() > 0.9  # without the pass, some twins are taken together
+
+
 def test_ifd_takes_prompt_helped_examples_first():
     inp = _inputs(200, seed=4)
     res = _run(inp, Budget("count", 20), SelectConfig(method="ifd"))

@@ -126,3 +126,22 @@ def test_components_match_a_plain_union_find():
         parent[max(ru, rv)] = min(ru, rv)
     expected = [min(j for j in range(n) if find(j) == find(i)) for i in range(n)]
     assert union_find_groups(n, a, b).tolist() == expected
+
+
+def test_greedy_far_apart_equals_one_at_a_time():
+    from grads_ray.similarity.index import greedy_far_apart
+
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(60, 8))
+    x = np.concatenate([base, base[:25] + 0.05 * rng.normal(size=(25, 8))])  # near copies
+    x = l2_normalize(x - x.mean(0))
+    order = rng.permutation(len(x))
+    kept: list[int] = []
+    for i in order.tolist():  # the plain reference
+        if not kept or (x[kept] @ x[i]).max() <= 0.9:
+            kept.append(i)
+    for block in (1, 7, 512):  # across blocks, inside a block, both
+        acc, rej, seen = greedy_far_apart(order, x, 0.9, lambda a: False, block=block)
+        assert acc.tolist() == kept and sorted(rej.tolist() + kept) == sorted(order.tolist()) and seen == len(x)
+    acc, _, seen = greedy_far_apart(order, x, 0.9, lambda a: len(a) >= 10, block=7)
+    assert acc.tolist() == kept[:len(acc)] and len(acc) >= 10 and seen < len(x)  # stops once done

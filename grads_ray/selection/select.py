@@ -5,8 +5,9 @@ ids, the numbers and the seed only, never on shards, actors or row order.
 
 Every scored example gets a verdict: selected (with its rank) or the reason it was not, the first
 that applies of ``duplicate`` (its near-duplicate group already has ``max_per_dup_group`` members
-ranked above it), ``over_source_quota`` (its source's share of the budget was spent),
-``outside_band`` (GrADS's criteria) / ``ifd_above_max`` (IFD), or ``over_budget``.
+ranked above it), ``too_similar`` (the optional greedy similarity pass, ``max_similarity``),
+``over_source_quota`` (its source's share of the budget was spent), ``outside_band`` (GrADS's
+criteria) / ``ifd_above_max`` (IFD), or ``over_budget``.
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ def source_codes(source: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.nd
 def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Budget, cfg: Any, seed: int, *,
            similarity: dict[str, np.ndarray] | None = None, fisher_factors: np.ndarray | None = None,
            grad_proj: np.ndarray | None = None, target_proj: np.ndarray | None = None,
-           source: pa.Array | np.ndarray | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
+           source: pa.Array | np.ndarray | None = None, vectors: np.ndarray | None = None,
+           device: str = "cpu") -> dict[str, np.ndarray]:
     """Choose a subset of N scored examples (``cfg``: a :class:`grads_ray.config.SelectConfig`).
 
     ``columns``: the stats table as (N,) arrays; ``similarity``: ``dup_group``, ``diversity``,
     ``cluster`` (N,) and ``nn_idx``/``nn_sims`` (N, k) from the similarity stage; ``fisher_factors``
     (N, r, d'); ``grad_proj`` (N, k) and ``target_proj`` (T, k) for LESS; ``source`` (N,) names for
-    quotas (Arrow or numpy; dictionary-encoded here, so no Python object per row is touched).
+    quotas (Arrow or numpy; dictionary-encoded here, so no Python object per row is touched);
+    ``vectors`` (N, d) centred, L2-normalised, for ``max_similarity``.
     -> (N,) arrays: ``selected``, ``rank`` (-1 if not), ``reason``, ``score`` and every component.
     """
     method = cfg.method
@@ -148,11 +151,34 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
     if groups is not None:
         order, dropped = cap_per_group(order, groups, cfg.max_per_dup_group)
         reason[dropped] = "duplicate"
+    if cfg.max_similarity > 0:
+        order = _far_apart(order, vectors, cfg.max_similarity, cost, limit, code, limits, reason, device)
     chosen, over_quota = take_with_quotas(order, cost, limit, code, limits)
     reason[order[over_quota]] = "over_source_quota"
     if method in NOT_PREFERRED_REASON:
         reason[(reason == "") & ~preferred] = NOT_PREFERRED_REASON[method]
     return _verdicts(out, chosen, reason)
+
+
+def _far_apart(order, vectors, threshold, cost, limit, code, limits, reason, device) -> np.ndarray:
+    """The greedy similarity pass: candidates closer than ``threshold`` (cosine) to one ranked above
+    them that passed get ``too_similar``; the walk stops once the budget is spent, and what it did
+    not reach keeps its place behind (nothing more fits there). -> the order without the rejected."""
+    from grads_ray.similarity.index import greedy_far_apart
+
+    if vectors is None:
+        raise ValueError("select.max_similarity needs the similarity feature's vectors")
+
+    def spent(accepted: np.ndarray) -> bool:
+        if cost[accepted].sum() < limit:
+            return False
+        taken, _ = take_with_quotas(accepted, cost, limit, code, limits)
+        return limit - cost[taken].sum() < cost.min(initial=1)
+
+    accepted, rejected, examined = greedy_far_apart(order, vectors, threshold, spent,
+                                                    use_gpu=device.startswith("cuda") or None)
+    reason[rejected] = "too_similar"
+    return np.concatenate([accepted, order[examined:]])
 
 
 def _verdicts(out: dict[str, np.ndarray], chosen: np.ndarray, reason: np.ndarray) -> dict[str, np.ndarray]:

@@ -193,3 +193,42 @@ def kmeans_clusters(vectors: np.ndarray, k: int, seed: int, use_gpu: bool | None
     km.train(x)
     _, assign = km.index.search(x, 1)
     return assign[:, 0].astype(np.int64), km.centroids
+
+
+def greedy_far_apart(order: np.ndarray, vectors: np.ndarray, threshold: float, done, block: int = 2048,
+                     use_gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Walk ``order`` (best first) and reject each candidate whose cosine to a candidate accepted
+    before it exceeds ``threshold``: against earlier blocks by one batched FAISS search (an exact
+    index of the accepted), inside a block by its (b, b) similarity matrix.
+
+    ``vectors`` (N, d) must be centred and L2-normalised; ``done(accepted)`` says when enough has
+    been accepted (e.g. the budget is spent), so the walk stops early. -> (accepted indices in
+    order, rejected indices, how many of ``order`` were examined)."""
+    faiss = faiss_module()
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    if (use_gpu is None and gpu_available(faiss)) or use_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    accepted: list[np.ndarray] = []
+    rejected: list[np.ndarray] = []
+    pos = 0
+    while pos < len(order):
+        cand = order[pos:pos + block]
+        pos += len(cand)
+        q = x[cand]
+        far = np.ones(len(cand), bool)
+        if index.ntotal:
+            s, _ = index.search(q, 1)
+            far = s[:, 0] <= threshold
+        inner = q @ q.T
+        keep = np.zeros(len(cand), bool)
+        for j in np.flatnonzero(far).tolist():  # inside the block, in order
+            if not (inner[j, :j][keep[:j]] > threshold).any():
+                keep[j] = True
+        accepted.append(cand[keep])
+        rejected.append(cand[~keep])
+        index.add(q[keep])
+        if done(np.concatenate(accepted)):
+            break
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return cat(accepted), cat(rejected), pos
