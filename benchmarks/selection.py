@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import numpy as np
 import pyarrow as pa
+from timing import timed  # benchmarks/timing.py: scripts run as python benchmarks/NAME.py
 
 from grads_ray.config import FisherConfig, SelectConfig
 from grads_ray.selection.budget import Budget
@@ -60,12 +60,6 @@ def synthetic(n: int, seed: int, proj_dim: int = 32, k: int = 10) -> dict:
             "source": np.array(["law.jsonl", "medicine.jsonl", "finance.jsonl"], dtype=object)[rng.integers(0, 3, n)],
             "grad_proj": rng.normal(size=(n, proj_dim)).astype(np.float32),
             "target_proj": rng.normal(size=(64, proj_dim)).astype(np.float32)}
-
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import numpy as np
+from timing import timed  # benchmarks/timing.py: scripts run as python benchmarks/NAME.py
 
 from grads_ray.similarity.index import IndexSpec, faiss_module, gpu_available, knn, l2_normalize, recall_at_k
 
@@ -44,12 +44,6 @@ def numpy_knn(x: np.ndarray, k: int, block: int = 2048) -> np.ndarray:
         order = np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable")
         out[s:s + block] = np.take_along_axis(top, order, 1)
     return out
-
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
 
 
 def main() -> None:
