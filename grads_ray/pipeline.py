@@ -474,11 +474,11 @@ class Run:
                     kwargs["fisher_factors"] = flat.reshape(len(flat), *_factor_shape(flat.shape[1], cfg.score))
                     kwargs["device"] = "cuda" if self._torch_gpu(sc.fisher.use_gpu) else "cpu"
                 if sc.max_similarity > 0 and sc.method != "fisher":
-                    from grads_ray.similarity.index import l2_normalize
+                    from grads_ray.similarity.index import unit_vectors
 
                     feat = cfg.similarity.feature
-                    vecs = _matrix(self._aligned(self._dir("features"), ids, ["id", feat])[feat])
-                    kwargs["vectors"] = l2_normalize(vecs - vecs.mean(axis=0))  # as the similarity stage
+                    kwargs["vectors"] = unit_vectors(_matrix(self._aligned(self._dir("features"), ids,
+                                                                           ["id", feat])[feat]))
                 if sc.method == "less":
                     kwargs["grad_proj"] = _matrix(self._aligned(self._dir("features"), ids,
                                                                 ["id", "grad_proj"])["grad_proj"])

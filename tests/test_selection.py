@@ -18,7 +18,6 @@ from grads_ray.selection.budget import (
     group_limits,
     parse_budget,
     take_with_quotas,
-    take_within_budget,
 )
 from grads_ray.selection.fisher import brute_force_greedy, fisher_greedy, log_det_objective
 from grads_ray.selection.grads import criteria, gradient_signal, grads_components, redundancy, region_score
@@ -54,6 +53,11 @@ def test_parse_budget(text, expected):
 def test_bad_budgets(bad):
     with pytest.raises(ValueError):
         parse_budget(bad)
+
+
+def take_within_budget(order, n_tokens, budget, n_total):
+    """The budget alone (no quotas) over ``order``, as select() spends it."""
+    return take_with_quotas(order, budget.costs(n_tokens), budget.limit(n_total))[0]
 
 
 def test_token_budget_skips_what_does_not_fit():

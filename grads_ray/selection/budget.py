@@ -82,12 +82,6 @@ def fits(cost_in_order: np.ndarray, limit: int) -> np.ndarray:
     return take
 
 
-def take_within_budget(order: np.ndarray, n_tokens: np.ndarray, budget: Budget, n_total: int) -> np.ndarray:
-    """The part of ``order`` (indices, best first) that the budget pays for, in rank order.
-    Fractions count examples, rounded up, out of ``n_total``."""
-    return order[fits(budget.costs(n_tokens)[order], budget.limit(n_total))]
-
-
 def group_limits(limit: int, groups: list[str], shares: dict[str, float]) -> dict[str, int]:
     """Split a budget's limit over named groups by their shares. A ``"*"`` share is split evenly
     over the groups not named; groups that get no share get 0. Shares are normalised when they add

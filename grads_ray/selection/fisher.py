@@ -43,6 +43,11 @@ def gains(factors: torch.Tensor, a_inv: torch.Tensor) -> torch.Tensor:
     return torch.linalg.slogdet(eye + m)[1]
 
 
+def _rows(f: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """f[idx] for numpy indices, on f's device. (N, r, d'), (m,) -> (m, r, d')."""
+    return f[torch.from_numpy(np.ascontiguousarray(idx)).to(f.device)]
+
+
 def log_det_objective(factors: np.ndarray, chosen: np.ndarray, lam: float) -> float:
     """f(S) = log det(λI + Σ_{i∈S} F_iᵀF_i), directly (float64). For tests and reports."""
     f = np.asarray(factors, dtype=np.float64)[np.asarray(chosen, dtype=np.int64)]
@@ -176,7 +181,7 @@ def _lazy(f, cost, ok, gain0, tie, budget: _Budget, state: _State, batch: int):
         k = min(m, len(pool))
         top = np.argpartition(-pub, k - 1)[:k] if k < len(pool) else np.arange(len(pool))
         cand = pool[top]
-        fresh = gains(f[torch.from_numpy(np.ascontiguousarray(cand)).to(f.device)], state.a_inv).cpu().numpy()
+        fresh = gains(_rows(f, cand), state.a_inv).cpu().numpy()
         ub[cand] = fresh / np.maximum(cost[cand], 1)
         stamp[cand] = state.picks
         m = min(2 * m, POOL)
@@ -205,7 +210,7 @@ def _stochastic(f, cost, ok, tie, budget: _Budget, state: _State, epsilon: float
         cand = cand[alive[cand]]
         if not len(cand):
             continue
-        g = gains(f[torch.from_numpy(np.ascontiguousarray(cand)).to(f.device)], state.a_inv).cpu().numpy() / np.maximum(cost[cand], 1)
+        g = gains(_rows(f, cand), state.a_inv).cpu().numpy() / np.maximum(cost[cand], 1)
         best = np.lexsort((tie[cand], -g))[:batch]
         for b in best.tolist():
             i = int(cand[b])

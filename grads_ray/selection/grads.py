@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from grads_ray.selection.kde import bandwidth, hdr_level, kde_density
-from grads_ray.selection.ranking import NORMALIZERS, chauvenet_k, quantile_bins, rank01
+from grads_ray.selection.ranking import NORMALIZERS, chauvenet_k, order_desc, quantile_bins, rank01
 
 EPS = 1e-30
 SIGNED_STATS = ("grad_mean",)  # signed statistics: asinh-transformed; the rest are magnitudes
@@ -136,7 +136,7 @@ def redundancy(base: np.ndarray, tiebreak: np.ndarray, nn_idx: np.ndarray, nn_si
     if nn_idx is None or nn_idx.size == 0:
         return np.zeros(n)
     rank = np.empty(n, np.int64)
-    rank[np.lexsort((tiebreak, -np.nan_to_num(base, nan=-np.inf)))] = np.arange(n)
+    rank[order_desc(base, tiebreak)] = np.arange(n)
     valid = nn_idx >= 0
     j = np.where(valid, nn_idx, 0)
     above = valid & (rank[j] < rank[:, None])

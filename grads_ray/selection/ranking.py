@@ -174,14 +174,6 @@ def split_evenly(total: int, weights: np.ndarray) -> np.ndarray:
     return base
 
 
-def is_finite_all(*arrays: np.ndarray) -> np.ndarray:
-    """Rows where every given array is finite. -> (N,) bool."""
-    ok = np.ones(len(arrays[0]), bool)
-    for a in arrays:
-        ok &= np.isfinite(np.asarray(a, dtype=np.float64))
-    return ok
-
-
 def ceil_fraction(value: float, n: int) -> int:
     """ceil(value · n) without float noise turning 0.1·30 = 3.0000000000000004 into 4."""
     return int(math.ceil(round(value * n, 9)))

@@ -36,6 +36,13 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
+def unit_vectors(vectors: np.ndarray, center: bool = True) -> np.ndarray:
+    """The vectors every search here compares: centred on their mean (in float64) when asked, then
+    L2-normalised. (N, d) -> (N, d) float32."""
+    x = np.asarray(vectors, dtype=np.float64)
+    return l2_normalize(x - x.mean(axis=0) if center else x)
+
+
 @dataclass
 class IndexSpec:
     """Which FAISS index answers k-NN (docs/similarity in docs/grads.md and README).
@@ -111,8 +118,7 @@ def knn(vectors: np.ndarray, k: int, query_batch: int = 4096, use_gpu: bool | No
     """
     if len(vectors) < 2:  # nobody to be near
         return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64), "none"
-    x = np.asarray(vectors, dtype=np.float64)
-    x = l2_normalize(x - x.mean(axis=0) if center else x)
+    x = unit_vectors(vectors, center)
     n = len(x)
     kk = min(k, n - 1)
     index, name = build_index(x, spec or IndexSpec(kind="flat"), use_gpu)
@@ -133,8 +139,7 @@ def recall_at_k(vectors: np.ndarray, idx: np.ndarray, sample: int = 1000, seed: 
     if n < 2 or k == 0:
         return 1.0
     rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
-    x = np.asarray(vectors, dtype=np.float64)
-    x = l2_normalize(x - x.mean(axis=0) if center else x)
+    x = unit_vectors(vectors, center)
     exact, _ = build_index(x, IndexSpec(kind="flat"), use_gpu=False)
     s, i = exact.search(x[rows], k + 1)
     _, truth = _drop_self(s, i, rows, k)
@@ -185,8 +190,7 @@ def kmeans_clusters(vectors: np.ndarray, k: int, seed: int, use_gpu: bool | None
     n = len(vectors)
     if n == 0 or k <= 1:
         return np.zeros(n, np.int64), np.zeros((min(n, 1), vectors.shape[1] if vectors.ndim == 2 else 1), np.float32)
-    x = np.asarray(vectors, dtype=np.float64)
-    x = l2_normalize(x - x.mean(axis=0) if center else x)
+    x = unit_vectors(vectors, center)
     k = min(k, n)
     gpu = bool((use_gpu is None and gpu_available(faiss)) or use_gpu)
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=gpu, verbose=False)
