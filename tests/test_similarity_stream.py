@@ -1,0 +1,139 @@
+"""The streamed, sharded similarity stage equals the in-memory k-NN (and numpy brute force) whatever
+the shards, chunks and index workers; near-duplicates planted in vectors and in edited texts are
+found with no false merges at the default threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from grads_ray.similarity.index import IndexSpec, duplicate_groups, knn
+from grads_ray.similarity.stream import (
+    IndexWorker,
+    LocalPool,
+    StreamSettings,
+    _template,
+    chunk_rows,
+    merge_topk,
+    similarity_over_parts,
+)
+from tests.test_similarity import _clustered, brute_knn
+
+
+def _write_parts(tmp_path, ids: list[str], x: np.ndarray, n_parts: int, seed: int, column: str = "vec"):
+    """The rows shuffled over ``n_parts`` Parquet files (as score shards hold them)."""
+    order = np.random.default_rng(seed).permutation(len(ids))
+    paths = []
+    for j, chunk in enumerate(np.array_split(order, n_parts)):
+        p = tmp_path / f"in-{n_parts}-{seed}-{j:03d}.parquet"
+        pq.write_table(pa.table({"id": pa.array([ids[i] for i in chunk], pa.string()),
+                                 column: pa.array(list(x[chunk]), pa.list_(pa.float32()))}), p)
+        paths.append(p)
+    return paths
+
+
+def _run(tmp_path, parts, st: StreamSettings, tag: str):
+    out = tmp_path / f"out-{tag}"
+    out.mkdir()
+    info = similarity_over_parts(parts, lambda i: out / f"part-{i:05d}.parquet", st)
+    t = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+    t = t.sort_by("id")
+    n = t.num_rows
+    nn = np.stack([np.asarray(r, np.int64) for r in t["nn_rows"].to_pylist()]) if n else None
+    sims = np.stack([np.asarray(r, np.float32) for r in t["nn_sims"].to_pylist()]) if n else None
+    return info, t, sims, nn
+
+
+def test_merge_topk_by_hand():
+    s = np.array([[0.9, 0.1, 0.5, 0.9, 0.3, 0.0]], np.float32)
+    lab = np.array([[7, 1, 2, 3, -1, 5]])
+    ms, ml = merge_topk(s, lab, 4)
+    assert ml.tolist() == [[3, 7, 2, 1]]  # equal sims: the smaller label first; -1 never before a real one
+    np.testing.assert_allclose(ms, [[0.9, 0.9, 0.5, 0.1]])
+
+
+def test_chunk_rows_follow_the_budget():
+    assert chunk_rows(256, 16, 512) > 10 * chunk_rows(256, 16, 40)
+    assert chunk_rows(256, 16, 0.01) == 256  # a floor, so progress is made
+
+
+@pytest.mark.parametrize("n_parts,workers,memory_mb", [(1, 1, 512), (7, 3, 0.01)])
+def test_stream_equals_in_memory_knn_and_brute_force(tmp_path, n_parts, workers, memory_mb):
+    n, d, k = 1500, 16, 8
+    x = _clustered(n, d, 5)
+    x[10] = x[11] * 2.0  # a planted duplicate pair (cosine 1 before centring, near 1 after)
+    x[700] = 0.0  # a zero row: stays zero, nobody's duplicate
+    ids = [f"ex-{i:05d}" for i in range(n)]  # id order = row order, so positions = rows
+    parts = _write_parts(tmp_path, ids, x, n_parts, seed=n_parts)
+    st = StreamSettings(column="vec", k=k, threshold=0.99, memory_mb=memory_mb, workers=workers, clusters=12,
+                        recall_sample=200, seed=0)
+    info, t, sims, nn = _run(tmp_path, parts, st, f"{n_parts}-{workers}")
+    assert info["chunks"] >= (6 if memory_mb < 1 else 1) and info["exact"] and info["recall_at_k"] == 1.0
+    ref_s, ref_i, _ = knn(x, k)
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+    assert (nn == ref_i).mean() > 0.995
+    b_s, b_i = brute_knn(np.where(np.arange(n)[:, None] == 700, 1e-30, x), k)  # float64 reference
+    np.testing.assert_allclose(np.delete(sims, 700, 0), np.delete(b_s, 700, 0), atol=1e-5)
+    groups = t["dup_group"].to_numpy()
+    assert (groups == duplicate_groups(ref_s, ref_i, 0.99)).all()
+    assert groups[11] == groups[10] == 10 and (groups == np.arange(n)).sum() >= n - 5
+    assert set(t.column_names) >= {"id", "nn_rows", "nn_sims", "dup_group", "diversity", "cluster"}
+    assert t["cluster"].to_numpy().max() < 12 and len(np.unique(t["cluster"].to_numpy())) > 6
+
+
+def test_stream_is_the_same_for_any_sharding(tmp_path):
+    """Shards, chunks and workers change nothing: neighbours, groups, clusters (sampled by position)."""
+    n, d = 900, 12
+    x = _clustered(n, d, 9)
+    ids = [f"{i * 7919 % 10007:06d}" for i in range(n)]  # ids not in row order
+    spec = IndexSpec(kind="ivf_flat", nlist=10, nprobe=3, train_size=500, seed=0)
+    outs = []
+    for n_parts, workers, mem in ((1, 1, 512), (5, 2, 0.01), (3, 4, 0.02)):
+        parts = _write_parts(tmp_path, ids, x, n_parts, seed=n_parts)
+        st = StreamSettings(column="vec", k=6, spec=spec, memory_mb=mem, workers=workers, clusters=8,
+                            recall_sample=300, seed=1)
+        info, t, sims, nn = _run(tmp_path, parts, st, f"{n_parts}-{workers}")
+        outs.append((info, t, sims, nn))
+    (i0, t0, s0, n0) = outs[0]
+    assert not i0["exact"] and 0.3 < i0["recall_at_k"] < 1.0  # 3 of 10 cells: approximate, and measured
+    for info, t, sims, nn in outs[1:]:
+        assert t["id"].equals(t0["id"]) and info["recall_at_k"] == i0["recall_at_k"]
+        np.testing.assert_allclose(sims, s0, atol=1e-5)
+        assert (nn == n0).mean() > 0.995
+        assert t["cluster"].equals(t0["cluster"]) and t["dup_group"].equals(t0["dup_group"])
+
+
+def test_ivf_stream_recall_is_the_brute_force_recall(tmp_path):
+    n, k = 3000, 8
+    x = _clustered(n, 24, 2)
+    ids = [f"r{i:05d}" for i in range(n)]
+    parts = _write_parts(tmp_path, ids, x, 4, seed=0)
+    spec = IndexSpec(kind="ivf_flat", nlist=48, nprobe=2, seed=0)
+    st = StreamSettings(column="vec", k=k, spec=spec, memory_mb=0.05, workers=2, recall_sample=3000, seed=0)
+    info, t, sims, nn = _run(tmp_path, parts, st, "ivf")
+    _, ref_i = brute_knn(x, k)
+    direct = np.mean([len(np.intersect1d(nn[r], ref_i[r])) / k for r in range(n)])
+    assert info["recall_at_k"] < 0.99 and info["recall_at_k"] == pytest.approx(direct, abs=2e-3)
+    assert info["index_bytes"] == n * 24 * 4  # IVF-Flat stores the vectors
+
+
+def test_index_worker_pads_when_it_holds_fewer_than_k():
+    template, _, _ = _template(np.zeros((0, 4), np.float32), 3, 4, IndexSpec(kind="flat"))
+    w = IndexWorker(template)
+    w.add(np.eye(4, dtype=np.float32)[:2], np.array([10, 20]))
+    s, lab = w.search(np.eye(4, dtype=np.float32)[:1], 4)
+    assert lab.tolist() == [[10, 20, -1, -1]] and np.isinf(s[0, 2:]).all()
+    assert LocalPool(template, 2, False, 0).search(np.eye(4, dtype=np.float32)[:1], 2)[0][1].tolist() == [[-1, -1]]
+
+
+def test_empty_and_single_row_corpora(tmp_path):
+    for n in (0, 1):
+        x = np.ones((n, 4), np.float32)
+        parts = _write_parts(tmp_path, [f"a{i}" for i in range(n)], x, 1, seed=10 + n)
+        if n == 0:  # a shard with no rows still has the vector column's type
+            pq.write_table(pa.table({"id": pa.array([], pa.string()), "vec": pa.array([], pa.list_(pa.float32()))}),
+                           parts[0])
+        info, t, _, _ = _run(tmp_path, parts, StreamSettings(column="vec"), f"tiny{n}")
+        assert t.num_rows == n and info["vectors"] == n and info["k"] == 0
