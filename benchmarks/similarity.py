@@ -17,7 +17,7 @@ Two more measurements, in the same run:
   joined; against grads-ray's groups (k-NN pairs at the same threshold, components). Time, planted
   copies found, and how far the two agree;
 - the whole similarity stage (streamed, index in a Ray actor) at two sizes, its driver's peak
-  memory (ru_maxrss of a fresh process) beside an in-memory run of the same data; IVF-PQ bytes per
+  memory (VmHWM of a fresh process) beside an in-memory run of the same data; IVF-PQ bytes per
   vector.
 
 The last line printed is one JSON object with the headline figures.
@@ -148,7 +148,15 @@ def _write_features(folder: Path, n: int, d: int, rows_per_part: int = 50_000) -
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory. VmHWM (Linux) starts afresh at exec, unlike ru_maxrss,
+    which a child keeps from the parent that forked it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: an upper bound
 
 
 def stage_child(folder: str, mode: str, memory_mb: float, k: int) -> None:
