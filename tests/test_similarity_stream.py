@@ -79,7 +79,8 @@ def test_stream_equals_in_memory_knn_and_brute_force(tmp_path, n_parts, workers,
     groups = t["dup_group"].to_numpy()
     assert (groups == duplicate_groups(ref_s, ref_i, 0.99)).all()
     assert groups[11] == groups[10] == 10 and (groups == np.arange(n)).sum() >= n - 5
-    assert set(t.column_names) >= {"id", "nn_rows", "nn_sims", "dup_group", "diversity", "cluster"}
+    assert set(t.column_names) >= {"id", "position", "nn_rows", "nn_sims", "dup_group", "diversity", "cluster"}
+    assert t["position"].to_pylist() == list(range(n))  # the place in id order, which nn_rows index
     assert t["cluster"].to_numpy().max() < 12 and len(np.unique(t["cluster"].to_numpy())) > 6
 
 
@@ -137,3 +138,26 @@ def test_empty_and_single_row_corpora(tmp_path):
                            parts[0])
         info, t, _, _ = _run(tmp_path, parts, StreamSettings(column="vec"), f"tiny{n}")
         assert t.num_rows == n and info["vectors"] == n and info["k"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_and_cpu_give_the_same_groups(tmp_path):
+    """faiss-gpu (exact and IVF) against faiss-cpu on the same parts: the same near-duplicate groups
+    and clusters' count, neighbours equal up to ties and float32 rounding."""
+    from grads_ray.similarity.index import faiss_module, gpu_available
+
+    if not gpu_available(faiss_module()):
+        pytest.skip("no GPU faiss here")
+    n = 5000
+    x = _clustered(n, 32, 4)
+    x[100:150] = x[:50] + 1e-3 * np.random.default_rng(0).normal(size=(50, 32)).astype(np.float32)
+    parts = _write_parts(tmp_path, [f"g{i:05d}" for i in range(n)], x, 3, seed=0)
+    for spec in (IndexSpec(kind="flat"), IndexSpec(kind="ivf_flat", nlist=32, nprobe=8)):
+        res = []
+        for gpu in (False, True):
+            st = StreamSettings(column="vec", k=8, spec=spec, workers=2, use_gpu=gpu, memory_mb=1, recall_sample=500)
+            res.append(_run(tmp_path, parts, st, f"{spec.kind}-{gpu}"))
+        (ci, ct, cs, cn), (gi, gt, gs, gn) = res
+        assert gt["dup_group"].equals(ct["dup_group"]) and gi["index"].endswith("(gpu)")
+        np.testing.assert_allclose(gs, cs, atol=1e-4)
+        assert (gn == cn).mean() > 0.99 and abs(gi["recall_at_k"] - ci["recall_at_k"]) < 0.02

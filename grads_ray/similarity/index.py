@@ -78,19 +78,28 @@ class IndexSpec:
         raise ValueError(f"unknown index kind {self.kind!r}: auto, flat, ivf_flat or ivf_pq")
 
 
+def trained_index(sample: np.ndarray, n: int, d: int, spec: IndexSpec):
+    """An empty inner-product index for n vectors of dimension d, its quantiser (IVF) trained on
+    ``sample`` (unit rows) and nprobe set. -> (index, kind, name)."""
+    faiss = faiss_module()
+    kind, factory = spec.resolve(n, d)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if kind != "flat":
+        index.train(np.ascontiguousarray(sample, np.float32))
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = min(spec.nprobe, ivf.nlist)
+    name = "IndexFlatIP" if kind == "flat" else f"{type(index).__name__}({factory}, nprobe={spec.nprobe})"
+    return index, kind, name
+
+
 def build_index(x: np.ndarray, spec: IndexSpec, use_gpu: bool | None = None):
     """A trained, filled inner-product index over the rows of x (N, d) float32. -> (index, name)."""
     faiss = faiss_module()
     n, d = x.shape
-    kind, factory = spec.resolve(n, d)
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    if kind != "flat":
-        sample = x
-        if n > spec.train_size:
-            sample = x[np.sort(np.random.default_rng(spec.seed).choice(n, spec.train_size, replace=False))]
-        index.train(sample)
-        faiss.extract_index_ivf(index).nprobe = min(spec.nprobe, faiss.extract_index_ivf(index).nlist)
-    name = "IndexFlatIP" if kind == "flat" else f"{type(index).__name__}({factory}, nprobe={spec.nprobe})"
+    sample = x
+    if n > spec.train_size and spec.resolve(n, d)[0] != "flat":
+        sample = x[np.sort(np.random.default_rng(spec.seed).choice(n, spec.train_size, replace=False))]
+    index, _, name = trained_index(sample, n, d, spec)
     if (use_gpu is None and gpu_available(faiss)) or use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
         name += "(gpu)"
@@ -181,22 +190,15 @@ def auto_clusters(n: int) -> int:
     return int(min(1024, max(1, round(n ** 0.5))))
 
 
-def kmeans_clusters(vectors: np.ndarray, k: int, seed: int, use_gpu: bool | None = None, niter: int = 20,
-                    center: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means (FAISS) of the centred, L2-normalised vectors; FAISS trains on at most 256
-    points per centroid (a seeded sample) and every vector is then assigned to its nearest centroid.
-    (N, d) -> ((N,) int64 cluster ids in [0, k'), (k', d) float32 centroids), k' = min(k, N)."""
+def kmeans_centroids(unit: np.ndarray, k: int, seed: int, use_gpu: bool | None = None, niter: int = 20) -> np.ndarray:
+    """Spherical k-means (FAISS) of unit rows; FAISS trains on at most 256 points a centroid (its
+    seeded sample). (N, d) -> (k', d) float32 centroids, k' = min(k, N)."""
     faiss = faiss_module()
-    n = len(vectors)
-    if n == 0 or k <= 1:
-        return np.zeros(n, np.int64), np.zeros((min(n, 1), vectors.shape[1] if vectors.ndim == 2 else 1), np.float32)
-    x = unit_vectors(vectors, center)
-    k = min(k, n)
     gpu = bool((use_gpu is None and gpu_available(faiss)) or use_gpu)
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=gpu, verbose=False)
-    km.train(x)
-    _, assign = km.index.search(x, 1)
-    return assign[:, 0].astype(np.int64), km.centroids
+    km = faiss.Kmeans(unit.shape[1], min(k, len(unit)), niter=niter, seed=seed, spherical=True, gpu=gpu,
+                      verbose=False)
+    km.train(np.ascontiguousarray(unit, np.float32))
+    return km.centroids
 
 
 def greedy_far_apart(order: np.ndarray, vectors: np.ndarray, threshold: float, done, block: int = 2048,

@@ -41,7 +41,9 @@ from grads_ray.similarity.index import (
     diversity,
     faiss_module,
     gpu_available,
+    kmeans_centroids,
     l2_normalize,
+    trained_index,
     union_find_groups,
 )
 
@@ -56,7 +58,8 @@ def merge_topk(sims: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray
 
 def chunk_rows(dim: int, k: int, memory_mb: float) -> int:
     """Rows per chunk so that one chunk's copies (Arrow, float32 raw and unit, results, search
-    scratch: about 6 vector copies a row) stay within ``memory_mb``."""
+    scratch: about 6 vector copies a row) stay within ``memory_mb``. The training sample
+    (``train_size`` vectors) comes on top."""
     per_row = 6 * 4 * dim + 3 * 12 * (k + 1) + 64
     return int(max(256, memory_mb * 2**20 // per_row))
 
@@ -136,13 +139,17 @@ class LocalPool:
 
 class RayPool:
     """Workers as Ray actors (one GPU each when ``use_gpu``); at most two adds in flight a worker,
-    so the object store holds a bounded number of chunks."""
+    so the object store holds a bounded number of chunks. A CPU worker reserves its share of a node's
+    CPUs: Ray sets a worker's OpenMP threads (FAISS's) to the CPUs it holds."""
 
     def __init__(self, template: np.ndarray, workers: int, use_gpu: bool, nprobe: int):
         import ray
 
         self._ray = ray
-        actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(IndexWorker)
+        node_cpus = [int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd["Alive"]]
+        node_cpus = [c for c in node_cpus if c > 0] or [1]
+        cpus = 1 if use_gpu else max(1, min(node_cpus) // -(-workers // len(node_cpus)))
+        actor = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(IndexWorker)
         tref = ray.put(template)
         self.workers = [actor.remote(tref, use_gpu, nprobe) for _ in range(workers)]
         self.pending: list[Any] = []
@@ -199,25 +206,21 @@ def _positions(parts: list[Path]) -> tuple[np.ndarray, list[int]]:
 
 
 def _unit(x: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
-    return l2_normalize(x.astype(np.float64) - mean if mean is not None else x)
+    """Centred (the mean is float64-accumulated, subtracted in float32: no float64 copy of a chunk)
+    and L2-normalised rows."""
+    return l2_normalize(x - mean.astype(np.float32) if mean is not None else x)
 
 
 def _template(sample: np.ndarray, n: int, d: int, spec: IndexSpec) -> tuple[np.ndarray, str, str]:
     """The empty (trained) index every worker starts from, serialised. -> (bytes, kind, name)."""
-    faiss = faiss_module()
-    kind, factory = spec.resolve(n, d)
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    if kind != "flat":
-        index.train(np.ascontiguousarray(sample, np.float32))
-        ivf = faiss.extract_index_ivf(index)
-        ivf.nprobe = min(spec.nprobe, ivf.nlist)
-    name = "IndexFlatIP" if kind == "flat" else f"{type(index).__name__}({factory}, nprobe={spec.nprobe})"
-    return faiss.serialize_index(index), kind, name
+    index, kind, name = trained_index(sample, n, d, spec)
+    return faiss_module().serialize_index(index), kind, name
 
 
 def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_cls=LocalPool) -> dict[str, Any]:
     """Run the four passes over ``parts`` (Parquet with ``id`` and ``st.column``); write one part a
-    chunk through ``out_part(i) -> path`` (id, nn_rows, nn_sims, dup_group, diversity, cluster).
+    chunk through ``out_part(i) -> path``: id, position (the row's place in id order), nn_rows (the
+    neighbours' positions), nn_sims, diversity, cluster, dup_group (the smallest position in its group).
     -> the manifest's figures (index, recall, groups, memory, chunk rows)."""
     faiss = faiss_module()
     pos, counts = _positions(parts)
@@ -263,11 +266,8 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
         index_name += "(gpu)"
     centroids = None
     if n >= 2 and n_clusters > 1:
-        km = faiss.Kmeans(d, min(n_clusters, len(train)), niter=20, seed=st.seed, spherical=True, gpu=st.use_gpu,
-                          verbose=False)
-        km.train(train)
         centroids = faiss.IndexFlatIP(d)
-        centroids.add(km.centroids)
+        centroids.add(kmeans_centroids(train, n_clusters, st.seed, use_gpu=st.use_gpu))
     del train
 
     # pass 2: fill the workers; clusters; exact neighbours of the recall queries
@@ -322,13 +322,15 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
                 a, b = nn[row], truth_i[q]
                 found += len(np.intersect1d(a[a >= 0], b[b >= 0]))
         path = Path(out_part(i))
-        write_parquet(path, pa.table({"id": batch.column(0), "nn_rows": lists(nn), "nn_sims": lists(sims),
+        write_parquet(path, pa.table({"id": batch.column(0), "position": pa.array(p), "nn_rows": lists(nn),
+                                      "nn_sims": lists(sims),
                                  "diversity": pa.array(diversity(sims)), "cluster": pa.array(clusters[p])}))
         written.append((path, p))
     if not written:  # no rows: one empty part, so readers see the columns
         empty = np.zeros((0, 0))
         write_parquet(Path(out_part(0)), pa.table({
-            "id": pa.array([], pa.string()), "nn_rows": lists(empty.astype(np.int64)),
+            "id": pa.array([], pa.string()), "position": pa.array([], pa.int64()),
+            "nn_rows": lists(empty.astype(np.int64)),
             "nn_sims": lists(empty.astype(np.float32)), "diversity": pa.array([], pa.float32()),
             "cluster": pa.array([], pa.int64())}))
         written.append((Path(out_part(0)), np.zeros(0, np.int64)))
