@@ -48,6 +48,16 @@ class RayConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (r 0: off, a full fine-tune). The saved model has them merged."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # peft's names or "all-linear"
+
+
+@dataclass
 class TrainConfig:
     """One fine-tuning recipe, shared by the warm-up and the final fine-tune."""
 
@@ -62,6 +72,11 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: str = "auto"  # auto | true | false
     grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size x workers x grad_accum)
+    schedule: str = "cosine"  # cosine | linear | constant, after the linear warm-up
+    checkpoint_every: int = 0  # optimizer steps between Ray Train checkpoints (resume point); 0: at the end only
+    parallel: str = "ddp"  # ddp | fsdp (ray.train.torch.prepare_model's parallel_strategy)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -197,6 +212,8 @@ class EvalConfig:
     batch_size: int = 16
     block_size: int = 256  # tokens per general-text block
     max_general_blocks: int = 256
+    generate: int = 64  # held-out prompts continued greedily and scored (BLEU, chrF, ROUGE-L); 0: off
+    max_new_tokens: int = 64
 
 
 @dataclass
@@ -341,6 +358,11 @@ def absolute_paths(cfg: Config) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks that need more than a type: enumerations and ranges."""
+    for name, t in (("warmup", cfg.warmup), ("finetune", cfg.finetune)):
+        _one_of(f"{name}.schedule", t.schedule, ("cosine", "linear", "constant"))
+        _one_of(f"{name}.parallel", t.parallel, ("ddp", "fsdp"))
+        if t.grad_accum < 1 or t.checkpoint_every < 0 or t.lora.r < 0:
+            raise ConfigError(f"{name}: grad_accum >= 1, checkpoint_every >= 0 and lora.r >= 0")
     if cfg.data.on_long not in ("truncate", "reject"):
         raise ConfigError(f"data.on_long must be truncate or reject, got {cfg.data.on_long!r}")
     if cfg.data.max_length < 8:

@@ -604,7 +604,8 @@ class Run:
                 general = "\n\n".join(Path(p).read_text(errors="replace") for p in e.general_paths) or None
                 use_gpu = self.use_gpu(cfg.finetune.use_gpu)
                 task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(evaluate_model)
-                args = (domain, general, e.block_size, e.max_general_blocks, e.batch_size, use_gpu)
+                args = (domain, general, e.block_size, e.max_general_blocks, e.batch_size, use_gpu, e.generate,
+                        e.max_new_tokens)
                 before, after = ray.get([task.remote(cfg.model.path, *args), task.remote(tuned, *args)])
                 result = {"before": before, "after": after, **forgetting(before, after),
                           "heldout_examples": len(domain), "heldout_rejected": held_rejects}
@@ -679,6 +680,9 @@ def summary(run: Run) -> str:
         for key, label in (("domain_loss", "domain loss "), ("general_loss", "general loss")):
             if key in b and key in a:
                 lines.append(f"  {label}    {b[key]:.4f} -> {a[key]:.4f}  ({ev.get(key + '_rel_change', 0):+.1%})")
+        if "bleu" in b and "bleu" in a:
+            lines.append("  generation      " + ", ".join(f"{k} {b[k]:.1f} -> {a[k]:.1f}" for k in ("bleu", "chrf", "rougeL"))
+                         + f" ({a['generated_examples']} held-out prompts)")
     timing = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in st.items() if "seconds" in v)
     lines.append(f"  stage times     {timing}")
     if (run.out / "selected.jsonl").exists():

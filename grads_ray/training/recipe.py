@@ -17,17 +17,23 @@ import numpy as np
 import torch
 
 from grads_ray.data.formats import IGNORE_INDEX
+from grads_ray.training.checkpoint import load_state, save_state, unwrap
 
 
-def lr_lambda(total_steps: int, warmup_ratio: float):
-    """Multiplier of the peak lr at a step: linear warm-up, then cosine to zero."""
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str = "cosine"):
+    """Multiplier of the peak lr at a step: linear warm-up, then cosine or linear decay to zero, or
+    constant."""
     warm = max(1, int(round(total_steps * warmup_ratio)))
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        progress = (step - warm) / max(1, total_steps - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        progress = min((step - warm) / max(1, total_steps - warm), 1.0)
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
 
@@ -63,72 +69,155 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 
 
 def save_hf(model: torch.nn.Module, source_model_path: str, out_dir: str) -> None:
-    """The (unwrapped) model and the source folder's tokenizer, in Hugging Face format."""
+    """The (unwrapped) model, LoRA adapters merged in, and the source folder's tokenizer, in Hugging
+    Face format (safetensors)."""
     from grads_ray.data.tokenize import load_tokenizer
 
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
+    if hasattr(inner, "merge_and_unload"):  # peft: a plain model with the adapters folded in
+        inner = inner.merge_and_unload()
     inner.save_pretrained(out_dir, safe_serialization=True)
     tok = load_tokenizer(source_model_path)
     if tok is not None:
         tok.save_pretrained(out_dir)
 
 
+def build_model(config: dict[str, Any]) -> torch.nn.Module:
+    """The base model in float32, with LoRA adapters (peft) when ``config["lora"]["r"]`` > 0."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32,
+                                                 trust_remote_code=config.get("trust_remote_code", False))
+    lora = config.get("lora") or {}
+    if lora.get("r", 0) > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora["target_modules"]
+        model = get_peft_model(model, LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
+            target_modules=targets[0] if targets == ["all-linear"] else targets))
+    return model
+
+
+def optimizer_steps(n_rows: int, batch_size: int, world: int, grad_accum: int, epochs: int,
+                    max_steps: int | None) -> tuple[int, int]:
+    """-> (optimizer steps per epoch, total steps): a worker sees ceil(n / world) rows a epoch, in
+    batches of batch_size, one step per grad_accum batches (a last partial group steps too)."""
+    batches = max(1, math.ceil(math.ceil(n_rows / world) / batch_size))
+    per_epoch = math.ceil(batches / grad_accum)
+    total = per_epoch * epochs
+    return per_epoch, min(total, max_steps) if max_steps else total
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config`` holds model_path, n_rows and the TrainConfig fields."""
+    """Ray Train entry point; ``config`` holds model_path, n_rows and the TrainConfig fields.
+
+    Resumable: with ``checkpoint_every`` > 0 it reports the training state (grads_ray/training/
+    checkpoint.py) every that many optimizer steps; a restarted worker group loads the latest and
+    goes on from its step, skipping the batches that epoch had already used. The last report
+    carries the final model in Hugging Face format."""
+    import contextlib
+
     import ray.train
     import ray.train.torch
-    from transformers import AutoModelForCausalLM
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"] + rank)
     device = ray.train.torch.get_device()
-    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32,
-                                                 trust_remote_code=config.get("trust_remote_code", False))
+    model = build_model(config)
     pad_id = model.config.pad_token_id or 0
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=config.get("parallel", "ddp"))
     model.train()
-    steps_per_epoch = max(1, math.ceil(config["n_rows"] / (config["batch_size"] * world)))
-    total = steps_per_epoch * config["epochs"]
-    if config.get("max_steps"):
-        total = min(total, config["max_steps"])
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, config["warmup_ratio"]))
+    accum = config.get("grad_accum", 1)
+    per_epoch, total = optimizer_steps(config["n_rows"], config["batch_size"], world, accum, config["epochs"],
+                                       config.get("max_steps"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
+                            weight_decay=config["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, config["warmup_ratio"],
+                                                             config.get("schedule", "cosine")))
+    progress = {"step": 0, "epoch": 0, "batches": 0, "first_loss": None}
+    resumed_from = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            progress = load_state(folder, model, opt, sched)
+        resumed_from = progress["step"]
     use_amp = device.type == "cuda"
     shard = ray.train.get_dataset_shard("train")
     collate_fn = _pad_collate(pad_id)
-    step, losses, tokens, loop_start = 0, [], 0, time.time()
-    for epoch in range(config["epochs"]):
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=collate_fn,
-                                              local_shuffle_buffer_size=4 * config["batch_size"],
-                                              local_shuffle_seed=config["seed"] + epoch):
+    step, losses, tokens, loop_start = progress["step"], [], 0, time.time()
+    first_loss = progress.get("first_loss")
+    every = config.get("checkpoint_every", 0)
+
+    def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, final: bool = False) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0 and (state is not None or final):
+                if final:
+                    save_hf(model, config["model_path"], tmp)
+                else:
+                    save_state(tmp, model, opt, sched, state)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    micro, pending = 0, []
+    for epoch in range(progress["epoch"], config["epochs"]):
+        skip = progress["batches"] if epoch == progress["epoch"] else 0
+        batches = shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=collate_fn,
+                                           local_shuffle_buffer_size=4 * config["batch_size"],
+                                           local_shuffle_seed=config["seed"] + epoch)
+        seen = 0
+        for batch in batches:
+            seen += 1
+            if seen <= skip:  # used before the restart
+                continue
             if step >= total:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, _ = token_loss(logits, batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            micro += 1
+            sync = micro % accum == 0
+            no_sync = model.no_sync if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext
+            with no_sync():  # DDP: reduce gradients on the group's last micro-batch only
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss, _ = token_loss(logits, batch["labels"])
+                (loss / accum).backward()
+            pending.append(loss.item())
             tokens += int(batch["attention_mask"].sum())
-            step += 1
+            if sync:
+                step = _optimizer_step(model, opt, sched, config["grad_clip"], step)
+                losses.append(float(np.mean(pending)))
+                first_loss = losses[0] if first_loss is None else first_loss
+                pending, micro = [], 0
+                if config.get("_fail_at_step") == step and resumed_from is None:  # tests: resumption
+                    raise RuntimeError(f"injected failure at step {step}")
+                if every and step % every == 0 and step < total:
+                    report({"epoch": epoch, "step": step, "train_loss": losses[-1]},
+                           {"step": step, "epoch": epoch, "batches": seen, "first_loss": first_loss})
+        if pending and step < total:  # the epoch's last, partial group of micro-batches
+            step = _optimizer_step(model, opt, sched, config["grad_clip"], step)
+            losses.append(float(np.mean(pending)))
+            first_loss = losses[0] if first_loss is None else first_loss
+            pending, micro = [], 0
         loop = time.time() - loop_start  # data wait included: what the stage pays, Ray start-up excluded
-        metrics = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses[-steps_per_epoch:] or [math.nan])),
-                   "loop_seconds": round(loop, 2), "tokens_per_s": round(tokens * world / max(loop, 1e-9), 1)}
-        last = epoch == config["epochs"] - 1 or step >= total
-        if last:
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    save_hf(model, config["model_path"], tmp)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({**metrics, "first_loss": losses[0] if losses else math.nan}, checkpoint=checkpoint)
+        metrics = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses[-per_epoch:] or [math.nan])),
+                   "loop_seconds": round(loop, 2), "tokens_per_s": round(tokens * world / max(loop, 1e-9), 1),
+                   "first_loss": first_loss if first_loss is not None else math.nan, "total_steps": total,
+                   "resumed_from_step": resumed_from}
+        if epoch == config["epochs"] - 1 or step >= total:
+            report(metrics, final=True)
             break
-        ray.train.report(metrics)
+        report(metrics, {"step": step, "epoch": epoch + 1, "batches": 0, "first_loss": first_loss} if every else None)
     if os.environ.get("GRADS_RAY_DEBUG"):
         print(f"rank {rank}: {step} steps, last loss {losses[-1] if losses else None}")
+
+
+def _optimizer_step(model, opt, sched, grad_clip: float, step: int) -> int:
+    """Clip, step, schedule, zero. -> the new step count."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return step + 1

@@ -11,11 +11,13 @@ from grads_ray.config import TrainConfig
 
 
 def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConfig, *, name: str,
-          storage: Path, seed: int, use_gpu: bool, trust_remote_code: bool = False) -> dict[str, Any]:
+          storage: Path, seed: int, use_gpu: bool, trust_remote_code: bool = False,
+          extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``model_path`` on ``dataset`` (columns input_ids, labels) and save to ``out_model``.
 
-    -> the final metrics (train loss of the first and last step, steps). A run with the same
-    ``name`` and ``storage`` resumes per Ray Train V2's run semantics.
+    -> the final metrics (train loss of the first and last step, steps, tokens/s, the step a restart
+    resumed from). A failed worker group restarts (``FailureConfig``, twice) from the latest
+    checkpoint (``cfg.checkpoint_every``). ``extra`` goes into the loop's config (tests).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -23,7 +25,7 @@ def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConf
     from grads_ray.training.recipe import train_loop_per_worker
 
     loop_config = {**asdict(cfg), "model_path": model_path, "n_rows": n_rows, "seed": seed,
-                   "trust_remote_code": trust_remote_code}
+                   "trust_remote_code": trust_remote_code, **(extra or {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
