@@ -363,6 +363,8 @@ def validate(cfg: Config) -> None:
         _one_of(f"{name}.parallel", t.parallel, ("ddp", "fsdp"))
         if t.grad_accum < 1 or t.checkpoint_every < 0 or t.lora.r < 0:
             raise ConfigError(f"{name}: grad_accum >= 1, checkpoint_every >= 0 and lora.r >= 0")
+        if t.parallel == "fsdp" and (t.checkpoint_every or t.lora.r):
+            raise ConfigError(f"{name}: parallel=fsdp saves the final model only: no checkpoint_every, no LoRA (yet)")
     if cfg.data.on_long not in ("truncate", "reject"):
         raise ConfigError(f"data.on_long must be truncate or reject, got {cfg.data.on_long!r}")
     if cfg.data.max_length < 8:

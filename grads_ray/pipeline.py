@@ -242,6 +242,8 @@ class Run:
         self.ensure_ray()
         from grads_ray.training.trainer import train
 
+        if tcfg.parallel == "fsdp" and not self.use_gpu(tcfg.use_gpu):
+            raise InputError(f"{name}.parallel=fsdp needs GPUs (Ray Train's FSDP runs on GPUs only): use ddp here")
         ds = self._tokenized(base, keep).map_batches(_training_columns, batch_format="numpy")
         return train(ds, n_rows, base, out_model, tcfg, name=f"{name}-{fingerprint(str(self.out.resolve()))}",
                      storage=self.out / "ray_train", seed=self.cfg.seed, use_gpu=self.use_gpu(tcfg.use_gpu),

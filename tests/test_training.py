@@ -95,6 +95,17 @@ def test_load_refuses_a_checkpoint_missing_trainable_weights(tmp_path):
         load_state(tmp_path / "ck", full, full.opt, full.sched)
 
 
+def test_fsdp_without_gpus_is_a_clear_error(tmp_path):
+    from grads_ray.config import ConfigError, load_config
+    from grads_ray.training.trainer import train
+
+    with pytest.raises(ValueError, match="fsdp needs GPUs"):
+        train(None, 1, "m", tmp_path / "o", TrainConfig(parallel="fsdp"), name="t", storage=tmp_path, seed=0,
+              use_gpu=False)
+    with pytest.raises(ConfigError, match="fsdp"):
+        load_config(None, ["finetune.parallel=fsdp", "finetune.checkpoint_every=10"])
+
+
 # ------------------------------------------------------------------------------------- on Ray
 def _dataset(n: int, vocab: int):
     """n short examples of a few repeated patterns: a model can learn them in a few steps."""

@@ -68,15 +68,29 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return loss / max(n, 1), n
 
 
-def save_hf(model: torch.nn.Module, source_model_path: str, out_dir: str) -> None:
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """FSDP: the whole model's weights gathered on rank 0 (CPU); every rank must call it. Not FSDP:
+    None (the module's own state dict is whole)."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(model, FSDP):
+        return None
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True,
+                                                                                         rank0_only=True)):
+        return model.state_dict()
+
+
+def save_hf(model: torch.nn.Module, source_model_path: str, out_dir: str,
+            state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The (unwrapped) model, LoRA adapters merged in, and the source folder's tokenizer, in Hugging
-    Face format (safetensors)."""
+    Face format (safetensors). ``state_dict``: FSDP's gathered weights."""
     from grads_ray.data.tokenize import load_tokenizer
 
     inner = unwrap(model)
     if hasattr(inner, "merge_and_unload"):  # peft: a plain model with the adapters folded in
         inner = inner.merge_and_unload()
-    inner.save_pretrained(out_dir, safe_serialization=True)
+    inner.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tok = load_tokenizer(source_model_path)
     if tok is not None:
         tok.save_pretrained(out_dir)
@@ -153,9 +167,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, final: bool = False) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
+            whole = full_state_dict(model) if final else None  # FSDP: a collective, on every rank
             if rank == 0 and (state is not None or final):
                 if final:
-                    save_hf(model, config["model_path"], tmp)
+                    save_hf(model, config["model_path"], tmp, whole)
                 else:
                     save_state(tmp, model, opt, sched, state)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)

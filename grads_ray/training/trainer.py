@@ -22,6 +22,9 @@ def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConf
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if cfg.parallel == "fsdp" and not use_gpu:
+        raise ValueError(f"{name}: parallel=fsdp needs GPUs (Ray Train shards with FSDP on GPUs only); use ddp")
+
     from grads_ray.training.recipe import train_loop_per_worker
 
     loop_config = {**asdict(cfg), "model_path": model_path, "n_rows": n_rows, "seed": seed,
