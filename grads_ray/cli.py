@@ -2,6 +2,7 @@
 
     grads-ray run CONFIG.yaml [key.sub=value ...]
     grads-ray demo [--output DIR] [key.sub=value ...]
+    grads-ray compare CONFIG.yaml [key.sub=value ...]   (strategies x seeds -> report.md, comparison.json)
     grads-ray STAGE [--config CONFIG.yaml] [--model DIR] [--data PATH ...] [--output DIR] [key=value ...]
 STAGE is one of ingest, warmup, score, similarity, select, finetune, evaluate.
 """
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="every stage, from a YAML config")
     run.add_argument("config")
     _common(run)
+    compare = sub.add_parser("compare", help="several strategies and budgets, each fine-tuned and evaluated: a report")
+    compare.add_argument("config")
+    _common(compare)
     demo = sub.add_parser("demo", help="build the offline demo corpus and model, then run every stage")
     _common(demo)
     for name in STAGE_COMMANDS:
@@ -91,7 +95,7 @@ def demo_config(args: argparse.Namespace) -> Config:
 def resolve(args: argparse.Namespace) -> Config:
     if args.command == "demo":
         return demo_config(args)
-    path = args.config if args.command == "run" else getattr(args, "config", None)
+    path = args.config if args.command in ("run", "compare") else getattr(args, "config", None)
     cfg = load_config(path, _overrides(args))
     if not cfg.model.path:
         raise ConfigError("model.path is not set (use --model DIR or model.path=DIR)")
@@ -112,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("grads_ray").setLevel(logging.INFO)  # stage progress always; Ray's logs with -v
     try:
         cfg = resolve(args)
+        if args.command == "compare":
+            from grads_ray.compare import run_compare
+
+            result = run_compare(cfg, verbose=args.verbose)
+            print(f"grads-ray compare: {len(result['runs'])} runs; report in {Path(cfg.output) / 'report.md'}")
+            return 0
         run = Run(cfg, verbose=args.verbose)
         if args.command in ("run", "demo"):
             run.run_all()

@@ -217,6 +217,14 @@ class EvalConfig:
 
 
 @dataclass
+class CompareConfig:
+    """``grads-ray compare``: strategies (METHOD:BUDGET or full) and seeds (empty: the config's seed)."""
+
+    strategies: list[str] = field(default_factory=lambda: ["full", "random:5%", "grads:5%", "grads:50%", "fisher:5%"])
+    seeds: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     output: str = "runs/latest"
     seed: int = 0
@@ -229,6 +237,7 @@ class Config:
     select: SelectConfig = field(default_factory=SelectConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -237,6 +237,27 @@ def test_the_sentence_encoder_feature(finished, tmp_path):
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
 
 
+def test_compare_writes_every_file_of_the_report(finished, tmp_path):
+    """Two strategies from the finished run's shared stages (hard-linked, not recomputed): each is
+    selected, fine-tuned and evaluated in its own folder; comparison.json, report.md and both plots."""
+    out = tmp_path / "cmp"
+    shutil.copytree(finished["out"], out / "seed-1", ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
+    stats_before = {p: p.stat().st_mtime_ns for p in (out / "seed-1" / "stats").glob("part-*.parquet")}
+    assert main(["compare", str(finished["config"]), "compare.strategies=[random:20%,grads:20%]",
+                 "finetune.epochs=1", "eval.generate=4", "eval.max_new_tokens=8", "--output", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert [r["strategy"] for r in result["runs"]] == ["random-20pct", "grads-20pct"] and result["seeds"] == [1]
+    for r in result["runs"]:
+        assert r["selected"] == round(0.2 * r["scored"]) and r["after"]["domain_loss"] < r["before"]["domain_loss"]
+        assert {"bleu", "chrf", "rougeL", "generation_tokens_per_s"} <= set(r["after"])
+        assert (out / "seed-1" / r["strategy"] / "selected.jsonl").exists()
+    assert all(p.stat().st_mtime_ns == m for p, m in stats_before.items())  # scores reused
+    report = (out / "report.md").read_text()
+    assert "| random-20pct |" in report and "| grads-20pct |" in report
+    for png in ("domain_vs_budget.png", "forgetting_vs_budget.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
+
+
 def test_same_subset_whatever_the_shards_and_actors(small_job, ray_local, tmp_path):
     """Float64 scoring makes a row's numbers independent of its batch mates, so the shard layout
     and the number of scorer actors leave the statistics, and with them the subset, unchanged."""

@@ -1,0 +1,184 @@
+"""``grads-ray compare``: several selection strategies at several budgets, from one base model and
+seed, each fine-tuned and evaluated; a report of how much each taught and how much it cost.
+
+Layout: ``OUT/seed-S/`` is a whole run up to the shared stages (ingest, warm-up, score, similarity,
+embed); each strategy gets ``OUT/seed-S/LABEL/``, whose shared stages are hard links to the seed's
+(their fingerprints match, so nothing is recomputed), and runs select, fine-tune and evaluate there.
+Then ``OUT/comparison.json`` (every run, and mean ± sample standard deviation over seeds),
+``OUT/report.md`` and two plots: the domain loss after fine-tuning, and the forgetting, against
+the share of the corpus selected.
+
+A strategy is ``METHOD:BUDGET`` (``grads:5%``, ``random:500``, ``fisher:20000 tokens``) or ``full``
+(every scored row).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+from grads_ray.config import Config, ConfigError, validate
+from grads_ray.rundir import write_json
+
+SHARED_STAGES = ("rows", "warmup", "stats", "features", "similarity", "embeddings", "target")
+METRICS = ("domain_loss", "general_loss", "bleu", "chrf", "rougeL")
+
+
+def parse_strategy(text: str) -> tuple[str, str, str]:
+    """-> (label for folders and the report, method, budget)."""
+    text = text.strip()
+    if text == "full":
+        return "full", "random", "100%"
+    method, sep, budget = text.partition(":")
+    if not sep or not budget.strip() or not method.strip():
+        raise ConfigError(f"compare.strategies: {text!r} is not METHOD:BUDGET (e.g. grads:5%) or full")
+    label = f"{method}-{budget.strip().replace(' ', '').replace('%', 'pct')}"
+    return label, method.strip(), budget.strip()
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of ``src`` made of hard links (no bytes copied); copies where links fail."""
+    if dst.exists():
+        shutil.rmtree(dst)
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
+    """Run every strategy for every seed; write comparison.json, report.md and the plots."""
+    from grads_ray.pipeline import Run
+
+    strategies = [parse_strategy(s) for s in cfg.compare.strategies]
+    labels = [s[0] for s in strategies]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"compare.strategies: two strategies share a label: {labels}")
+    out = Path(cfg.output)
+    rows = []
+    seeds = list(cfg.compare.seeds) or [cfg.seed]
+    for seed in seeds:
+        base_cfg = copy.deepcopy(cfg)
+        base_cfg.seed, base_cfg.output = seed, str(out / f"seed-{seed}")
+        base = Run(base_cfg, verbose=verbose)
+        base.ensure_ray()
+        base.score()
+        if any(m == "grads" for _, m, _ in strategies):
+            base.similarity()
+        base.save_manifest()
+        for label, method, budget in strategies:
+            sub_cfg = copy.deepcopy(base_cfg)
+            sub_cfg.output = str(Path(base_cfg.output) / label)
+            sub_cfg.select.method, sub_cfg.select.budget = method, budget
+            if label == "full":
+                sub_cfg.select.dedup = "false"
+            validate(sub_cfg)
+            sub_out = Path(sub_cfg.output)
+            sub_out.mkdir(parents=True, exist_ok=True)
+            for stage in SHARED_STAGES:
+                if (base.out / stage).exists() and not (sub_out / stage).exists():
+                    _link_tree(base.out / stage, sub_out / stage)
+            run = Run(sub_cfg, verbose=verbose)
+            ev = run.run_all()
+            sel = run.manifest["stages"]["select"]
+            rows.append({"seed": seed, "strategy": label, "method": method, "budget": budget,
+                         "selected": sel["selected"], "scored": sel["scored"],
+                         "selected_share": sel["selected"] / max(sel["scored"], 1),
+                         "selected_tokens": sel["selected_tokens"], "total_tokens": sel["total_tokens"],
+                         "before": ev.get("before", {}), "after": ev.get("after", {}),
+                         "forgetting": ev.get("forgetting"),
+                         "train_tokens_per_s": (run.manifest["stages"].get("finetune", {}).get("metrics") or {})
+                         .get("tokens_per_s")})
+    result = {"strategies": labels, "seeds": seeds, "runs": rows, "summary": summarize(rows)}
+    write_json(out / "comparison.json", result)
+    plots = write_plots(result, out)
+    (out / "report.md").write_text(report_markdown(result, plots))
+    return result
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per strategy, over seeds: mean and sample standard deviation of each metric after fine-tuning,
+    of the forgetting and of the selected share."""
+    out = []
+    for label in dict.fromkeys(r["strategy"] for r in rows):
+        mine = [r for r in rows if r["strategy"] == label]
+        entry: dict[str, Any] = {"strategy": label, "method": mine[0]["method"], "budget": mine[0]["budget"],
+                                 "seeds": len(mine)}
+        entry["selected_share"], _ = _mean_sd([r["selected_share"] for r in mine])
+        for key in METRICS:
+            entry[f"{key}_after"] = _mean_sd([r["after"].get(key, math.nan) for r in mine])
+            entry[f"{key}_before"] = _mean_sd([r["before"].get(key, math.nan) for r in mine])
+        entry["forgetting"] = _mean_sd([r["forgetting"] if r["forgetting"] is not None else math.nan for r in mine])
+        out.append(entry)
+    return out
+
+
+def write_plots(result: dict[str, Any], out: Path) -> list[str]:
+    """Domain loss after fine-tuning and forgetting against the selected share, one series per
+    method (error bars: the spread over seeds). -> the PNG file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for key, ylabel, fname in (("domain_loss_after", "held-out domain loss after fine-tuning", "domain_vs_budget.png"),
+                               ("forgetting", "forgetting (relative change of general loss)",
+                                "forgetting_vs_budget.png")):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for method in dict.fromkeys(s["method"] for s in result["summary"]):
+            pts = sorted((s["selected_share"], *s[key]) for s in result["summary"] if s["method"] == method)
+            pts = [p for p in pts if not math.isnan(p[1])]
+            if pts:
+                ax.errorbar([100 * p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                            marker="o", capsize=3, label=method)
+        ax.set_xlabel("selected share of the corpus (%)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname)
+        plt.close(fig)
+        names.append(fname)
+    return names
+
+
+def report_markdown(result: dict[str, Any], plots: list[str]) -> str:
+    """The human report: one row per strategy, mean ± sd over seeds."""
+
+    def ms(pair: tuple[float, float], digits: int = 4) -> str:
+        m, s = pair
+        if math.isnan(m):
+            return "–"
+        return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if len(result["seeds"]) > 1 else "")
+
+    lines = ["# grads-ray comparison", "",
+             f"Seeds: {', '.join(map(str, result['seeds']))}. Mean ± sample standard deviation over seeds. "
+             "Domain loss: held-out response tokens (lower = learned more). Forgetting: relative change of "
+             "the general-text loss after fine-tuning (higher = forgot more). BLEU, chrF, ROUGE-L: greedy "
+             "continuations of held-out prompts (0–100).", "",
+             "| strategy | selected | domain loss before | domain loss after | forgetting | BLEU | chrF | ROUGE-L |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in result["summary"]:
+        lines.append(f"| {s['strategy']} | {100 * s['selected_share']:.1f}% | {ms(s['domain_loss_before'])} | "
+                     f"{ms(s['domain_loss_after'])} | {ms(s['forgetting'])} | {ms(s['bleu_after'], 2)} | "
+                     f"{ms(s['chrf_after'], 2)} | {ms(s['rougeL_after'], 2)} |")
+    lines += ["", *[f"![{p}]({p})" for p in plots], "",
+              "Every run's numbers: comparison.json; each run's folder: seed-S/STRATEGY/ (manifest.json, eval.json).", ""]
+    return "\n".join(lines)
