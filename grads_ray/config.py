@@ -74,7 +74,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size x workers x grad_accum)
     schedule: str = "cosine"  # cosine | linear | constant, after the linear warm-up
-    checkpoint_every: int = 0  # optimizer steps between Ray Train checkpoints (resume point); 0: at the end only
+    checkpoint_every: int = 500  # optimizer steps between Ray Train checkpoints (resume point); 0: at the end only
     parallel: str = "ddp"  # ddp | fsdp (ray.train.torch.prepare_model's parallel_strategy)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -372,8 +372,8 @@ def validate(cfg: Config) -> None:
         _one_of(f"{name}.parallel", t.parallel, ("ddp", "fsdp"))
         if t.grad_accum < 1 or t.checkpoint_every < 0 or t.lora.r < 0:
             raise ConfigError(f"{name}: grad_accum >= 1, checkpoint_every >= 0 and lora.r >= 0")
-        if t.parallel == "fsdp" and (t.checkpoint_every or t.lora.r):
-            raise ConfigError(f"{name}: parallel=fsdp saves the final model only: no checkpoint_every, no LoRA (yet)")
+        if t.parallel == "fsdp" and t.lora.r:
+            raise ConfigError(f"{name}: parallel=fsdp with LoRA is not supported yet")
     if cfg.data.on_long not in ("truncate", "reject"):
         raise ConfigError(f"data.on_long must be truncate or reject, got {cfg.data.on_long!r}")
     if cfg.data.max_length < 8:

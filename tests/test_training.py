@@ -103,7 +103,7 @@ def test_fsdp_without_gpus_is_a_clear_error(tmp_path):
         train(None, 1, "m", tmp_path / "o", TrainConfig(parallel="fsdp"), name="t", storage=tmp_path, seed=0,
               use_gpu=False)
     with pytest.raises(ConfigError, match="fsdp"):
-        load_config(None, ["finetune.parallel=fsdp", "finetune.checkpoint_every=10"])
+        load_config(None, ["finetune.parallel=fsdp", "finetune.lora.r=8"])
 
 
 # ------------------------------------------------------------------------------------- on Ray

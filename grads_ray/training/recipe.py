@@ -162,7 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     collate_fn = _pad_collate(pad_id)
     step, losses, tokens, loop_start = progress["step"], [], 0, time.time()
     first_loss = progress.get("first_loss")
-    every = config.get("checkpoint_every", 0)
+    every = 0 if config.get("parallel") == "fsdp" else config.get("checkpoint_every", 0)  # FSDP: final model only
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, final: bool = False) -> None:
         with tempfile.TemporaryDirectory() as tmp:
