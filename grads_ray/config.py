@@ -108,7 +108,6 @@ class SimilarityConfig:
     # eps 0.01), 0.95 for the sentence encoder (its near-copies spread wider: docs/benchmarks.md)
     dup_threshold: float | None = None
     eps: float = -1.0  # SemDeDup's knob: when >= 0, dup_threshold = 1 - eps
-    query_batch: int = 4096
     index: str = "auto"  # auto (flat up to exact_max, else ivf_flat) | flat | ivf_flat | ivf_pq
     exact_max: int = 200_000
     nlist: int = 0  # IVF cells; 0: about 4·sqrt(N)

@@ -342,15 +342,17 @@ class Run:
                 self.ensure_ray()
                 use_gpu = self.use_gpu(s.use_gpu)
                 todo = [sh.index for sh in self.shards() if not stage.is_done(sh.index)]
-                n_actors = max(1, min(len(todo), int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))
-                                      if use_gpu else self.cfg.score.num_actors))
+                cap = int(ray.cluster_resources().get("GPU", 1)) if use_gpu else self.cfg.score.num_actors
                 actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(Encoder)
-                pool = ActorPool([actor.remote(path, s.encoder_max_length, s.encoder_batch_size, use_gpu)
-                                  for _ in range(n_actors)] if todo else [])
+                actors = [actor.remote(path, s.encoder_max_length, s.encoder_batch_size, use_gpu)
+                          for _ in range(max(1, min(len(todo), cap)) if todo else 0)]
                 jobs = [(i, str(self._dir("rows").part(i)), str(self._dir("stats").part(i)), str(stage.part(i)))
                         for i in todo]
-                for (i, *_), info in zip(jobs, pool.map(lambda a, j: a.embed_part.remote(*j[1:]), jobs), strict=True):
+                results = ActorPool(actors).map(lambda a, j: a.embed_part.remote(*j[1:]), jobs)
+                for (i, *_), info in zip(jobs, results, strict=True):
                     stage.mark_done(i, info)
+                for a in actors:  # free their CPUs/GPUs for the index workers
+                    ray.kill(a)
                 infos = [stage.done_info(sh.index) for sh in self.shards()]
                 stage.finish(fp, {"encoder": path, "rows": sum(i["rows"] for i in infos),
                                   "no_text": sum(i["no_text"] for i in infos), "shards_this_run": len(todo)})
