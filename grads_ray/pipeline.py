@@ -231,21 +231,24 @@ class Run:
             if not stage.prepare(fp):
                 ids = read_parts(self._dir("rows").parts(), ["id"])["id"].to_pylist()
                 n = int(_stable_fraction(ids, cfg.seed, cfg.warmup.fraction).sum())
-                metrics = self._train("warmup", cfg.model.path, model_dir, n,
+                metrics = self._train("warmup", fp, cfg.model.path, model_dir, n,
                                       {"seed": cfg.seed, "fraction": cfg.warmup.fraction}, cfg.warmup)
                 stage.finish(fp, {"rows": n, "metrics": metrics})
             entry.update(stage.success_info())
             entry.pop("fingerprint", None)
         return str(model_dir), fp
 
-    def _train(self, name: str, base: str, out_model: Path, n_rows: int, keep: dict[str, Any], tcfg) -> dict:
+    def _train(self, name: str, fp: str, base: str, out_model: Path, n_rows: int, keep: dict[str, Any],
+               tcfg) -> dict:
+        """Ray Train run ``NAME-FP``: a rerun of the same stage and config (after a crash) resumes from
+        its latest checkpoint; another config starts its own run."""
         self.ensure_ray()
         from grads_ray.training.trainer import train
 
         if tcfg.parallel == "fsdp" and not self.use_gpu(tcfg.use_gpu):
             raise InputError(f"{name}.parallel=fsdp needs GPUs (Ray Train's FSDP runs on GPUs only): use ddp here")
         ds = self._tokenized(base, keep).map_batches(_training_columns, batch_format="numpy")
-        return train(ds, n_rows, base, out_model, tcfg, name=f"{name}-{fingerprint(str(self.out.resolve()))}",
+        return train(ds, n_rows, base, out_model, tcfg, name=f"{name}-{fp[:16]}",
                      storage=self.out / "ray_train", seed=self.cfg.seed, use_gpu=self.use_gpu(tcfg.use_gpu),
                      trust_remote_code=self.cfg.model.trust_remote_code)
 
@@ -585,7 +588,7 @@ class Run:
                 sel = pq.read_table(self.out / "selection.parquet", columns=["id", "selected"])
                 ids = set(sel.filter(sel["selected"])["id"].to_pylist())
                 self.ensure_ray()
-                metrics = self._train("finetune", cfg.model.path, model_dir, len(ids),
+                metrics = self._train("finetune", fp, cfg.model.path, model_dir, len(ids),
                                       {"ids": ray.put(ids)}, cfg.finetune)
                 stage.finish(fp, {"rows": len(ids), "metrics": metrics})
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})

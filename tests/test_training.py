@@ -156,6 +156,11 @@ def test_a_failed_run_resumes_at_its_checkpoint(tmp_path, ray_local):
     assert failed["step"] == clean["step"] == 24 and failed["first_loss"] == clean["first_loss"]
     a, b = _weights(clean_out), _weights(failed_out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same run name again (a stage rerun after its output was removed): the finished run's final
+    # checkpoint is a model, not a state: it starts afresh and ends the same
+    again, again_out = _train(tmp_path, ray_local, "clean", cfg)
+    c = _weights(again_out)
+    assert again["resumed_from_step"] is None and all(torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.ray

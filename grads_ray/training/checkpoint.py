@@ -28,6 +28,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
+def has_state(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a mid-run training state (a final checkpoint holds a model instead)."""
+    return (Path(folder) / "state.json").is_file()
+
+
 def save_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, progress: dict[str, Any]) -> None:
     """Write the training state to ``folder`` (created). ``progress``: step, epoch, batches seen in the

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from grads_ray.data.formats import IGNORE_INDEX
-from grads_ray.training.checkpoint import load_state, save_state, unwrap
+from grads_ray.training.checkpoint import has_state, load_state, save_state, unwrap
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str = "cosine"):
@@ -155,8 +155,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as folder:
-            progress = load_state(folder, model, opt, sched)
-        resumed_from = progress["step"]
+            if has_state(folder):  # else a finished run's final model: this run starts afresh
+                progress = load_state(folder, model, opt, sched)
+                resumed_from = progress["step"]
     use_amp = device.type == "cuda"
     shard = ray.train.get_dataset_shard("train")
     collate_fn = _pad_collate(pad_id)
