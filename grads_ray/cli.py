@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
     p.add_argument("--on-long", choices=["truncate", "reject"], help="policy for rows over data.max_length")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the workers' logs too")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (inputs, shards, stages, workers, "
+                   "budget) and exit: starts no Ray, writes no output (demo: builds its assets first)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,13 +111,16 @@ def resolve(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from grads_ray.pipeline import Run, summary
+    from grads_ray.pipeline import Run, plan, summary
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("grads_ray").setLevel(logging.INFO)  # stage progress always; Ray's logs with -v
     try:
         cfg = resolve(args)
+        if args.dry_run:
+            print(plan(cfg))
+            return 0
         if args.command == "compare":
             from grads_ray.compare import run_compare
 

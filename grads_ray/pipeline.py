@@ -663,6 +663,52 @@ class Run:
         return result
 
 
+def plan(cfg: Config) -> str:
+    """What ``run`` would do, without starting Ray or writing outputs (``--dry-run``): inputs and
+    shards, the stages in order and whether each has a finished output, the workers and resources,
+    the method and budget."""
+    import torch
+
+    d, sc = cfg.data, cfg.select
+    shards = plan_shards(d.paths, d.shard_bytes, d.shard_rows, d.limit)
+    by_source = Counter(s.source for s in shards)
+    out = Path(cfg.output)
+    gpus = torch.cuda.device_count()
+    needs_sim = sc.method == "grads" or sc.dedup == "true"
+    stages = [("ingest", "rows"), ("warmup", "warmup") if cfg.warmup.enabled else None, ("score", "stats"),
+              ("embed", "embeddings") if needs_sim and cfg.similarity.feature == "encoder" else None,
+              ("similarity", "similarity") if needs_sim else None,
+              ("target", "target") if sc.method == "less" else None, ("select", "select"),
+              ("finetune", "finetune") if cfg.finetune.enabled else None,
+              ("evaluate", "evaluate") if cfg.finetune.enabled else None]
+
+    def state(folder: str) -> str:
+        if (out / folder / "_SUCCESS.json").exists():
+            return "finished before (skipped if its inputs and config are unchanged)"
+        done = len(list((out / folder / "_done").glob("*.json"))) if (out / folder / "_done").is_dir() else 0
+        return f"to run ({done} shards finished before)" if done else "to run"
+
+    lines = [f"grads-ray plan (dry run): nothing is started or written under {out}",
+             f"  model           {cfg.model.path}",
+             f"  inputs          {len(by_source)} files, {len(shards)} shards"
+             + (f" (first {d.limit} rows)" if d.limit else "")]
+    lines += [f"    {src}: {n} shard{'s' if n > 1 else ''}" for src, n in list(by_source.items())[:10]]
+    if len(by_source) > 10:
+        lines.append(f"    ... and {len(by_source) - 10} more files")
+    lines.append("  stages")
+    lines += [f"    {name:<11} {state(folder)}" for name, folder in filter(None, stages)]
+    where = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray cluster started by the job"
+    lines += [f"  ray             {where}; this machine: {os.cpu_count()} CPUs, {gpus} GPUs",
+              f"  score           {cfg.score.num_actors} actor(s), use_gpu={cfg.score.use_gpu}, batch {cfg.score.batch_size}",
+              f"  train           warm-up {cfg.warmup.fraction:.0%} x {cfg.warmup.epochs} epoch(s), fine-tune "
+              f"{cfg.finetune.epochs} epoch(s); {cfg.finetune.num_workers} worker(s), {cfg.finetune.parallel}"
+              + (f", LoRA r={cfg.finetune.lora.r}" if cfg.finetune.lora.r else ""),
+              f"  similarity      {cfg.similarity.feature}, k={cfg.similarity.k}, index {cfg.similarity.index}, "
+              f"duplicates at cosine >= {cfg.similarity.threshold()}" if needs_sim else "  similarity      not needed",
+              f"  select          {sc.method}, budget {sc.budget}"]
+    return "\n".join(lines)
+
+
 def summary(run: Run) -> str:
     """A short human summary of what the run directory holds."""
     m = run.manifest

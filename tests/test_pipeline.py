@@ -258,6 +258,18 @@ def test_compare_writes_every_file_of_the_report(finished, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
 
 
+def test_dry_run_prints_the_plan_and_writes_nothing(finished, tmp_path, capsys):
+    fresh = tmp_path / "fresh"
+    assert main(["run", str(finished["config"]), "--dry-run", "--output", str(fresh)]) == 0
+    text = capsys.readouterr().out
+    n_shards = len(json.loads((finished["out"] / "rows" / "shards.json").read_text()))
+    assert f"{n_shards} shards" in text and "bad.jsonl" in text and "select          grads, budget 30%" in text
+    assert "similarity  to run" in text and not fresh.exists()
+    assert main(["run", str(finished["config"]), "--dry-run"]) == 0  # the finished run directory
+    text = capsys.readouterr().out
+    assert "score       finished before" in text and "evaluate    finished before" in text
+
+
 def test_same_subset_whatever_the_shards_and_actors(small_job, ray_local, tmp_path):
     """Float64 scoring makes a row's numbers independent of its batch mates, so the shard layout
     and the number of scorer actors leave the statistics, and with them the subset, unchanged."""
