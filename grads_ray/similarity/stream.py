@@ -64,12 +64,12 @@ def chunk_rows(dim: int, k: int, memory_mb: float) -> int:
     return int(max(256, memory_mb * 2**20 // per_row))
 
 
-def iter_chunks(parts: list[Path], columns: list[str], rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(part number, record batch of at most ``rows`` rows) over the parts in order."""
-    for i, p in enumerate(parts):
+def iter_chunks(parts: list[Path], columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of at most ``rows`` rows over the parts, in order."""
+    for p in parts:
         for batch in pq.ParquetFile(p).iter_batches(batch_size=rows, columns=columns):
             if batch.num_rows:
-                yield i, batch
+                yield batch
 
 
 class IndexWorker:
@@ -192,17 +192,15 @@ class StreamSettings:
     seed: int = 0
 
 
-def _positions(parts: list[Path]) -> tuple[np.ndarray, list[int]]:
-    """Pass 0: each row's position in id order, in reading order, and the rows of each part."""
-    ids = [pq.read_table(p, columns=["id"])["id"] for p in parts]
-    counts = [len(c) for c in ids]
-    if not sum(counts):
-        return np.zeros(0, np.int64), counts
-    allids = pa.chunked_array([c for t in ids for c in t.chunks], type=ids[0].type)
-    order = pc.sort_indices(allids).to_numpy()
+def _positions(parts: list[Path]) -> np.ndarray:
+    """Pass 0: each row's position in id order, in reading order."""
+    ids = [c for p in parts for c in pq.read_table(p, columns=["id"])["id"].chunks]
+    if not sum(len(c) for c in ids):
+        return np.zeros(0, np.int64)
+    order = pc.sort_indices(pa.chunked_array(ids)).to_numpy()
     pos = np.empty(len(order), np.int64)
     pos[order] = np.arange(len(order))
-    return pos, counts
+    return pos
 
 
 def _unit(x: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
@@ -223,10 +221,10 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     neighbours' positions), nn_sims, diversity, cluster, dup_group (the smallest position in its group).
     -> the manifest's figures (index, recall, groups, memory, chunk rows)."""
     faiss = faiss_module()
-    pos, counts = _positions(parts)
+    pos = _positions(parts)
     n = len(pos)
     first = next(iter_chunks(parts, [st.column], 1), None)
-    d = len(first[1].column(0)[0]) if first is not None else 1
+    d = len(first.column(0)[0]) if first is not None else 1
     rows = chunk_rows(d, st.k, st.memory_mb)
     kk = max(0, min(st.k, n - 1))
     spec = st.spec or IndexSpec(kind="flat", seed=st.seed)
@@ -242,7 +240,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     total = np.zeros(d, np.float64)
     got_pos, got_vec = [], []
     start = 0
-    for _, batch in iter_chunks(parts, [st.column], rows):
+    for batch in iter_chunks(parts, [st.column], rows):
         x = matrix(batch.column(0))
         p = pos[start:start + len(x)]
         start += len(x)
@@ -276,7 +274,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     truth_s = np.full((len(queries), kk + 1), -np.inf, np.float32)
     truth_i = np.full((len(queries), kk + 1), -1, np.int64)
     start = 0
-    for _, batch in iter_chunks(parts, [st.column], rows):
+    for batch in iter_chunks(parts, [st.column], rows):
         x = _unit(matrix(batch.column(0)), mean)
         p = pos[start:start + len(x)]
         start += len(x)
@@ -302,7 +300,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     found = 0
     written: list[tuple[Path, np.ndarray]] = []
     start = 0
-    for i, (_, batch) in enumerate(iter_chunks(parts, ["id", st.column], rows)):
+    for i, batch in enumerate(iter_chunks(parts, ["id", st.column], rows)):
         x = _unit(matrix(batch.column(1)), mean)
         p = pos[start:start + len(x)]
         start += len(x)
