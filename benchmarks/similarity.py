@@ -172,7 +172,7 @@ def stage_child(folder: str, mode: str, memory_mb: float, k: int) -> None:
     parts = sorted(Path(folder).glob("part-*.parquet"))
     out = Path(folder) / f"out-{mode}"
     out.mkdir(exist_ok=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     before = _peak_mb()
     t0 = time.perf_counter()
     spec = IndexSpec(seed=0)

@@ -19,6 +19,13 @@ ROWS_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("source", 
                          ("line", pa.int64()), ("record", pa.string())])
 
 
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): ledgers record where each shard ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def ingest_shard(shard: Shard, rows_dir: str) -> dict[str, Any]:
     """Read and validate one shard, write its parts and marker. -> counts for the ledger."""
     stage = StageDir(Path(rows_dir).parent, Path(rows_dir).name)
@@ -32,7 +39,7 @@ def ingest_shard(shard: Shard, rows_dir: str) -> dict[str, Any]:
     write_parquet(stage.part(shard.index), table)
     write_jsonl(stage.part(shard.index, "rejected.jsonl"), [{**r, "stage": "ingest"} for r in bad])
     info = {"shard": shard.index, "rows": len(good), "rejected": len(bad),
-            "first_reject": bad[0] if bad else None}
+            "first_reject": bad[0] if bad else None, "node": node_id()}
     stage.mark_done(shard.index, info)
     return info
 

@@ -131,7 +131,8 @@ class Run:
         if address:
             ray.init(address=address, runtime_env={"env_vars": _RUNTIME_ENV}, log_to_driver=self.verbose)
         else:
-            ray.init(num_cpus=self.cfg.ray.num_cpus, include_dashboard=self.cfg.ray.include_dashboard,
+            # "local": a new cluster of its own, never one that `ray start` left running on this machine
+            ray.init(address="local", num_cpus=self.cfg.ray.num_cpus, include_dashboard=self.cfg.ray.include_dashboard,
                      dashboard_host=self.cfg.ray.dashboard_host, runtime_env={"env_vars": _RUNTIME_ENV},
                      log_to_driver=self.verbose)
 
@@ -178,9 +179,11 @@ class Run:
                 infos = run_ingest(shards, stage)
                 digests = {p: file_digest(p) for p in d.paths}
                 stage.finish(fp, {"shards": len(shards), "rows": sum(i["rows"] for i in infos),
-                                  "rejected": sum(i["rejected"] for i in infos), "input_sha256": digests})
+                                  "rejected": sum(i["rejected"] for i in infos), "input_sha256": digests,
+                                  "nodes": sorted({i.get("node", "") for i in infos} - {""})})
             info = stage.success_info()
-            entry.update(shards=info["shards"], rows=info["rows"], rejected=info["rejected"])
+            entry.update(shards=info["shards"], rows=info["rows"], rejected=info["rejected"],
+                         nodes=info.get("nodes", []))
             self.manifest["inputs"] = info["input_sha256"]
         if d.strict and info["rejected"]:
             first = self._first_reject("rows")
@@ -281,6 +284,7 @@ class Run:
                 done = [stats.done_info(s) for s in expected]
                 scored = sum(i["scored"] for i in done)
                 stats.finish(fp, {"scored": scored, "rejected": sum(i["rejected"] for i in done),
+                                  "nodes": sorted({n for i in done for n in i.get("nodes", [])} - {""}),
                                   "model": model_path, "shards_this_run": len(infos), "engine": cfg.score.engine,
                                   "examples_per_s": round(sum(i["scored"] for i in infos) / max(time.time() - t0, 1e-9), 2)})
                 features.finish(fp, {"scored": scored})

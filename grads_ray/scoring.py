@@ -22,7 +22,7 @@ from grads_ray.data.batching import pad_batch
 from grads_ray.data.formats import RowError, normalize
 from grads_ray.data.tokenize import encode, load_tokenizer
 from grads_ray.gradients.features import mean_token_losses, response_only
-from grads_ray.ingest import ROWS_SCHEMA
+from grads_ray.ingest import ROWS_SCHEMA, node_id
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
 ROWS_PER_BLOCK_BATCHES = 8  # rows per streamed block (a "unit"), in scorer batches
@@ -117,6 +117,7 @@ class Scorer:
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).to(self.device)
+        self.node = node_id()
         self.model.eval()  # no dropout: the gradient of the loss as the model stands
         engine = LoopGradStats if settings.pop("engine", "batched") == "loop" else BatchedGradStats
         self.engine = engine(self.model, **settings)
@@ -155,6 +156,7 @@ class Scorer:
                 if value is not None:
                     feats[k][rows] = np.asarray(value, dtype=np.float32).reshape(len(rows), -1)
         out = {k: batch[k] for k in ("id", "shard", "source", "line", "reason", "detail")}
+        out["node"] = np.full(n, self.node, dtype=object)  # for the ledger, not the stats table
         for c in sorted(set(columns) | {c for c in STAT_BASE if c != "id"}):
             out[c] = columns.get(c, np.full(n, math.nan))
         out.update({k: (v[:, 0] if k == "fisher_energy" else v) for k, v in feats.items()})
@@ -209,7 +211,8 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
     write_parquet(features.part(shard), pa.table(feats))
     bad = table.filter(pc.invert(ok)).select(["id", "source", "line", "reason", "detail"]).to_pylist()
     write_jsonl(stats.part(shard, "rejected.jsonl"), [{**r, "stage": "score"} for r in bad])
-    info = {"shard": shard, "scored": good.num_rows, "rejected": len(bad)}
+    nodes = sorted(set(table["node"].to_pylist())) if "node" in table.column_names else []
+    info = {"shard": shard, "scored": good.num_rows, "rejected": len(bad), "nodes": nodes}
     stats.mark_done(shard, info)
     features.mark_done(shard, info)
     return info

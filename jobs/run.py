@@ -13,6 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+# torch before ray and pyarrow: seen on a two-node cluster on one machine (Ray 2.60, torch 2.13 CPU),
+# a job driver that loaded libtorch after `ray.init` died in oneMKL's start-up ("Cannot load
+# libtorch_cpu.so"); loaded first, it works.
+import torch  # noqa: E402, F401
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir
 
 from grads_ray.cli import main  # noqa: E402

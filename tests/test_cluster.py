@@ -1,0 +1,130 @@
+"""A real two-node Ray cluster on this machine (``ray start --head`` + ``ray start --address``, token
+authentication on) and a job sent through the real ``ray job submit`` CLI, as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from grads_ray.rundir import read_json, read_parts
+from tests.conftest import save_tiny_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive_nodes(address: str, env: dict[str, str]) -> int:
+    code = f"import ray; ray.init(address={address!r}, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+    try:
+        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return 0
+    return int(got.stdout.strip().splitlines()[-1]) if got.returncode == 0 and got.stdout.strip() else 0
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A head (1 CPU, dashboard on 127.0.0.1) and a second node (2 CPUs), both with token auth.
+    ``--block`` keeps each ``ray start`` in the foreground, so ending it stops only its own node
+    (``ray stop`` would stop every Ray on the machine, the test session's included)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    logs = tmp_path / "ray-logs"
+    logs.mkdir()
+    common = ["--block", "--disable-usage-stats"]
+    head = subprocess.Popen(
+        ["ray", "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--dashboard-agent-listen-port={_free_port()}",
+         "--num-cpus=1", *common], env=env, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT)
+    procs = [head]
+    try:
+        deadline = time.time() + 180
+        while "Ray runtime started" not in (logs / "head.log").read_text():
+            assert time.time() < deadline and head.poll() is None, (logs / "head.log").read_text()[-3000:]
+            time.sleep(1)
+        while _alive_nodes(f"127.0.0.1:{gcs}", env) < 1:
+            assert time.time() < deadline and head.poll() is None, (logs / "head.log").read_text()[-3000:]
+            time.sleep(2)
+        worker = subprocess.Popen(
+            ["ray", "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+             f"--dashboard-agent-listen-port={_free_port()}", *common],
+            env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
+        procs.append(worker)
+        while _alive_nodes(f"127.0.0.1:{gcs}", env) < 2:
+            assert time.time() < deadline and worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
+            time.sleep(2)
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "env": env}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_a_job_submitted_to_a_two_node_cluster_uses_both_nodes(two_nodes, tmp_path, tiny_tokenizer):
+    from grads_ray.demo.corpus import sft_rows
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = sft_rows()[:120]
+    (corpus / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tmp_path / "model"
+    save_tiny_model("llama", model, vocab=len(tiny_tokenizer))
+    tiny_tokenizer.save_pretrained(model)
+    out = tmp_path / "out"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"""
+output: {out}
+seed: 3
+data: {{paths: [{corpus}], max_length: 96, shard_bytes: 8000}}
+model: {{path: {model}}}
+warmup: {{enabled: false}}
+score: {{batch_size: 8, num_actors: 2}}
+select: {{method: grads, budget: "25%"}}
+finetune: {{enabled: false}}
+""")
+    job = f"grads-ray-test-{secrets.token_hex(4)}"
+    got = subprocess.run(
+        ["ray", "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(REPO),
+         "--submission-id", job, "--", "python", "jobs/run.py", str(cfg)],
+        env=two_nodes["env"], capture_output=True, text=True, timeout=900)
+    (tmp_path / "job.log").write_text(got.stdout + got.stderr)
+    assert got.returncode == 0, got.stdout[-6000:]
+    status = subprocess.run(["ray", "job", "status", "--address", two_nodes["dashboard"], job],
+                            env=two_nodes["env"], capture_output=True, text=True, timeout=120)
+    assert "succeeded" in (status.stdout + status.stderr).lower()
+
+    manifest = read_json(out / "manifest.json")
+    assert manifest["accounting"]["input_rows"] == len(rows)
+    stats = read_parts(sorted((out / "stats").glob("part-*.parquet")), ["id"])
+    assert stats.num_rows + manifest["accounting"]["rejected_ingest"] + manifest["accounting"]["rejected_score"] \
+        == len(rows)
+    assert (out / "selected.jsonl").exists() and (out / "selection.parquet").exists()
+    nodes = set(manifest["stages"]["ingest"]["nodes"]) | set(manifest["stages"]["score"]["nodes"])
+    assert len(nodes) == 2, manifest["stages"]
+
+    # Without the token the dashboard refuses the job: authentication is really on.
+    env = {k: v for k, v in two_nodes["env"].items() if k != "RAY_AUTH_TOKEN"}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    refused = subprocess.run(["ray", "job", "list", "--address", two_nodes["dashboard"]],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
