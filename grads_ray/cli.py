@@ -107,6 +107,12 @@ def resolve(args: argparse.Namespace) -> Config:
         raise ConfigError(f"model.path {cfg.model.path}: no config.json (a Hugging Face model folder is expected)")
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty (use --data PATH or data.paths=[...])")
+    for key, paths in (("data.paths", cfg.data.paths), ("eval.domain_paths", cfg.eval.domain_paths),
+                       ("eval.general_paths", cfg.eval.general_paths),
+                       ("select.less.target_paths", cfg.select.less.target_paths)):
+        for p in paths:  # URLs are checked where they are read
+            if "://" not in p and not Path(p).exists():
+                raise ConfigError(f"{key}: {p}: no such file or folder")
     return cfg
 
 

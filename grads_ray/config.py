@@ -85,6 +85,7 @@ class ScoreConfig:
 
     batch_size: int = 16
     num_actors: int = 1  # max actors in the scorer pool (one GPU each when GPUs are used)
+    max_restarts: int = 3  # a dead scorer is restarted and its block retried this often, then the run fails
     use_gpu: str = "auto"
     tokenize_batch_size: int = 256  # rows per tokenizing task for the training stages (scoring tokenizes whole units)
     engine: str = "batched"  # batched (one pass per batch) | loop (one example at a time: any model)
@@ -332,8 +333,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Resolve a Config: defaults < ``base`` < YAML file < ``key=value`` overrides."""
     tree: dict[str, Any] = dict(base or {})
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         tree = _merge(tree, loaded)
@@ -395,6 +402,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"score.{key} must be >= 0 (0 turns it off)")
     if sc.proj_rank < 1 or sc.chunk_elements < 1 or sc.batch_size < 1:
         raise ConfigError("score.proj_rank, score.chunk_elements and score.batch_size must be >= 1")
+    if sc.max_restarts < 0 or sc.num_actors < 1:
+        raise ConfigError("score.max_restarts must be >= 0 and score.num_actors >= 1")
     _one_of("similarity.feature", cfg.similarity.feature, ("hidden_mean", "grad_proj", "encoder"))
     _one_of("similarity.center", cfg.similarity.center, ("auto", "true", "false"))
     if cfg.similarity.memory_mb < 1 or cfg.similarity.workers < 0:

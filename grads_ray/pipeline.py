@@ -280,7 +280,7 @@ class Run:
                     max_length=cfg.data.max_length, on_long=cfg.data.on_long, batch_size=cfg.score.batch_size,
                     num_actors=cfg.score.num_actors, use_gpu=self.use_gpu(cfg.score.use_gpu),
                     trust_remote_code=cfg.model.trust_remote_code, settings=settings,
-                    progress=self._score_progress(expected, t0))
+                    progress=self._score_progress(expected, t0), max_restarts=cfg.score.max_restarts)
                 done = [stats.done_info(s) for s in expected]
                 scored = sum(i["scored"] for i in done)
                 stats.finish(fp, {"scored": scored, "rejected": sum(i["rejected"] for i in done),
@@ -533,7 +533,7 @@ class Run:
             return ["id", "loss", "n_tokens"]
         names = list(dict.fromkeys(c for p in parts for c in pq.read_schema(p).names))  # an empty shard has fewer
         sc, g = self.cfg.select, self.cfg.select.grads
-        want = {"id", "loss", "n_tokens", "loss_response_only", sc.baseline.grad_norm_column}
+        want = {"id", "loss", "n_tokens", "finite", "loss_response_only", sc.baseline.grad_norm_column}
         if sc.method == "grads":
             want |= {f"{grp}.{st}" for grp in g.groups for st in g.stats} | set(g.stats)
         return [c for c in names if c in want]

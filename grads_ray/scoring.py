@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -99,7 +100,8 @@ class Scorer:
     """
 
     def __init__(self, model_path: str, use_gpu: bool = False, threads: int | None = None,
-                 trust_remote_code: bool = False, settings: dict[str, Any] | None = None, batch_size: int = 16):
+                 trust_remote_code: bool = False, settings: dict[str, Any] | None = None, batch_size: int = 16,
+                 hooks: dict[str, Any] | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -118,6 +120,7 @@ class Scorer:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).to(self.device)
         self.node = node_id()
+        self.hooks, self.calls = hooks or {}, 0
         self.model.eval()  # no dropout: the gradient of the loss as the model stands
         engine = LoopGradStats if settings.pop("engine", "batched") == "loop" else BatchedGradStats
         self.engine = engine(self.model, **settings)
@@ -139,7 +142,10 @@ class Scorer:
         n = len(batch["id"])
         feats = {k: np.zeros((n, w), dtype=np.float32) for k, w in self.widths.items() if w}
         columns: dict[str, np.ndarray] = {}
-        for rows in self.batches(batch):
+        self.calls += 1
+        for b, rows in enumerate(self.batches(batch)):
+            if self.hooks:
+                _test_hooks(self.hooks, self.calls, b)
             ids, lab, mask = pad_batch([batch["input_ids"][i] for i in rows], [batch["labels"][i] for i in rows],
                                        self.pad_id)
             got = self.engine(ids.to(self.device), lab.to(self.device), mask.to(self.device))
@@ -176,6 +182,24 @@ class Scorer:
                 for k in range(0, len(group), self.batch_size)]
 
 
+TEST_HOOKS_ENV = "GRADS_RAY_TEST_SCORER_HOOKS"
+
+
+def _test_hooks(hooks: dict[str, Any], call: int, batch: int) -> None:
+    """Faults on demand, for the tests (JSON in ``GRADS_RAY_TEST_SCORER_HOOKS``, read by the driver):
+    ``sleep`` seconds before each engine batch; ``crash_once`` (a flag file) with ``crash_at_call``:
+    the actor process kills itself (SIGKILL) half-way through that block, once per flag file."""
+    import os
+    import signal
+    import time
+
+    time.sleep(hooks.get("sleep", 0))
+    flag = hooks.get("crash_once")
+    if flag and call == hooks.get("crash_at_call", 1) and batch == 1 and not os.path.exists(flag):
+        open(flag, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def score_examples(model_path: str, examples: list[tuple[list[int], list[int]]], *, settings: dict[str, Any],
                    batch_size: int, use_gpu: bool = False, trust_remote_code: bool = False) -> dict[str, np.ndarray]:
     """Score a small, already tokenized set in one process with the corpus's scorer (same model,
@@ -192,6 +216,17 @@ def score_examples(model_path: str, examples: list[tuple[list[int], list[int]]],
     return {"loss": np.asarray(out["loss"], np.float64), "grad_proj": np.asarray(out["grad_proj"], np.float32)}
 
 
+def finite_rows(table: pa.Table) -> np.ndarray:
+    """(N,) True where the loss and every gradient statistic (overall and per group) is finite: a
+    NaN or infinite value (an overflow, a broken example) is flagged here and never selected."""
+    cols = [c for c in table.column_names
+            if c == "loss" or c.startswith("grad_") or ("." in c and c.split(".")[-1].startswith("grad_"))]
+    ok = np.ones(table.num_rows, dtype=bool)
+    for c in cols:
+        ok &= np.isfinite(table[c].to_numpy(zero_copy_only=False).astype(np.float64))
+    return ok
+
+
 def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: StageDir) -> dict[str, Any]:
     """Write one finished shard: stats (sorted by id), features, tokenization rejects, marker."""
     table = pa.concat_tables(tables, promote_options="default")
@@ -199,9 +234,11 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
     good = table.filter(ok)
     good = good.take(pc.sort_indices(good["id"]))
     group_cols = sorted(c for c in good.column_names if "." in c)
-    write_parquet(stats.part(shard), good.select(STAT_BASE + group_cols).cast(
+    stats_table = good.select(STAT_BASE + group_cols).cast(
         pa.schema([(c, pa.string() if c == "id" else (pa.int64() if c.startswith("n_") else pa.float64()))
-                   for c in STAT_BASE + group_cols])))
+                   for c in STAT_BASE + group_cols]))
+    stats_table = stats_table.append_column("finite", pa.array(finite_rows(stats_table), pa.bool_()))
+    write_parquet(stats.part(shard), stats_table)
     feats = {"id": good["id"].cast(pa.string())}
     for name in FEATURE_COLUMNS:
         if name in good.column_names:
@@ -221,7 +258,8 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
 def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, *,
                 model_path: str, max_length: int, on_long: str, batch_size: int, num_actors: int,
                 use_gpu: bool, trust_remote_code: bool = False,
-                settings: dict[str, Any] | None = None, progress=None) -> list[dict[str, Any]]:
+                settings: dict[str, Any] | None = None, progress=None, max_restarts: int = 3
+                ) -> list[dict[str, Any]]:
     """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done."""
     import ray
 
@@ -246,13 +284,18 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     # fuses them into the scorer actor, which saves a copy per batch.
     ds = tokenize(ds, model_path=model_path, max_length=max_length, on_long=on_long,
                   batch_size=None, trust_remote_code=trust_remote_code)
+    # A scorer that dies (a lost node, the OOM killer) is restarted and its block retried, a bounded
+    # number of times: a row that kills every scorer must end the run, not loop forever. (Ray 2.60 has
+    # no named parameter for these and warns that the keyword route goes in 2.64.)
+    hooks = json.loads(os.environ[TEST_HOOKS_ENV]) if os.environ.get(TEST_HOOKS_ENV) else None
     ds = ds.map_batches(
         Scorer, batch_size=None, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(num_actors, 1)),
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1),
+        max_restarts=max_restarts, max_task_retries=max_restarts,
         fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu, "threads": threads,
                                "trust_remote_code": trust_remote_code, "settings": settings,
-                               "batch_size": batch_size},
+                               "batch_size": batch_size, "hooks": hooks},
     )
     buffers: dict[int, list[pa.Table]] = defaultdict(list)
     counts: dict[int, int] = defaultdict(int)

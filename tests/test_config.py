@@ -85,3 +85,27 @@ def test_job_entrypoint_loads_from_a_bare_checkout():
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "run.py"), "--help"], capture_output=True,
                          text=True, cwd=ROOT / "jobs", timeout=120)
     assert out.returncode == 0 and "grads-ray" in out.stdout
+
+
+def test_a_missing_or_broken_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="select.budget=5%: no such config file"):
+        load_config("select.budget=5%")  # an override where the config file goes
+    bad = tmp_path / "job.yaml"
+    bad.write_text("select:\n  budget: [5%,\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"job.yaml:4: not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("key", ["data.paths", "eval.domain_paths", "eval.general_paths", "select.less.target_paths"])
+def test_a_missing_input_path_fails_before_ray_with_its_key(tmp_path, key, capsys):
+    from grads_ray.cli import main
+    from tests.conftest import save_tiny_model
+
+    save_tiny_model("gpt2", tmp_path / "m")
+    (tmp_path / "c.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    args = ["score", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "o")]
+    if key != "data.paths":
+        args += ["--data", str(tmp_path / "c.jsonl")]
+    assert main([*args, f"{key}=[{tmp_path / 'gone.jsonl'}]"]) == 2
+    assert f"{key}: {tmp_path / 'gone.jsonl'}: no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing started, nothing written

@@ -67,3 +67,15 @@ def test_statistics_ignore_padding_tokens(tmp_path):
         together = engine(*pad(ex, "left", extra=5)).row(0)
         for stat in ("loss",) + GRAD_STATS:
             assert together[stat] == pytest.approx(alone[stat], rel=1e-5, abs=1e-9), (type(engine), stat)
+
+
+def test_the_stats_flag_rows_that_are_not_finite():
+    import pyarrow as pa
+
+    from grads_ray.scoring import finite_rows
+
+    table = pa.table({"id": ["a", "b", "c", "d", "e"], "n_tokens": [3, 4, 5, 6, 7],
+                      "loss": [1.0, float("nan"), 2.0, 2.0, 2.0], "grad_norm": [1.0, 1.0, float("inf"), 1.0, 1.0],
+                      "head.grad_min": [0.0, 0.0, 0.0, -float("inf"), 0.0],
+                      "loss_response_only": [float("nan")] * 5})  # NaN by design when not computed
+    assert finite_rows(table).tolist() == [True, False, False, False, True]

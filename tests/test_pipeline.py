@@ -108,6 +108,7 @@ def test_stats_table_contract(finished):
     row = stats.slice(0, 1).to_pylist()[0]
     assert row["grad_min"] <= row["grad_mean"] <= row["grad_max"] and row["grad_norm"] > 0
     assert row["loss"] > 0 and row["n_tokens"] > 0 and row["loss_response_only"] > 0
+    assert stats["finite"].to_pylist() == [True] * stats.num_rows  # the NaN/inf flag
 
 
 def test_selection_outputs(finished):

@@ -405,3 +405,36 @@ def test_ifd_takes_prompt_helped_examples_first():
     chosen = res["ifd"][res["selected"]]
     assert (chosen < 1).all()
     assert chosen.min() >= np.sort(res["ifd"][res["ifd"] < 1])[-20]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nonfinite_rows_are_never_selected_and_change_nothing_else(method):
+    """NaN/inf in the loss, a gradient statistic or the score stage's flag: the row gets
+    ``nonfinite``, and the rest is selected exactly as if the row had never been there (its
+    neighbour links dropped: checked against a subset built by hand)."""
+    n = 400
+    inp = _inputs(n, seed=5)
+    bad = np.array([3, 17, 18, 150, 222, 301, 399])
+    inp["cols"]["loss"][bad[:2]] = np.nan
+    inp["cols"]["grad_norm"][bad[2]] = np.inf
+    inp["cols"]["head.grad_max"][bad[3]] = -np.inf
+    inp["cols"]["embedding.grad_mean"][bad[4]] = np.nan
+    inp["cols"]["finite"] = np.ones(n, bool)
+    inp["cols"]["finite"][bad[5:]] = False
+    inp["similarity"]["nn_idx"][:, 0] = bad[np.arange(n) % len(bad)]  # every row has a bad neighbour
+    cfg = SelectConfig(method=method, max_per_dup_group=1)
+    res = _run(inp, Budget("fraction", 0.2), cfg)
+    assert not res["selected"][bad].any() and set(res["reason"][bad]) == {"nonfinite"}
+    assert "nonfinite" not in set(res["reason"][np.setdiff1d(np.arange(n), bad)])
+
+    good = [i for i in range(n) if i not in set(bad)]
+    where = {old: new for new, old in enumerate(good)}
+    sub = {"cols": {k: v[good] for k, v in inp["cols"].items()}, "ids": [inp["ids"][i] for i in good],
+           "similarity": {k: v[good] for k, v in inp["similarity"].items()},
+           "fisher_factors": inp["fisher_factors"][good], "grad_proj": inp["grad_proj"][good],
+           "target_proj": inp["target_proj"], "source": inp["source"][good]}
+    sub["similarity"]["nn_idx"] = np.array([[where.get(int(j), -1) for j in row] for row in inp["similarity"]["nn_idx"][good]])
+    ref = _run(sub, Budget("fraction", 0.2), cfg)
+    np.testing.assert_array_equal(res["rank"][good], ref["rank"])
+    np.testing.assert_array_equal(res["reason"][good], ref["reason"])
+    np.testing.assert_array_equal(res["score"][good], ref["score"])

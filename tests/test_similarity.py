@@ -145,3 +145,16 @@ def test_greedy_far_apart_equals_one_at_a_time():
         assert acc.tolist() == kept and sorted(rej.tolist() + kept) == sorted(order.tolist()) and seen == len(x)
     acc, _, seen = greedy_far_apart(order, x, 0.9, lambda a: len(a) >= 10, block=7)
     assert acc.tolist() == kept[:len(acc)] and len(acc) >= 10 and seen < len(x)  # stops once done
+
+
+def test_rows_that_are_not_finite_count_as_zero_vectors():
+    from grads_ray.similarity.index import unit_vectors, zero_nonfinite
+
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) + 1
+    x[1, 2] = np.nan
+    x[3, 0] = np.inf
+    z = zero_nonfinite(x.copy())
+    assert (z[[1, 3]] == 0).all() and (z[[0, 2]] == x[[0, 2]]).all()
+    u = unit_vectors(x, center=True)
+    assert np.isfinite(u).all()
+    np.testing.assert_allclose(u, unit_vectors(z, center=True))

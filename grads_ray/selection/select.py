@@ -7,7 +7,8 @@ Every scored example gets a verdict: selected (with its rank) or the reason it w
 that applies of ``duplicate`` (its near-duplicate group already has ``max_per_dup_group`` members
 ranked above it), ``too_similar`` (the optional greedy similarity pass, ``max_similarity``),
 ``over_source_quota`` (its source's share of the budget was spent), ``outside_band`` (GrADS's
-criteria) / ``ifd_above_max`` (IFD), or ``over_budget``.
+criteria) / ``ifd_above_max`` (IFD), or ``over_budget``. A row whose loss or gradient statistics
+are not finite (NaN, inf) is ``nonfinite``: it is left out before any distribution is fitted.
 """
 
 from __future__ import annotations
@@ -45,11 +46,64 @@ def source_codes(source: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.nd
     return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
 
 
+def finite_mask(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """(N,) True where the row is usable: the score stage's ``finite`` flag when given, and a finite
+    loss and gradient statistics among the columns passed."""
+    ok = np.ones(len(columns["loss"]), dtype=bool)
+    if "finite" in columns:
+        ok &= np.asarray(columns["finite"], dtype=bool)
+    for name, values in columns.items():
+        stat = name.rsplit(".", 1)[-1]
+        if name == "loss" or stat.startswith("grad_"):
+            ok &= np.isfinite(np.asarray(values, dtype=np.float64))
+    return ok
+
+
 def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Budget, cfg: Any, seed: int, *,
            similarity: dict[str, np.ndarray] | None = None, fisher_factors: np.ndarray | None = None,
            grad_proj: np.ndarray | None = None, target_proj: np.ndarray | None = None,
            source: pa.Array | np.ndarray | None = None, vectors: np.ndarray | None = None,
            device: str = "cpu") -> dict[str, np.ndarray]:
+    """:func:`select_finite` over the rows with finite statistics (:func:`finite_mask`); the others
+    get ``reason`` ``nonfinite``, ``rank`` -1 and empty components. Same arguments and result."""
+    ok = finite_mask(columns)
+    kwargs = {"similarity": similarity, "fisher_factors": fisher_factors, "grad_proj": grad_proj,
+              "target_proj": target_proj, "source": source, "vectors": vectors, "device": device}
+    if ok.all():
+        return select_finite(columns, ids, budget, cfg, seed, **kwargs)
+    keep = np.flatnonzero(ok)
+    new_pos = np.full(len(ok) + 1, -1, dtype=np.int64)  # old position -> new (index -1 maps to -1)
+    new_pos[keep] = np.arange(len(keep))
+    sim = dict(similarity or {})
+    if "nn_idx" in sim:
+        nn = np.asarray(sim["nn_idx"])
+        sim["nn_idx"] = new_pos[np.where(nn >= 0, nn, len(ok))]
+    kwargs.update(
+        similarity={k: np.asarray(v)[keep] for k, v in sim.items()} if similarity is not None else None,
+        fisher_factors=None if fisher_factors is None else fisher_factors[keep],
+        grad_proj=None if grad_proj is None else grad_proj[keep],
+        vectors=None if vectors is None else vectors[keep],
+        source=None if source is None else (source.take(pa.array(keep)) if isinstance(source, (pa.Array, pa.ChunkedArray))
+                                            else np.asarray(source)[keep]))
+    ids_arr = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
+    part = select_finite({k: np.asarray(v)[keep] for k, v in columns.items()}, ids_arr.take(pa.array(keep)),
+                         budget, cfg, seed, **kwargs)
+    out = {}
+    for name, values in part.items():
+        values = np.asarray(values)
+        fill = {"b": False, "i": -1, "u": 0, "f": np.nan}.get(values.dtype.kind, "")
+        full = np.full(len(ok), fill, dtype=values.dtype if values.dtype.kind != "U" else object)
+        full[keep] = values
+        out[name] = full
+    out["reason"][~ok] = "nonfinite"
+    return out
+
+
+def select_finite(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Budget, cfg: Any, seed: int, *,
+                  similarity: dict[str, np.ndarray] | None = None, fisher_factors: np.ndarray | None = None,
+                  grad_proj: np.ndarray | None = None, target_proj: np.ndarray | None = None,
+                  source: pa.Array | np.ndarray | None = None, vectors: np.ndarray | None = None,
+                  device: str = "cpu") -> dict[str, np.ndarray]:
     """Choose a subset of N scored examples (``cfg``: a :class:`grads_ray.config.SelectConfig`).
 
     ``columns``: the stats table as (N,) arrays; ``similarity``: ``dup_group``, ``diversity``,

@@ -36,10 +36,20 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
+def zero_nonfinite(x: np.ndarray) -> np.ndarray:
+    """Rows holding a NaN or an infinity set to zero (in place when writable): a broken example's
+    features must not poison the mean or the index. (N, d) -> (N, d)."""
+    bad = ~np.isfinite(x).all(axis=1) if x.ndim == 2 and x.size else np.zeros(len(x), bool)
+    if bad.any():
+        x = x if x.flags.writeable else x.copy()
+        x[bad] = 0
+    return x
+
+
 def unit_vectors(vectors: np.ndarray, center: bool = True) -> np.ndarray:
     """The vectors every search here compares: centred on their mean (in float64) when asked, then
-    L2-normalised. (N, d) -> (N, d) float32."""
-    x = np.asarray(vectors, dtype=np.float64)
+    L2-normalised; rows that are not finite count as zero. (N, d) -> (N, d) float32."""
+    x = zero_nonfinite(np.asarray(vectors, dtype=np.float64))
     return l2_normalize(x - x.mean(axis=0) if center else x)
 
 

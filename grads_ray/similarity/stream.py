@@ -45,6 +45,7 @@ from grads_ray.similarity.index import (
     l2_normalize,
     trained_index,
     union_find_groups,
+    zero_nonfinite,
 )
 
 
@@ -241,7 +242,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     got_pos, got_vec = [], []
     start = 0
     for batch in iter_chunks(parts, [st.column], rows):
-        x = matrix(batch.column(0))
+        x = zero_nonfinite(matrix(batch.column(0)))
         p = pos[start:start + len(x)]
         start += len(x)
         total += x.sum(0, dtype=np.float64)
@@ -275,7 +276,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     truth_i = np.full((len(queries), kk + 1), -1, np.int64)
     start = 0
     for batch in iter_chunks(parts, [st.column], rows):
-        x = _unit(matrix(batch.column(0)), mean)
+        x = _unit(zero_nonfinite(matrix(batch.column(0))), mean)
         p = pos[start:start + len(x)]
         start += len(x)
         w = int(np.argmin(filled))
@@ -301,7 +302,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     written: list[tuple[Path, np.ndarray]] = []
     start = 0
     for i, batch in enumerate(iter_chunks(parts, ["id", st.column], rows)):
-        x = _unit(matrix(batch.column(1)), mean)
+        x = _unit(zero_nonfinite(matrix(batch.column(1))), mean)
         p = pos[start:start + len(x)]
         start += len(x)
         if kk:

@@ -1,0 +1,111 @@
+"""Faults while scoring: the driver killed (SIGKILL, with its local Ray) and run again; a scorer actor
+killed mid-batch (Ray restarts it and retries the batch). Either way the outputs hold every id
+exactly once and equal those of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from grads_ray.cli import main
+from grads_ray.rundir import read_json, read_parts
+from tests.conftest import save_tiny_model
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_tokenizer):
+    """240 demo rows in 6 shards, a tiny Llama, scoring only (no warm-up), and the uninterrupted run."""
+    from grads_ray.demo.corpus import sft_rows
+
+    root = tmp_path_factory.mktemp("faults")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rows = sft_rows()[:240]
+    for k in range(3):
+        (corpus / f"part{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[k::3]))
+    model = root / "model"
+    save_tiny_model("llama", model, vocab=len(tiny_tokenizer))
+    tiny_tokenizer.save_pretrained(model)
+    shard_bytes = max(f.stat().st_size for f in corpus.iterdir()) // 2 + 1
+    args = ["--model", str(model), "--data", str(corpus), "warmup.enabled=false", "data.max_length=96",
+            f"data.shard_bytes={shard_bytes}", "score.batch_size=4", "score.num_actors=1", "seed=5"]
+    return {"root": root, "args": args, "rows": len(rows)}
+
+
+def _tables(out: Path) -> dict[str, pa.Table]:
+    got = {}
+    for name in ("stats", "features"):
+        t = read_parts(sorted((out / name).glob("part-*.parquet")))
+        got[name] = t.take(pc.sort_indices(t["id"]))
+    return got
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(job, ray_local):
+    out = job["root"] / "clean"
+    assert main(["score", *job["args"], "--output", str(out)]) == 0
+    return _tables(out)
+
+
+def _assert_same(out: Path, expected: dict[str, pa.Table], n_rows: int) -> None:
+    got = _tables(out)
+    ids = got["stats"]["id"].to_pylist()
+    rejected = [json.loads(x)["id"] for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) and len(ids) + len(rejected) == n_rows
+    for name, table in expected.items():
+        assert got[name].column_names == table.column_names, name
+        for col in table.column_names:  # bit-identical, NaN equal to NaN (Arrow's equals says no)
+            want, have = table[col].combine_chunks(), got[name][col].combine_chunks()
+            if pa.types.is_list(want.type):
+                want, have = want.flatten(), have.flatten()
+            np.testing.assert_array_equal(have.to_numpy(zero_copy_only=False),
+                                          want.to_numpy(zero_copy_only=False), err_msg=f"{name}.{col}")
+
+
+def test_a_scorer_killed_mid_batch_is_restarted(job, uninterrupted, tmp_path, monkeypatch):
+    flag = tmp_path / "crashed"
+    monkeypatch.setenv("GRADS_RAY_TEST_SCORER_HOOKS", json.dumps({"crash_once": str(flag), "crash_at_call": 2}))
+    out = tmp_path / "out"
+    assert main(["score", *job["args"], "--output", str(out)]) == 0
+    assert flag.exists()  # the actor did die (SIGKILL on its second block, half-way through it)
+    _assert_same(out, uninterrupted, job["rows"])
+
+
+def test_the_driver_killed_while_scoring_resumes(job, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "grads_ray", "score", *job["args"], "--output", str(out)]
+    env = {**os.environ, "GRADS_RAY_TEST_SCORER_HOOKS": json.dumps({"sleep": 0.5})}  # slow enough to catch
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    done = out / "stats" / "_done"
+    total = None
+    deadline = time.time() + 600
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            shards = out / "rows" / "shards.json"
+            total = total or (len(json.loads(shards.read_text())) if shards.exists() else None)
+            if done.is_dir() and len(list(done.glob("*.json"))) >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, all at once
+        proc.wait()
+    finished_before = len(list(done.glob("*.json")))
+    assert total and 0 < finished_before < total, (finished_before, total)
+    assert main(["score", *job["args"], "--output", str(out)]) == 0
+    info = read_json(out / "stats" / "_SUCCESS.json")
+    assert info["shards_this_run"] == total - finished_before  # the finished shards were not scored again
+    _assert_same(out, uninterrupted, job["rows"])
