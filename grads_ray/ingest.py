@@ -7,10 +7,14 @@ rejects; the completion marker comes last. Finished shards are skipped on a reru
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from grads_ray.data.readers import Shard, read_shard, validate_rows
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
@@ -61,3 +65,40 @@ def run_ingest(shards: list[Shard], stage: StageDir) -> list[dict[str, Any]]:
             raise InputError(f"{shard.path} (rows from line {shard.first_line}): cannot be read: "
                              f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
     return [stage.done_info(s.index) for s in shards]
+
+
+def drop_duplicate_ids(shards: list[Shard], stage: StageDir) -> int:
+    """Ids must be unique (every later stage joins on them): keep each id's first row in input order
+    (shard, line) and move every later one to its shard's rejects as ``duplicate_id``, naming where
+    the id was first seen. Idempotent, so an interrupted ingest can run it again. -> rows moved."""
+    parts = [stage.part(s.index) for s in shards]
+    t = pa.concat_tables([pq.read_table(p, columns=["id", "shard", "line"]) for p in parts])
+    if t.num_rows < 2:
+        return 0
+    t = t.sort_by([("id", "ascending"), ("shard", "ascending"), ("line", "ascending")])
+    ids = t["id"].combine_chunks()
+    same = np.zeros(t.num_rows, dtype=bool)
+    same[1:] = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
+    if not same.any():
+        return 0
+    first = np.maximum.accumulate(np.where(~same, np.arange(t.num_rows), 0))  # each run's first row
+    shard_col, line_col = t["shard"].to_numpy(), t["line"].to_numpy()
+    by_shard: dict[int, dict[int, str]] = {}
+    for i in np.flatnonzero(same):
+        j = first[i]
+        seen = f"{shards[int(shard_col[j])].source}:{int(line_col[j])}"
+        by_shard.setdefault(int(shard_col[i]), {})[int(line_col[i])] = seen
+    for index, lines in by_shard.items():
+        rows = pq.read_table(stage.part(index))
+        drop = pc.is_in(rows["line"], value_set=pa.array(list(lines), pa.int64()))
+        gone = rows.filter(drop).select(["id", "source", "line"]).to_pylist()
+        rejects_path = stage.part(index, "rejected.jsonl")
+        rejects = [json.loads(x) for x in rejects_path.read_text().splitlines() if x.strip()]
+        rejects += [{**r, "reason": "duplicate_id", "detail": f"first seen at {lines[r['line']]}", "stage": "ingest"}
+                    for r in gone]
+        write_jsonl(rejects_path, sorted(rejects, key=lambda r: r["line"]))
+        write_parquet(stage.part(index), rows.filter(pc.invert(drop)))
+        info = stage.done_info(index)
+        stage.mark_done(index, {**info, "rows": info["rows"] - len(gone), "rejected": info["rejected"] + len(gone),
+                                "first_reject": min(rejects, key=lambda r: r["line"])})
+    return int(same.sum())

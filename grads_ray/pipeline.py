@@ -164,7 +164,8 @@ class Run:
         """Plan shards, validate rows in parallel tasks, merge rejects. -> the stage's fingerprint."""
         if "ingest" in self._fps:
             return self._fps["ingest"]
-        from grads_ray.ingest import run_ingest
+        from grads_ray.data.readers import empty_inputs
+        from grads_ray.ingest import drop_duplicate_ids, run_ingest
 
         d = self.cfg.data
         stat = [(p, os.path.getsize(p) if os.path.isfile(p) else None, os.path.getmtime(p))
@@ -176,14 +177,19 @@ class Run:
                 shards = plan_shards(d.paths, d.shard_bytes, d.shard_rows, d.limit)
                 write_json(stage.path / "shards.json", [s.to_dict() for s in shards])
                 self.ensure_ray()
-                infos = run_ingest(shards, stage)
+                run_ingest(shards, stage)
+                duplicates = drop_duplicate_ids(shards, stage)
+                infos = [stage.done_info(s.index) for s in shards]
                 digests = {p: file_digest(p) for p in d.paths}
+                empty = empty_inputs(d.paths, shards) if not d.limit else []
+                if empty:
+                    log.warning("[grads-ray] ingest: %d input file(s) hold no row: %s", len(empty), ", ".join(empty[:5]))
                 stage.finish(fp, {"shards": len(shards), "rows": sum(i["rows"] for i in infos),
                                   "rejected": sum(i["rejected"] for i in infos), "input_sha256": digests,
+                                  "duplicate_ids": duplicates, "empty_inputs": empty,
                                   "nodes": sorted({i.get("node", "") for i in infos} - {""})})
             info = stage.success_info()
-            entry.update(shards=info["shards"], rows=info["rows"], rejected=info["rejected"],
-                         nodes=info.get("nodes", []))
+            entry.update({k: info.get(k) for k in ("shards", "rows", "rejected", "duplicate_ids", "empty_inputs", "nodes")})
             self.manifest["inputs"] = info["input_sha256"]
         if d.strict and info["rejected"]:
             first = self._first_reject("rows")
@@ -285,6 +291,8 @@ class Run:
                 scored = sum(i["scored"] for i in done)
                 stats.finish(fp, {"scored": scored, "rejected": sum(i["rejected"] for i in done),
                                   "nodes": sorted({n for i in done for n in i.get("nodes", [])} - {""}),
+                                  "truncated": sum(i.get("truncated", 0) for i in done),
+                                  "nonfinite": sum(i.get("nonfinite", 0) for i in done),
                                   "model": model_path, "shards_this_run": len(infos), "engine": cfg.score.engine,
                                   "examples_per_s": round(sum(i["scored"] for i in infos) / max(time.time() - t0, 1e-9), 2)})
                 features.finish(fp, {"scored": scored})
@@ -722,7 +730,14 @@ def summary(run: Run) -> str:
     if acc:
         reasons = ", ".join(f"{k} {v}" for k, v in m.get("rejected_by_reason", {}).items()) or "none"
         lines.append(f"  input rows      {acc['input_rows']}  (rejected {acc['rejected_ingest'] + acc['rejected_score']}: {reasons})")
-        lines.append(f"  scored          {acc['scored']}  ({st.get('score', {}).get('examples_per_s', '?')} examples/s)")
+        sc = st.get("score", {})
+        flags = ", ".join(f"{sc[k]} {label}" for k, label in (("truncated", "truncated to max_length"),
+                                                              ("nonfinite", "not finite, never selected"))
+                          if sc.get(k))
+        lines.append(f"  scored          {acc['scored']}  ({sc.get('examples_per_s', '?')} examples/s"
+                     + (f"; {flags}" if flags else "") + ")")
+        if st.get("ingest", {}).get("empty_inputs"):
+            lines.append(f"  empty inputs    {', '.join(st['ingest']['empty_inputs'][:5])}")
     if "similarity" in st:
         s = st["similarity"]
         lines.append(f"  near-duplicates {s.get('rows_in_dup_groups', 0)} rows in {s.get('dup_groups', 0)} groups ({s.get('index')})")

@@ -37,20 +37,22 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: in
     """Rows -> ``input_ids``/``labels`` (lists) or a reject ``reason``. Stateless; the tokenizer is
     cached per worker process."""
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    ids_out, labels_out, reasons, details = [], [], [], []
+    ids_out, labels_out, reasons, details, truncated = [], [], [], [], []
     for record in batch["record"]:
+        info: dict[str, Any] = {}
         try:
-            ids, labels = encode(normalize(json.loads(record)), tokenizer, max_length, on_long)
+            ids, labels = encode(normalize(json.loads(record)), tokenizer, max_length, on_long, info)
             reason = detail = ""
         except RowError as err:
             ids, labels, reason, detail = [], [], err.reason, err.detail
+        truncated.append("truncated_from" in info)
         ids_out.append(np.asarray(ids, dtype=np.int64))
         labels_out.append(np.asarray(labels, dtype=np.int64))
         reasons.append(reason)
         details.append(detail)
     keep = {k: batch[k] for k in ("id", "shard", "source", "line", "pos") if k in batch}
     return {**keep, "input_ids": ids_out, "labels": labels_out, "reason": np.array(reasons, dtype=object),
-            "detail": np.array(details, dtype=object)}
+            "detail": np.array(details, dtype=object), "truncated": np.array(truncated, dtype=bool)}
 
 
 def read_rows(files: list[str]):
@@ -162,6 +164,7 @@ class Scorer:
                 if value is not None:
                     feats[k][rows] = np.asarray(value, dtype=np.float32).reshape(len(rows), -1)
         out = {k: batch[k] for k in ("id", "shard", "source", "line", "reason", "detail")}
+        out["truncated"] = batch["truncated"] if "truncated" in batch else np.zeros(n, dtype=bool)
         out["node"] = np.full(n, self.node, dtype=object)  # for the ledger, not the stats table
         for c in sorted(set(columns) | {c for c in STAT_BASE if c != "id"}):
             out[c] = columns.get(c, np.full(n, math.nan))
@@ -238,6 +241,8 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
         pa.schema([(c, pa.string() if c == "id" else (pa.int64() if c.startswith("n_") else pa.float64()))
                    for c in STAT_BASE + group_cols]))
     stats_table = stats_table.append_column("finite", pa.array(finite_rows(stats_table), pa.bool_()))
+    flags = good["truncated"].cast(pa.bool_()) if "truncated" in good.column_names else pa.nulls(good.num_rows, pa.bool_())
+    stats_table = stats_table.append_column("truncated", flags.fill_null(False))
     write_parquet(stats.part(shard), stats_table)
     feats = {"id": good["id"].cast(pa.string())}
     for name in FEATURE_COLUMNS:
@@ -249,7 +254,9 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
     bad = table.filter(pc.invert(ok)).select(["id", "source", "line", "reason", "detail"]).to_pylist()
     write_jsonl(stats.part(shard, "rejected.jsonl"), [{**r, "stage": "score"} for r in bad])
     nodes = sorted(set(table["node"].to_pylist())) if "node" in table.column_names else []
-    info = {"shard": shard, "scored": good.num_rows, "rejected": len(bad), "nodes": nodes}
+    info = {"shard": shard, "scored": good.num_rows, "rejected": len(bad), "nodes": nodes,
+            "truncated": int(pc.sum(stats_table["truncated"]).as_py() or 0),
+            "nonfinite": int(stats_table.num_rows - (pc.sum(stats_table["finite"]).as_py() or 0))}
     stats.mark_done(shard, info)
     features.mark_done(shard, info)
     return info

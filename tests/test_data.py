@@ -196,3 +196,28 @@ def test_scorer_batches_depend_only_on_the_unit():
     for g in whole:
         assert len({(s, p // 4) for s, p in g}) == 1 and len(g) <= 3
         assert [length[k] for k in g] == sorted(length[k] for k in g)
+
+
+def test_duplicate_ids_across_shards_keep_the_first_row(tmp_path):
+    from grads_ray.data.readers import plan_shards
+    from grads_ray.ingest import drop_duplicate_ids, ingest_shard
+    from grads_ray.rundir import StageDir, read_parts
+
+    ids = ["a", "b", "c", "a", "d", "b", "e", "a"]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "prompt": f"p{n}", "response": f"r{n}"}) + "\n"
+                            for n, i in enumerate(ids)))
+    shards = plan_shards([str(data)], 80, 1000)
+    assert len(shards) >= 3
+    stage = StageDir(tmp_path, "rows")
+    for s in shards:
+        ingest_shard(s, str(stage.path))
+    assert drop_duplicate_ids(shards, stage) == 3
+    assert drop_duplicate_ids(shards, stage) == 0  # idempotent: an interrupted ingest may run it again
+    rows = read_parts(stage.parts())
+    assert sorted(zip(rows["id"].to_pylist(), rows["line"].to_pylist(), strict=True)) == [("a", 1), ("b", 2), ("c", 3), ("d", 5), ("e", 7)]
+    rejected = [json.loads(x) for p in stage.parts("rejected.jsonl") for x in p.read_text().splitlines()]
+    assert sorted((r["line"], r["reason"], r["detail"]) for r in rejected) == [
+        (4, "duplicate_id", "first seen at c.jsonl:1"), (6, "duplicate_id", "first seen at c.jsonl:2"),
+        (8, "duplicate_id", "first seen at c.jsonl:1")]
+    assert sum(stage.done_info(s.index)["rows"] for s in shards) == 5

@@ -369,3 +369,56 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["score", "--model", str(tmp_path / "empty"), "--data", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_every_kind_of_bad_input_is_rejected_with_file_line_and_reason(small_job, ray_local, tmp_path, capsys):
+    """The issue's list: malformed JSON, a truncated last line, missing and wrong-typed fields, empty
+    prompt and response, non-UTF-8 bytes, too long (reject; truncate counts it), duplicate ids, an
+    empty file, a Parquet file of the wrong schema. The job finishes and the counts add up."""
+    import pyarrow as pa
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = [{"id": f"g{i}", "prompt": f"What does `str.{m}` do?", "response": f"It is the {m} method of str."}
+            for i, m in enumerate(["upper", "lower", "strip", "split", "join", "find"])]
+    lines = [json.dumps(r).encode() for r in good] + [
+        b"{not json",                                                              # 7 bad_json
+        json.dumps({"id": "m", "prompt": "p"}).encode(),                           # 8 missing_field:response
+        json.dumps({"id": "t", "prompt": "p", "response": 5}).encode(),            # 9 wrong_type:response
+        json.dumps({"id": "e", "prompt": "p", "response": ""}).encode(),           # 10 empty_response
+        json.dumps({"id": "ep", "prompt": "", "response": "r"}).encode(),          # 11 empty_prompt
+        b"\xff\xfe bytes",                                                         # 12 bad_utf8
+        json.dumps({"id": "long", "prompt": "p", "response": "word " * 300}).encode(),  # 13 too_long
+        json.dumps({"id": "g2", "prompt": "again", "response": "a duplicate id"}).encode(),  # 14 duplicate_id
+    ]
+    (corpus / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n" + b'{"id": "cut", "prompt": "p", "respo')
+    (corpus / "empty.jsonl").write_bytes(b"")
+    pq.write_table(pa.table({"text": ["a", "b"], "n": [1, 2]}), corpus / "wrong.parquet")
+    out = tmp_path / "out"
+    args = ["score", "--model", str(small_job["model"]), "--data", str(corpus), "--output", str(out),
+            "warmup.enabled=false", "data.max_length=64"]
+    assert main([*args, "--on-long", "reject"]) == 0
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    got = sorted((r["source"], r["line"], r["reason"]) for r in rejected)
+    assert got == sorted([
+        ("mixed.jsonl", 7, "bad_json"), ("mixed.jsonl", 8, "missing_field:response"),
+        ("mixed.jsonl", 9, "wrong_type:response"), ("mixed.jsonl", 10, "empty_response"),
+        ("mixed.jsonl", 11, "empty_prompt"), ("mixed.jsonl", 12, "bad_utf8"), ("mixed.jsonl", 13, "too_long"),
+        ("mixed.jsonl", 14, "duplicate_id"), ("mixed.jsonl", 15, "bad_json"),
+        ("wrong.parquet", 1, "unknown_format"), ("wrong.parquet", 2, "unknown_format")])
+    dup = next(r for r in rejected if r["reason"] == "duplicate_id")
+    assert dup["id"] == "g2" and dup["detail"] == "first seen at mixed.jsonl:3"
+    manifest = json.loads((out / "manifest.json").read_text())
+    acc = manifest["accounting"]
+    assert acc["input_rows"] == 17 and acc["scored"] == 6
+    assert acc["scored"] + acc["rejected_ingest"] + acc["rejected_score"] == acc["input_rows"]
+    assert manifest["stages"]["ingest"]["empty_inputs"] == ["empty.jsonl"]
+    assert manifest["stages"]["ingest"]["duplicate_ids"] == 1
+    stats = read_parts(sorted((out / "stats").glob("part-*.parquet")), ["id", "truncated"])
+    assert sorted(stats["id"].to_pylist()) == [f"g{i}" for i in range(6)]
+    assert "empty inputs    empty.jsonl" in capsys.readouterr().out
+
+    assert main([*args, "--on-long", "truncate", "--output", str(tmp_path / "t")]) == 0
+    stats = read_parts(sorted((tmp_path / "t" / "stats").glob("part-*.parquet")), ["id", "truncated"])
+    assert {i for i, t in zip(stats["id"].to_pylist(), stats["truncated"].to_pylist(), strict=True) if t} == {"long"}
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["stages"]["score"]["truncated"] == 1

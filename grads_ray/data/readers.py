@@ -111,6 +111,12 @@ def _jsonl_cuts(path: Path, shard_bytes: int, max_lines: int | None) -> list[tup
     return cuts
 
 
+def empty_inputs(paths: list[str], shards: list[Shard]) -> list[str]:
+    """The input files that hold no row (no shard covers them): reported, not an error."""
+    covered = {s.path for s in shards}
+    return [source for p in paths for path, _, source in _expand(Path(p)) if str(path) not in covered]
+
+
 def plan_shards(paths: list[str], shard_bytes: int, shard_rows: int, limit: int | None = None) -> list[Shard]:
     """Every input path -> the ordered list of shards that covers every row exactly once.
 

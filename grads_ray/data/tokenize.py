@@ -85,11 +85,13 @@ def encode_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[in
     return list(ids), labels
 
 
-def encode(example: Example, tokenizer: Any | None, max_length: int, on_long: str) -> tuple[list[int], list[int]]:
+def encode(example: Example, tokenizer: Any | None, max_length: int, on_long: str,
+           info: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
     """One example -> ``(input_ids, labels)`` within ``max_length``.
 
-    ``on_long="truncate"`` keeps the first ``max_length`` tokens; ``"reject"`` raises ``too_long``.
-    Either way an example left with no loss token raises ``empty_response``.
+    ``on_long="truncate"`` keeps the first ``max_length`` tokens (``info["truncated_from"]`` gets
+    the full length, when ``info`` is given); ``"reject"`` raises ``too_long``. Either way an
+    example left with no loss token raises ``empty_response``.
     """
     if example.kind == "tokens":
         ids, labels = list(example.input_ids), list(example.labels)
@@ -102,6 +104,8 @@ def encode(example: Example, tokenizer: Any | None, max_length: int, on_long: st
     if len(ids) > max_length:
         if on_long == "reject":
             raise RowError("too_long", f"{len(ids)} tokens > max_length {max_length}")
+        if info is not None:
+            info["truncated_from"] = len(ids)
         ids, labels = ids[:max_length], labels[:max_length]
     if not any(lab != IGNORE_INDEX for lab in labels[1:]):
         raise RowError("empty_response", "no response token left to learn from")
