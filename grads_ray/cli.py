@@ -119,7 +119,12 @@ def resolve(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     from grads_ray.pipeline import Run, plan, summary
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # key=value overrides may also follow the options
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*(args.overrides or []), *extra]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("grads_ray").setLevel(logging.INFO)  # stage progress always; Ray's logs with -v
     try:

@@ -86,6 +86,10 @@ class ScoreConfig:
     batch_size: int = 16
     num_actors: int = 1  # max actors in the scorer pool (one GPU each when GPUs are used)
     max_restarts: int = 3  # a dead scorer is restarted and its block retried this often, then the run fails
+    # Scheduled curation: score with this model folder (an earlier run's OUT/warmup/model) instead
+    # of warming up again, so a new corpus version's unchanged shards keep their scores ("" = warm-up's).
+    model: str = ""
+    cache_dir: str = ""  # scored shards by content hash, reused across corpus versions ("" = OUTPUT/score_cache)
     use_gpu: str = "auto"
     tokenize_batch_size: int = 256  # rows per tokenizing task for the training stages (scoring tokenizes whole units)
     engine: str = "batched"  # batched (one pass per batch) | loop (one example at a time: any model)
@@ -368,6 +372,8 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.eval.general_paths = [_absolute(p) for p in cfg.eval.general_paths]
     cfg.select.less.target_paths = [_absolute(p) for p in cfg.select.less.target_paths]
     cfg.similarity.encoder_path = _absolute(cfg.similarity.encoder_path)
+    cfg.score.model = _absolute(cfg.score.model)
+    cfg.score.cache_dir = _absolute(cfg.score.cache_dir)
     return cfg
 
 
@@ -402,6 +408,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"score.{key} must be >= 0 (0 turns it off)")
     if sc.proj_rank < 1 or sc.chunk_elements < 1 or sc.batch_size < 1:
         raise ConfigError("score.proj_rank, score.chunk_elements and score.batch_size must be >= 1")
+    if sc.model and "://" not in sc.model and not (Path(sc.model) / "config.json").is_file():
+        raise ConfigError(f"score.model: {sc.model}: no Hugging Face model folder (config.json) there")
     if sc.max_restarts < 0 or sc.num_actors < 1:
         raise ConfigError("score.max_restarts must be >= 0 and score.num_actors >= 1")
     _one_of("similarity.feature", cfg.similarity.feature, ("hidden_mean", "grad_proj", "encoder"))

@@ -7,6 +7,7 @@ rejects; the completion marker comes last. Finished shards are skipped on a reru
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,16 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def rows_digest(table: pa.Table) -> str:
+    """sha256 of a shard's rows (id, source, line, record): the same rows give the same digest,
+    whatever shard number or corpus version they come in, so their scores can be reused."""
+    h = hashlib.sha256()
+    for row in zip(*(table[c].to_pylist() for c in ("id", "source", "line", "record")), strict=True):
+        h.update(json.dumps(row, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
 def ingest_shard(shard: Shard, rows_dir: str) -> dict[str, Any]:
     """Read and validate one shard, write its parts and marker. -> counts for the ledger."""
     stage = StageDir(Path(rows_dir).parent, Path(rows_dir).name)
@@ -43,7 +54,7 @@ def ingest_shard(shard: Shard, rows_dir: str) -> dict[str, Any]:
     write_parquet(stage.part(shard.index), table)
     write_jsonl(stage.part(shard.index, "rejected.jsonl"), [{**r, "stage": "ingest"} for r in bad])
     info = {"shard": shard.index, "rows": len(good), "rejected": len(bad),
-            "first_reject": bad[0] if bad else None, "node": node_id()}
+            "first_reject": bad[0] if bad else None, "node": node_id(), "content": rows_digest(table)}
     stage.mark_done(shard.index, info)
     return info
 
@@ -97,8 +108,9 @@ def drop_duplicate_ids(shards: list[Shard], stage: StageDir) -> int:
         rejects += [{**r, "reason": "duplicate_id", "detail": f"first seen at {lines[r['line']]}", "stage": "ingest"}
                     for r in gone]
         write_jsonl(rejects_path, sorted(rejects, key=lambda r: r["line"]))
-        write_parquet(stage.part(index), rows.filter(pc.invert(drop)))
+        kept = rows.filter(pc.invert(drop))
+        write_parquet(stage.part(index), kept)
         info = stage.done_info(index)
         stage.mark_done(index, {**info, "rows": info["rows"] - len(gone), "rejected": info["rejected"] + len(gone),
-                                "first_reject": min(rejects, key=lambda r: r["line"])})
+                                "first_reject": min(rejects, key=lambda r: r["line"]), "content": rows_digest(kept)})
     return int(same.sum())

@@ -31,6 +31,7 @@ from grads_ray.columns import matrix
 from grads_ray.config import Config, absolute_paths
 from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
 from grads_ray.rundir import (
+    ShardCache,
     StageDir,
     fingerprint,
     read_json,
@@ -52,6 +53,13 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out
+
+
+def _model_fingerprint(path: str) -> str:
+    """A model folder's identity: its path and each file's name, size and time (cheap, and changed
+    by any rewrite of the weights)."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file())
+    return fingerprint("model-folder", path, files)
 
 
 def _stable_fraction(ids: list[str], seed: int, fraction: float) -> np.ndarray:
@@ -224,7 +232,10 @@ class Run:
 
     # ------------------------------------------------------------------------------------ warmup
     def scoring_model(self) -> tuple[str, str]:
-        """The checkpoint the scorers read: the warm-up's when enabled, else the base model."""
+        """The checkpoint the scorers read: ``score.model`` when given, else the warm-up's when
+        enabled, else the base model. -> (folder, fingerprint)."""
+        if self.cfg.score.model:
+            return self.cfg.score.model, _model_fingerprint(self.cfg.score.model)
         if self.cfg.warmup.enabled:
             return self.warmup()
         return self.cfg.model.path, fingerprint("model", self.cfg.model.path)
@@ -272,14 +283,19 @@ class Run:
         up = self.ingest()
         model_path, model_fp = self.scoring_model()
         settings = engine_settings(cfg.score, cfg.seed)
-        fp = fingerprint("score", up, model_fp, cfg.data.max_length, cfg.data.on_long,
-                         {k: v for k, v in settings.items() if k != "chunk_elements"})
+        numbers = fingerprint("score", model_fp, cfg.data.max_length, cfg.data.on_long,
+                              {k: v for k, v in settings.items() if k != "chunk_elements"})
+        fp = fingerprint(up, numbers)
         stats, features = self._dir("stats"), self._dir("features")
         with self.stage("score") as entry:
             if not stats.prepare(fp):
                 features.prepare(fp)
                 self.ensure_ray()
-                expected = {s.index: self._dir("rows").done_info(s.index)["rows"] for s in self.shards()}
+                rows = {s.index: self._dir("rows").done_info(s.index) for s in self.shards()}
+                expected = {i: info["rows"] for i, info in rows.items()}
+                keys = {i: fingerprint(numbers, info.get("content")) for i, info in rows.items() if info.get("content")}
+                cache = ShardCache(Path(cfg.score.cache_dir or self.out / "score_cache"))
+                reused = self._reuse_scored(cache, keys, stats, features)
                 t0 = time.time()
                 infos = run_scoring(
                     self._dir("rows"), expected, stats, features, model_path=model_path,
@@ -287,13 +303,17 @@ class Run:
                     num_actors=cfg.score.num_actors, use_gpu=self.use_gpu(cfg.score.use_gpu),
                     trust_remote_code=cfg.model.trust_remote_code, settings=settings,
                     progress=self._score_progress(expected, t0), max_restarts=cfg.score.max_restarts)
+                for i, key in keys.items():  # every shard of this run, for the next corpus version
+                    if cache.get(key) is None:
+                        cache.put(key, self._scored_files(i), stats.done_info(i))
                 done = [stats.done_info(s) for s in expected]
                 scored = sum(i["scored"] for i in done)
                 stats.finish(fp, {"scored": scored, "rejected": sum(i["rejected"] for i in done),
                                   "nodes": sorted({n for i in done for n in i.get("nodes", [])} - {""}),
                                   "truncated": sum(i.get("truncated", 0) for i in done),
                                   "nonfinite": sum(i.get("nonfinite", 0) for i in done),
-                                  "model": model_path, "shards_this_run": len(infos), "engine": cfg.score.engine,
+                                  "model": model_path, "shards_this_run": len(infos), "shards_reused": reused,
+                                  "engine": cfg.score.engine,
                                   "examples_per_s": round(sum(i["scored"] for i in infos) / max(time.time() - t0, 1e-9), 2)})
                 features.finish(fp, {"scored": scored})
             info = stats.success_info()
@@ -305,6 +325,28 @@ class Run:
             raise InputError(f"{first['source']}:{first['line']}: {first['reason']} (--strict)")
         self._fps["score"] = fp
         return fp
+
+    def _scored_files(self, shard: int) -> dict[str, Path]:
+        stats, features = self._dir("stats"), self._dir("features")
+        return {"stats.parquet": stats.part(shard), "features.parquet": features.part(shard),
+                "rejected.jsonl": stats.part(shard, "rejected.jsonl")}
+
+    def _reuse_scored(self, cache: ShardCache, keys: dict[int, str], stats: StageDir, features: StageDir) -> int:
+        """Shards whose rows and scoring were seen before (same key) take the cached files instead of
+        being scored. -> how many."""
+        n = 0
+        for shard, key in keys.items():
+            info = cache.get(key) if not stats.is_done(shard) else None
+            if info is None:
+                continue
+            cache.restore(key, self._scored_files(shard))
+            info = {**info, "shard": shard, "reused": True}
+            features.mark_done(shard, info)
+            stats.mark_done(shard, info)
+            n += 1
+        if n:
+            log.info("[grads-ray] score: %d of %d shards taken from the cache %s", n, len(keys), cache.root)
+        return n
 
     def _score_progress(self, expected: dict[int, int], t0: float):
         total, done = sum(expected.values()), {"rows": 0}

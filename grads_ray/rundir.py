@@ -117,3 +117,39 @@ def read_parts(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
     if not tables:
         return pa.table({c: [] for c in (columns or [])})
     return pa.concat_tables(tables, promote_options="default")
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content: a hard link when the file system allows (no copy; every
+    writer here replaces files, never edits them, so a shared inode stays right), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class ShardCache:
+    """Finished shards' files by key (a hash of the shard's rows and of everything that decides its
+    numbers): ``ROOT/<key>/<name>`` and ``info.json``, written last. A later run, on another corpus
+    version or into another output folder, takes a shard whose key it finds instead of computing it.
+    Safe to delete at any time."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.root / key / "info.json"
+        return read_json(path) if path.exists() else None
+
+    def put(self, key: str, files: dict[str, Path], info: dict[str, Any]) -> None:
+        for name, src in files.items():
+            _link(src, self.root / key / name)
+        write_json(self.root / key / "info.json", info)
+
+    def restore(self, key: str, files: dict[str, Path]) -> None:
+        for name, dst in files.items():
+            _link(self.root / key / name, dst)

@@ -109,3 +109,36 @@ def test_the_driver_killed_while_scoring_resumes(job, uninterrupted, tmp_path):
     info = read_json(out / "stats" / "_SUCCESS.json")
     assert info["shards_this_run"] == total - finished_before  # the finished shards were not scored again
     _assert_same(out, uninterrupted, job["rows"])
+
+
+def test_a_new_corpus_version_rescores_only_new_and_changed_shards(job, uninterrupted, tmp_path):
+    """Scheduled curation: the same output folder, a corpus with one row changed and one file added.
+    Shards whose rows are unchanged come from the cache (content hashes); the result equals a fresh
+    run on the new version."""
+    import shutil
+
+    from grads_ray.demo.corpus import sft_rows
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(job["args"][job["args"].index("--data") + 1], corpus)
+    args = [a if a != job["args"][job["args"].index("--data") + 1] else str(corpus) for a in job["args"]]
+    out = tmp_path / "out"
+    assert main(["score", *args, "--output", str(out)]) == 0
+    before = read_json(out / "stats" / "_SUCCESS.json")
+    assert before["shards_reused"] == 0
+
+    lines = (corpus / "part1.jsonl").read_text().splitlines()
+    row = json.loads(lines[-1])
+    row["response"] += " (revised)"
+    (corpus / "part1.jsonl").write_text("\n".join([*lines[:-1], json.dumps(row)]) + "\n")
+    (corpus / "part3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows()[300:340]))
+    assert main(["score", *args, "--output", str(out)]) == 0
+    shards = json.loads((out / "rows" / "shards.json").read_text())
+    new = sum(s["source"] == "part3.jsonl" for s in shards)
+    info = read_json(out / "stats" / "_SUCCESS.json")
+    assert info["shards_this_run"] == new + 1 and info["shards_reused"] == len(shards) - new - 1
+
+    fresh = tmp_path / "fresh"
+    assert main(["score", *args, "--output", str(fresh), f"score.cache_dir={tmp_path / 'other'}"]) == 0
+    assert read_json(fresh / "stats" / "_SUCCESS.json")["shards_reused"] == 0
+    _assert_same(out, _tables(fresh), job["rows"] + 40)
