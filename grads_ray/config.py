@@ -350,17 +350,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = _merge(tree, loaded)
     for item in overrides or []:
         tree = _merge(tree, parse_override(item))
-    cfg = _build(Config, tree)
+    cfg = absolute_paths(_build(Config, tree))
     validate(cfg)
-    return absolute_paths(cfg)
+    return cfg
 
 
 def _absolute(path: str) -> str:
     """A local path made absolute (Ray workers do not share the driver's working directory);
     URLs (``s3://``, ``file://``, ...) and empty strings are left as they are."""
+    if path.startswith("file://"):  # a local file URL is a local path (pyarrow.fs reads it so)
+        from pyarrow.fs import FileSystem
+
+        path = FileSystem.from_uri(path)[1]
     if not path or "://" in path:
         return path
     return str(Path(path).expanduser().resolve())
+
+
+def _check_urls(cfg: Config) -> None:
+    """Object-store URLs (s3://, gs://, ...) are not read or written yet: say so before Ray starts."""
+    paths = [("output", cfg.output), ("model.path", cfg.model.path), ("score.model", cfg.score.model),
+             ("score.cache_dir", cfg.score.cache_dir), ("similarity.encoder_path", cfg.similarity.encoder_path)]
+    paths += [(key, p) for key, ps in (("data.paths", cfg.data.paths), ("eval.domain_paths", cfg.eval.domain_paths),
+                                       ("eval.general_paths", cfg.eval.general_paths),
+                                       ("select.less.target_paths", cfg.select.less.target_paths)) for p in ps]
+    for key, p in paths:
+        if "://" in p:
+            raise ConfigError(f"{key}: {p}: only local paths and file:// URLs are supported; mount object "
+                              "storage as a file system on every node (docs/cluster.md)")
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -374,6 +391,7 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.similarity.encoder_path = _absolute(cfg.similarity.encoder_path)
     cfg.score.model = _absolute(cfg.score.model)
     cfg.score.cache_dir = _absolute(cfg.score.cache_dir)
+    _check_urls(cfg)
     return cfg
 
 

@@ -1,7 +1,10 @@
 """Entry point for ``ray job submit``: the same CLI, connected to the cluster that runs the job.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/run.py run jobs/configs/cluster.yaml data.paths=[s3://bucket/sft/] output=s3://...
+        python jobs/run.py run jobs/configs/cluster.yaml data.paths=[/mnt/shared/sft/] output=/mnt/shared/run-002
+
+Paths are local to every node: a shared file system (NFS, EFS, Lustre, or object storage mounted
+with s3fs/gcsfuse), or file:// URLs of one.
 
 Any ``grads-ray`` command line works after ``jobs/run.py`` (``run CONFIG``, ``score --model ...``);
 a first argument ending in .yaml means ``run``. Inside a submitted job RAY_ADDRESS is set, so the

@@ -70,10 +70,10 @@ def test_every_shipped_yaml_loads():
 
 def test_local_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["model.path=m", "data.paths=[a.jsonl, s3://bucket/x]", "output=out",
+    cfg = load_config(None, ["model.path=m", "data.paths=[a.jsonl, 'file:///data/x']", "output=out",
                              "eval.general_paths=[~/g.txt]"])
     assert cfg.model.path == str(tmp_path / "m") and cfg.output == str(tmp_path / "out")
-    assert cfg.data.paths == [str(tmp_path / "a.jsonl"), "s3://bucket/x"]
+    assert cfg.data.paths == [str(tmp_path / "a.jsonl"), "/data/x"]
     assert cfg.eval.general_paths == [str(Path("~/g.txt").expanduser())]
 
 
@@ -109,3 +109,10 @@ def test_a_missing_input_path_fails_before_ray_with_its_key(tmp_path, key, capsy
     assert main([*args, f"{key}=[{tmp_path / 'gone.jsonl'}]"]) == 2
     assert f"{key}: {tmp_path / 'gone.jsonl'}: no such file or folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing started, nothing written
+
+
+def test_file_urls_are_local_paths_and_other_urls_a_clear_error(tmp_path):
+    cfg = load_config(None, [f"output=file://{tmp_path}/out", f"data.paths=[file://{tmp_path}/c.jsonl]"])
+    assert cfg.output == str(tmp_path / "out") and cfg.data.paths == [str(tmp_path / "c.jsonl")]
+    with pytest.raises(ConfigError, match="output: s3://bucket/run: only local paths and file:// URLs"):
+        load_config(None, ["output=s3://bucket/run"])

@@ -139,6 +139,6 @@ def test_a_new_corpus_version_rescores_only_new_and_changed_shards(job, uninterr
     assert info["shards_this_run"] == new + 1 and info["shards_reused"] == len(shards) - new - 1
 
     fresh = tmp_path / "fresh"
-    assert main(["score", *args, "--output", str(fresh), f"score.cache_dir={tmp_path / 'other'}"]) == 0
+    assert main(["score", *args, "--output", f"file://{fresh}", f"score.cache_dir={tmp_path / 'other'}"]) == 0
     assert read_json(fresh / "stats" / "_SUCCESS.json")["shards_reused"] == 0
     _assert_same(out, _tables(fresh), job["rows"] + 40)
