@@ -105,6 +105,10 @@ def resolve(args: argparse.Namespace) -> Config:
         raise ConfigError(f"model.path {cfg.model.path}: no such folder")
     if not (Path(cfg.model.path) / "config.json").is_file():
         raise ConfigError(f"model.path {cfg.model.path}: no config.json (a Hugging Face model folder is expected)")
+    for key, folder in (("model.path", cfg.model.path), ("score.model", cfg.score.model)):
+        if folder and not any(Path(folder).glob("*.safetensors")):
+            raise ConfigError(f"{key} {folder}: no .safetensors weights (pickled .bin weights are never "
+                              "loaded: convert them with save_pretrained(..., safe_serialization=True))")
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty (use --data PATH or data.paths=[...])")
     for key, paths in (("data.paths", cfg.data.paths), ("eval.domain_paths", cfg.eval.domain_paths),

@@ -59,8 +59,9 @@ def ingest_shard(shard: Shard, rows_dir: str) -> dict[str, Any]:
     return info
 
 
-def run_ingest(shards: list[Shard], stage: StageDir) -> list[dict[str, Any]]:
-    """Ingest every shard not yet marked done, as parallel Ray tasks. -> every shard's ledger entry."""
+def run_ingest(shards: list[Shard], stage: StageDir, progress=None) -> list[dict[str, Any]]:
+    """Ingest every shard not yet marked done, as parallel Ray tasks; ``progress(1)`` as each
+    finishes. -> every shard's ledger entry."""
     import ray
 
     from grads_ray.data.readers import InputError
@@ -68,9 +69,14 @@ def run_ingest(shards: list[Shard], stage: StageDir) -> list[dict[str, Any]]:
     task = ray.remote(num_cpus=1, max_retries=3)(ingest_shard)
     pending = [s for s in shards if not stage.is_done(s.index)]
     refs = {task.remote(s, str(stage.path)): s for s in pending}
-    for ref, shard in refs.items():
+    left = list(refs)
+    while left:
+        ready, left = ray.wait(left, num_returns=1)
+        ref, shard = ready[0], refs[ready[0]]
         try:
             ray.get(ref)
+            if progress:
+                progress(1)
         except ray.exceptions.RayTaskError as err:  # a file that breaks while read: name it, no Ray traceback
             cause = err.cause if getattr(err, "cause", None) is not None else err
             raise InputError(f"{shard.path} (rows from line {shard.first_line}): cannot be read: "

@@ -30,6 +30,7 @@ import yaml
 from grads_ray.columns import matrix
 from grads_ray.config import Config, absolute_paths
 from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
+from grads_ray.progress import Progress
 from grads_ray.rundir import (
     ShardCache,
     StageDir,
@@ -185,7 +186,10 @@ class Run:
                 shards = plan_shards(d.paths, d.shard_bytes, d.shard_rows, d.limit)
                 write_json(stage.path / "shards.json", [s.to_dict() for s in shards])
                 self.ensure_ray()
-                run_ingest(shards, stage)
+                todo = [sh for sh in shards if not stage.is_done(sh.index)]
+                bar = Progress("ingest", len(shards), "shards", done=len(shards) - len(todo))
+                run_ingest(shards, stage, progress=bar.update)
+                bar.close()
                 duplicates = drop_duplicate_ids(shards, stage)
                 infos = [stage.done_info(s.index) for s in shards]
                 digests = {p: file_digest(p) for p in d.paths}
@@ -296,13 +300,16 @@ class Run:
                 keys = {i: fingerprint(numbers, info.get("content")) for i, info in rows.items() if info.get("content")}
                 cache = ShardCache(Path(cfg.score.cache_dir or self.out / "score_cache"))
                 reused = self._reuse_scored(cache, keys, stats, features)
+                bar = Progress("score", sum(expected.values()), "rows",
+                               done=sum(n for i, n in expected.items() if stats.is_done(i)))
                 t0 = time.time()
                 infos = run_scoring(
                     self._dir("rows"), expected, stats, features, model_path=model_path,
                     max_length=cfg.data.max_length, on_long=cfg.data.on_long, batch_size=cfg.score.batch_size,
                     num_actors=cfg.score.num_actors, use_gpu=self.use_gpu(cfg.score.use_gpu),
                     trust_remote_code=cfg.model.trust_remote_code, settings=settings,
-                    progress=self._score_progress(expected, t0), max_restarts=cfg.score.max_restarts)
+                    progress=bar.update, max_restarts=cfg.score.max_restarts)
+                bar.close()
                 for i, key in keys.items():  # every shard of this run, for the next corpus version
                     if cache.get(key) is None:
                         cache.put(key, self._scored_files(i), stats.done_info(i))
@@ -347,18 +354,6 @@ class Run:
         if n:
             log.info("[grads-ray] score: %d of %d shards taken from the cache %s", n, len(keys), cache.root)
         return n
-
-    def _score_progress(self, expected: dict[int, int], t0: float):
-        total, done = sum(expected.values()), {"rows": 0}
-        done_before = sum(n for s, n in expected.items() if self._dir("stats").is_done(s))
-
-        def report(info: dict[str, Any]) -> None:
-            done["rows"] += info["scored"] + info["rejected"]
-            rate = done["rows"] / max(time.time() - t0, 1e-9)
-            log.info("[grads-ray] score: shard %05d written; %d of %d rows (%.1f rows/s)",
-                     info["shard"], done_before + done["rows"], total, rate)
-
-        return report
 
     def _merge_rejects(self) -> None:
         rows: list[dict[str, Any]] = []
@@ -406,8 +401,11 @@ class Run:
                 jobs = [(i, str(self._dir("rows").part(i)), str(self._dir("stats").part(i)), str(stage.part(i)))
                         for i in todo]
                 results = ActorPool(actors).map(lambda a, j: a.embed_part.remote(*j[1:]), jobs)
+                bar = Progress("embed", len(self.shards()), "shards", done=len(self.shards()) - len(todo))
                 for (i, *_), info in zip(jobs, results, strict=True):
                     stage.mark_done(i, info)
+                    bar.update(1)
+                bar.close()
                 for a in actors:  # free their CPUs/GPUs for the index workers
                     ray.kill(a)
                 infos = [stage.done_info(sh.index) for sh in self.shards()]
@@ -450,7 +448,10 @@ class Run:
                     center=s.centred(), memory_mb=s.memory_mb,
                     workers=s.workers or default_workers(use_gpu), use_gpu=use_gpu, seed=self.cfg.seed)
                 source = self._dir("embeddings" if encoder else "features")
-                info = similarity_over_parts(source.parts(), stage.part, st, pool_cls=RayPool)
+                n_rows = self._dir("stats").success_info()["scored"]
+                bar = Progress("similarity", n_rows, "rows")
+                info = similarity_over_parts(source.parts(), stage.part, st, pool_cls=RayPool, progress=bar.update)
+                bar.close()
                 stage.finish(fp, {**info, "feature": s.feature, "seconds": round(time.time() - t0, 2)})
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
         self._fps["similarity"] = fp
@@ -562,6 +563,7 @@ class Run:
                 select_s = time.time() - t0
                 table = pa.table({"id": ids, **{k: pa.array(v) for k, v in res.items()}})
                 write_parquet(self.out / "selection.parquet", table)
+                self._report(cols, ids, res, kwargs.get("similarity"))
                 chosen = table.filter(table["selected"])
                 chosen = chosen.take(pc.sort_indices(chosen["rank"]))
                 self._write_selected(chosen["id"].to_pylist())
@@ -574,6 +576,17 @@ class Run:
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
         self._fps["select"] = fp
         return fp
+
+    def _report(self, cols: dict[str, np.ndarray], ids: pa.Array, res: dict[str, np.ndarray],
+                similarity: dict[str, np.ndarray] | None) -> None:
+        """OUT/selection_report.md: counts, gradient-statistic distributions (all, selected, removed
+        as near-duplicates) and examples of the removed."""
+        from grads_ray.evaluation.report import write_report
+
+        stats = dict(self.manifest.get("stages", {}))
+        stats["select"] = {"method": self.cfg.select.method, "budget": self.cfg.select.budget}
+        write_report(self.out, cols, ids, res["selected"], res["reason"],
+                     (similarity or {}).get("dup_group"), {**self.manifest, "stages": stats})
 
     def _select_columns(self) -> list[str]:
         """The stats columns the configured method reads (a 10^7-row table with every layer group's

@@ -120,7 +120,8 @@ class Scorer:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).to(self.device)
+            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=True).to(self.device)
         self.node = node_id()
         self.hooks, self.calls = hooks or {}, 0
         self.model.eval()  # no dropout: the gradient of the loss as the model stands
@@ -267,7 +268,8 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
                 use_gpu: bool, trust_remote_code: bool = False,
                 settings: dict[str, Any] | None = None, progress=None, max_restarts: int = 3
                 ) -> list[dict[str, Any]]:
-    """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done."""
+    """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done;
+    ``progress(rows)`` as each shard is written."""
     import ray
 
     infos = []
@@ -314,7 +316,7 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
             if counts[s] == expected[s]:
                 infos.append(_flush_shard(s, buffers.pop(s), stats, features))
                 if progress:
-                    progress(infos[-1])
+                    progress(infos[-1]["scored"] + infos[-1]["rejected"])
     if buffers:
         missing = {s: expected[s] - counts[s] for s in buffers}
         raise RuntimeError(f"scoring ended with shards incomplete (rows missing per shard: {missing})")

@@ -121,6 +121,8 @@ finetune: {{enabled: false}}
     assert (out / "selected.jsonl").exists() and (out / "selection.parquet").exists()
     nodes = set(manifest["stages"]["ingest"]["nodes"]) | set(manifest["stages"]["score"]["nodes"])
     assert len(nodes) == 2, manifest["stages"]
+    for name in ("manifest.json", "config.yaml"):  # no secret reaches the outputs
+        assert two_nodes["env"]["RAY_AUTH_TOKEN"] not in (out / name).read_text()
 
     # Without the token the dashboard refuses the job: authentication is really on.
     env = {k: v for k, v in two_nodes["env"].items() if k != "RAY_AUTH_TOKEN"}

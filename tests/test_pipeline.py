@@ -118,6 +118,9 @@ def test_selection_outputs(finished):
     assert sorted(r["id"] for r in sel) == sorted(scored)
     chosen = sorted((r for r in sel if r["selected"]), key=lambda r: r["rank"])
     assert 0 < len(chosen) <= math.ceil(0.3 * len(scored))
+    report = (out / "selection_report.md").read_text()
+    assert f"- selected: {len(chosen)} of {len(scored)} by grads" in report
+    assert (out / "selection_report" / "distributions.png").exists()
     assert all(r["reason"] in ("outside_band", "duplicate", "over_budget") for r in sel if not r["selected"])
     assert {"signal", "density", "region", "diversity", "redundancy", "in_band", "score", "rank", "cluster", "dup_group",
             "signal.embedding.grad_norm"} <= set(sel[0])
@@ -161,7 +164,8 @@ def test_rescoring_one_shard_is_resumed_and_reproducible(finished):
     before = {p.name: (p.stat().st_mtime_ns, pq.read_table(p)) for p in parts}
     (out / "stats" / "_done" / "00001.json").unlink()  # as if the job died while writing shard 1
     (out / "stats" / "_SUCCESS.json").unlink()
-    assert main(["score", "--config", str(finished["config"])]) == 0
+    # an empty shard cache, or shard 1 would be taken from it (tests/test_faults.py covers that)
+    assert main(["score", "--config", str(finished["config"]), f"score.cache_dir={out / 'no-cache'}"]) == 0
     for p in sorted((out / "stats").glob("part-*.parquet")):
         mtime, table = before[p.name]
         if p.name == "part-00001.parquet":
@@ -369,6 +373,11 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["score", "--model", str(tmp_path / "empty"), "--data", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+    pickled = tmp_path / "pickled"
+    save_tiny_model("gpt2", pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # as if torch.save'd
+    assert main(["score", "--model", str(pickled), "--data", str(tmp_path)]) == 2
+    assert "no .safetensors weights (pickled .bin weights are never loaded" in capsys.readouterr().err
 
 
 def test_every_kind_of_bad_input_is_rejected_with_file_line_and_reason(small_job, ray_local, tmp_path, capsys):

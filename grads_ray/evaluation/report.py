@@ -67,11 +67,11 @@ def _quantiles(values: np.ndarray) -> str:
     return " / ".join(f"{x:.3g}" for x in q)
 
 
-def write_report(out: Path, columns: dict[str, np.ndarray], ids: list[str] | np.ndarray, selected: np.ndarray,
+def write_report(out: Path, columns: dict[str, np.ndarray], ids, selected: np.ndarray,
                  reason: np.ndarray, dup_group: np.ndarray | None, manifest: dict[str, Any]) -> Path:
     """``out/selection_report.md`` (+ its plot) from the stats columns, the verdicts and the manifest.
 
-    ``columns``: (N,) stats arrays; ``selected`` (N,) bool; ``reason`` (N,) why not; ``dup_group``
+    ``columns``: (N,) stats arrays; ``ids`` (N,) (a list or an Arrow array: only a few are read); ``selected`` (N,) bool; ``reason`` (N,) why not; ``dup_group``
     (N,) the near-duplicate group (its smallest position) or None. -> the report's path.
     """
     out = Path(out)
@@ -105,9 +105,10 @@ def write_report(out: Path, columns: dict[str, np.ndarray], ids: list[str] | np.
         lines += ["", "## Removed as near-duplicates", "",
                   f"{len(removed)} examples, in {len(set(groups[removed].tolist()))} groups; the first 10, "
                   "with the member of their group that was selected:", "", "| removed | kept |", "| --- | --- |"]
-        kept_of = {int(g): str(ids[i]) for i, g in enumerate(groups) if selected[i]}
-        for i in removed[:10]:
-            lines.append(f"| `{ids[i]}` | `{kept_of.get(int(groups[i]), '(none selected)')}` |")
+        for i in removed[:10]:  # a few whole-array passes, never a Python loop over every row
+            kept = np.flatnonzero(selected & (groups == groups[i]))
+            twin = str(ids[int(kept[0])]) if len(kept) else "(none selected)"
+            lines.append(f"| `{ids[int(i)]}` | `{twin}` |")
     path = out / "selection_report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -216,10 +216,12 @@ def _template(sample: np.ndarray, n: int, d: int, spec: IndexSpec) -> tuple[np.n
     return faiss_module().serialize_index(index), kind, name
 
 
-def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_cls=LocalPool) -> dict[str, Any]:
+def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_cls=LocalPool,
+                          progress=None) -> dict[str, Any]:
     """Run the four passes over ``parts`` (Parquet with ``id`` and ``st.column``); write one part a
     chunk through ``out_part(i) -> path``: id, position (the row's place in id order), nn_rows (the
     neighbours' positions), nn_sims, diversity, cluster, dup_group (the smallest position in its group).
+    ``progress(rows)`` is called as each chunk's search (the longest pass) is written.
     -> the manifest's figures (index, recall, groups, memory, chunk rows)."""
     faiss = faiss_module()
     pos = _positions(parts)
@@ -325,6 +327,8 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
                                       "nn_sims": lists(sims),
                                  "diversity": pa.array(diversity(sims)), "cluster": pa.array(clusters[p])}))
         written.append((path, p))
+        if progress:
+            progress(len(p))
     if not written:  # no rows: one empty part, so readers see the columns
         empty = np.zeros((0, 0))
         write_parquet(Path(out_part(0)), pa.table({
