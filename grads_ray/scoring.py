@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -297,15 +298,17 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     # number of times: a row that kills every scorer must end the run, not loop forever. (Ray 2.60 has
     # no named parameter for these and warns that the keyword route goes in 2.64.)
     hooks = json.loads(os.environ[TEST_HOOKS_ENV]) if os.environ.get(TEST_HOOKS_ENV) else None
-    ds = ds.map_batches(
-        Scorer, batch_size=None, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(num_actors, 1)),
-        num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1),
-        max_restarts=max_restarts, max_task_retries=max_restarts,
-        fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu, "threads": threads,
-                               "trust_remote_code": trust_remote_code, "settings": settings,
-                               "batch_size": batch_size, "hooks": hooks},
-    )
+    with warnings.catch_warnings():  # the keyword route's deprecation (see above): tracked here
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ds.map_batches(
+            Scorer, batch_size=None, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(num_actors, 1)),
+            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1),
+            max_restarts=max_restarts, max_task_retries=max_restarts,
+            fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu, "threads": threads,
+                                   "trust_remote_code": trust_remote_code, "settings": settings,
+                                   "batch_size": batch_size, "hooks": hooks},
+        )
     buffers: dict[int, list[pa.Table]] = defaultdict(list)
     counts: dict[int, int] = defaultdict(int)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

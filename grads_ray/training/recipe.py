@@ -177,7 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    micro, pending = 0, []
+    micro, pending, told = 0, [], 0.0
     for epoch in range(progress["epoch"], config["epochs"]):
         skip = progress["batches"] if epoch == progress["epoch"] else 0
         batches = shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=collate_fn,
@@ -206,6 +206,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 losses.append(float(np.mean(pending)))
                 first_loss = losses[0] if first_loss is None else first_loss
                 pending, micro = [], 0
+                if rank == 0 and config.get("progress") is not None and (time.time() - told > 2 or step >= total):
+                    told = time.time()
+                    with contextlib.suppress(Exception):  # progress is a courtesy: never fail a run over it
+                        config["progress"].put_nowait(step)
                 if config.get("_fail_at_step") == step and resumed_from is None:  # tests: resumption
                     raise RuntimeError(f"injected failure at step {step}")
                 if every and step % every == 0 and step < total:

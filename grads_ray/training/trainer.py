@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,13 @@ def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConf
     if cfg.parallel == "fsdp" and not use_gpu:
         raise ValueError(f"{name}: parallel=fsdp needs GPUs (Ray Train shards with FSDP on GPUs only); use ddp")
 
-    from grads_ray.training.recipe import train_loop_per_worker
+    from ray.util.queue import Queue
 
+    from grads_ray.training.recipe import optimizer_steps, train_loop_per_worker
+
+    steps = Queue(maxsize=1000, actor_options={"num_cpus": 0})  # rank 0 puts its step, every few seconds
     loop_config = {**asdict(cfg), "model_path": model_path, "n_rows": n_rows, "seed": seed,
-                   "trust_remote_code": trust_remote_code, **(extra or {})}
+                   "trust_remote_code": trust_remote_code, "progress": steps, **(extra or {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -37,7 +41,16 @@ def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConf
                                        failure_config=ray.train.FailureConfig(max_failures=2)),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    _, total = optimizer_steps(n_rows, cfg.batch_size, cfg.num_workers, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_show_steps, args=(steps, name.split("-")[0], total, stop), daemon=True)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+        steps.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training finished without a checkpoint")
     tmp = out_model.with_name(out_model.name + ".tmp")
@@ -47,3 +60,19 @@ def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConf
     tmp.rename(out_model)
     return dict(result.metrics or {})
 
+
+
+def _show_steps(steps, stage: str, total: int, stop: threading.Event) -> None:
+    """Driver thread: the optimizer steps rank 0 reports -> progress (steps done / total, rate, ETA)."""
+    from grads_ray.progress import Progress
+
+    bar, seen = Progress(stage, total, "steps"), 0
+    while not stop.is_set():
+        try:
+            step = steps.get(timeout=1)
+        except Exception:  # noqa: BLE001 - empty (timeout) or the queue gone at the end
+            continue
+        if step > seen:
+            bar.update(step - seen)
+            seen = step
+    bar.close()
