@@ -19,12 +19,12 @@ def _duration(seconds: float) -> str:
 
 class Progress:
     """``update(n)`` as work finishes. ``done`` may start above 0 (work a resumed run had finished);
-    the rate counts only this run's work."""
+    the rate counts only this run's work, from its first update on."""
 
     def __init__(self, stage: str, total: int, unit: str = "rows", done: int = 0, every: float = 10.0,
                  tty: bool | None = None):
         self.stage, self.total, self.unit, self.every = stage, max(int(total), 0), unit, every
-        self.done, self.start_done = done, done
+        self.done, self.first_done, self.t_first = done, done, None
         self.t0 = self.last = time.time()
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.bar = None
@@ -35,14 +35,21 @@ class Progress:
                             dynamic_ncols=True, leave=False)
 
     def line(self) -> str:
-        """``stage: done of total unit (pct), rate/s, ETA``."""
-        elapsed = max(time.time() - self.t0, 1e-9)
-        rate = (self.done - self.start_done) / elapsed
+        """``stage: done of total unit (pct), rate/s, ETA``. The rate runs from the first update, so
+        start-up time (Ray, model loading) does not skew the ETA; the first line has none."""
         pct = f" ({self.done / self.total:.0%})" if self.total else ""
-        eta = f", ETA {_duration((self.total - self.done) / rate)}" if rate > 0 and self.total > self.done else ""
-        return f"[grads-ray] {self.stage}: {self.done} of {self.total} {self.unit}{pct}, {rate:.1f} {self.unit}/s{eta}"
+        text = f"[grads-ray] {self.stage}: {self.done} of {self.total} {self.unit}{pct}"
+        elapsed = time.time() - self.t_first if self.t_first is not None else 0.0
+        if elapsed > 0 and self.done > self.first_done:
+            rate = (self.done - self.first_done) / elapsed
+            text += f", {rate:.1f} {self.unit}/s"
+            if self.total > self.done:
+                text += f", ETA {_duration((self.total - self.done) / rate)}"
+        return text
 
     def update(self, n: int = 1) -> None:
+        if self.t_first is None:
+            self.t_first, self.first_done = time.time(), self.done + n
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
