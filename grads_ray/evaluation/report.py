@@ -103,8 +103,9 @@ def write_report(out: Path, columns: dict[str, np.ndarray], ids, selected: np.nd
         groups = np.asarray(dup_group)
         removed = np.flatnonzero(reason == "duplicate")
         lines += ["", "## Removed as near-duplicates", "",
-                  f"{len(removed)} examples, in {len(set(groups[removed].tolist()))} groups; the first 10, "
-                  "with the member of their group that was selected:", "", "| removed | kept |", "| --- | --- |"]
+                  f"{len(removed)} examples, in {len(set(groups[removed].tolist()))} groups (a group keeps its "
+                  "best-ranked members; those may still miss the budget); the first 10:", "",
+                  "| removed | selected from its group |", "| --- | --- |"]
         for i in removed[:10]:  # a few whole-array passes, never a Python loop over every row
             kept = np.flatnonzero(selected & (groups == groups[i]))
             twin = str(ids[int(kept[0])]) if len(kept) else "(none selected)"
