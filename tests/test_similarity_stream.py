@@ -161,3 +161,49 @@ def test_gpu_and_cpu_give_the_same_groups(tmp_path):
         assert gt["dup_group"].equals(ct["dup_group"]) and gi["index"].endswith("(gpu)")
         np.testing.assert_allclose(gs, cs, atol=1e-4)
         assert (gn == cn).mean() > 0.99 and abs(gi["recall_at_k"] - ci["recall_at_k"]) < 0.02
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_an_interrupted_stage_resumes_from_its_searched_chunks(tmp_path, monkeypatch):
+    """A crash after some chunks were searched and written: the rerun searches only the others and
+    ends with the same neighbours, groups, clusters and recall as an uninterrupted run."""
+    import grads_ray.similarity.stream as stream
+
+    n, d = 1500, 10  # 6 chunks of 256 rows (the smallest chunk)
+    x = _clustered(n, d, 4)
+    x[10] = x[11] + 1e-4  # a planted near-duplicate pair
+    ids = [f"{i * 7919 % 10007:06d}" for i in range(n)]
+    parts = _write_parts(tmp_path, ids, x, 3, seed=2)
+    st = StreamSettings(column="vec", k=5, spec=IndexSpec(kind="ivf_flat", nlist=8, nprobe=3, train_size=400, seed=0),
+                        memory_mb=0.01, workers=2, clusters=6, recall_sample=200, threshold=0.99, seed=3)
+    info0, t0, s0, n0 = _run(tmp_path, parts, st, "whole")
+    assert info0["chunks"] >= 5 and info0["chunks_resumed"] == 0
+
+    out = tmp_path / "out-resumed"
+    out.mkdir()
+    seen = {"chunks": 0}
+
+    def crash_after_three(rows):
+        seen["chunks"] += 1
+        if seen["chunks"] == 3:
+            raise _Crash
+    with pytest.raises(_Crash):
+        similarity_over_parts(parts, lambda i: out / f"part-{i:05d}.parquet", st, progress=crash_after_three)
+    searched = {"rows": 0}
+    real_search = stream.LocalPool.search
+
+    def counting(self, q, k):
+        searched["rows"] += len(q)
+        return real_search(self, q, k)
+    monkeypatch.setattr(stream.LocalPool, "search", counting)
+    info = similarity_over_parts(parts, lambda i: out / f"part-{i:05d}.parquet", st)
+    assert info["chunks_resumed"] == 3
+    first_three = sum(pq.read_metadata(out / f"part-{i:05d}.parquet").num_rows for i in range(3))
+    assert searched["rows"] == n - first_three  # only what the crash left unsearched
+    t = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))]).sort_by("id")
+    assert t.equals(t0) and info == {**info0, "chunks_resumed": 3}
+    group = dict(zip(t["id"].to_pylist(), t["dup_group"].to_pylist(), strict=True))
+    assert group[ids[10]] == group[ids[11]]  # the planted pair: a group across the resumed boundary too

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grads_ray.columns import lists, matrix
-from grads_ray.rundir import write_parquet
+from grads_ray.rundir import write_json, write_parquet
 from grads_ray.similarity.index import (
     IndexSpec,
     _drop_self,
@@ -210,6 +210,17 @@ def _unit(x: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
     return l2_normalize(x - mean.astype(np.float32) if mean is not None else x)
 
 
+def _searched(path: Path, marker: Path, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """A chunk's (nn_sims, nn_rows) as an earlier, interrupted run of the same stage wrote them, when
+    its marker is there and it holds exactly these positions (the same chunking). -> None otherwise."""
+    if not marker.exists() or not path.exists():
+        return None
+    t = pq.read_table(path, columns=["position", "nn_rows", "nn_sims"])
+    if not np.array_equal(t["position"].to_numpy(), positions):
+        return None
+    return matrix(t["nn_sims"]), matrix(t["nn_rows"], np.int64)
+
+
 def _template(sample: np.ndarray, n: int, d: int, spec: IndexSpec) -> tuple[np.ndarray, str, str]:
     """The empty (trained) index every worker starts from, serialised. -> (bytes, kind, name)."""
     index, kind, name = trained_index(sample, n, d, spec)
@@ -303,16 +314,23 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     found = 0
     written: list[tuple[Path, np.ndarray]] = []
     start = 0
+    resumed = 0
     for i, batch in enumerate(iter_chunks(parts, ["id", st.column], rows)):
-        x = _unit(zero_nonfinite(matrix(batch.column(1))), mean)
-        p = pos[start:start + len(x)]
-        start += len(x)
-        if kk:
+        p = pos[start:start + batch.num_rows]
+        start += batch.num_rows
+        path = Path(out_part(i))
+        marker = path.parent / "_done" / f"{path.stem}.json"
+        earlier = _searched(path, marker, p)  # an interrupted run searched this chunk already
+        if earlier is not None:
+            sims, nn = earlier
+            resumed += 1
+        elif kk:
+            x = _unit(zero_nonfinite(matrix(batch.column(1))), mean)
             res = pool.search(x, kk + 1)
             s, lab = merge_topk(np.hstack([r[0] for r in res]), np.hstack([r[1] for r in res]), kk + 1)
             sims, nn = _drop_self(s, lab, p, kk)
         else:
-            sims, nn = np.zeros((len(x), 0), np.float32), np.zeros((len(x), 0), np.int64)
+            sims, nn = np.zeros((len(p), 0), np.float32), np.zeros((len(p), 0), np.int64)
         r, c = np.nonzero((sims >= st.threshold) & (nn >= 0))
         pairs_a.append(p[r])
         pairs_b.append(nn[r, c])
@@ -322,10 +340,11 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
             for row, q in zip(np.flatnonzero(hit), at[hit], strict=True):
                 a, b = nn[row], truth_i[q]
                 found += len(np.intersect1d(a[a >= 0], b[b >= 0]))
-        path = Path(out_part(i))
-        write_parquet(path, pa.table({"id": batch.column(0), "position": pa.array(p), "nn_rows": lists(nn),
-                                      "nn_sims": lists(sims),
-                                 "diversity": pa.array(diversity(sims)), "cluster": pa.array(clusters[p])}))
+        if earlier is None:
+            write_parquet(path, pa.table({"id": batch.column(0), "position": pa.array(p), "nn_rows": lists(nn),
+                                          "nn_sims": lists(sims), "diversity": pa.array(diversity(sims)),
+                                          "cluster": pa.array(clusters[p])}))
+            write_json(marker, {"chunk": i, "rows": len(p)})
         written.append((path, p))
         if progress:
             progress(len(p))
@@ -345,6 +364,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     groups = union_find_groups(n, cat(pairs_a), cat(pairs_b))
     for path, p in written:  # the components need every pair: add them last, part by part
         t = pq.read_table(path)
+        t = t.drop_columns(["dup_group"]) if "dup_group" in t.column_names else t  # a resumed run's
         write_parquet(path, t.append_column("dup_group", pa.array(groups[p])))
     recall = 1.0 if kind == "flat" or not len(query_pos) else found / max(int((truth_i >= 0).sum()), 1)
     sizes = np.bincount(groups, minlength=max(n, 1)) if n else np.zeros(0, np.int64)
@@ -352,7 +372,8 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
             "dup_threshold": st.threshold, "k": int(kk), "vectors": int(n), "dim": int(d),
             "clusters": int(clusters.max(initial=-1)) + 1 if centroids is not None else int(n > 0),
             "dup_groups": int((sizes > 1).sum()), "rows_in_dup_groups": int(sizes[sizes > 1].sum()),
-            "workers": workers, "chunk_rows": rows, "chunks": len(written), "index_bytes": int(index_bytes),
+            "workers": workers, "chunk_rows": rows, "chunks": len(written), "chunks_resumed": resumed,
+            "index_bytes": int(index_bytes),
             "gpu": bool(st.use_gpu)}
 
 
