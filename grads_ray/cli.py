@@ -15,7 +15,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from grads_ray.config import Config, ConfigError, load_config
+from grads_ray.config import INPUT_PATH_LISTS, Config, ConfigError, load_config, path_settings
 from grads_ray.data.readers import InputError
 
 STAGE_COMMANDS = ("ingest", "warmup", "score", "similarity", "select", "finetune", "evaluate")
@@ -111,12 +111,9 @@ def resolve(args: argparse.Namespace) -> Config:
                               "loaded: convert them with save_pretrained(..., safe_serialization=True))")
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty (use --data PATH or data.paths=[...])")
-    for key, paths in (("data.paths", cfg.data.paths), ("eval.domain_paths", cfg.eval.domain_paths),
-                       ("eval.general_paths", cfg.eval.general_paths),
-                       ("select.less.target_paths", cfg.select.less.target_paths)):
-        for p in paths:  # URLs are checked where they are read
-            if "://" not in p and not Path(p).exists():
-                raise ConfigError(f"{key}: {p}: no such file or folder")
+    for key, p in path_settings(cfg, INPUT_PATH_LISTS):  # (load_config refused every URL but file://)
+        if not Path(p).exists():
+            raise ConfigError(f"{key}: {p}: no such file or folder")
     return cfg
 
 

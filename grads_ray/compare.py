@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 from grads_ray.config import Config, ConfigError, validate
-from grads_ray.rundir import write_json
+from grads_ray.rundir import link_or_copy, write_json
 
 SHARED_STAGES = ("rows", "warmup", "stats", "features", "similarity", "embeddings", "target")
 METRICS = ("domain_loss", "general_loss", "bleu", "chrf", "rougeL")
@@ -45,14 +44,7 @@ def _link_tree(src: Path, dst: Path) -> None:
     """``dst`` as a copy of ``src`` made of hard links (no bytes copied); copies where links fail."""
     if dst.exists():
         shutil.rmtree(dst)
-
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    shutil.copytree(src, dst, copy_function=link)
+    shutil.copytree(src, dst, copy_function=link_or_copy)
 
 
 def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:

@@ -367,31 +367,39 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def _check_urls(cfg: Config) -> None:
-    """Object-store URLs (s3://, gs://, ...) are not read or written yet: say so before Ray starts."""
-    paths = [("output", cfg.output), ("model.path", cfg.model.path), ("score.model", cfg.score.model),
-             ("score.cache_dir", cfg.score.cache_dir), ("similarity.encoder_path", cfg.similarity.encoder_path)]
-    paths += [(key, p) for key, ps in (("data.paths", cfg.data.paths), ("eval.domain_paths", cfg.eval.domain_paths),
-                                       ("eval.general_paths", cfg.eval.general_paths),
-                                       ("select.less.target_paths", cfg.select.less.target_paths)) for p in ps]
-    for key, p in paths:
-        if "://" in p:
-            raise ConfigError(f"{key}: {p}: only local paths and file:// URLs are supported; mount object "
-                              "storage as a file system on every node (docs/cluster.md)")
+PATH_KEYS = ("output", "model.path", "score.model", "score.cache_dir", "similarity.encoder_path")
+INPUT_PATH_LISTS = ("data.paths", "eval.domain_paths", "eval.general_paths", "select.less.target_paths")
+
+
+def _owner(cfg: Config, key: str) -> tuple[Any, str]:
+    """``a.b.c`` -> (the object holding ``c``, ``"c"``)."""
+    *parents, name = key.split(".")
+    obj: Any = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    return obj, name
+
+
+def path_settings(cfg: Config, keys: tuple[str, ...] = PATH_KEYS + INPUT_PATH_LISTS) -> list[tuple[str, str]]:
+    """Every (key, path) among ``keys``, one entry per item of a list-valued key."""
+    out = []
+    for key in keys:
+        value = getattr(*_owner(cfg, key))
+        out += [(key, p) for p in (value if isinstance(value, list) else [value])]
+    return out
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Every local path in the config made absolute, in place. -> the same config."""
-    cfg.output = _absolute(cfg.output)
-    cfg.model.path = _absolute(cfg.model.path)
-    cfg.data.paths = [_absolute(p) for p in cfg.data.paths]
-    cfg.eval.domain_paths = [_absolute(p) for p in cfg.eval.domain_paths]
-    cfg.eval.general_paths = [_absolute(p) for p in cfg.eval.general_paths]
-    cfg.select.less.target_paths = [_absolute(p) for p in cfg.select.less.target_paths]
-    cfg.similarity.encoder_path = _absolute(cfg.similarity.encoder_path)
-    cfg.score.model = _absolute(cfg.score.model)
-    cfg.score.cache_dir = _absolute(cfg.score.cache_dir)
-    _check_urls(cfg)
+    """Every local path in the config made absolute, in place; object-store URLs (s3://, gs://,
+    ...), not read or written yet, are an error before Ray starts. -> the same config."""
+    for key in PATH_KEYS + INPUT_PATH_LISTS:
+        obj, name = _owner(cfg, key)
+        value = getattr(obj, name)
+        setattr(obj, name, [_absolute(p) for p in value] if isinstance(value, list) else _absolute(value))
+    for key, p in path_settings(cfg):
+        if "://" in p:
+            raise ConfigError(f"{key}: {p}: only local paths and file:// URLs are supported; mount object "
+                              "storage as a file system on every node (docs/cluster.md)")
     return cfg
 
 

@@ -56,6 +56,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def needs_similarity(cfg: Config) -> bool:
+    """Whether the selection reads the similarity stage: GrADS, or near-duplicate capping asked for."""
+    return cfg.select.method == "grads" or cfg.select.dedup == "true"
+
+
 def _model_fingerprint(path: str) -> str:
     """A model folder's identity: its path and each file's name, size and time (cheap, and changed
     by any rewrite of the weights)."""
@@ -465,8 +470,7 @@ class Run:
         return gpu_available(faiss_module()) if setting == "auto" else True
 
     def _needs_similarity(self) -> bool:
-        sc = self.cfg.select
-        return sc.method == "grads" or sc.dedup == "true"
+        return needs_similarity(self.cfg)
 
     # ------------------------------------------------------------------------------------ target
     def target(self) -> str:
@@ -741,7 +745,7 @@ def plan(cfg: Config) -> str:
     by_source = Counter(s.source for s in shards)
     out = Path(cfg.output)
     gpus = torch.cuda.device_count()
-    needs_sim = sc.method == "grads" or sc.dedup == "true"
+    needs_sim = needs_similarity(cfg)
     stages = [("ingest", "rows"), ("warmup", "warmup") if cfg.warmup.enabled else None, ("score", "stats"),
               ("embed", "embeddings") if needs_sim and cfg.similarity.feature == "encoder" else None,
               ("similarity", "similarity") if needs_sim else None,

@@ -119,16 +119,17 @@ def read_parts(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def _link(src: Path, dst: Path) -> None:
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
     """``dst`` becomes ``src``'s content: a hard link when the file system allows (no copy; every
     writer here replaces files, never edits them, so a shared inode stays right), else a copy."""
+    src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.link")
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
+        shutil.copy2(src, tmp)
     os.replace(tmp, dst)
 
 
@@ -147,9 +148,9 @@ class ShardCache:
 
     def put(self, key: str, files: dict[str, Path], info: dict[str, Any]) -> None:
         for name, src in files.items():
-            _link(src, self.root / key / name)
+            link_or_copy(src, self.root / key / name)
         write_json(self.root / key / "info.json", info)
 
     def restore(self, key: str, files: dict[str, Path]) -> None:
         for name, dst in files.items():
-            _link(self.root / key / name, dst)
+            link_or_copy(self.root / key / name, dst)

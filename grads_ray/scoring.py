@@ -166,7 +166,7 @@ class Scorer:
                 if value is not None:
                     feats[k][rows] = np.asarray(value, dtype=np.float32).reshape(len(rows), -1)
         out = {k: batch[k] for k in ("id", "shard", "source", "line", "reason", "detail")}
-        out["truncated"] = batch["truncated"] if "truncated" in batch else np.zeros(n, dtype=bool)
+        out["truncated"] = batch["truncated"]
         out["node"] = np.full(n, self.node, dtype=object)  # for the ledger, not the stats table
         for c in sorted(set(columns) | {c for c in STAT_BASE if c != "id"}):
             out[c] = columns.get(c, np.full(n, math.nan))
@@ -194,7 +194,6 @@ def _test_hooks(hooks: dict[str, Any], call: int, batch: int) -> None:
     """Faults on demand, for the tests (JSON in ``GRADS_RAY_TEST_SCORER_HOOKS``, read by the driver):
     ``sleep`` seconds before each engine batch; ``crash_once`` (a flag file) with ``crash_at_call``:
     the actor process kills itself (SIGKILL) half-way through that block, once per flag file."""
-    import os
     import signal
     import time
 
@@ -216,20 +215,19 @@ def score_examples(model_path: str, examples: list[tuple[list[int], list[int]]],
              "source": np.array(["target"] * m, dtype=object), "line": np.arange(m), "pos": np.arange(m),
              "input_ids": [np.asarray(x, np.int64) for x, _ in examples],
              "labels": [np.asarray(y, np.int64) for _, y in examples],
-             "reason": np.array([""] * m, dtype=object), "detail": np.array([""] * m, dtype=object)}
+             "reason": np.array([""] * m, dtype=object), "detail": np.array([""] * m, dtype=object),
+             "truncated": np.zeros(m, dtype=bool)}
     out = scorer(batch)
     return {"loss": np.asarray(out["loss"], np.float64), "grad_proj": np.asarray(out["grad_proj"], np.float32)}
 
 
 def finite_rows(table: pa.Table) -> np.ndarray:
     """(N,) True where the loss and every gradient statistic (overall and per group) is finite: a
-    NaN or infinite value (an overflow, a broken example) is flagged here and never selected."""
-    cols = [c for c in table.column_names
-            if c == "loss" or c.startswith("grad_") or ("." in c and c.split(".")[-1].startswith("grad_"))]
-    ok = np.ones(table.num_rows, dtype=bool)
-    for c in cols:
-        ok &= np.isfinite(table[c].to_numpy(zero_copy_only=False).astype(np.float64))
-    return ok
+    NaN or infinite value (an overflow, a broken example) is flagged here and never selected. The
+    rule is selection's own (:func:`grads_ray.selection.select.finite_mask`)."""
+    from grads_ray.selection.select import finite_mask
+
+    return finite_mask({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names if c != "id"})
 
 
 def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: StageDir) -> dict[str, Any]:
@@ -243,8 +241,7 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
         pa.schema([(c, pa.string() if c == "id" else (pa.int64() if c.startswith("n_") else pa.float64()))
                    for c in STAT_BASE + group_cols]))
     stats_table = stats_table.append_column("finite", pa.array(finite_rows(stats_table), pa.bool_()))
-    flags = good["truncated"].cast(pa.bool_()) if "truncated" in good.column_names else pa.nulls(good.num_rows, pa.bool_())
-    stats_table = stats_table.append_column("truncated", flags.fill_null(False))
+    stats_table = stats_table.append_column("truncated", good["truncated"].cast(pa.bool_()))
     write_parquet(stats.part(shard), stats_table)
     feats = {"id": good["id"].cast(pa.string())}
     for name in FEATURE_COLUMNS:
@@ -255,7 +252,7 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
     write_parquet(features.part(shard), pa.table(feats))
     bad = table.filter(pc.invert(ok)).select(["id", "source", "line", "reason", "detail"]).to_pylist()
     write_jsonl(stats.part(shard, "rejected.jsonl"), [{**r, "stage": "score"} for r in bad])
-    nodes = sorted(set(table["node"].to_pylist())) if "node" in table.column_names else []
+    nodes = sorted(set(table["node"].to_pylist()))
     info = {"shard": shard, "scored": good.num_rows, "rejected": len(bad), "nodes": nodes,
             "truncated": int(pc.sum(stats_table["truncated"]).as_py() or 0),
             "nonfinite": int(stats_table.num_rows - (pc.sum(stats_table["finite"]).as_py() or 0))}
@@ -330,4 +327,5 @@ def _empty_scored() -> pa.Table:
     cols = {c: pa.array([], pa.float64()) for c in STAT_BASE if c != "id"}
     return pa.table({"id": pa.array([], pa.string()), "source": pa.array([], pa.string()),
                      "line": pa.array([], pa.int64()), "reason": pa.array([], pa.string()),
-                     "detail": pa.array([], pa.string()), **cols})
+                     "detail": pa.array([], pa.string()), "truncated": pa.array([], pa.bool_()),
+                     "node": pa.array([], pa.string()), **cols})

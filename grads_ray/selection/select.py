@@ -78,13 +78,12 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
     if "nn_idx" in sim:
         nn = np.asarray(sim["nn_idx"])
         sim["nn_idx"] = new_pos[np.where(nn >= 0, nn, len(ok))]
-    kwargs.update(
-        similarity={k: np.asarray(v)[keep] for k, v in sim.items()} if similarity is not None else None,
-        fisher_factors=None if fisher_factors is None else fisher_factors[keep],
-        grad_proj=None if grad_proj is None else grad_proj[keep],
-        vectors=None if vectors is None else vectors[keep],
-        source=None if source is None else (source.take(pa.array(keep)) if isinstance(source, (pa.Array, pa.ChunkedArray))
-                                            else np.asarray(source)[keep]))
+    for name in ("fisher_factors", "grad_proj", "vectors"):  # per-row arrays (target_proj is not)
+        kwargs[name] = None if kwargs[name] is None else kwargs[name][keep]
+    kwargs["similarity"] = {k: np.asarray(v)[keep] for k, v in sim.items()} if similarity is not None else None
+    if source is not None:
+        kwargs["source"] = (source.take(pa.array(keep)) if isinstance(source, (pa.Array, pa.ChunkedArray))
+                            else np.asarray(source)[keep])
     ids_arr = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
     part = select_finite({k: np.asarray(v)[keep] for k, v in columns.items()}, ids_arr.take(pa.array(keep)),
                          budget, cfg, seed, **kwargs)

@@ -61,7 +61,6 @@ def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConf
     return dict(result.metrics or {})
 
 
-
 def _show_steps(steps, stage: str, total: int, stop: threading.Event) -> None:
     """Driver thread: the optimizer steps rank 0 reports -> progress (steps done / total, rate, ETA)."""
     from grads_ray.progress import Progress
