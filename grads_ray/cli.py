@@ -15,6 +15,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from grads_ray import storage
 from grads_ray.config import INPUT_PATH_LISTS, Config, ConfigError, load_config, path_settings
 from grads_ray.data.readers import InputError
 
@@ -101,12 +102,13 @@ def resolve(args: argparse.Namespace) -> Config:
     cfg = load_config(path, _overrides(args))
     if not cfg.model.path:
         raise ConfigError("model.path is not set (use --model DIR or model.path=DIR)")
-    if not Path(cfg.model.path).is_dir():
+    model = storage.location(cfg.model.path)  # a folder or an object-store URL
+    if not model.is_dir():
         raise ConfigError(f"model.path {cfg.model.path}: no such folder")
-    if not (Path(cfg.model.path) / "config.json").is_file():
+    if not (model / "config.json").is_file():
         raise ConfigError(f"model.path {cfg.model.path}: no config.json (a Hugging Face model folder is expected)")
     for key, folder in (("model.path", cfg.model.path), ("score.model", cfg.score.model)):
-        if folder and not any(Path(folder).glob("*.safetensors")):
+        if folder and not any(storage.location(folder).glob("*.safetensors")):
             raise ConfigError(f"{key} {folder}: no .safetensors weights (pickled .bin weights are never "
                               "loaded: convert them with save_pretrained(..., safe_serialization=True))")
     if not cfg.data.paths:

@@ -2,7 +2,7 @@
 seed, each fine-tuned and evaluated; a report of how much each taught and how much it cost.
 
 Layout: ``OUT/seed-S/`` is a whole run up to the shared stages (ingest, warm-up, score, similarity,
-embed); each strategy gets ``OUT/seed-S/LABEL/``, whose shared stages are hard links to the seed's
+embed); each strategy gets ``OUT/seed-S/LABEL/``, whose shared stages are hard links to the seed's (server-side copies in an object store)
 (their fingerprints match, so nothing is recomputed), and runs select, fine-tune and evaluate there.
 Then ``OUT/comparison.json`` (every run, and mean ± sample standard deviation over seeds),
 ``OUT/report.md`` and two plots: the domain loss after fine-tuning, and the forgetting, against
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 import statistics
-from pathlib import Path
 from typing import Any
 
+from grads_ray import storage
 from grads_ray.config import Config, ConfigError, validate
-from grads_ray.rundir import link_or_copy, write_json
+from grads_ray.rundir import write_json, write_text
 
 SHARED_STAGES = ("rows", "warmup", "stats", "features", "similarity", "embeddings", "target")
 METRICS = ("domain_loss", "general_loss", "bleu", "chrf", "rougeL")
@@ -40,13 +39,6 @@ def parse_strategy(text: str) -> tuple[str, str, str]:
     return label, method.strip(), budget.strip()
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """``dst`` as a copy of ``src`` made of hard links (no bytes copied); copies where links fail."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, copy_function=link_or_copy)
-
-
 def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     """Run every strategy for every seed; write comparison.json, report.md and the plots."""
     from grads_ray.pipeline import Run
@@ -55,7 +47,7 @@ def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     labels = [s[0] for s in strategies]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"compare.strategies: two strategies share a label: {labels}")
-    out = Path(cfg.output)
+    out = storage.location(cfg.output)
     rows = []
     seeds = list(cfg.compare.seeds) or [cfg.seed]
     for seed in seeds:
@@ -69,16 +61,16 @@ def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
         base.save_manifest()
         for label, method, budget in strategies:
             sub_cfg = copy.deepcopy(base_cfg)
-            sub_cfg.output = str(Path(base_cfg.output) / label)
+            sub_cfg.output = str(storage.location(base_cfg.output) / label)
             sub_cfg.select.method, sub_cfg.select.budget = method, budget
             if label == "full":
                 sub_cfg.select.dedup = "false"
             validate(sub_cfg)
-            sub_out = Path(sub_cfg.output)
-            sub_out.mkdir(parents=True, exist_ok=True)
-            for stage in SHARED_STAGES:
+            sub_out = storage.location(sub_cfg.output)
+            storage.makedirs(sub_out)
+            for stage in SHARED_STAGES:  # hard links (or server-side copies): no bytes copied here
                 if (base.out / stage).exists() and not (sub_out / stage).exists():
-                    _link_tree(base.out / stage, sub_out / stage)
+                    storage.copy_tree(base.out / stage, sub_out / stage)
             run = Run(sub_cfg, verbose=verbose)
             ev = run.run_all()
             sel = run.manifest["stages"]["select"]
@@ -93,7 +85,7 @@ def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     result = {"strategies": labels, "seeds": seeds, "runs": rows, "summary": summarize(rows)}
     write_json(out / "comparison.json", result)
     plots = write_plots(result, out)
-    (out / "report.md").write_text(report_markdown(result, plots))
+    write_text(out / "report.md", report_markdown(result, plots))
     return result
 
 
@@ -121,7 +113,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def write_plots(result: dict[str, Any], out: Path) -> list[str]:
+def write_plots(result: dict[str, Any], out: storage.Location) -> list[str]:
     """Domain loss after fine-tuning and forgetting against the selected share, one series per
     method (error bars: the spread over seeds). -> the PNG file names written."""
     import matplotlib
@@ -145,7 +137,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / fname)
+        storage.atomic_write(out / fname, lambda fh: fig.savefig(fh, format="png"))  # noqa: B023
         plt.close(fig)
         names.append(fname)
     return names

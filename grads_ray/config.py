@@ -368,6 +368,9 @@ def _absolute(path: str) -> str:
 
 
 PATH_KEYS = ("output", "model.path", "score.model", "score.cache_dir", "similarity.encoder_path")
+# Settings that may be object-store URLs (s3://, gs://, ...): the run directory, the score cache and
+# model folders (fetched into a node-local cache before loading; grads_ray/storage.py).
+URL_KEYS = ("output", "score.cache_dir", "score.model", "model.path")
 INPUT_PATH_LISTS = ("data.paths", "eval.domain_paths", "eval.general_paths", "select.less.target_paths")
 
 
@@ -390,16 +393,25 @@ def path_settings(cfg: Config, keys: tuple[str, ...] = PATH_KEYS + INPUT_PATH_LI
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Every local path in the config made absolute, in place; object-store URLs (s3://, gs://,
-    ...), not read or written yet, are an error before Ray starts. -> the same config."""
+    """Every local path in the config made absolute, in place; an object-store URL where only local
+    files are read (the inputs), or one whose protocol has no fsspec package installed, is an error
+    before Ray starts. -> the same config."""
     for key in PATH_KEYS + INPUT_PATH_LISTS:
         obj, name = _owner(cfg, key)
         value = getattr(obj, name)
         setattr(obj, name, [_absolute(p) for p in value] if isinstance(value, list) else _absolute(value))
     for key, p in path_settings(cfg):
-        if "://" in p:
-            raise ConfigError(f"{key}: {p}: only local paths and file:// URLs are supported; mount object "
-                              "storage as a file system on every node (docs/cluster.md)")
+        if "://" not in p:
+            continue
+        if key not in URL_KEYS:
+            raise ConfigError(f"{key}: {p}: input files are read from local paths (or file:// URLs); mount "
+                              "object storage as a file system on every node (docs/cluster.md)")
+        from grads_ray.storage import check_url
+
+        try:
+            check_url(p)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     return cfg
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from grads_ray import storage
 from grads_ray.data.readers import Shard, read_shard, validate_rows
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
@@ -43,7 +43,8 @@ def rows_digest(table: pa.Table) -> str:
 
 def ingest_shard(shard: Shard, rows_dir: str) -> dict[str, Any]:
     """Read and validate one shard, write its parts and marker. -> counts for the ledger."""
-    stage = StageDir(Path(rows_dir).parent, Path(rows_dir).name)
+    loc = storage.location(rows_dir)  # a folder or a URL
+    stage = StageDir(loc.parent, loc.name)
     good, bad = [], []
     for item in validate_rows(read_shard(shard)):
         (bad if "reason" in item else good).append(item)
@@ -89,7 +90,7 @@ def drop_duplicate_ids(shards: list[Shard], stage: StageDir) -> int:
     (shard, line) and move every later one to its shard's rejects as ``duplicate_id``, naming where
     the id was first seen. Idempotent, so an interrupted ingest can run it again. -> rows moved."""
     parts = [stage.part(s.index) for s in shards]
-    t = pa.concat_tables([pq.read_table(p, columns=["id", "shard", "line"]) for p in parts])
+    t = pa.concat_tables([pq.read_table(str(p), columns=["id", "shard", "line"]) for p in parts])
     if t.num_rows < 2:
         return 0
     t = t.sort_by([("id", "ascending"), ("shard", "ascending"), ("line", "ascending")])
@@ -106,7 +107,7 @@ def drop_duplicate_ids(shards: list[Shard], stage: StageDir) -> int:
         seen = f"{shards[int(shard_col[j])].source}:{int(line_col[j])}"
         by_shard.setdefault(int(shard_col[i]), {})[int(line_col[i])] = seen
     for index, lines in by_shard.items():
-        rows = pq.read_table(stage.part(index))
+        rows = pq.read_table(str(stage.part(index)))
         drop = pc.is_in(rows["line"], value_set=pa.array(list(lines), pa.int64()))
         gone = rows.filter(drop).select(["id", "source", "line"]).to_pylist()
         rejects_path = stage.part(index, "rejected.jsonl")

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from grads_ray import storage
 from grads_ray.columns import matrix
 from grads_ray.config import Config, absolute_paths
 from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
@@ -40,6 +41,7 @@ from grads_ray.rundir import (
     write_json,
     write_jsonl,
     write_parquet,
+    write_text,
 )
 
 log = logging.getLogger("grads_ray")
@@ -62,10 +64,9 @@ def needs_similarity(cfg: Config) -> bool:
 
 
 def _model_fingerprint(path: str) -> str:
-    """A model folder's identity: its path and each file's name, size and time (cheap, and changed
-    by any rewrite of the weights)."""
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file())
-    return fingerprint("model-folder", path, files)
+    """A model folder's identity: its path and each file's name, size and version (time or ETag:
+    cheap, and changed by any rewrite of the weights)."""
+    return fingerprint("model-folder", path, storage.listing(storage.location(path)))
 
 
 def _stable_fraction(ids: list[str], seed: int, fraction: float) -> np.ndarray:
@@ -118,12 +119,12 @@ class Run:
     def __init__(self, cfg: Config, verbose: bool = False):
         self.cfg = absolute_paths(cfg)  # Ray workers run elsewhere; a Config built in Python too
         self.verbose = verbose  # Ray workers' logs reach the terminal only when asked for
-        self.out = Path(cfg.output)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = storage.location(cfg.output)  # a folder or an object-store URL
+        storage.makedirs(self.out)
         path = self.out / "manifest.json"
         self.manifest: dict[str, Any] = read_json(path) if path.exists() else {"stages": {}}
         self.manifest.update(config=cfg.to_dict(), versions=_versions())
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._fps: dict[str, str] = {}
 
     # ---------------------------------------------------------------------------------- plumbing
@@ -217,7 +218,7 @@ class Run:
 
     def _first_reject(self, stage_name: str) -> dict[str, Any]:
         for part in self._dir(stage_name).parts("rejected.jsonl"):
-            with open(part) as fh:
+            with part.open() as fh:
                 line = fh.readline()
             if line.strip():
                 return json.loads(line)
@@ -267,7 +268,7 @@ class Run:
             entry.pop("fingerprint", None)
         return str(model_dir), fp
 
-    def _train(self, name: str, fp: str, base: str, out_model: Path, n_rows: int, keep: dict[str, Any],
+    def _train(self, name: str, fp: str, base: str, out_model: storage.Location, n_rows: int, keep: dict[str, Any],
                tcfg) -> dict:
         """Ray Train run ``NAME-FP``: a rerun of the same stage and config (after a crash) resumes from
         its latest checkpoint; another config starts its own run."""
@@ -278,7 +279,7 @@ class Run:
             raise InputError(f"{name}.parallel=fsdp needs GPUs (Ray Train's FSDP runs on GPUs only): use ddp here")
         ds = self._tokenized(base, keep).map_batches(_training_columns, batch_format="numpy")
         return train(ds, n_rows, base, out_model, tcfg, name=f"{name}-{fp[:16]}",
-                     storage=self.out / "ray_train", seed=self.cfg.seed, use_gpu=self.use_gpu(tcfg.use_gpu),
+                     storage_path=self.out / "ray_train", seed=self.cfg.seed, use_gpu=self.use_gpu(tcfg.use_gpu),
                      trust_remote_code=self.cfg.model.trust_remote_code)
 
     # ------------------------------------------------------------------------------------- score
@@ -303,7 +304,7 @@ class Run:
                 rows = {s.index: self._dir("rows").done_info(s.index) for s in self.shards()}
                 expected = {i: info["rows"] for i, info in rows.items()}
                 keys = {i: fingerprint(numbers, info.get("content")) for i, info in rows.items() if info.get("content")}
-                cache = ShardCache(Path(cfg.score.cache_dir or self.out / "score_cache"))
+                cache = ShardCache(cfg.score.cache_dir or self.out / "score_cache")
                 reused = self._reuse_scored(cache, keys, stats, features)
                 bar = Progress("score", sum(expected.values()), "rows",
                                done=sum(n for i, n in expected.items() if stats.is_done(i)))
@@ -338,7 +339,7 @@ class Run:
         self._fps["score"] = fp
         return fp
 
-    def _scored_files(self, shard: int) -> dict[str, Path]:
+    def _scored_files(self, shard: int) -> dict[str, storage.Location]:
         stats, features = self._dir("stats"), self._dir("features")
         return {"stats.parquet": stats.part(shard), "features.parquet": features.part(shard),
                 "rejected.jsonl": stats.part(shard, "rejected.jsonl")}
@@ -598,7 +599,7 @@ class Run:
         parts = self._dir("stats").parts()
         if not parts:
             return ["id", "loss", "n_tokens"]
-        names = list(dict.fromkeys(c for p in parts for c in pq.read_schema(p).names))  # an empty shard has fewer
+        names = list(dict.fromkeys(c for p in parts for c in pq.read_schema(str(p)).names))  # an empty shard has fewer
         sc, g = self.cfg.select, self.cfg.select.grads
         want = {"id", "loss", "n_tokens", "finite", "loss_response_only", sc.baseline.grad_norm_column}
         if sc.method == "grads":
@@ -630,16 +631,14 @@ class Run:
         want = {i: r for r, i in enumerate(ranked_ids)}
         records: list[str | None] = [None] * len(ranked_ids)
         for part in self._dir("rows").parts():
-            t = pq.read_table(part, columns=["id", "record"])
+            t = pq.read_table(str(part), columns=["id", "record"])
             mask = pc.is_in(t["id"], value_set=pa.array(ranked_ids, pa.string()))
             for i, rec in zip(*[t.filter(mask)[c].to_pylist() for c in ("id", "record")], strict=True):
                 records[want[i]] = rec
         missing = [i for i, r in zip(ranked_ids, records, strict=True) if r is None]
         if missing:
             raise RuntimeError(f"{len(missing)} selected ids have no ingested row (first: {missing[0]!r})")
-        tmp = self.out / "selected.jsonl.tmp"
-        tmp.write_text("".join(r + "\n" for r in records))
-        tmp.replace(self.out / "selected.jsonl")
+        write_text(self.out / "selected.jsonl", "".join(r + "\n" for r in records))
         write_parquet(self.out / "selected.parquet", pa.table({
             "id": pa.array(ranked_ids, pa.string()), "rank": pa.array(np.arange(len(records), dtype=np.int64)),
             "record": pa.array(records, pa.string())}))
@@ -656,7 +655,7 @@ class Run:
         model_dir = stage.path / "model"
         with self.stage("finetune") as entry:
             if not stage.prepare(fp):
-                sel = pq.read_table(self.out / "selection.parquet", columns=["id", "selected"])
+                sel = pq.read_table(str(self.out / "selection.parquet"), columns=["id", "selected"])
                 ids = set(sel.filter(sel["selected"])["id"].to_pylist())
                 self.ensure_ray()
                 metrics = self._train("finetune", fp, cfg.model.path, model_dir, len(ids),
@@ -743,7 +742,7 @@ def plan(cfg: Config) -> str:
     d, sc = cfg.data, cfg.select
     shards = plan_shards(d.paths, d.shard_bytes, d.shard_rows, d.limit)
     by_source = Counter(s.source for s in shards)
-    out = Path(cfg.output)
+    out = storage.location(cfg.output)
     gpus = torch.cuda.device_count()
     needs_sim = needs_similarity(cfg)
     stages = [("ingest", "rows"), ("warmup", "warmup") if cfg.warmup.enabled else None, ("score", "stats"),

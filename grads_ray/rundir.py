@@ -1,7 +1,7 @@
 """The run directory: atomic files, per-shard completion markers, stage fingerprints, the manifest.
 
 A stage writes ``<stage>/part-{shard:05d}.*`` and then a marker ``<stage>/_done/{shard:05d}.json``
-(written last, atomically), so a crash leaves either a finished shard or nothing that counts. A stage's
+(written last, atomically: see grads_ray/storage.py for local folders and object stores), so a crash leaves either a finished shard or nothing that counts. A stage's
 ``_SUCCESS.json`` holds the fingerprint of the configuration it ran with: a rerun with the same
 fingerprint skips the stage, a changed one clears it and computes it again.
 """
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from grads_ray import storage
+from grads_ray.storage import Location
 
 
 def fingerprint(*parts: Any) -> str:
@@ -26,50 +25,37 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_json(path: Location, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+def write_text(path: Location, text: str) -> None:
+    storage.write_bytes(storage.location(path), text.encode())
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-
-    _atomic(Path(path), write)
+def write_jsonl(path: Location, rows: list[dict[str, Any]]) -> None:
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
-def write_parquet(path: Path, table: pa.Table) -> None:
-    _atomic(Path(path), lambda tmp: pq.write_table(table, tmp))
+def write_parquet(path: Location, table: pa.Table) -> None:
+    storage.atomic_write(storage.location(path), lambda fh: pq.write_table(table, fh))
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: Location) -> Any:
+    return json.loads(storage.location(path).read_text())
 
 
 class StageDir:
     """One stage's folder with its shard ledger and fingerprint."""
 
-    def __init__(self, root: Path, name: str):
-        self.path = Path(root) / name
+    def __init__(self, root: Location, name: str):
+        self.path = storage.location(root) / name
         self.name = name
 
-    def part(self, shard: int, suffix: str = "parquet") -> Path:
+    def part(self, shard: int, suffix: str = "parquet") -> Location:
         return self.path / f"part-{shard:05d}.{suffix}"
 
-    def marker(self, shard: int) -> Path:
+    def marker(self, shard: int) -> Location:
         return self.path / "_done" / f"{shard:05d}.json"
 
     def is_done(self, shard: int) -> bool:
@@ -81,8 +67,8 @@ class StageDir:
     def done_info(self, shard: int) -> dict[str, Any]:
         return read_json(self.marker(shard))
 
-    def parts(self, suffix: str = "parquet") -> list[Path]:
-        return sorted(self.path.glob(f"part-*.{suffix}"))
+    def parts(self, suffix: str = "parquet") -> list[Location]:
+        return sorted(self.path.glob(f"part-*.{suffix}"), key=str)
 
     # stage-level completion ------------------------------------------------------------------
     def prepare(self, fp: str) -> bool:
@@ -96,9 +82,9 @@ class StageDir:
         if success.exists() and read_json(success).get("fingerprint") == fp:
             return True
         if self.path.exists() and (not started.exists() or started.read_text() != fp):
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        started.write_text(fp)
+            storage.rmtree(self.path)
+        storage.makedirs(self.path)
+        write_text(started, fp)
         return False
 
     def finish(self, fp: str, info: dict[str, Any]) -> None:
@@ -108,29 +94,15 @@ class StageDir:
         return read_json(self.path / "_SUCCESS.json")
 
 
-def read_parts(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
+def read_parts(paths: list[Location], columns: list[str] | None = None) -> pa.Table:
     """Concatenate Parquet parts (an empty list gives an empty table)."""
     tables = []
     for p in paths:  # a part may lack columns (an empty shard has no group columns): read what it has
-        have = None if columns is None else [c for c in columns if c in pq.read_schema(p).names]
-        tables.append(pq.read_table(p, columns=have))
+        have = None if columns is None else [c for c in columns if c in pq.read_schema(str(p)).names]
+        tables.append(pq.read_table(str(p), columns=have))
     if not tables:
         return pa.table({c: [] for c in (columns or [])})
     return pa.concat_tables(tables, promote_options="default")
-
-
-def link_or_copy(src: str | Path, dst: str | Path) -> None:
-    """``dst`` becomes ``src``'s content: a hard link when the file system allows (no copy; every
-    writer here replaces files, never edits them, so a shared inode stays right), else a copy."""
-    src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
 
 
 class ShardCache:
@@ -139,18 +111,18 @@ class ShardCache:
     version or into another output folder, takes a shard whose key it finds instead of computing it.
     Safe to delete at any time."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root: Location):
+        self.root = storage.location(root)
 
     def get(self, key: str) -> dict[str, Any] | None:
         path = self.root / key / "info.json"
         return read_json(path) if path.exists() else None
 
-    def put(self, key: str, files: dict[str, Path], info: dict[str, Any]) -> None:
+    def put(self, key: str, files: dict[str, Location], info: dict[str, Any]) -> None:
         for name, src in files.items():
-            link_or_copy(src, self.root / key / name)
+            storage.link_or_copy(src, self.root / key / name)
         write_json(self.root / key / "info.json", info)
 
-    def restore(self, key: str, files: dict[str, Path]) -> None:
+    def restore(self, key: str, files: dict[str, Location]) -> None:
         for name, dst in files.items():
-            link_or_copy(self.root / key / name, dst)
+            storage.link_or_copy(self.root / key / name, dst)

@@ -110,6 +110,7 @@ class Scorer:
 
         from grads_ray.gradients.engine import BatchedGradStats
         from grads_ray.gradients.stats import LoopGradStats
+        from grads_ray.storage import local_model
 
         settings = dict(settings or {})
         self.response_only_loss = settings.pop("response_only_loss", False)
@@ -121,7 +122,7 @@ class Scorer:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            local_model(model_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
             use_safetensors=True).to(self.device)
         self.node = node_id()
         self.hooks, self.calls = hooks or {}, 0

@@ -1,9 +1,13 @@
 """Shared fixtures: tiny models built from configs and saved with save_pretrained, a tiny BPE tokenizer,
-and one local Ray cluster for the tests that need it."""
+one local Ray cluster for the tests that need it, and a local S3 endpoint (moto)."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -62,3 +66,44 @@ def ray_local():
         ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+BUCKET = "grads-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with one bucket (``BUCKET``). -> (the environment a driver needs:
+    endpoint and credentials; an s3fs client). Skipped where moto or s3fs is not installed."""
+    pytest.importorskip("moto")
+    s3fs = pytest.importorskip("s3fs")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - open while it runs
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing-key-id",
+           "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("moto's S3 server did not start")
+            time.sleep(0.2)
+    fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                           endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True,
+                           use_listings_cache=False)
+    fs.mkdir(BUCKET)
+    yield env, fs
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()

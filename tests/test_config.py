@@ -111,8 +111,12 @@ def test_a_missing_input_path_fails_before_ray_with_its_key(tmp_path, key, capsy
     assert not (tmp_path / "o").exists()  # nothing started, nothing written
 
 
-def test_file_urls_are_local_paths_and_other_urls_a_clear_error(tmp_path):
+def test_file_urls_are_local_paths_object_store_urls_where_supported(tmp_path):
     cfg = load_config(None, [f"output=file://{tmp_path}/out", f"data.paths=[file://{tmp_path}/c.jsonl]"])
     assert cfg.output == str(tmp_path / "out") and cfg.data.paths == [str(tmp_path / "c.jsonl")]
-    with pytest.raises(ConfigError, match="output: s3://bucket/run: only local paths and file:// URLs"):
-        load_config(None, ["output=s3://bucket/run"])
+    cfg = load_config(None, ["output=s3://bucket/run", "score.model=s3://bucket/m", "model.path=s3://b/base"])
+    assert cfg.output == "s3://bucket/run" and cfg.score.model == "s3://bucket/m"  # left as they are
+    with pytest.raises(ConfigError, match="data.paths: s3://bucket/c.jsonl: input files are read from local paths"):
+        load_config(None, ["data.paths=[s3://bucket/c.jsonl]"])
+    with pytest.raises(ConfigError, match="output: nosuch://x/run: Protocol not known: nosuch"):
+        load_config(None, ["output=nosuch://x/run"])

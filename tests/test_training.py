@@ -100,7 +100,7 @@ def test_fsdp_without_gpus_is_a_clear_error(tmp_path):
     from grads_ray.training.trainer import train
 
     with pytest.raises(ValueError, match="fsdp needs GPUs"):
-        train(None, 1, "m", tmp_path / "o", TrainConfig(parallel="fsdp"), name="t", storage=tmp_path, seed=0,
+        train(None, 1, "m", tmp_path / "o", TrainConfig(parallel="fsdp"), name="t", storage_path=tmp_path, seed=0,
               use_gpu=False)
     with pytest.raises(ConfigError, match="fsdp"):
         load_config(None, ["finetune.parallel=fsdp", "finetune.lora.r=8"])
@@ -125,7 +125,7 @@ def _train(tmp_path, ray_local, name: str, cfg: TrainConfig, n: int = 48, extra=
 
     save_tiny_model("llama", tmp_path / "base", vocab=64)
     out = tmp_path / f"{name}-model"
-    metrics = train(_dataset(n, 64), n, str(tmp_path / "base"), out, cfg, name=name, storage=tmp_path / "ray_train",
+    metrics = train(_dataset(n, 64), n, str(tmp_path / "base"), out, cfg, name=name, storage_path=tmp_path / "ray_train",
                     seed=0, use_gpu=False, extra=extra)
     return metrics, out
 

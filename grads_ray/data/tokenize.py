@@ -24,7 +24,9 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any | No
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        from grads_ray.storage import local_model
+
+        return AutoTokenizer.from_pretrained(local_model(model_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         return None
 

@@ -55,7 +55,10 @@ def evaluate_model(model_path: str, domain: list[tuple[list[int], list[int]]], g
     from grads_ray.data.tokenize import load_tokenizer
 
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True).to(device)
+    from grads_ray.storage import local_model
+
+    model = AutoModelForCausalLM.from_pretrained(local_model(model_path), dtype=torch.float32,
+                                                 use_safetensors=True).to(device)
     out: dict[str, float] = {}
     if domain:
         loss, n = mean_token_loss(model, domain, batch_size, device)

@@ -5,10 +5,12 @@ with plots of the gradient-statistic distributions (``OUT/selection_report.md`` 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from grads_ray import storage
+from grads_ray.rundir import write_text
 
 PLOTTED = ("loss", "grad_norm", "grad_std", "grad_max")  # overall statistics, log10 where positive
 
@@ -22,7 +24,7 @@ def _log(values: np.ndarray) -> tuple[np.ndarray, bool]:
     return v, False
 
 
-def distribution_plot(columns: dict[str, np.ndarray], selected: np.ndarray, reason: np.ndarray, path: Path) -> list[str]:
+def distribution_plot(columns: dict[str, np.ndarray], selected: np.ndarray, reason: np.ndarray, path: storage.Location) -> list[str]:
     """One panel per statistic of ``PLOTTED`` present in ``columns`` ((N,) arrays): histograms of all
     scored rows, the selected ones, and those removed as near-duplicates. -> the statistics drawn."""
     import matplotlib
@@ -52,8 +54,7 @@ def distribution_plot(columns: dict[str, np.ndarray], selected: np.ndarray, reas
     axes[0][0].set_ylabel("examples")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    storage.atomic_write(storage.location(path), lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
     return names
 
@@ -67,14 +68,14 @@ def _quantiles(values: np.ndarray) -> str:
     return " / ".join(f"{x:.3g}" for x in q)
 
 
-def write_report(out: Path, columns: dict[str, np.ndarray], ids, selected: np.ndarray,
-                 reason: np.ndarray, dup_group: np.ndarray | None, manifest: dict[str, Any]) -> Path:
+def write_report(out: storage.Location, columns: dict[str, np.ndarray], ids, selected: np.ndarray,
+                 reason: np.ndarray, dup_group: np.ndarray | None, manifest: dict[str, Any]) -> storage.Location:
     """``out/selection_report.md`` (+ its plot) from the stats columns, the verdicts and the manifest.
 
     ``columns``: (N,) stats arrays; ``ids`` (N,) (a list or an Arrow array: only a few are read); ``selected`` (N,) bool; ``reason`` (N,) why not; ``dup_group``
     (N,) the near-duplicate group (its smallest position) or None. -> the report's path.
     """
-    out = Path(out)
+    out = storage.location(out)
     reason = np.asarray(reason, dtype=object)
     selected = np.asarray(selected, dtype=bool)
     n = len(selected)
@@ -111,5 +112,5 @@ def write_report(out: Path, columns: dict[str, np.ndarray], ids, selected: np.nd
             twin = str(ids[int(kept[0])]) if len(kept) else "(none selected)"
             lines.append(f"| `{ids[int(i)]}` | `{twin}` |")
     path = out / "selection_report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path

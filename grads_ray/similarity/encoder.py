@@ -9,7 +9,6 @@ no text: they get a zero vector, which is never anyone's near-duplicate.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,5 +76,5 @@ class Encoder:
         vecs = self.encode(texts)
         table = pa.table({"id": rows["id"], "encoder": pa.FixedSizeListArray.from_arrays(
             pa.array(vecs.reshape(-1)), vecs.shape[1]).cast(pa.list_(pa.float32()))})
-        write_parquet(Path(out_part), table)
+        write_parquet(out_part, table)
         return {"rows": len(texts), "no_text": sum(1 for t in texts if not t)}

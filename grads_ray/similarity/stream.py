@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from grads_ray import storage
 from grads_ray.columns import lists, matrix
 from grads_ray.rundir import write_json, write_parquet
 from grads_ray.similarity.index import (
@@ -68,7 +69,7 @@ def chunk_rows(dim: int, k: int, memory_mb: float) -> int:
 def iter_chunks(parts: list[Path], columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
     """Record batches of at most ``rows`` rows over the parts, in order."""
     for p in parts:
-        for batch in pq.ParquetFile(p).iter_batches(batch_size=rows, columns=columns):
+        for batch in pq.ParquetFile(str(p)).iter_batches(batch_size=rows, columns=columns):
             if batch.num_rows:
                 yield batch
 
@@ -195,7 +196,7 @@ class StreamSettings:
 
 def _positions(parts: list[Path]) -> np.ndarray:
     """Pass 0: each row's position in id order, in reading order."""
-    ids = [c for p in parts for c in pq.read_table(p, columns=["id"])["id"].chunks]
+    ids = [c for p in parts for c in pq.read_table(str(p), columns=["id"])["id"].chunks]
     if not sum(len(c) for c in ids):
         return np.zeros(0, np.int64)
     order = pc.sort_indices(pa.chunked_array(ids)).to_numpy()
@@ -215,7 +216,7 @@ def _searched(path: Path, marker: Path, positions: np.ndarray) -> tuple[np.ndarr
     its marker is there and it holds exactly these positions (the same chunking). -> None otherwise."""
     if not marker.exists() or not path.exists():
         return None
-    t = pq.read_table(path, columns=["position", "nn_rows", "nn_sims"])
+    t = pq.read_table(str(path), columns=["position", "nn_rows", "nn_sims"])
     if not np.array_equal(t["position"].to_numpy(), positions):
         return None
     return matrix(t["nn_sims"]), matrix(t["nn_rows"], np.int64)
@@ -318,7 +319,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     for i, batch in enumerate(iter_chunks(parts, ["id", st.column], rows)):
         p = pos[start:start + batch.num_rows]
         start += batch.num_rows
-        path = Path(out_part(i))
+        path = storage.location(out_part(i))
         marker = path.parent / "_done" / f"{path.stem}.json"
         earlier = _searched(path, marker, p)  # an interrupted run searched this chunk already
         if earlier is not None:
@@ -350,12 +351,12 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
             progress(len(p))
     if not written:  # no rows: one empty part, so readers see the columns
         empty = np.zeros((0, 0))
-        write_parquet(Path(out_part(0)), pa.table({
+        write_parquet(out_part(0), pa.table({
             "id": pa.array([], pa.string()), "position": pa.array([], pa.int64()),
             "nn_rows": lists(empty.astype(np.int64)),
             "nn_sims": lists(empty.astype(np.float32)), "diversity": pa.array([], pa.float32()),
             "cluster": pa.array([], pa.int64())}))
-        written.append((Path(out_part(0)), np.zeros(0, np.int64)))
+        written.append((storage.location(out_part(0)), np.zeros(0, np.int64)))
     index_bytes = pool.memory_bytes()
     if hasattr(pool, "close"):
         pool.close()
@@ -363,7 +364,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     cat = lambda a: np.concatenate(a) if a else np.zeros(0, np.int64)  # noqa: E731
     groups = union_find_groups(n, cat(pairs_a), cat(pairs_b))
     for path, p in written:  # the components need every pair: add them last, part by part
-        t = pq.read_table(path)
+        t = pq.read_table(str(path))
         t = t.drop_columns(["dup_group"]) if "dup_group" in t.column_names else t  # a resumed run's
         write_parquet(path, t.append_column("dup_group", pa.array(groups[p])))
     recall = 1.0 if kind == "flat" or not len(query_pos) else found / max(int((truth_i >= 0).sum()), 1)

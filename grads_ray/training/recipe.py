@@ -100,7 +100,10 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
     """The base model in float32, with LoRA adapters (peft) when ``config["lora"]["r"]`` > 0."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32, use_safetensors=True,
+    from grads_ray.storage import local_model
+
+    model = AutoModelForCausalLM.from_pretrained(local_model(config["model_path"]), dtype=torch.float32,
+                                                 use_safetensors=True,
                                                  trust_remote_code=config.get("trust_remote_code", False))
     lora = config.get("lora") or {}
     if lora.get("r", 0) > 0:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from grads_ray import storage
 from grads_ray.config import TrainConfig
+from grads_ray.storage import Location
 
 
-def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConfig, *, name: str,
-          storage: Path, seed: int, use_gpu: bool, trust_remote_code: bool = False,
+def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: TrainConfig, *, name: str,
+          storage_path: Location, seed: int, use_gpu: bool, trust_remote_code: bool = False,
           extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune ``model_path`` on ``dataset`` (columns input_ids, labels) and save to ``out_model``.
+    """Fine-tune ``model_path`` on ``dataset`` (columns input_ids, labels) and save to ``out_model``
+    (a local folder or an object-store URL, as is ``storage_path``, Ray Train's checkpoints).
 
     -> the final metrics (train loss of the first and last step, steps, tokens/s, the step a restart
     resumed from). A failed worker group restarts (``FailureConfig``, twice) from the latest
@@ -37,7 +41,7 @@ def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConf
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(storage.resolve()),
+        run_config=ray.train.RunConfig(name=name, storage_path=str(storage_path),
                                        failure_config=ray.train.FailureConfig(max_failures=2)),
         datasets={"train": dataset},
     )
@@ -53,11 +57,17 @@ def train(dataset, n_rows: int, model_path: str, out_model: Path, cfg: TrainConf
         steps.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training finished without a checkpoint")
-    tmp = out_model.with_name(out_model.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    result.checkpoint.to_directory(str(tmp))
-    shutil.rmtree(out_model, ignore_errors=True)
-    tmp.rename(out_model)
+    # beside the target when local (the rename is then one step), in a local temporary folder when
+    # the run directory is in an object store (then uploaded)
+    near = None if storage.is_remote(out_model) else out_model.parent
+    if near is not None:
+        near.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_model.name}.", dir=near))
+    try:
+        result.checkpoint.to_directory(str(tmp))
+        storage.upload_dir(tmp, out_model)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dict(result.metrics or {})
 
 
