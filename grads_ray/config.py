@@ -288,6 +288,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads `use_gpu: false` as a boolean; keep YAML's spelling
+            return "true" if value else "false"
         return str(value)
     return value
 

@@ -120,3 +120,8 @@ def test_file_urls_are_local_paths_object_store_urls_where_supported(tmp_path):
         load_config(None, ["data.paths=[s3://bucket/c.jsonl]"])
     with pytest.raises(ConfigError, match="output: nosuch://x/run: Protocol not known: nosuch"):
         load_config(None, ["output=nosuch://x/run"])
+
+
+def test_yaml_booleans_in_string_settings_keep_their_spelling():
+    cfg = load_config(None, ["finetune.use_gpu=false", "score.use_gpu=true", "select.dedup=false"])
+    assert (cfg.finetune.use_gpu, cfg.score.use_gpu, cfg.select.dedup) == ("false", "true", "false")

@@ -1,0 +1,413 @@
+"""Evidence: does GrADS make a model learn more and forget less? A miniature, offline reproduction.
+
+    python benchmarks/evidence.py --quick     # a few CPU minutes: 1 seed, 5% budget, 4 strategies
+    python benchmarks/evidence.py             # 3 seeds x {5, 10, 50}% x 7 strategies, both views
+    python benchmarks/evidence.py --doc docs/evidence   # also writes docs/evidence/<label>.md + plots
+
+Setting (everything from text this machine has; nothing downloaded):
+- general text: the Linux manual pages (Debian ``manpages``, ``manpages-dev``; grads_ray/demo/manpages.py),
+  split by page into a pre-training part and a held-out part (the forgetting test set);
+- base model: a small Llama-style model pre-trained here, with Ray Train, on the pre-training part;
+- domain SFT corpus: the Python standard library's docstrings and ``pydoc_data`` topics as
+  instruction -> answer pairs (grads_ray/demo/corpus.py), a held-out split by a hash of the id, and a
+  documented share of planted noisy pairs in the training split (answers swapped between questions,
+  answers truncated; grads_ray/demo/noise.py).
+
+Experiment: ``grads-ray compare`` over full / random / GrADS / FisherSFT / loss / IFD / LESS-style at
+each budget and seed, from the same base model, in two views of the training recipe: ``epochs``
+(the same epochs over each subset) and ``steps`` (the same optimizer steps for every run, cycling the
+subset). Reported per strategy and budget: held-out domain loss, BLEU, chrF, ROUGE-L on greedy
+generations, general held-out loss before/after (forgetting), the share of planted noisy pairs in the
+selection, wall time of each stage. The last line is one JSON object of headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SCALES = {
+    # pre-training corpus (characters of man pages), model, steps; domain rows; evaluation sizes
+    "quick": {"general_chars": 1_500_000, "hidden": 64, "layers": 2, "heads": 4, "vocab": 2048, "block": 128,
+              "pretrain_epochs": 1, "pretrain_batch": 16, "domain_rows": 1500, "max_length": 192,
+              "general_blocks": 48, "generate": 16, "max_new_tokens": 24},
+    "cpu": {"general_chars": 8_000_000, "hidden": 128, "layers": 4, "heads": 4, "vocab": 4096, "block": 128,
+            "pretrain_epochs": 1, "pretrain_batch": 16, "domain_rows": 0, "max_length": 256,
+            "general_blocks": 128, "generate": 32, "max_new_tokens": 32},
+    "gpu": {"general_chars": 29_000_000, "hidden": 512, "layers": 8, "heads": 8, "vocab": 8192, "block": 256,
+            "pretrain_epochs": 2, "pretrain_batch": 32, "domain_rows": 0, "max_length": 512,
+            "general_blocks": 256, "generate": 128, "max_new_tokens": 64},
+}
+NOISE = {"swapped": 0.10, "truncated": 0.10}  # shares of the training split, planted on disjoint rows
+METHODS = ("random", "grads", "fisher", "loss", "ifd", "less")
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+# ------------------------------------------------------------------------------------------ data
+def build_data(work: Path, scale: dict, seed: int = 0) -> dict:
+    """The corpora on disk under ``work/data`` (skipped when there). -> paths and counts."""
+    from grads_ray.demo.corpus import general_text, sft_rows
+    from grads_ray.demo.manpages import manpage_texts
+    from grads_ray.demo.noise import plant_noise
+
+    data = work / "data"
+    info_path = data / "info.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    data.mkdir(parents=True, exist_ok=True)
+    pages = manpage_texts()
+    source = "Linux man pages (sections 2, 3, 4, 5, 7, 8)"
+    if not pages:  # no manual pages installed: the licence texts, so the script still runs
+        pages = [(f"licence-{k}", t) for k, t in enumerate(general_text().split("\n\n\n")) if len(t) > 200]
+        source = "licence texts under /usr/share/common-licenses (no man pages installed)"
+    test_pages = [p for p in pages if _hash("general-test:" + p[0]) % 10 == 0]
+    train_pages = [p for p in pages if _hash("general-test:" + p[0]) % 10 != 0]
+    train_pages.sort(key=lambda p: _hash(f"order:{seed}:{p[0]}"))
+    pretrain, n = [], 0
+    for _, text in train_pages:
+        if n >= scale["general_chars"]:
+            break
+        pretrain.append(text)
+        n += len(text)
+    (data / "pretrain.txt").write_text("\n\n".join(pretrain))
+    test_pages.sort(key=lambda p: _hash(f"order:{seed}:{p[0]}"))  # the first blocks: a spread of pages
+    (data / "general_test.txt").write_text("\n\n".join(t for _, t in test_pages))
+
+    rows = sft_rows()
+    if scale["domain_rows"]:
+        rows = sorted(rows, key=lambda r: _hash(f"pick:{r['id']}"))[: scale["domain_rows"]]
+        rows.sort(key=lambda r: r["id"])
+    # 5% held out (the test set), 2.5% as LESS-style's target set (never the test set), the rest trains
+    split = {r["id"]: _hash("heldout:" + r["id"]) % 40 for r in rows}
+    held = [r for r in rows if split[r["id"]] in (0, 1)]
+    target = [r for r in rows if split[r["id"]] == 2]
+    train = [r for r in rows if split[r["id"]] > 2]
+    noisy_rows, kinds = plant_noise(train, NOISE["swapped"], NOISE["truncated"], seed=seed)
+    (data / "corpus").mkdir(exist_ok=True)
+    (data / "corpus" / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in noisy_rows))
+    (data / "heldout.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
+    (data / "target.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in target))
+    (data / "noise.json").write_text(json.dumps(kinds, indent=0))
+    info = {"general_source": source, "pages_train": len(pretrain), "pages_test": len(test_pages),
+            "pretrain_chars": n, "general_test_chars": sum(len(t) for _, t in test_pages),
+            "domain_train": len(train), "domain_heldout": len(held), "domain_target": len(target),
+            "noisy": {k: sum(v == k for v in kinds.values()) for k in NOISE},
+            "corpus": str(data / "corpus"), "heldout": str(data / "heldout.jsonl"),
+            "general_test": str(data / "general_test.txt"), "target": str(data / "target.jsonl"), "pretrain": str(data / "pretrain.txt"),
+            "noise": str(data / "noise.json")}
+    info_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ------------------------------------------------------------------------------------ pre-training
+def pretrain(work: Path, data: dict, scale: dict, use_gpu: bool, seed: int = 0) -> dict:
+    """Tokenizer (on both corpora) and a small Llama pre-trained on the man pages with Ray Train, in
+    ``work/base`` (skipped when there). -> {path, params, tokens, seconds, loss}."""
+    import ray
+
+    from grads_ray.config import TrainConfig
+    from grads_ray.demo.model import build_model, train_tokenizer
+    from grads_ray.training.trainer import train
+
+    base = work / "base"
+    info_path = work / "base.json"
+    if info_path.exists() and (base / "config.json").exists():
+        return json.loads(info_path.read_text())
+    t0 = time.time()
+    general = Path(data["pretrain"]).read_text()
+    domain = [json.loads(x) for x in (Path(data["corpus"]) / "train.jsonl").read_text().splitlines()]
+    texts = general.split("\n\n") + [r["prompt"] + "\n" + r["response"] for r in domain]
+    tok = train_tokenizer(texts, vocab_size=scale["vocab"])
+    model = build_model(tok, hidden_size=scale["hidden"], layers=scale["layers"], heads=scale["heads"],
+                        max_positions=max(1024, scale["max_length"]), seed=seed)
+    init = work / "init"
+    model.save_pretrained(init)
+    tok.save_pretrained(init)
+    ids = tok(general)["input_ids"]
+    b = scale["block"]
+    blocks = [ids[i:i + b] for i in range(0, len(ids) - b + 1, b)]
+    ds = ray.data.from_items([{"input_ids": x, "labels": x} for x in blocks])
+    cfg = TrainConfig(epochs=scale["pretrain_epochs"], batch_size=scale["pretrain_batch"], lr=3e-3,
+                      warmup_ratio=0.05, checkpoint_every=0, use_gpu="true" if use_gpu else "false")
+    metrics = train(ds, len(blocks), str(init), base, cfg, name=f"pretrain-{seed}", storage_path=work / "ray_train",
+                    seed=seed, use_gpu=use_gpu)
+    info = {"path": str(base), "params": sum(p.numel() for p in model.parameters()), "tokens": len(blocks) * b,
+            "blocks": len(blocks), "seconds": round(time.time() - t0, 1),
+            "first_loss": round(metrics.get("first_loss") or math.nan, 3),
+            "last_loss": round(metrics.get("train_loss") or math.nan, 3)}
+    info_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ------------------------------------------------------------------------------------------ runs
+def compare_config(work: Path, data: dict, base: dict, scale: dict, view: str, strategies: list[str],
+                   seeds: list[int], steps: int | None, use_gpu: bool):
+    from grads_ray.config import load_config
+
+    gpu = "true" if use_gpu else "false"
+    overrides = [
+        f"output={work / ('compare-' + view)}", f"model.path={base['path']}", f"data.paths=[{data['corpus']}]",
+        f"data.max_length={scale['max_length']}", "data.shard_rows=500",
+        "warmup.fraction=0.1", "warmup.epochs=1", "warmup.batch_size=16", "warmup.lr=0.002", f"warmup.use_gpu={gpu}",
+        "score.batch_size=16", f"score.use_gpu={gpu}", "score.response_only_loss=true",
+        "finetune.batch_size=16", "finetune.lr=0.002", f"finetune.use_gpu={gpu}", "finetune.checkpoint_every=0",
+        f"select.less.target_paths=[{data['target']}]",
+        f"eval.domain_paths=[{data['heldout']}]", f"eval.general_paths=[{data['general_test']}]",
+        f"eval.max_general_blocks={scale['general_blocks']}", f"eval.generate={scale['generate']}",
+        f"eval.max_new_tokens={scale['max_new_tokens']}", f"eval.block_size={scale['block']}",
+        f"compare.strategies=[{', '.join(strategies)}]", f"compare.seeds=[{', '.join(map(str, seeds))}]",
+    ]
+    if view == "epochs":
+        overrides.append("finetune.epochs=2")
+    else:  # the same optimizer steps for every run: small subsets cycle, the full corpus sees a part
+        overrides += ["finetune.epochs=1000", f"finetune.max_steps={steps}"]
+    return load_config(None, overrides)
+
+
+def share_upstream(src_root: Path, dst_root: Path, seeds: list[int]) -> None:
+    """The steps view starts from the epochs view's shared stages (hard links; fingerprints match)."""
+    from grads_ray import storage
+    from grads_ray.compare import SHARED_STAGES
+
+    for seed in seeds:
+        for stage in SHARED_STAGES:
+            src, dst = src_root / f"seed-{seed}" / stage, dst_root / f"seed-{seed}" / stage
+            if (src / "_SUCCESS.json").exists() and not dst.exists():
+                storage.copy_tree(src, dst)
+
+
+def noisy_share(run_dir: Path, noisy: set[str]) -> float:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(run_dir / "selection.parquet", columns=["id", "selected"])
+    chosen = t.filter(t["selected"])["id"].to_pylist()
+    return sum(i in noisy for i in chosen) / max(len(chosen), 1)
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    m = json.loads((run_dir / "manifest.json").read_text())
+    return {k: v.get("seconds") for k, v in m.get("stages", {}).items() if v.get("seconds") is not None}
+
+
+def collect(view_root: Path, result: dict, noisy: set[str]) -> list[dict]:
+    """comparison.json's runs, with the noisy share and stage times of each."""
+    rows = []
+    for r in result["runs"]:
+        seed_dir = view_root / f"seed-{r['seed']}"
+        run_dir = seed_dir / r["strategy"]
+        times = {**stage_seconds(seed_dir), **stage_seconds(run_dir)}
+        rows.append({**r, "noisy_share": noisy_share(run_dir, noisy), "seconds": times})
+    return rows
+
+
+# --------------------------------------------------------------------------------------- report
+def _ms(values: list[float]) -> tuple[float, float]:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return math.nan, math.nan
+    return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and sample sd over seeds per (strategy), in the order met."""
+    out = []
+    for label in dict.fromkeys(r["strategy"] for r in rows):
+        rs = [r for r in rows if r["strategy"] == label]
+        get = lambda key, when="after", rs=rs: [(r.get(when) or {}).get(key) for r in rs]  # noqa: E731
+        out.append({
+            "strategy": label, "method": rs[0]["method"], "budget": rs[0]["budget"], "seeds": len(rs),
+            "share": statistics.fmean(r["selected_share"] for r in rs),
+            "domain_loss": _ms(get("domain_loss")), "domain_loss_before": _ms(get("domain_loss", "before")),
+            "bleu": _ms(get("bleu")), "chrf": _ms(get("chrf")), "rougeL": _ms(get("rougeL")),
+            "general_loss": _ms(get("general_loss")), "general_loss_before": _ms(get("general_loss", "before")),
+            "forgetting": _ms([r.get("forgetting") for r in rs]),
+            "noisy_share": _ms([r["noisy_share"] for r in rs]),
+            "finetune_s": _ms([r["seconds"].get("finetune") for r in rs]),
+        })
+    return out
+
+
+def _fmt(pair: tuple[float, float], digits: int = 3) -> str:
+    m, s = pair
+    return "–" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| strategy | share | domain loss | BLEU | chrF | ROUGE-L | general loss | forgetting | noisy share | fine-tune s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in summary:
+        lines.append(f"| {s['strategy']} | {s['share']:.1%} | {_fmt(s['domain_loss'])} | {_fmt(s['bleu'], 2)} | "
+                     f"{_fmt(s['chrf'], 2)} | {_fmt(s['rougeL'], 2)} | {_fmt(s['general_loss'])} | "
+                     f"{_fmt(s['forgetting'], 4)} | {_fmt(s['noisy_share'], 3)} | {_fmt(s['finetune_s'], 0)} |")
+    return "\n".join(lines)
+
+
+def plots(views: dict[str, list[dict]], out: Path, label: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for key, ylabel, stem in (("domain_loss", "held-out domain loss after fine-tuning", "domain"),
+                              ("forgetting", "forgetting: relative change of general loss", "forgetting")):
+        fig, axes = plt.subplots(1, len(views), figsize=(5.5 * len(views), 4), squeeze=False)
+        for ax, (view, summary) in zip(axes[0], views.items(), strict=True):
+            full = [s for s in summary if s["method"] == "full"]
+            for method in dict.fromkeys(s["method"] for s in summary if s["method"] != "full"):
+                pts = sorted((100 * s["share"], *s[key]) for s in summary if s["method"] == method)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            capsize=3, label=method)
+            for s in full:
+                ax.axhline(s[key][0], color="k", ls="--", lw=1, label="full corpus")
+            ax.set_xscale("log")
+            ax.set_xlabel("selected share of the corpus (%)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{view} view")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"{label}-{stem}.png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def headline(views: dict[str, list[dict]]) -> dict:
+    """The figures the JSON line carries, from the epochs view (and the steps view's where present)."""
+    out: dict = {}
+    for view, summary in views.items():
+        by = {s["strategy"]: s for s in summary}
+        full = by.get("full")
+        tag = "" if view == "epochs" else "_steps"
+        for label in by:
+            if not label.startswith("grads-"):
+                continue
+            b = label.split("-", 1)[1].replace("pct", "")
+            g = by[label]
+            if full:
+                out[f"grads{b}_vs_full_domain_loss_ratio{tag}"] = round(g["domain_loss"][0] / full["domain_loss"][0], 4)
+            rnd = by.get(f"random-{b}pct")
+            if rnd:
+                out[f"grads{b}_vs_random_domain_loss_ratio{tag}"] = round(g["domain_loss"][0] / rnd["domain_loss"][0], 4)
+                out[f"noisy_share_random{b}{tag}"] = round(rnd["noisy_share"][0], 4)
+            out[f"forgetting_grads{b}{tag}"] = round(g["forgetting"][0], 4)
+            out[f"noisy_share_grads{b}{tag}"] = round(g["noisy_share"][0], 4)
+        if full:
+            out[f"forgetting_full{tag}"] = round(full["forgetting"][0], 4)
+    return out
+
+
+def write_report(path: Path, label: str, meta: dict, views: dict[str, list[dict]], pngs: list[str]) -> None:
+    d, b = meta["data"], meta["base"]
+    lines = [f"# Evidence run `{label}`", "",
+             f"{meta['date']}, {meta['machine']}; {meta['seconds'] / 60:.0f} min in all.", "",
+             f"- general text: {d['general_source']}: {d['pages_train']} pages ({d['pretrain_chars']:,} characters) "
+             f"to pre-train, {d['pages_test']} other pages held out ({d['general_test_chars']:,} characters; the "
+             "first blocks measure forgetting)",
+             f"- base model: Llama-style, {b['params']:,} parameters, pre-trained here on {b['tokens']:,} tokens "
+             f"(train loss {b['first_loss']} -> {b['last_loss']}, {b['seconds']:.0f} s)",
+             f"- domain: {d['domain_train']} training pairs from Python's documentation, of which "
+             f"{d['noisy']['swapped']} with swapped answers and {d['noisy']['truncated']} with truncated answers "
+             f"(planted); {d['domain_heldout']} held-out pairs (the test set); {d['domain_target']} pairs as "
+             "LESS-style's target set",
+             f"- seeds {meta['seeds']}; mean ± sample sd over seeds. Share: of the scored training pairs.", ""]
+    for view, summary in views.items():
+        recipe = ("2 epochs over each subset" if view == "epochs"
+                  else f"{meta['steps']} optimizer steps for every run (the subset cycled)")
+        lines += [f"## {view} view: {recipe}", "", table(summary), ""]
+    lines += [f"![domain loss]({pngs[0]})", "", f"![forgetting]({pngs[1]})", "",
+              "```json", json.dumps(meta["headline"], indent=1), "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few CPU minutes: 1 seed, 5%%, 4 strategies, epochs view")
+    ap.add_argument("--scale", choices=sorted(SCALES), default=None, help="default: quick with --quick, else cpu")
+    ap.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
+    ap.add_argument("--budgets", default=None, help="percent, comma-separated (default 5,10,50; quick: 5)")
+    ap.add_argument("--methods", default=None, help=f"default {','.join(METHODS)} (quick: random,grads,fisher)")
+    ap.add_argument("--views", default=None, help="epochs,steps (quick: epochs)")
+    ap.add_argument("--work", default="runs/evidence", help="working folder (kept: a rerun resumes)")
+    ap.add_argument("--doc", default=None, help="folder for <label>.md and the plots (e.g. docs/evidence)")
+    ap.add_argument("--label", default=None, help="the run's name in the doc (default: scale-date)")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("grads_ray").setLevel(logging.INFO)
+
+    import ray
+    import torch
+
+    from grads_ray.compare import run_compare
+
+    scale_name = a.scale or ("quick" if a.quick else ("gpu" if torch.cuda.is_available() else "cpu"))
+    scale = SCALES[scale_name]
+    seeds = [int(x) for x in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
+    budgets = [x.strip() for x in (a.budgets or ("5" if a.quick else "5,10,50")).split(",")]
+    methods = (a.methods or ("random,grads,fisher" if a.quick else ",".join(METHODS))).split(",")
+    views = (a.views or ("epochs" if a.quick else "epochs,steps")).split(",")
+    strategies = ["full"] + [f"{m}:{b}%" for b in budgets for m in methods]
+    use_gpu = torch.cuda.is_available()
+    work = Path(a.work).resolve() / scale_name
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+
+    data = build_data(work, scale)
+    print(f"data: {json.dumps({k: v for k, v in data.items() if not isinstance(v, str)})}", flush=True)
+    base = pretrain(work, data, scale, use_gpu)
+    print(f"base model: {json.dumps(base)}", flush=True)
+    noisy = set(json.loads(Path(data["noise"]).read_text()))
+    # the steps view's budget: what the smallest budget's subset takes in the epochs view (2 epochs)
+    smallest = min(float(b) for b in budgets) / 100
+    steps = max(1, math.ceil(smallest * data["domain_train"] / 16) * 2)
+    results: dict[str, list[dict]] = {}
+    for view in views:
+        cfg = compare_config(work, data, base, scale, view, strategies, seeds, steps, use_gpu)
+        if view != views[0]:
+            share_upstream(work / f"compare-{views[0]}", work / f"compare-{view}", seeds)
+        result = run_compare(cfg)
+        results[view] = collect(work / f"compare-{view}", result, noisy)
+        print(f"{view} view done ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    ray.shutdown()
+
+    summaries = {view: summarize(rows) for view, rows in results.items()}
+    for view, summary in summaries.items():
+        print(f"\n{view} view\n{table(summary)}")
+    label = a.label or f"{scale_name}-{time.strftime('%Y-%m-%d')}"
+    machine = (f"{torch.cuda.get_device_name(0)}, " if use_gpu else "") + f"{platform.machine()} CPU, " \
+              f"{__import__('os').cpu_count()} cores"
+    meta = {"label": label, "date": time.strftime("%Y-%m-%d"), "machine": machine, "seconds": time.time() - t0,
+            "data": data, "base": base, "seeds": seeds, "steps": steps, "headline": headline(summaries)}
+    (work / "evidence.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summaries},
+                                                   indent=1, default=str))
+    doc = Path(a.doc) if a.doc else work
+    doc.mkdir(parents=True, exist_ok=True)
+    pngs = plots(summaries, doc, label)
+    write_report(doc / f"{label}.md", label, meta, summaries, pngs)
+    print(f"\nreport: {doc / (label + '.md')}")
+    print(json.dumps({"label": label, "minutes": round(meta["seconds"] / 60, 1), **meta["headline"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The evidence benchmark's corpora: man pages as plain text, planted noise."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from grads_ray.demo.manpages import MAN_ROOT, groff_to_text, manpage_texts
+from grads_ray.demo.noise import plant_noise, truncate_text
+
+PAGE = r""".\" Copyright and licence comment
+.TH FOO 2 2023-02-05 "Linux man-pages 6.03"
+.de XX
+.ft B
+..
+.SH NAME
+foo \- do a thing
+.SH SYNOPSIS
+.nf
+.B #include <foo.h>
+.PP
+.BI "int foo(const char *" path ", int " flags );
+.fi
+.SH DESCRIPTION
+The
+.BR foo ()
+call opens \fIpath\fP and returns \(em on success \(em a descriptor;
+see \fBbar\fR(2).
+.TP
+.B O_THING
+A flag\
+ continued.
+.TS
+allbox;
+l l.
+cell one	cell two
+.TE
+.SS Notes
+It\(aqs fine.
+"""
+
+
+def test_groff_to_text_reads_headings_fonts_escapes_and_tables():
+    text = groff_to_text(PAGE)
+    paras = text.split("\n\n")
+    assert paras[:3] == ["NAME", "foo - do a thing", "SYNOPSIS"]
+    assert "int foo(const char *path, int flags);" in text
+    assert "The foo() call opens path and returns — on success — a descriptor; see bar(2)." in paras
+    assert "O_THING A flag continued." in paras
+    assert "cell one cell two" in text and "allbox" not in text and "l l." not in text
+    assert "It's fine." in paras and "Notes" in paras
+    for junk in ("\\", ".ft", "Copyright", "FOO 2"):
+        assert junk not in text
+    assert groff_to_text(".so man2/other.2\n") == ""
+
+
+@pytest.mark.skipif(not (MAN_ROOT / "man2").is_dir(), reason="no manual pages installed")
+def test_installed_man_pages_become_readable_text():
+    page = sorted((MAN_ROOT / "man2").glob("*.gz"))
+    text = groff_to_text(gzip.decompress(page[len(page) // 2].read_bytes()).decode("utf-8", "replace"))
+    pages = manpage_texts(sections=("2",))
+    assert len(pages) > 50 and all(len(t) >= 200 for _, t in pages)
+    joined = "\n".join(t for _, t in pages)
+    assert "\\f" not in joined and "\n.B " not in joined and "DESCRIPTION" in joined
+    assert text == "" or "NAME" in text
+
+
+def test_plant_noise_counts_kinds_and_ground_truth():
+    rows = [{"id": f"r{i}", "prompt": f"q{i}", "response": f"answer number {i} " * 20} for i in range(100)]
+    noisy, kinds = plant_noise(rows, swapped=0.1, truncated=0.05, seed=3)
+    assert sum(k == "swapped" for k in kinds.values()) == 10 and sum(k == "truncated" for k in kinds.values()) == 5
+    by_id = {r["id"]: r for r in rows}
+    for r in noisy:
+        kind = kinds.get(r["id"])
+        if kind == "swapped":
+            assert r["response"] != by_id[r["id"]]["response"]
+            assert r["response"] in {x["response"] for x in rows}
+        elif kind == "truncated":
+            assert by_id[r["id"]]["response"].startswith(r["response"]) and len(r["response"]) < 0.2 * len(by_id[r["id"]]["response"])
+        else:
+            assert r == by_id[r["id"]]
+    assert [r["id"] for r in noisy] == [r["id"] for r in rows] and rows[0]["response"].startswith("answer")
+    assert plant_noise(rows, 0.1, 0.05, seed=3) == (noisy, kinds)  # seeded
+    assert plant_noise(rows, 0.1, 0.05, seed=4)[1] != kinds
+    with pytest.raises(ValueError):
+        plant_noise(rows, 0.6, 0.5, seed=0)
+
+
+def test_truncate_text_at_a_blank():
+    assert truncate_text("alpha beta gamma delta epsilon zeta eta theta", keep=0.3, min_chars=5) == "alpha beta"
+    assert truncate_text("short", keep=0.15, min_chars=20) == "sh"
