@@ -208,7 +208,8 @@ def collect(view_root: Path, result: dict, noisy: set[str]) -> list[dict]:
     for r in result["runs"]:
         seed_dir = view_root / f"seed-{r['seed']}"
         run_dir = seed_dir / r["strategy"]
-        times = {**stage_seconds(seed_dir), **stage_seconds(run_dir)}
+        shared, own = stage_seconds(seed_dir), stage_seconds(run_dir)  # a linked stage shows ~0 s in the run
+        times = {k: max(shared.get(k, 0.0), own.get(k, 0.0)) for k in {**shared, **own}}
         rows.append({**r, "noisy_share": noisy_share(run_dir, noisy), "seconds": times})
     return rows
 
@@ -330,6 +331,10 @@ def write_report(path: Path, label: str, meta: dict, views: dict[str, list[dict]
         recipe = ("2 epochs over each subset" if view == "epochs"
                   else f"{meta['steps']} optimizer steps for every run (the subset cycled)")
         lines += [f"## {view} view: {recipe}", "", table(summary), ""]
+    lines += ["## Stage wall times (seconds, mean ± sd over the runs that ran the stage)", "",
+              "| stage | " + " | ".join(meta["stage_seconds"]) + " |",
+              "| --- |" + " --- |" * len(meta["stage_seconds"]),
+              "| seconds | " + " | ".join(_fmt(v, 1) for v in meta["stage_seconds"].values()) + " |", ""]
     lines += [f"![domain loss]({pngs[0]})", "", f"![forgetting]({pngs[1]})", "",
               "```json", json.dumps(meta["headline"], indent=1), "```", ""]
     path.write_text("\n".join(lines))
@@ -397,7 +402,13 @@ def main() -> None:
     label = a.label or f"{scale_name}-{time.strftime('%Y-%m-%d')}"
     machine = (f"{torch.cuda.get_device_name(0)}, " if use_gpu else "") + f"{platform.machine()} CPU, " \
               f"{__import__('os').cpu_count()} cores"
-    meta = {"label": label, "date": time.strftime("%Y-%m-%d"), "machine": machine, "seconds": time.time() - t0,
+    per_stage: dict[str, list[float]] = {}
+    for rows in results.values():
+        for r in rows:
+            for stage, sec in r["seconds"].items():
+                if sec > 0.5:  # a stage found finished (shared, or resumed) takes ~0 s: not a run of it
+                    per_stage.setdefault(stage, []).append(sec)
+    meta = {"label": label, "stage_seconds": {k: _ms(v) for k, v in per_stage.items()}, "date": time.strftime("%Y-%m-%d"), "machine": machine, "seconds": time.time() - t0,
             "data": data, "base": base, "seeds": seeds, "steps": steps, "headline": headline(summaries)}
     (work / "evidence.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summaries},
                                                    indent=1, default=str))
