@@ -267,9 +267,10 @@ def plots(views: dict[str, list[dict]], out: Path, label: str) -> list[str]:
                               ("forgetting", "forgetting: relative change of general loss", "forgetting")):
         fig, axes = plt.subplots(1, len(views), figsize=(5.5 * len(views), 4), squeeze=False)
         for ax, (view, summary) in zip(axes[0], views.items(), strict=True):
-            full = [s for s in summary if s["method"] == "full"]
-            for method in dict.fromkeys(s["method"] for s in summary if s["method"] != "full"):
-                pts = sorted((100 * s["share"], *s[key]) for s in summary if s["method"] == method)
+            full = [s for s in summary if s["strategy"] == "full"]  # ("full" runs the random method at 100%)
+            subsets = [s for s in summary if s["strategy"] != "full"]
+            for method in dict.fromkeys(s["method"] for s in subsets):
+                pts = sorted((100 * s["share"], *s[key]) for s in subsets if s["method"] == method)
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                             capsize=3, label=method)
             for s in full:
@@ -351,7 +352,20 @@ def main() -> None:
     ap.add_argument("--work", default="runs/evidence", help="working folder (kept: a rerun resumes)")
     ap.add_argument("--doc", default=None, help="folder for <label>.md and the plots (e.g. docs/evidence)")
     ap.add_argument("--label", default=None, help="the run's name in the doc (default: scale-date)")
+    ap.add_argument("--report-only", action="store_true", help="redraw the report from the work folder's evidence.json")
     a = ap.parse_args()
+    if a.report_only:
+        scale_name = a.scale or ("quick" if a.quick else "cpu")
+        saved = json.loads((Path(a.work).resolve() / scale_name / "evidence.json").read_text())
+        meta, summaries = saved["meta"], saved["summary"]
+        for summary in summaries.values():  # JSON gave lists for the (mean, sd) pairs
+            for entry in summary:
+                entry.update({k: tuple(v) for k, v in entry.items() if isinstance(v, list)})
+        meta["stage_seconds"] = {k: tuple(v) for k, v in meta["stage_seconds"].items()}
+        doc = Path(a.doc) if a.doc else Path(a.work).resolve() / scale_name
+        write_report(doc / f"{meta['label']}.md", meta["label"], meta, summaries, plots(summaries, doc, meta["label"]))
+        print(json.dumps({"label": meta["label"], "minutes": round(meta["seconds"] / 60, 1), **meta["headline"]}))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("grads_ray").setLevel(logging.INFO)
 
