@@ -42,7 +42,7 @@ SCALES = {
               "pretrain_epochs": 1, "pretrain_batch": 16, "domain_rows": 1500, "max_length": 192,
               "general_blocks": 48, "generate": 16, "max_new_tokens": 24},
     "cpu": {"general_chars": 8_000_000, "hidden": 128, "layers": 4, "heads": 4, "vocab": 4096, "block": 128,
-            "pretrain_epochs": 1, "pretrain_batch": 16, "domain_rows": 0, "max_length": 256,
+            "pretrain_epochs": 1, "pretrain_batch": 16, "domain_rows": 1500, "max_length": 256,
             "general_blocks": 128, "generate": 32, "max_new_tokens": 32},
     "gpu": {"general_chars": 29_000_000, "hidden": 512, "layers": 8, "heads": 8, "vocab": 8192, "block": 256,
             "pretrain_epochs": 2, "pretrain_batch": 32, "domain_rows": 0, "max_length": 512,
@@ -198,8 +198,15 @@ def noisy_share(run_dir: Path, noisy: set[str]) -> float:
 
 
 def stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Each stage's time in the run that computed it (``computed_seconds``; a stage found finished, or
+    linked from the seed's shared stages, shows ~0 s as this run's ``seconds``)."""
     m = json.loads((run_dir / "manifest.json").read_text())
-    return {k: v.get("seconds") for k, v in m.get("stages", {}).items() if v.get("seconds") is not None}
+    out = {}
+    for k, v in m.get("stages", {}).items():
+        sec = v.get("computed_seconds") if v.get("computed_seconds") is not None else v.get("seconds")
+        if sec is not None:
+            out[k] = sec
+    return out
 
 
 def collect(view_root: Path, result: dict, noisy: set[str]) -> list[dict]:
@@ -208,9 +215,11 @@ def collect(view_root: Path, result: dict, noisy: set[str]) -> list[dict]:
     for r in result["runs"]:
         seed_dir = view_root / f"seed-{r['seed']}"
         run_dir = seed_dir / r["strategy"]
-        shared, own = stage_seconds(seed_dir), stage_seconds(run_dir)  # a linked stage shows ~0 s in the run
-        times = {k: max(shared.get(k, 0.0), own.get(k, 0.0)) for k in {**shared, **own}}
-        rows.append({**r, "noisy_share": noisy_share(run_dir, noisy), "seconds": times})
+        shared, own = stage_seconds(seed_dir), stage_seconds(run_dir)
+        times = {k: v for k, v in own.items() if k not in shared}  # the run's own stages; the seed's are shared
+        steps = (json.loads((run_dir / "manifest.json").read_text())["stages"]["finetune"].get("metrics") or {})
+        rows.append({**r, "noisy_share": noisy_share(run_dir, noisy), "seconds": times,
+                     "finetune_steps": steps.get("total_steps")})
     return rows
 
 
@@ -327,10 +336,13 @@ def write_report(path: Path, label: str, meta: dict, views: dict[str, list[dict]
              f"{d['noisy']['swapped']} with swapped answers and {d['noisy']['truncated']} with truncated answers "
              f"(planted); {d['domain_heldout']} held-out pairs (the test set); {d['domain_target']} pairs as "
              "LESS-style's target set",
-             f"- seeds {meta['seeds']}; mean ± sample sd over seeds. Share: of the scored training pairs.", ""]
+             f"- seeds {meta['seeds']}; mean ± sample sd over seeds. Share: of the scored training pairs."
+             + (f" Seeds ran {meta['jobs']} at a time (own process and local Ray each), so the stage times "
+                "include their contention for the cores." if meta.get("jobs", 1) > 1 else ""), ""]
     for view, summary in views.items():
         recipe = ("2 epochs over each subset" if view == "epochs"
-                  else f"{meta['steps']} optimizer steps for every run (the subset cycled)")
+                  else f"{meta['steps']} optimizer steps for every run (the subset cycled; the smallest budget's "
+                       "runs are the epochs view's, whose 2 epochs are these steps)")
         lines += [f"## {view} view: {recipe}", "", table(summary), ""]
     lines += ["## Stage wall times (seconds, mean ± sd over the runs that ran the stage)", "",
               "| stage | " + " | ".join(meta["stage_seconds"]) + " |",
@@ -339,6 +351,34 @@ def write_report(path: Path, label: str, meta: dict, views: dict[str, list[dict]
     lines += [f"![domain loss]({pngs[0]})", "", f"![forgetting]({pngs[1]})", "",
               "```json", json.dumps(meta["headline"], indent=1), "```", ""]
     path.write_text("\n".join(lines))
+
+
+def run_workers(a, scale: str, seeds: list[int], budgets: list[str], methods: list[str], views: list[str]) -> None:
+    """Each seed's runs in its own ``--worker`` process (own local Ray), ``a.jobs`` at a time. Their
+    stages are then found finished by the gathering pass."""
+    import subprocess
+
+    argv = [f"--scale={scale}", f"--budgets={','.join(budgets)}", f"--methods={','.join(methods)}",
+            f"--views={','.join(views)}", f"--work={a.work}"]
+    pending, running = list(seeds), []
+    logs = Path(a.work).resolve() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < a.jobs:
+            seed = pending.pop(0)
+            cmd = [sys.executable, __file__, *argv, f"--seeds={seed}", "--worker"]
+            log = open(logs / f"seed-{seed}.log", "w")
+            running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            print(f"seed {seed}: worker started (log {logs / f'seed-{seed}.log'})", flush=True)
+        time.sleep(5)
+        for item in list(running):
+            seed, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                if proc.returncode != 0:
+                    raise SystemExit(f"seed {seed}: worker failed ({proc.returncode}); see {logs / f'seed-{seed}.log'}")
+                print(f"seed {seed}: worker done", flush=True)
 
 
 def main() -> None:
@@ -352,6 +392,10 @@ def main() -> None:
     ap.add_argument("--work", default="runs/evidence", help="working folder (kept: a rerun resumes)")
     ap.add_argument("--doc", default=None, help="folder for <label>.md and the plots (e.g. docs/evidence)")
     ap.add_argument("--label", default=None, help="the run's name in the doc (default: scale-date)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run at once, each in its own process and local Ray (stage times then include the "
+                         "contention between them)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one seed's runs, no report
     ap.add_argument("--report-only", action="store_true", help="redraw the report from the work folder's evidence.json")
     a = ap.parse_args()
     if a.report_only:
@@ -397,18 +441,32 @@ def main() -> None:
     base = pretrain(work, data, scale, use_gpu)
     print(f"base model: {json.dumps(base)}", flush=True)
     noisy = set(json.loads(Path(data["noise"]).read_text()))
-    # the steps view's budget: what the smallest budget's subset takes in the epochs view (2 epochs)
-    smallest = min(float(b) for b in budgets) / 100
-    steps = max(1, math.ceil(smallest * data["domain_train"] / 16) * 2)
+    if a.jobs > 1 and not a.worker and len(seeds) > 1:
+        run_workers(a, scale_name, seeds, budgets, methods, views)  # the seeds' runs, a.jobs at a time; the pass below then only gathers them
+    smallest = min(budgets, key=float)
+    steps = None
     results: dict[str, list[dict]] = {}
     for view in views:
-        cfg = compare_config(work, data, base, scale, view, strategies, seeds, steps, use_gpu)
+        runs = strategies
+        if view != "epochs":
+            # the same optimizer steps for every run: those of the smallest budget in the epochs view, whose
+            # runs then serve both views unchanged (without the epochs view: the same count, computed)
+            steps = steps or max(1, math.ceil(float(smallest) / 100 * data["domain_train"] / 16) * 2)
+            if "epochs" in results:
+                runs = [s for s in strategies if not s.endswith(f":{smallest}%")]
+        cfg = compare_config(work, data, base, scale, view, runs, seeds, steps, use_gpu)
         if view != views[0]:
             share_upstream(work / f"compare-{views[0]}", work / f"compare-{view}", seeds)
         result = run_compare(cfg)
         results[view] = collect(work / f"compare-{view}", result, noisy)
+        if view == "epochs":
+            steps = max(r["finetune_steps"] for r in results[view] if r["budget"] == f"{smallest}%")
+        elif "epochs" in results:
+            results[view] += [{**r, "reused": "epochs"} for r in results["epochs"] if r["budget"] == f"{smallest}%"]
         print(f"{view} view done ({(time.time() - t0) / 60:.1f} min)", flush=True)
     ray.shutdown()
+    if a.worker:
+        return
 
     summaries = {view: summarize(rows) for view, rows in results.items()}
     for view, summary in summaries.items():
@@ -417,13 +475,16 @@ def main() -> None:
     machine = (f"{torch.cuda.get_device_name(0)}, " if use_gpu else "") + f"{platform.machine()} CPU, " \
               f"{__import__('os').cpu_count()} cores"
     per_stage: dict[str, list[float]] = {}
+    for seed in seeds:  # the shared stages, once per seed (the other views link the first's)
+        for stage, sec in stage_seconds(work / f"compare-{views[0]}" / f"seed-{seed}").items():
+            per_stage.setdefault(stage, []).append(sec)
     for rows in results.values():
         for r in rows:
-            for stage, sec in r["seconds"].items():
-                if sec > 0.5:  # a stage found finished (shared, or resumed) takes ~0 s: not a run of it
+            if not r.get("reused"):
+                for stage, sec in r["seconds"].items():
                     per_stage.setdefault(stage, []).append(sec)
     meta = {"label": label, "stage_seconds": {k: _ms(v) for k, v in per_stage.items()}, "date": time.strftime("%Y-%m-%d"), "machine": machine, "seconds": time.time() - t0,
-            "data": data, "base": base, "seeds": seeds, "steps": steps, "headline": headline(summaries)}
+            "data": data, "base": base, "seeds": seeds, "jobs": min(a.jobs, len(seeds)), "steps": steps, "headline": headline(summaries)}
     (work / "evidence.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summaries},
                                                    indent=1, default=str))
     doc = Path(a.doc) if a.doc else work

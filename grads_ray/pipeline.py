@@ -207,7 +207,8 @@ class Run:
                                   "duplicate_ids": duplicates, "empty_inputs": empty,
                                   "nodes": sorted({i.get("node", "") for i in infos} - {""})})
             info = stage.success_info()
-            entry.update({k: info.get(k) for k in ("shards", "rows", "rejected", "duplicate_ids", "empty_inputs", "nodes")})
+            entry.update({k: info[k] for k in ("shards", "rows", "rejected", "duplicate_ids", "empty_inputs", "nodes",
+                                                "computed_seconds") if k in info})
             self.manifest["inputs"] = info["input_sha256"]
         if d.strict and info["rejected"]:
             first = self._first_reject("rows")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -85,10 +86,14 @@ class StageDir:
             storage.rmtree(self.path)
         storage.makedirs(self.path)
         write_text(started, fp)
+        self._started = time.time()
         return False
 
     def finish(self, fp: str, info: dict[str, Any]) -> None:
-        write_json(self.path / "_SUCCESS.json", {"fingerprint": fp, **info})
+        """Mark the stage complete. ``computed_seconds`` (from :meth:`prepare`) keeps the time of the run
+        that computed it, which a later run that finds the stage done (manifest ``seconds`` ~0) still shows."""
+        took = {"computed_seconds": round(time.time() - self._started, 2)} if hasattr(self, "_started") else {}
+        write_json(self.path / "_SUCCESS.json", {"fingerprint": fp, **info, **took})
 
     def success_info(self) -> dict[str, Any]:
         return read_json(self.path / "_SUCCESS.json")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray._common.utils import get_ray_address_file
 
 from grads_ray.rundir import read_json, read_parts
 from tests.conftest import save_tiny_model
@@ -40,13 +41,18 @@ def _alive_nodes(address: str, env: dict[str, str]) -> int:
 def two_nodes(tmp_path):
     """A head (1 CPU, dashboard on 127.0.0.1) and a second node (2 CPUs), both with token auth.
     ``--block`` keeps each ``ray start`` in the foreground, so ending it stops only its own node
-    (``ray stop`` would stop every Ray on the machine, the test session's included)."""
+    (``ray stop`` would stop every Ray on the machine, the test session's included). ``ray start --head``
+    records its address in Ray's ``ray_current_cluster`` file, which ending it leaves behind; the file is
+    put back as it was, since Ray Train's placement-group cleaner looks a cluster up through it and
+    stalls ~12 s at the end of every later training run on this machine when it names a dead one."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     logs = tmp_path / "ray-logs"
     logs.mkdir()
+    address_file = Path(get_ray_address_file(None))
+    address_before = address_file.read_text() if address_file.exists() else None
     common = ["--block", "--disable-usage-stats"]
     head = subprocess.Popen(
         ["ray", "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -78,6 +84,10 @@ def two_nodes(tmp_path):
                 p.wait(60)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if address_before is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(address_before)
 
 
 def test_a_job_submitted_to_a_two_node_cluster_uses_both_nodes(two_nodes, tmp_path, tiny_tokenizer):

@@ -145,6 +145,7 @@ def test_manifest_and_evaluation(finished):
     manifest = json.loads((out / "manifest.json").read_text())
     for stage in ("ingest", "warmup", "score", "similarity", "select", "finetune", "evaluate"):
         assert "seconds" in manifest["stages"][stage], stage
+        assert manifest["stages"][stage]["computed_seconds"] > 0, stage  # the time of the run that computed it
     assert {"torch", "ray", "transformers", "python"} <= set(manifest["versions"])
     sim = manifest["stages"]["similarity"]
     assert sim["index"] == "IndexFlatIP" and sim["exact"] and sim["recall_at_k"] == 1.0
@@ -176,6 +177,9 @@ def test_rescoring_one_shard_is_resumed_and_reproducible(finished):
                 assert again[col].to_pylist() == pytest.approx(table[col].to_pylist(), rel=1e-6)
         else:
             assert p.stat().st_mtime_ns == mtime, p.name  # finished shards are not recomputed
+    manifest = json.loads((out / "manifest.json").read_text())
+    warmup = manifest["stages"]["warmup"]  # found finished by this run: its own time ~0, the computing run's kept
+    assert warmup["seconds"] < 1 < warmup["computed_seconds"]
 
 
 @pytest.mark.parametrize("method", ["fisher", "ifd", "less", "loss", "grad_norm", "random"])

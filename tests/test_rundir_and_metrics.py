@@ -23,6 +23,7 @@ def test_stage_dir_keeps_finished_shards_for_the_same_fingerprint(tmp_path):
     assert stage.prepare(fp) is False and stage.is_done(0)  # interrupted run, same config: kept
     stage.finish(fp, {"rows": 3})
     assert stage.prepare(fp) is True  # complete: skipped
+    assert stage.success_info()["computed_seconds"] >= 0 and stage.success_info()["rows"] == 3
     assert stage.prepare(fingerprint("a", 2)) is False  # config changed: cleared
     assert not stage.is_done(0) and not stage.part(0).exists()
 
