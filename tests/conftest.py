@@ -105,5 +105,9 @@ def s3(tmp_path_factory):
     fs.mkdir(BUCKET)
     yield env, fs
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # a loaded machine: do not fail the session over the server's exit
+        proc.kill()
+        proc.wait()
     log.close()
