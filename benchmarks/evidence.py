@@ -353,6 +353,28 @@ def write_report(path: Path, label: str, meta: dict, views: dict[str, list[dict]
     path.write_text("\n".join(lines))
 
 
+class Clock:
+    """Wall time of the whole experiment across resumed invocations (gaps between them excluded): the
+    total so far is kept in ``path``, rewritten every 30 s, so a killed invocation loses at most that."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path, self.start = path, time.time()
+        self.before = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
+        threading.Thread(target=self._tick, daemon=True).start()
+
+    def seconds(self) -> float:
+        total = self.before + time.time() - self.start
+        self.path.write_text(json.dumps({"seconds": round(total, 1)}))
+        return total
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(30)
+            self.seconds()
+
+
 def run_workers(a, scale: str, seeds: list[int], budgets: list[str], methods: list[str], views: list[str]) -> None:
     """Each seed's runs in its own ``--worker`` process (own local Ray), ``a.jobs`` at a time. Their
     stages are then found finished by the gathering pass."""
@@ -361,7 +383,7 @@ def run_workers(a, scale: str, seeds: list[int], budgets: list[str], methods: li
     argv = [f"--scale={scale}", f"--budgets={','.join(budgets)}", f"--methods={','.join(methods)}",
             f"--views={','.join(views)}", f"--work={a.work}"]
     pending, running = list(seeds), []
-    logs = Path(a.work).resolve() / "logs"
+    logs = Path(a.work).resolve() / scale / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     while pending or running:
         while pending and len(running) < a.jobs:
@@ -428,6 +450,7 @@ def main() -> None:
     use_gpu = torch.cuda.is_available()
     work = Path(a.work).resolve() / scale_name
     work.mkdir(parents=True, exist_ok=True)
+    clock = None if a.worker else Clock(work / "clock.json")
     t0 = time.time()
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -483,7 +506,7 @@ def main() -> None:
             if not r.get("reused"):
                 for stage, sec in r["seconds"].items():
                     per_stage.setdefault(stage, []).append(sec)
-    meta = {"label": label, "stage_seconds": {k: _ms(v) for k, v in per_stage.items()}, "date": time.strftime("%Y-%m-%d"), "machine": machine, "seconds": time.time() - t0,
+    meta = {"label": label, "stage_seconds": {k: _ms(v) for k, v in per_stage.items()}, "date": time.strftime("%Y-%m-%d"), "machine": machine, "seconds": clock.seconds(),
             "data": data, "base": base, "seeds": seeds, "jobs": min(a.jobs, len(seeds)), "steps": steps, "headline": headline(summaries)}
     (work / "evidence.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summaries},
                                                    indent=1, default=str))
