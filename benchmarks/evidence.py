@@ -197,16 +197,15 @@ def noisy_share(run_dir: Path, noisy: set[str]) -> float:
     return sum(i in noisy for i in chosen) / max(len(chosen), 1)
 
 
-def stage_seconds(run_dir: Path) -> dict[str, float]:
+def manifest_stages(run_dir: Path) -> dict[str, dict]:
+    return json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
+
+
+def stage_seconds(stages: dict[str, dict]) -> dict[str, float]:
     """Each stage's time in the run that computed it (``computed_seconds``; a stage found finished, or
     linked from the seed's shared stages, shows ~0 s as this run's ``seconds``)."""
-    m = json.loads((run_dir / "manifest.json").read_text())
-    out = {}
-    for k, v in m.get("stages", {}).items():
-        sec = v.get("computed_seconds") if v.get("computed_seconds") is not None else v.get("seconds")
-        if sec is not None:
-            out[k] = sec
-    return out
+    times = {k: v.get("computed_seconds", v.get("seconds")) for k, v in stages.items()}
+    return {k: sec for k, sec in times.items() if sec is not None}
 
 
 def collect(view_root: Path, result: dict, noisy: set[str]) -> list[dict]:
@@ -215,9 +214,10 @@ def collect(view_root: Path, result: dict, noisy: set[str]) -> list[dict]:
     for r in result["runs"]:
         seed_dir = view_root / f"seed-{r['seed']}"
         run_dir = seed_dir / r["strategy"]
-        shared, own = stage_seconds(seed_dir), stage_seconds(run_dir)
+        stages = manifest_stages(run_dir)
+        shared, own = stage_seconds(manifest_stages(seed_dir)), stage_seconds(stages)
         times = {k: v for k, v in own.items() if k not in shared}  # the run's own stages; the seed's are shared
-        steps = (json.loads((run_dir / "manifest.json").read_text())["stages"]["finetune"].get("metrics") or {})
+        steps = stages["finetune"].get("metrics") or {}
         rows.append({**r, "noisy_share": noisy_share(run_dir, noisy), "seconds": times,
                      "finetune_steps": steps.get("total_steps")})
     return rows
@@ -499,7 +499,7 @@ def main() -> None:
               f"{__import__('os').cpu_count()} cores"
     per_stage: dict[str, list[float]] = {}
     for seed in seeds:  # the shared stages, once per seed (the other views link the first's)
-        for stage, sec in stage_seconds(work / f"compare-{views[0]}" / f"seed-{seed}").items():
+        for stage, sec in stage_seconds(manifest_stages(work / f"compare-{views[0]}" / f"seed-{seed}")).items():
             per_stage.setdefault(stage, []).append(sec)
     for rows in results.values():
         for r in rows:

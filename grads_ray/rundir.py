@@ -52,6 +52,7 @@ class StageDir:
     def __init__(self, root: Location, name: str):
         self.path = storage.location(root) / name
         self.name = name
+        self._started: float | None = None  # set by prepare() when the stage is to be computed
 
     def part(self, shard: int, suffix: str = "parquet") -> Location:
         return self.path / f"part-{shard:05d}.{suffix}"
@@ -92,7 +93,7 @@ class StageDir:
     def finish(self, fp: str, info: dict[str, Any]) -> None:
         """Mark the stage complete. ``computed_seconds`` (from :meth:`prepare`) keeps the time of the run
         that computed it, which a later run that finds the stage done (manifest ``seconds`` ~0) still shows."""
-        took = {"computed_seconds": round(time.time() - self._started, 2)} if hasattr(self, "_started") else {}
+        took = {} if self._started is None else {"computed_seconds": round(time.time() - self._started, 2)}
         write_json(self.path / "_SUCCESS.json", {"fingerprint": fp, **info, **took})
 
     def success_info(self) -> dict[str, Any]:
