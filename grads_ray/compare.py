@@ -2,7 +2,7 @@
 seed, each fine-tuned and evaluated; a report of how much each taught and how much it cost.
 
 Layout: ``OUT/seed-S/`` is a whole run up to the shared stages (ingest, warm-up, score, similarity,
-embed); each strategy gets ``OUT/seed-S/LABEL/``, whose shared stages are hard links to the seed's (server-side copies in an object store)
+embed, and the base model's evaluation, computed for the first seed and linked into the others); each strategy gets ``OUT/seed-S/LABEL/``, whose shared stages are hard links to the seed's (server-side copies in an object store)
 (their fingerprints match, so nothing is recomputed), and runs select, fine-tune and evaluate there.
 Then ``OUT/comparison.json`` (every run, and mean ± sample standard deviation over seeds),
 ``OUT/report.md`` and two plots: the domain loss after fine-tuning, and the forgetting, against
@@ -23,7 +23,7 @@ from grads_ray import storage
 from grads_ray.config import Config, ConfigError, validate
 from grads_ray.rundir import write_json, write_text
 
-SHARED_STAGES = ("rows", "warmup", "stats", "features", "similarity", "embeddings", "target")
+SHARED_STAGES = ("rows", "warmup", "stats", "features", "similarity", "embeddings", "target", "baseline")
 METRICS = ("domain_loss", "general_loss", "bleu", "chrf", "rougeL")
 
 
@@ -58,6 +58,11 @@ def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
         base.score()
         if any(m == "grads" for _, m, _ in strategies):
             base.similarity()
+        if cfg.finetune.enabled:  # the base model's evaluation: seed-independent, so once for all seeds
+            first = out / f"seed-{seeds[0]}" / "baseline"
+            if seed != seeds[0] and first.exists() and not (base.out / "baseline").exists():
+                storage.copy_tree(first, base.out / "baseline")
+            base.baseline()
         base.save_manifest()
         for label, method, budget in strategies:
             sub_cfg = copy.deepcopy(base_cfg)

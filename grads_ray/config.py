@@ -70,6 +70,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     num_workers: int = 1
+    # CPU training: CPUs each worker reserves, and so its torch threads (0: auto, a node's CPUs shared
+    # among the workers it holds, one left for Ray Data). A resource, not part of the recipe: it is
+    # kept out of the stage fingerprints. GPU workers reserve Ray Train's default.
+    cpus_per_worker: int = 0
     use_gpu: str = "auto"  # auto | true | false
     grad_clip: float = 1.0
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size x workers x grad_accum)
@@ -251,18 +255,20 @@ class Config:
 # Building a tree from plain dicts, with errors that name the key.
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
+    """``value`` (from YAML or an override) checked and converted to type ``tp``; a mapping for a
+    dataclass fills in from ``default`` (the enclosing config's value for that key)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return _coerce(value, inner[0], key, default)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, default)
     if origin is list:
         if isinstance(value, (str, int, float)):
             value = [value]
@@ -294,19 +300,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls: type, values: dict[str, Any], prefix: str = "", default: Any = None) -> Any:
+    """``cls`` from a mapping; keys it lacks keep ``default``'s values (``cls()`` when None), so that
+    ``finetune.lr=...`` keeps the finetune section's own defaults (epochs 2), not TrainConfig's."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
-    default = cls()
+    default = cls() if default is None else default
     kwargs = {}
     for name in names:
         key = f"{prefix}.{name}" if prefix else name
         if name in values:
-            kwargs[name] = _coerce(values[name], hints[name], key)
+            kwargs[name] = _coerce(values[name], hints[name], key, getattr(default, name))
         else:
             kwargs[name] = getattr(default, name)
     return cls(**kwargs)
@@ -417,13 +425,21 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
+RESOURCE_FIELDS = ("cpus_per_worker",)  # TrainConfig fields that change where it runs, not what it learns
+
+
+def recipe(t: TrainConfig) -> dict[str, Any]:
+    """The fields of a training config that define its result (its stage fingerprint's part)."""
+    return {k: v for k, v in dataclasses.asdict(t).items() if k not in RESOURCE_FIELDS}
+
+
 def validate(cfg: Config) -> None:
     """Checks that need more than a type: enumerations and ranges."""
     for name, t in (("warmup", cfg.warmup), ("finetune", cfg.finetune)):
         _one_of(f"{name}.schedule", t.schedule, ("cosine", "linear", "constant"))
         _one_of(f"{name}.parallel", t.parallel, ("ddp", "fsdp"))
-        if t.grad_accum < 1 or t.checkpoint_every < 0 or t.lora.r < 0:
-            raise ConfigError(f"{name}: grad_accum >= 1, checkpoint_every >= 0 and lora.r >= 0")
+        if t.grad_accum < 1 or t.checkpoint_every < 0 or t.lora.r < 0 or t.cpus_per_worker < 0:
+            raise ConfigError(f"{name}: grad_accum >= 1, checkpoint_every >= 0, lora.r >= 0 and cpus_per_worker >= 0")
         if t.parallel == "fsdp" and t.lora.r:
             raise ConfigError(f"{name}: parallel=fsdp with LoRA is not supported yet")
     if cfg.data.on_long not in ("truncate", "reject"):

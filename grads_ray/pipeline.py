@@ -29,7 +29,7 @@ import yaml
 
 from grads_ray import storage
 from grads_ray.columns import matrix
-from grads_ray.config import Config, absolute_paths
+from grads_ray.config import Config, absolute_paths, recipe
 from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
 from grads_ray.progress import Progress
 from grads_ray.rundir import (
@@ -255,7 +255,7 @@ class Run:
         """Short preliminary fine-tune on a seeded fraction of the corpus. -> (model folder, fingerprint)."""
         cfg = self.cfg
         up = self.ingest()
-        fp = fingerprint("warmup", up, cfg.model.path, asdict(cfg.warmup), cfg.data.max_length, cfg.data.on_long, cfg.seed)
+        fp = fingerprint("warmup", up, cfg.model.path, recipe(cfg.warmup), cfg.data.max_length, cfg.data.on_long, cfg.seed)
         stage = self._dir("warmup")
         model_dir = stage.path / "model"
         with self.stage("warmup") as entry:
@@ -651,7 +651,7 @@ class Run:
 
         cfg = self.cfg
         up = self.select()
-        fp = fingerprint("finetune", up, cfg.model.path, asdict(cfg.finetune), cfg.seed)
+        fp = fingerprint("finetune", up, cfg.model.path, recipe(cfg.finetune), cfg.seed)
         stage = self._dir("finetune")
         model_dir = stage.path / "model"
         with self.stage("finetune") as entry:
@@ -667,30 +667,63 @@ class Run:
 
     # ---------------------------------------------------------------------------------- evaluate
     def evaluate(self) -> dict[str, Any]:
-        """Domain and general loss of the base and the fine-tuned model, and their relative change."""
+        """Domain and general loss of the base and the fine-tuned model, and their relative change.
+        The base model's side is the ``baseline`` stage, computed beside the fine-tuned model's
+        when it is not found finished (compare computes it once and links it into every run)."""
         import ray
 
-        from grads_ray.evaluation.metrics import evaluate_model, forgetting
+        from grads_ray.evaluation.metrics import forgetting
 
-        cfg, e = self.cfg, self.cfg.eval
+        e = self.cfg.eval
         tuned, up = self.finetune()
         fp = fingerprint("evaluate", up, asdict(e))
         stage = self._dir("evaluate")
         with self.stage("evaluate") as entry:
             if not stage.prepare(fp):
-                domain, held_rejects = self._heldout(cfg.model.path)
-                general = "\n\n".join(Path(p).read_text(errors="replace") for p in e.general_paths) or None
-                use_gpu = self.use_gpu(cfg.finetune.use_gpu)
-                task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(evaluate_model)
-                args = (domain, general, e.block_size, e.max_general_blocks, e.batch_size, use_gpu, e.generate,
-                        e.max_new_tokens)
-                before, after = ray.get([task.remote(cfg.model.path, *args), task.remote(tuned, *args)])
+                task, args, held_rejects = self._evaluation()
+                after_ref = task.remote(tuned, *args)
+                before = self.baseline((task, args, held_rejects))
+                after = ray.get(after_ref)
                 result = {"before": before, "after": after, **forgetting(before, after),
-                          "heldout_examples": len(domain), "heldout_rejected": held_rejects}
+                          "heldout_examples": len(args[0]), "heldout_rejected": held_rejects}
                 write_json(self.out / "eval.json", result)
                 stage.finish(fp, result)
             entry.update({k: v for k, v in stage.success_info().items() if k != "fingerprint"})
         return read_json(self.out / "eval.json")
+
+    def baseline(self, evaluation: tuple | None = None) -> dict[str, Any]:
+        """The base model's domain and general metrics (every evaluation's "before"). It depends on
+        the base model, the eval settings and the held-out files only, not on the seed or the
+        selection. -> the metrics. ``evaluation``: ``_evaluation()``'s result, when the caller has it."""
+        import ray
+
+        cfg, e = self.cfg, self.cfg.eval
+        fp = fingerprint("baseline", cfg.model.path, asdict(e), cfg.data.max_length)
+        stage = self._dir("baseline")
+        with self.stage("baseline") as entry:
+            if not stage.prepare(fp):
+                task, args, held_rejects = evaluation or self._evaluation()
+                before = ray.get(task.remote(cfg.model.path, *args))
+                stage.finish(fp, {"before": before, "heldout_examples": len(args[0]),
+                                  "heldout_rejected": held_rejects})
+            info = stage.success_info()
+            entry.update({k: v for k, v in info.items() if k not in ("fingerprint", "before")})
+        return info["before"]
+
+    def _evaluation(self) -> tuple[Any, tuple, int]:
+        """-> (the evaluating Ray task, its arguments after the model path, held-out rows rejected)."""
+        import ray
+
+        from grads_ray.evaluation.metrics import evaluate_model
+
+        cfg, e = self.cfg, self.cfg.eval
+        self.ensure_ray()
+        domain, held_rejects = self._heldout(cfg.model.path)
+        general = "\n\n".join(Path(p).read_text(errors="replace") for p in e.general_paths) or None
+        use_gpu = self.use_gpu(cfg.finetune.use_gpu)
+        task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(evaluate_model)
+        return task, (domain, general, e.block_size, e.max_general_blocks, e.batch_size, use_gpu, e.generate,
+                      e.max_new_tokens), held_rejects
 
     def _heldout(self, model_path: str) -> tuple[list[tuple[list[int], list[int]]], int]:
         examples, _, bad = self._encode_files(self.cfg.eval.domain_paths, model_path, "truncate")
@@ -751,6 +784,7 @@ def plan(cfg: Config) -> str:
               ("similarity", "similarity") if needs_sim else None,
               ("target", "target") if sc.method == "less" else None, ("select", "select"),
               ("finetune", "finetune") if cfg.finetune.enabled else None,
+              ("baseline", "baseline") if cfg.finetune.enabled else None,
               ("evaluate", "evaluate") if cfg.finetune.enabled else None]
 
     def state(folder: str) -> str:

@@ -18,6 +18,21 @@ def test_defaults_and_overrides():
     assert cfg.ray.address == "auto" and cfg.warmup.fraction == 0.2
 
 
+def test_a_partial_section_keeps_that_sections_own_defaults(tmp_path):
+    """warmup and finetune are both TrainConfig, with different defaults (fraction 0.2, epochs 2):
+    setting one key of a section must not reset its others to TrainConfig's (a bug until 2026-11-24:
+    ``warmup.lr=...`` made the warm-up train on the whole corpus)."""
+    plain = load_config(None, [])
+    assert (plain.warmup.fraction, plain.warmup.epochs, plain.finetune.epochs) == (0.2, 1, 2)
+    cfg = load_config(None, ["warmup.lr=0.1", "finetune.batch_size=4"])
+    assert (cfg.warmup.fraction, cfg.warmup.lr, cfg.finetune.epochs, cfg.finetune.batch_size) == (0.2, 0.1, 2, 4)
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  lora:\n    r: 4\nwarmup:\n  epochs: 3\n")
+    cfg = load_config(path, [])
+    assert (cfg.finetune.epochs, cfg.finetune.lora.r, cfg.finetune.lora.alpha) == (2, 4, 16.0)
+    assert (cfg.warmup.fraction, cfg.warmup.epochs) == (0.2, 3)
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("seed: 3\nselect:\n  budget: 500\n")

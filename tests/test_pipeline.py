@@ -143,7 +143,7 @@ def test_selection_outputs(finished):
 def test_manifest_and_evaluation(finished):
     out = finished["out"]
     manifest = json.loads((out / "manifest.json").read_text())
-    for stage in ("ingest", "warmup", "score", "similarity", "select", "finetune", "evaluate"):
+    for stage in ("ingest", "warmup", "score", "similarity", "select", "finetune", "baseline", "evaluate"):
         assert "seconds" in manifest["stages"][stage], stage
         assert manifest["stages"][stage]["computed_seconds"] > 0, stage  # the time of the run that computed it
     assert {"torch", "ray", "transformers", "python"} <= set(manifest["versions"])
@@ -154,6 +154,7 @@ def test_manifest_and_evaluation(finished):
     ev = json.loads((out / "eval.json").read_text())
     assert ev["after"]["domain_loss"] < ev["before"]["domain_loss"]  # it learned something
     assert "general_loss" in ev["after"] and "forgetting" in ev
+    assert ev["before"] == json.loads((out / "baseline" / "_SUCCESS.json").read_text())["before"]
     assert (out / "finetune" / "model" / "model.safetensors").exists()
     assert (out / "warmup" / "model" / "model.safetensors").exists()
 
@@ -261,6 +262,12 @@ def test_compare_writes_every_file_of_the_report(finished, tmp_path):
         assert {"bleu", "chrf", "rougeL", "generation_tokens_per_s"} <= set(r["after"])
         assert (out / "seed-1" / r["strategy"] / "selected.jsonl").exists()
     assert all(p.stat().st_mtime_ns == m for p, m in stats_before.items())  # scores reused
+    # the base model evaluated once (other eval settings than the copied run's), linked into each run
+    marker = (out / "seed-1" / "baseline" / "_SUCCESS.json").stat()
+    assert marker.st_mtime_ns > max(stats_before.values())
+    for r in result["runs"]:
+        assert (out / "seed-1" / r["strategy"] / "baseline" / "_SUCCESS.json").stat().st_ino == marker.st_ino
+    assert result["runs"][0]["before"] == result["runs"][1]["before"]
     report = (out / "report.md").read_text()
     assert "| random-20pct |" in report and "| grads-20pct |" in report
     for png in ("domain_vs_budget.png", "forgetting_vs_budget.png"):

@@ -106,6 +106,28 @@ def test_fsdp_without_gpus_is_a_clear_error(tmp_path):
         load_config(None, ["finetune.parallel=fsdp", "finetune.lora.r=8"])
 
 
+def test_worker_cpus_auto_and_refused():
+    from grads_ray.config import ConfigError, load_config, recipe
+    from grads_ray.training.trainer import worker_cpus
+
+    assert worker_cpus(0, 1, [2], "finetune") == 1  # one CPU left for Ray Data
+    assert worker_cpus(0, 1, [16], "finetune") == 15
+    assert worker_cpus(0, 2, [16], "finetune") == 7
+    assert worker_cpus(0, 2, [16, 8], "finetune") == 7  # one worker a node; the smallest node bounds it
+    assert worker_cpus(0, 4, [2], "finetune") == 1
+    assert worker_cpus(3, 2, [8], "finetune") == 3
+    with pytest.raises(ConfigError, match=r"finetune.cpus_per_worker=5: 2 worker\(s\) a node need 10 CPUs"):
+        worker_cpus(5, 2, [8], "finetune-0123")
+    with pytest.raises(ConfigError, match="leave none for Ray Data"):
+        worker_cpus(2, 1, [2], "warmup")
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        load_config(None, ["warmup.cpus_per_worker=-1"])
+    # a resource, not the recipe: the stage fingerprint ignores it
+    cfg = load_config(None, ["finetune.cpus_per_worker=3"])
+    assert recipe(cfg.finetune) == recipe(load_config(None, []).finetune)
+    assert recipe(cfg.finetune) != recipe(load_config(None, ["finetune.lr=0.5"]).finetune)
+
+
 # ------------------------------------------------------------------------------------- on Ray
 def _dataset(n: int, vocab: int):
     """n short examples of a few repeated patterns: a model can learn them in a few steps."""
@@ -141,8 +163,19 @@ def test_two_cpu_workers_learn(tmp_path, ray_local):
     cfg = TrainConfig(epochs=6, batch_size=4, lr=2e-2, num_workers=2, grad_accum=2, schedule="linear")
     metrics, out = _train(tmp_path, ray_local, "ddp2", cfg)
     assert metrics["total_steps"] == 18 and metrics["step"] == 18  # 24 rows a worker: 6 batches, 3 steps an epoch
+    assert metrics["torch_threads"] == 1  # auto: 2 CPUs, 2 workers on one node
     assert metrics["train_loss"] < 0.7 * metrics["first_loss"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.ray
+def test_a_cpu_worker_runs_as_many_torch_threads_as_it_holds(tmp_path, ray_local):
+    """auto on this 2-CPU cluster: 1 CPU (one left for Ray Data); the loop sets torch's threads
+    to what the trainer passes (here 2 by hand: a 2-CPU reservation would leave Ray Data none)."""
+    metrics, _ = _train(tmp_path, ray_local, "auto-threads", TrainConfig(epochs=1, batch_size=8))
+    assert metrics["torch_threads"] == 1
+    metrics, _ = _train(tmp_path, ray_local, "two-threads", TrainConfig(epochs=1, batch_size=8), extra={"threads": 2})
+    assert metrics["torch_threads"] == 2
 
 
 @pytest.mark.ray

@@ -142,6 +142,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"] + rank)
     device = ray.train.torch.get_device()
+    if device.type == "cpu" and config.get("threads"):
+        torch.set_num_threads(config["threads"])  # the CPUs this worker holds (trainer.worker_cpus)
     model = build_model(config)
     pad_id = model.config.pad_token_id or 0
     model = ray.train.torch.prepare_model(model, parallel_strategy=config.get("parallel", "ddp"))
@@ -227,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses[-per_epoch:] or [math.nan])),
                    "loop_seconds": round(loop, 2), "tokens_per_s": round(tokens * world / max(loop, 1e-9), 1),
                    "first_loss": first_loss if first_loss is not None else math.nan, "total_steps": total,
-                   "resumed_from_step": resumed_from}
+                   "resumed_from_step": resumed_from, "torch_threads": torch.get_num_threads()}
         if epoch == config["epochs"] - 1 or step >= total:
             report(metrics, final=True)
             break

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from grads_ray import storage
-from grads_ray.config import TrainConfig
+from grads_ray.config import ConfigError, TrainConfig
 from grads_ray.storage import Location
 
 
@@ -34,13 +34,15 @@ def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: Train
 
     from grads_ray.training.recipe import optimizer_steps, train_loop_per_worker
 
+    cpus = None if use_gpu else worker_cpus(cfg.cpus_per_worker, cfg.num_workers, node_cpus(), name)
     steps = Queue(maxsize=1000, actor_options={"num_cpus": 0})  # rank 0 puts its step, every few seconds
-    loop_config = {**asdict(cfg), "model_path": model_path, "n_rows": n_rows, "seed": seed,
+    loop_config = {**asdict(cfg), "model_path": model_path, "n_rows": n_rows, "seed": seed, "threads": cpus,
                    "trust_remote_code": trust_remote_code, "progress": steps, **(extra or {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=None if cpus is None else {"CPU": cpus}),
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage_path),
                                        failure_config=ray.train.FailureConfig(max_failures=2)),
         datasets={"train": dataset},
@@ -69,6 +71,31 @@ def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: Train
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dict(result.metrics or {})
+
+
+def node_cpus() -> list[int]:
+    """CPUs of each alive node of the connected Ray cluster (nodes without CPUs left out)."""
+    import ray
+
+    cpus = [int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd["Alive"]]
+    return [c for c in cpus if c > 0] or [1]
+
+
+def worker_cpus(asked: int, workers: int, nodes: list[int], name: str) -> int:
+    """CPUs (= torch threads) for each CPU training worker. ``asked`` 0: the smallest node's CPUs
+    shared among the workers one node would hold, less one left for Ray Data's ingest tasks
+    (2 CPUs, 1 worker -> 1; 16 CPUs, 1 worker -> 15; 16 CPUs, 2 workers on 2 nodes -> 15). A number
+    that no node holds, or that leaves Ray Data no CPU, is refused here: Ray Train would wait forever."""
+    stage, per_node = name.split("-")[0], -(-workers // len(nodes))
+    if asked == 0:
+        return max(1, min(nodes) // per_node - 1)
+    if asked * per_node > max(nodes):
+        raise ConfigError(f"{stage}.cpus_per_worker={asked}: {per_node} worker(s) a node need "
+                          f"{asked * per_node} CPUs, and the largest node has {max(nodes)}")
+    if asked * workers >= sum(nodes):
+        raise ConfigError(f"{stage}.cpus_per_worker={asked}: {workers} worker(s) would hold all {sum(nodes)} "
+                          "CPUs of the cluster and leave none for Ray Data's ingest (use fewer, or 0: auto)")
+    return asked
 
 
 def _show_steps(steps, stage: str, total: int, stop: threading.Event) -> None:
