@@ -180,10 +180,11 @@ def compare_config(work: Path, data: dict, base: dict, scale: dict, view: str, s
 def share_upstream(src_root: Path, dst_root: Path, seeds: list[int]) -> None:
     """The steps view starts from the epochs view's shared stages (hard links; fingerprints match)."""
     from grads_ray import storage
-    from grads_ray.compare import SHARED_STAGES
+    from grads_ray.compare import shared_folders
+    from grads_ray.config import Config
 
     for seed in seeds:
-        for stage in SHARED_STAGES:
+        for stage in shared_folders(Config()):
             src, dst = src_root / f"seed-{seed}" / stage, dst_root / f"seed-{seed}" / stage
             if (src / "_SUCCESS.json").exists() and not dst.exists():
                 storage.copy_tree(src, dst)

@@ -31,6 +31,7 @@ from timing import timed  # benchmarks/timing.py: scripts run as python benchmar
 from grads_ray.config import FisherConfig, SelectConfig
 from grads_ray.selection.budget import Budget
 from grads_ray.selection.fisher import log_det_objective
+from grads_ray.selection.inputs import SelectionInputs
 from grads_ray.selection.ranking import id_hash
 from grads_ray.selection.select import fisher_lambda, select
 
@@ -88,10 +89,11 @@ def main() -> None:
     for method in METHODS:
         for quotas in ({}, {"law.jsonl": 0.5, "*": 0.5}):
             cfg = SelectConfig(method=method, quotas=quotas)
-            kwargs = {"similarity": data["similarity"] if method == "grads" else None, "source": data["source"]}
+            inputs = SelectionInputs(data["cols"], data["ids"], source=data["source"],
+                                     similarity=data["similarity"] if method == "grads" else None)
             if method == "less":
-                kwargs.update(grad_proj=data["grad_proj"], target_proj=data["target_proj"])
-            res, sec = timed(select, data["cols"], data["ids"], budget, cfg, args.seed, **kwargs)
+                inputs.grad_proj, inputs.target_proj = data["grad_proj"], data["target_proj"]
+            res, sec = timed(select, inputs, budget, cfg, args.seed)
             name = method + ("+quotas" if quotas else "")
             results[name] = {"seconds": round(sec, 2), "seconds_per_1e6_rows": round(sec / n * 1e6, 3),
                              "x_floor": round(sec / floor, 1), "selected": int(res["selected"].sum())}
@@ -99,8 +101,8 @@ def main() -> None:
                   f"{int(res['selected'].sum()):>12,}")
             del res
     tok = Budget("tokens", int(data["cols"]["n_tokens"].sum() * 0.05))
-    res, sec = timed(select, data["cols"], data["ids"], tok, SelectConfig(method="grads"), args.seed,
-                     similarity=data["similarity"], source=data["source"])
+    res, sec = timed(select, SelectionInputs(data["cols"], data["ids"], source=data["source"],
+                                             similarity=data["similarity"]), tok, SelectConfig(method="grads"), args.seed)
     results["grads(tokens)"] = {"seconds": round(sec, 2), "seconds_per_1e6_rows": round(sec / n * 1e6, 3)}
     print(f"{'grads':<12}{'5% tok':>10}{sec:>10.2f}{sec / n * 1e6:>12.3f}{sec / floor:>10.1f}"
           f"{int(res['selected'].sum()):>12,}")
@@ -114,7 +116,7 @@ def main() -> None:
         cols = {"loss": np.zeros(rows), "n_tokens": np.ones(rows, np.int64)}
         ids = pa.array([f"f{i}" for i in range(rows)])
         cfg = SelectConfig(method="fisher", fisher=FisherConfig(epsilon=eps))
-        res, sec = timed(select, cols, ids, budget, cfg, args.seed, fisher_factors=f)
+        res, sec = timed(select, SelectionInputs(cols, ids, fisher_factors=f), budget, cfg, args.seed)
         lam = fisher_lambda(f, "auto")
         gain = log_det_objective(f, np.flatnonzero(res["selected"]), lam) - log_det_objective(f, [], lam)
         key = f"fisher_{label}@{rows}"

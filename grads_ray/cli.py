@@ -4,7 +4,7 @@
     grads-ray demo [--output DIR] [key.sub=value ...]
     grads-ray compare CONFIG.yaml [key.sub=value ...]   (strategies x seeds -> report.md, comparison.json)
     grads-ray STAGE [--config CONFIG.yaml] [--model DIR] [--data PATH ...] [--output DIR] [key=value ...]
-STAGE is one of ingest, warmup, score, similarity, select, finetune, evaluate.
+STAGE is any stage of the job (listed below, in the job's order): it runs with every stage it needs.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 from grads_ray import storage
 from grads_ray.config import INPUT_PATH_LISTS, Config, ConfigError, load_config, path_settings
 from grads_ray.data.readers import InputError
+from grads_ray.stages import STAGES
 
-STAGE_COMMANDS = ("ingest", "warmup", "score", "similarity", "select", "finetune", "evaluate")
+STAGE_COMMANDS = tuple(s.name for s in STAGES)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(compare)
     demo = sub.add_parser("demo", help="build the offline demo corpus and model, then run every stage")
     _common(demo)
-    for name in STAGE_COMMANDS:
-        p = sub.add_parser(name, help=f"the {name} stage (and what it needs, if missing)")
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=f"{stage.about} (and the stages it needs)")
         p.add_argument("--config", help="YAML config (defaults for any key not given)")
         _common(p)
     return parser
@@ -120,7 +121,8 @@ def resolve(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from grads_ray.pipeline import Run, plan, summary
+    from grads_ray.runner import Runner
+    from grads_ray.summary import plan, summary
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # key=value overrides may also follow the options
@@ -132,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("grads_ray").setLevel(logging.INFO)  # stage progress always; Ray's logs with -v
     try:
         cfg = resolve(args)
+        end = args.command if args.command in STAGE_COMMANDS else None  # None: the whole job
         if args.dry_run:
-            print(plan(cfg))
+            print(plan(cfg, end))
             return 0
         if args.command == "compare":
             from grads_ray.compare import run_compare
@@ -141,15 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             result = run_compare(cfg, verbose=args.verbose)
             print(f"grads-ray compare: {len(result['runs'])} runs; report in {Path(cfg.output) / 'report.md'}")
             return 0
-        run = Run(cfg, verbose=args.verbose)
-        if args.command in ("run", "demo"):
-            run.run_all()
-        else:
-            getattr(run, args.command)()
+        runner = Runner(cfg, verbose=args.verbose)
+        runner.run(end)
     except (ConfigError, InputError) as exc:
         print(f"grads-ray: error: {exc}", file=sys.stderr)
         return 2
-    print(summary(run))
+    print(summary(runner))
     return 0
 
 

@@ -22,8 +22,8 @@ from typing import Any
 from grads_ray import storage
 from grads_ray.config import Config, ConfigError, validate
 from grads_ray.rundir import write_json, write_text
+from grads_ray.stages import STAGES, Stage, closure, job_end, per_strategy
 
-SHARED_STAGES = ("rows", "warmup", "stats", "features", "similarity", "embeddings", "target", "baseline")
 METRICS = ("domain_loss", "general_loss", "bleu", "chrf", "rougeL")
 
 
@@ -39,9 +39,33 @@ def parse_strategy(text: str) -> tuple[str, str, str]:
     return label, method.strip(), budget.strip()
 
 
+def shared_stages(cfg: Config) -> list[Stage]:
+    """The stages a run of ``cfg`` takes whose results no selection changes (grads_ray/stages/):
+    computed once per seed and linked into each strategy's folder."""
+    per = per_strategy(cfg)
+    return [s for s in closure(cfg, job_end(cfg)) if s.name not in per]
+
+
+def shared_folders(cfg: Config) -> list[str]:
+    """The output folders of every stage whose result no selection changes, whatever the method."""
+    per = per_strategy(cfg)
+    return [f for s in STAGES if s.name not in per for f in s.folders]
+
+
+def strategy_config(base_cfg: Config, label: str, method: str, budget: str) -> Config:
+    """The seed's config with the strategy's method and budget, in its own folder."""
+    sub = copy.deepcopy(base_cfg)
+    sub.output = str(storage.location(base_cfg.output) / label)
+    sub.select.method, sub.select.budget = method, budget
+    if label == "full":
+        sub.select.dedup = "false"
+    validate(sub)
+    return sub
+
+
 def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     """Run every strategy for every seed; write comparison.json, report.md and the plots."""
-    from grads_ray.pipeline import Run
+    from grads_ray.runner import Runner
 
     strategies = [parse_strategy(s) for s in cfg.compare.strategies]
     labels = [s[0] for s in strategies]
@@ -53,31 +77,24 @@ def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     for seed in seeds:
         base_cfg = copy.deepcopy(cfg)
         base_cfg.seed, base_cfg.output = seed, str(out / f"seed-{seed}")
-        base = Run(base_cfg, verbose=verbose)
-        base.ensure_ray()
-        base.score()
-        if any(m == "grads" for _, m, _ in strategies):
-            base.similarity()
-        if cfg.finetune.enabled:  # the base model's evaluation: seed-independent, so once for all seeds
-            first = out / f"seed-{seeds[0]}" / "baseline"
-            if seed != seeds[0] and first.exists() and not (base.out / "baseline").exists():
-                storage.copy_tree(first, base.out / "baseline")
-            base.baseline()
-        base.save_manifest()
-        for label, method, budget in strategies:
-            sub_cfg = copy.deepcopy(base_cfg)
-            sub_cfg.output = str(storage.location(base_cfg.output) / label)
-            sub_cfg.select.method, sub_cfg.select.budget = method, budget
-            if label == "full":
-                sub_cfg.select.dedup = "false"
-            validate(sub_cfg)
+        subs = [(label, method, budget, strategy_config(base_cfg, label, method, budget))
+                for label, method, budget in strategies]
+        base = Runner(base_cfg, verbose=verbose)
+        first = out / f"seed-{seeds[0]}" / "baseline"  # the base model's evaluation: seed-independent
+        if seed != seeds[0] and first.exists() and not (base.out / "baseline").exists():
+            storage.copy_tree(first, base.out / "baseline")
+        shared = {s.name for *_, sub in subs for s in shared_stages(sub)}
+        for stage in STAGES:  # every stage some strategy needs and no selection changes, once a seed
+            if stage.name in shared:
+                base.run(stage.name)
+        for label, method, budget, sub_cfg in subs:
             sub_out = storage.location(sub_cfg.output)
             storage.makedirs(sub_out)
-            for stage in SHARED_STAGES:  # hard links (or server-side copies): no bytes copied here
-                if (base.out / stage).exists() and not (sub_out / stage).exists():
-                    storage.copy_tree(base.out / stage, sub_out / stage)
-            run = Run(sub_cfg, verbose=verbose)
-            ev = run.run_all()
+            for folder in (f for s in shared_stages(sub_cfg) for f in s.folders):
+                if not (sub_out / folder).exists():  # hard links (or server-side copies): no bytes copied here
+                    storage.copy_tree(base.out / folder, sub_out / folder)
+            run = Runner(sub_cfg, verbose=verbose)
+            ev = run.run().value if sub_cfg.finetune.enabled else {}
             sel = run.manifest["stages"]["select"]
             rows.append({"seed": seed, "strategy": label, "method": method, "budget": budget,
                          "selected": sel["selected"], "scored": sel["scored"],

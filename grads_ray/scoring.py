@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from grads_ray.columns import shaped_field
 from grads_ray.data.batching import pad_batch
 from grads_ray.data.formats import RowError, normalize
 from grads_ray.data.tokenize import encode, load_tokenizer
@@ -98,7 +99,7 @@ class Scorer:
 
     ``__call__`` maps a batch (``id, shard, source, line, input_ids, labels, reason, detail``) to the
     same rows with ``n_tokens, loss, grad_*`` (overall and per group) and the features
-    (``hidden_mean``, ``grad_proj``, ``fisher_factor`` flattened r x d', ``fisher_energy``) added;
+    (``hidden_mean`` (n, d), ``grad_proj`` (n, p), ``fisher_factor`` (n, r, d'), ``fisher_energy``) added;
     rows rejected upstream pass through with NaN statistics and zero features.
     """
 
@@ -134,18 +135,17 @@ class Scorer:
         vocab = self.model.get_input_embeddings().num_embeddings
         starts = [t[0] if isinstance(t, list) else t for t in (cfg.bos_token_id, cfg.eos_token_id, self.pad_id)]
         self.start_id = next((int(t) for t in starts if t is not None and 0 <= int(t) < vocab), 0)
-        self.widths = {"hidden_mean": self.model.get_input_embeddings().embedding_dim,
-                       "grad_proj": self.engine.projector.dim if self.engine.projector else 0,
-                       "fisher_factor": self.engine.fisher_rank * (self.engine.fisher_proj.shape[0]
-                                                                   if self.engine.fisher_rank else 0),
-                       "fisher_energy": 1}
+        fisher = (self.engine.fisher_rank, self.engine.fisher_proj.shape[0]) if self.engine.fisher_rank else (0,)
+        self.shapes = {"hidden_mean": (self.model.get_input_embeddings().embedding_dim,),
+                       "grad_proj": (self.engine.projector.dim if self.engine.projector else 0,),
+                       "fisher_factor": fisher, "fisher_energy": (1,)}  # each row's; 0: off
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """A block of rows (whole units, any shards) -> the same rows scored. The engine's batches are
         cut inside each unit (rows of one shard with equal ``pos // unit_rows``) after sorting its rows
         by length, so little is spent on padding and a row's batch mates never depend on the run."""
         n = len(batch["id"])
-        feats = {k: np.zeros((n, w), dtype=np.float32) for k, w in self.widths.items() if w}
+        feats = {k: np.zeros((n, *shape), dtype=np.float32) for k, shape in self.shapes.items() if all(shape)}
         columns: dict[str, np.ndarray] = {}
         self.calls += 1
         for b, rows in enumerate(self.batches(batch)):
@@ -165,7 +165,7 @@ class Scorer:
             for k in feats:
                 value = getattr(got, k)
                 if value is not None:
-                    feats[k][rows] = np.asarray(value, dtype=np.float32).reshape(len(rows), -1)
+                    feats[k][rows] = np.asarray(value, dtype=np.float32).reshape(len(rows), *self.shapes[k])
         out = {k: batch[k] for k in ("id", "shard", "source", "line", "reason", "detail")}
         out["truncated"] = batch["truncated"]
         out["node"] = np.full(n, self.node, dtype=object)  # for the ledger, not the stats table
@@ -244,13 +244,18 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
     stats_table = stats_table.append_column("finite", pa.array(finite_rows(stats_table), pa.bool_()))
     stats_table = stats_table.append_column("truncated", good["truncated"].cast(pa.bool_()))
     write_parquet(stats.part(shard), stats_table)
-    feats = {"id": good["id"].cast(pa.string())}
+    fields, arrays = [pa.field("id", pa.string())], [good["id"].cast(pa.string())]
     for name in FEATURE_COLUMNS:
         if name in good.column_names:
-            values = good[name].to_numpy(zero_copy_only=False)
-            feats[name] = (pa.array(values.astype(np.float32)) if name == "fisher_energy" else
-                           pa.array([np.asarray(v, dtype=np.float32) for v in values], pa.list_(pa.float32())))
-    write_parquet(features.part(shard), pa.table(feats))
+            values = good[name].to_numpy(zero_copy_only=False)  # Ray's tensor column: each row flattened
+            if name == "fisher_energy":
+                fields.append(pa.field(name, pa.float32()))
+                arrays.append(pa.array(values.astype(np.float32)))
+            else:  # the per-row shape (FisherSFT's r x d' factor) in the field's metadata
+                fields.append(shaped_field(name, tuple(good.schema.field(name).type.shape)))
+                arrays.append(pa.array([np.asarray(v, dtype=np.float32).ravel() for v in values],
+                                       pa.list_(pa.float32())))
+    write_parquet(features.part(shard), pa.Table.from_arrays(arrays, schema=pa.schema(fields)))
     bad = table.filter(pc.invert(ok)).select(["id", "source", "line", "reason", "detail"]).to_pylist()
     write_jsonl(stats.part(shard, "rejected.jsonl"), [{**r, "stage": "score"} for r in bad])
     nodes = sorted(set(table["node"].to_pylist()))
@@ -264,11 +269,12 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
 
 def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, *,
                 model_path: str, max_length: int, on_long: str, batch_size: int, num_actors: int,
-                use_gpu: bool, trust_remote_code: bool = False,
+                use_gpu: bool, cpus: float, trust_remote_code: bool = False,
                 settings: dict[str, Any] | None = None, progress=None, max_restarts: int = 3
                 ) -> list[dict[str, Any]]:
     """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done;
-    ``progress(rows)`` as each shard is written."""
+    ``progress(rows)`` as each shard is written. ``cpus``: the cluster's, shared among CPU scorers
+    (one each left for tokenizing)."""
     import ray
 
     infos = []
@@ -278,7 +284,6 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     pending = [s for s in pending if expected[s] > 0]
     if not pending:
         return infos
-    cpus = ray.cluster_resources().get("CPU", 1)
     threads = max(1, int(cpus // max(num_actors, 1)) - 1) if not use_gpu else None
     # One item per shard, each read as fixed units of rows: scored rows stream back to the driver (and
     # finished shards reach disk) while scoring goes on, and a row's batch mates are the same in a

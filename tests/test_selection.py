@@ -21,6 +21,7 @@ from grads_ray.selection.budget import (
 )
 from grads_ray.selection.fisher import brute_force_greedy, fisher_greedy, log_det_objective
 from grads_ray.selection.grads import criteria, gradient_signal, grads_components, redundancy, region_score
+from grads_ray.selection.inputs import SelectionInputs, method_needs
 from grads_ray.selection.kde import bandwidth, hdr_level, kde_density
 from grads_ray.selection.ranking import (
     cap_per_group,
@@ -306,7 +307,7 @@ def _permuted(inp: dict, perm: np.ndarray) -> dict:
 
 def _run(inp: dict, budget: Budget, cfg: SelectConfig, seed: int = 3) -> dict:
     kwargs = {k: v for k, v in inp.items() if k not in ("cols", "ids")}
-    return select(inp["cols"], inp["ids"], budget, cfg, seed, **kwargs)
+    return select(SelectionInputs(inp["cols"], inp["ids"], **kwargs), budget, cfg, seed)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -386,14 +387,15 @@ def test_greedy_similarity_pass_keeps_the_selection_apart(method):
     vec = np.concatenate([base, base + 0.05 * rng.normal(size=(200, 12))])  # every row has a near twin
     vec = l2_normalize(vec - vec.mean(0))
     cfg = SelectConfig(method=method, max_similarity=0.9, dedup="false")
-    res = select(inp["cols"], inp["ids"], Budget("count", 60), cfg, 3, similarity=inp["similarity"], vectors=vec)
+    res = select(SelectionInputs(inp["cols"], inp["ids"], similarity=inp["similarity"], vectors=vec),
+                 Budget("count", 60), cfg, 3)
     chosen = np.flatnonzero(res["selected"])
     sims = vec[chosen] @ vec[chosen].T
     np.fill_diagonal(sims, -1)
     assert len(chosen) == 60 and sims.max() <= 0.9
     assert "too_similar" in set(res["reason"]) and ((res["reason"] == "") == res["selected"]).all()
-    off = select(inp["cols"], inp["ids"], Budget("count", 60), replace(cfg, max_similarity=0.0), 3,
-                 similarity=inp["similarity"])
+    off = select(SelectionInputs(inp["cols"], inp["ids"], similarity=inp["similarity"]), Budget("count", 60),
+                 replace(cfg, max_similarity=0.0), 3)
     twins = vec[np.flatnonzero(off["selected"])] @ vec[np.flatnonzero(off["selected"])].T
     np.fill_diagonal(twins, -1)
     assert twins.max() > 0.9  # without the pass, some twins are taken together
@@ -438,3 +440,38 @@ def test_nonfinite_rows_are_never_selected_and_change_nothing_else(method):
     np.testing.assert_array_equal(res["rank"][good], ref["rank"])
     np.testing.assert_array_equal(res["reason"][good], ref["reason"])
     np.testing.assert_array_equal(res["score"][good], ref["score"])
+
+
+def test_each_method_declares_what_it_reads_and_a_missing_input_is_named():
+    """method_needs is the one declaration: the select stage reads by it, the stage table derives
+    select's inputs from it, and select() refuses inputs that lack what it names."""
+    need = {m: method_needs(SelectConfig(method=m)) for m in METHODS}
+    assert need["grads"].neighbours and "head.grad_norm" in need["grads"].columns and not need["grads"].factors
+    assert need["fisher"].factors and not need["fisher"].neighbours
+    assert need["less"].grad_proj and need["less"].target
+    assert need["ifd"].columns == ("loss_response_only",) and need["grad_norm"].columns == ("grad_norm",)
+    assert not any(need[m].neighbours or need[m].vectors for m in ("random", "loss"))
+    assert method_needs(SelectConfig(method="loss", dedup="true")).neighbours  # the near-duplicate cap
+    assert method_needs(SelectConfig(method="loss", max_similarity=0.9)).vectors
+    inp = _inputs(50)
+    for method, key, message in (("fisher", "fisher_factors", "fisher_factor features"),
+                                 ("less", "target_proj", "LESS needs projected gradients of the corpus and of the target set"),
+                                 ("grads", "similarity", "similarity stage's neighbours")):
+        given = {k: v for k, v in inp.items() if k not in ("cols", "ids", key)}
+        with pytest.raises(ValueError, match=message):
+            select(SelectionInputs(inp["cols"], inp["ids"], **given), Budget("count", 5), SelectConfig(method=method), 0)
+    with pytest.raises(ValueError, match="max_similarity"):
+        select(SelectionInputs(inp["cols"], inp["ids"]), Budget("count", 5),
+               SelectConfig(method="random", max_similarity=0.9), 0)
+
+
+def test_selection_inputs_rows_renumber_the_neighbours():
+    inp = _inputs(6)
+    inp["similarity"]["nn_idx"] = np.array([[1, 5], [0, 2], [3, -1], [2, 4], [5, 0], [4, 1]])
+    sub = SelectionInputs(inp["cols"], inp["ids"], **{k: v for k, v in inp.items() if k not in ("cols", "ids")}
+                          ).rows(np.array([0, 2, 4, 5]))
+    assert sub.ids.to_pylist() == ["doc00000", "doc00002", "doc00004", "doc00005"]
+    np.testing.assert_array_equal(sub.similarity["nn_idx"], [[-1, 3], [-1, -1], [3, 0], [2, -1]])
+    np.testing.assert_array_equal(sub.fisher_factors, inp["fisher_factors"][[0, 2, 4, 5]])
+    np.testing.assert_array_equal(sub.target_proj, inp["target_proj"])  # not per row
+    assert list(sub.source) == list(inp["source"][[0, 2, 4, 5]]) and len(sub) == 4

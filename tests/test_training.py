@@ -54,12 +54,11 @@ def test_checkpoint_round_trip_continues_identically(tmp_path, lora_r):
     """Train 3 steps, save, load into fresh objects, train 2 more on both: bit-identical weights and
     optimizer moments; the files are safetensors and JSON."""
     save_tiny_model("llama", tmp_path / "base", vocab=64)
-    cfg = {"model_path": str(tmp_path / "base"), "lora": {"r": lora_r, "alpha": 8, "dropout": 0.0,
-                                                          "target_modules": ["all-linear"]}}
+    lora = LoraConfig(r=lora_r, alpha=8)
 
     def fresh():
         torch.manual_seed(0)
-        m = build_model(cfg)
+        m = build_model(str(tmp_path / "base"), lora)
         o = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
         return m, o, torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(5, 0.2))
 
@@ -84,9 +83,8 @@ def test_checkpoint_round_trip_continues_identically(tmp_path, lora_r):
 
 def test_load_refuses_a_checkpoint_missing_trainable_weights(tmp_path):
     save_tiny_model("llama", tmp_path / "base", vocab=64)
-    full = build_model({"model_path": str(tmp_path / "base")})
-    lora = build_model({"model_path": str(tmp_path / "base"), "lora": {"r": 2, "alpha": 4, "dropout": 0.0,
-                                                                         "target_modules": ["all-linear"]}})
+    full = build_model(str(tmp_path / "base"))
+    lora = build_model(str(tmp_path / "base"), LoraConfig(r=2, alpha=4))
     for m in (full, lora):
         m.opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
         m.sched = torch.optim.lr_scheduler.LambdaLR(m.opt, lambda s: 1.0)
@@ -117,7 +115,7 @@ def test_worker_cpus_auto_and_refused():
     assert worker_cpus(0, 4, [2], "finetune") == 1
     assert worker_cpus(3, 2, [8], "finetune") == 3
     with pytest.raises(ConfigError, match=r"finetune.cpus_per_worker=5: 2 worker\(s\) a node need 10 CPUs"):
-        worker_cpus(5, 2, [8], "finetune-0123")
+        worker_cpus(5, 2, [8], "finetune")
     with pytest.raises(ConfigError, match="leave none for Ray Data"):
         worker_cpus(2, 1, [2], "warmup")
     with pytest.raises(ConfigError, match="cpus_per_worker"):
@@ -142,13 +140,13 @@ def _dataset(n: int, vocab: int):
     return ray.data.from_items(rows)
 
 
-def _train(tmp_path, ray_local, name: str, cfg: TrainConfig, n: int = 48, extra=None):
+def _train(tmp_path, ray_local, name: str, cfg: TrainConfig, n: int = 48, **options):
     from grads_ray.training.trainer import train
 
     save_tiny_model("llama", tmp_path / "base", vocab=64)
     out = tmp_path / f"{name}-model"
     metrics = train(_dataset(n, 64), n, str(tmp_path / "base"), out, cfg, name=name, storage_path=tmp_path / "ray_train",
-                    seed=0, use_gpu=False, extra=extra)
+                    seed=0, use_gpu=False, **options)
     return metrics, out
 
 
@@ -174,7 +172,7 @@ def test_a_cpu_worker_runs_as_many_torch_threads_as_it_holds(tmp_path, ray_local
     to what the trainer passes (here 2 by hand: a 2-CPU reservation would leave Ray Data none)."""
     metrics, _ = _train(tmp_path, ray_local, "auto-threads", TrainConfig(epochs=1, batch_size=8))
     assert metrics["torch_threads"] == 1
-    metrics, _ = _train(tmp_path, ray_local, "two-threads", TrainConfig(epochs=1, batch_size=8), extra={"threads": 2})
+    metrics, _ = _train(tmp_path, ray_local, "two-threads", TrainConfig(epochs=1, batch_size=8), threads=2)
     assert metrics["torch_threads"] == 2
 
 
@@ -184,7 +182,7 @@ def test_a_failed_run_resumes_at_its_checkpoint(tmp_path, ray_local):
     it had used, and ends with the weights of a run that never failed."""
     cfg = TrainConfig(epochs=2, batch_size=4, lr=5e-3, checkpoint_every=2)
     clean, clean_out = _train(tmp_path, ray_local, "clean", cfg)
-    failed, failed_out = _train(tmp_path, ray_local, "failed", cfg, extra={"_fail_at_step": 5})
+    failed, failed_out = _train(tmp_path, ray_local, "failed", cfg, fail_at_step=5)
     assert clean["resumed_from_step"] is None and failed["resumed_from_step"] == 4
     assert failed["step"] == clean["step"] == 24 and failed["first_loss"] == clean["first_loss"]
     a, b = _weights(clean_out), _weights(failed_out)

@@ -7,6 +7,7 @@ predicted from tokens < t. Only response tokens (assistant turns for chat) carry
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 from grads_ray.data.formats import IGNORE_INDEX, Example, RowError
@@ -112,3 +113,36 @@ def encode(example: Example, tokenizer: Any | None, max_length: int, on_long: st
     if not any(lab != IGNORE_INDEX for lab in labels[1:]):
         raise RowError("empty_response", "no response token left to learn from")
     return ids, labels
+
+
+@dataclass
+class Encoded:
+    """Small side files (held-out rows, a target set) tokenized: ``examples`` as ``(input_ids,
+    labels)``, their ``ids``, and how many rows were ``rejected``."""
+
+    examples: list[tuple[list[int], list[int]]]
+    ids: list[str]
+    rejected: int
+
+
+def encode_files(paths: list[str], model_path: str, max_length: int, on_long: str,
+                 trust_remote_code: bool = False) -> Encoded:
+    """Every row of ``paths`` (the corpus's formats) encoded in this process; a bad row is counted,
+    not raised."""
+    from grads_ray.data.formats import normalize, row_id
+    from grads_ray.data.readers import plan_shards, read_shard
+
+    out = Encoded([], [], 0)
+    if not paths:
+        return out
+    tok = load_tokenizer(model_path, trust_remote_code)
+    for shard in plan_shards(paths, 1 << 40, 1 << 40):
+        for raw in read_shard(shard):
+            try:
+                if raw.error:
+                    raise raw.error
+                out.examples.append(encode(normalize(raw.record), tok, max_length, on_long))
+                out.ids.append(row_id(raw.record, f"{raw.source}:{raw.line}"))
+            except RowError:
+                out.rejected += 1
+    return out

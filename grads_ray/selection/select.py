@@ -22,6 +22,7 @@ from grads_ray.selection.baselines import ifd, less_score, ordered, random_score
 from grads_ray.selection.budget import Budget, group_limits, take_with_quotas
 from grads_ray.selection.fisher import fisher_greedy
 from grads_ray.selection.grads import grads_components
+from grads_ray.selection.inputs import SelectionInputs, method_needs
 from grads_ray.selection.ranking import cap_per_group, id_hash, interleave, order_desc
 
 EXACT_FISHER_MAX = 50_000  # fisher.epsilon=auto: exact lazy greedy up to this many examples
@@ -59,34 +60,14 @@ def finite_mask(columns: dict[str, np.ndarray]) -> np.ndarray:
     return ok
 
 
-def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Budget, cfg: Any, seed: int, *,
-           similarity: dict[str, np.ndarray] | None = None, fisher_factors: np.ndarray | None = None,
-           grad_proj: np.ndarray | None = None, target_proj: np.ndarray | None = None,
-           source: pa.Array | np.ndarray | None = None, vectors: np.ndarray | None = None,
-           device: str = "cpu") -> dict[str, np.ndarray]:
+def select(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int, device: str = "cpu") -> dict[str, np.ndarray]:
     """:func:`select_finite` over the rows with finite statistics (:func:`finite_mask`); the others
     get ``reason`` ``nonfinite``, ``rank`` -1 and empty components. Same arguments and result."""
-    ok = finite_mask(columns)
-    kwargs = {"similarity": similarity, "fisher_factors": fisher_factors, "grad_proj": grad_proj,
-              "target_proj": target_proj, "source": source, "vectors": vectors, "device": device}
+    ok = finite_mask(inputs.columns)
     if ok.all():
-        return select_finite(columns, ids, budget, cfg, seed, **kwargs)
+        return select_finite(inputs, budget, cfg, seed, device)
     keep = np.flatnonzero(ok)
-    new_pos = np.full(len(ok) + 1, -1, dtype=np.int64)  # old position -> new (index -1 maps to -1)
-    new_pos[keep] = np.arange(len(keep))
-    sim = dict(similarity or {})
-    if "nn_idx" in sim:
-        nn = np.asarray(sim["nn_idx"])
-        sim["nn_idx"] = new_pos[np.where(nn >= 0, nn, len(ok))]
-    for name in ("fisher_factors", "grad_proj", "vectors"):  # per-row arrays (target_proj is not)
-        kwargs[name] = None if kwargs[name] is None else kwargs[name][keep]
-    kwargs["similarity"] = {k: np.asarray(v)[keep] for k, v in sim.items()} if similarity is not None else None
-    if source is not None:
-        kwargs["source"] = (source.take(pa.array(keep)) if isinstance(source, (pa.Array, pa.ChunkedArray))
-                            else np.asarray(source)[keep])
-    ids_arr = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
-    part = select_finite({k: np.asarray(v)[keep] for k, v in columns.items()}, ids_arr.take(pa.array(keep)),
-                         budget, cfg, seed, **kwargs)
+    part = select_finite(inputs.rows(keep), budget, cfg, seed, device)
     out = {}
     for name, values in part.items():
         values = np.asarray(values)
@@ -98,23 +79,20 @@ def select(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Bu
     return out
 
 
-def select_finite(columns: dict[str, np.ndarray], ids: pa.Array | list[str], budget: Budget, cfg: Any, seed: int, *,
-                  similarity: dict[str, np.ndarray] | None = None, fisher_factors: np.ndarray | None = None,
-                  grad_proj: np.ndarray | None = None, target_proj: np.ndarray | None = None,
-                  source: pa.Array | np.ndarray | None = None, vectors: np.ndarray | None = None,
+def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
                   device: str = "cpu") -> dict[str, np.ndarray]:
-    """Choose a subset of N scored examples (``cfg``: a :class:`grads_ray.config.SelectConfig`).
+    """Choose a subset of N scored examples (``cfg``: a :class:`grads_ray.config.SelectConfig`) from
+    ``inputs`` (what :func:`grads_ray.selection.inputs.method_needs` names must be there).
 
-    ``columns``: the stats table as (N,) arrays; ``similarity``: ``dup_group``, ``diversity``,
-    ``cluster`` (N,) and ``nn_idx``/``nn_sims`` (N, k) from the similarity stage; ``fisher_factors``
-    (N, r, d'); ``grad_proj`` (N, k) and ``target_proj`` (T, k) for LESS; ``source`` (N,) names for
-    quotas (Arrow or numpy; dictionary-encoded here, so no Python object per row is touched);
-    ``vectors`` (N, d) centred, L2-normalised, for ``max_similarity``.
+    ``device``: where FisherSFT's greedy and the similarity pass run (``cpu`` or ``cuda``).
     -> (N,) arrays: ``selected``, ``rank`` (-1 if not), ``reason``, ``score`` and every component.
     """
+    inputs.require(method_needs(cfg), cfg.method)
+    columns, ids, source = inputs.columns, inputs.ids, inputs.source
+    fisher_factors, vectors = inputs.fisher_factors, inputs.vectors
     method = cfg.method
     n = len(columns["loss"])
-    sim = similarity or {}
+    sim = inputs.similarity or {}
     tiebreak = id_hash(ids, seed)
     cost = budget.costs(columns["n_tokens"])
     limit = budget.limit(n)
@@ -133,8 +111,6 @@ def select_finite(columns: dict[str, np.ndarray], ids: pa.Array | list[str], bud
     groups = sim.get("dup_group") if dedup else None
 
     if method == "fisher":
-        if fisher_factors is None:
-            raise ValueError("FisherSFT needs the score stage's fisher_factor features")
         eligible = np.ones(n, bool)
         if groups is not None:  # a duplicate's gain is low anyway; capping keeps the rule uniform
             kept, dropped = cap_per_group(order_desc(np.zeros(n), tiebreak), groups, cfg.max_per_dup_group)
@@ -188,12 +164,8 @@ def select_finite(columns: dict[str, np.ndarray], ids: pa.Array | list[str], bud
         out["ifd"] = score
         if cfg.baseline.ifd_max > 0:
             preferred = np.nan_to_num(score, nan=np.inf) < cfg.baseline.ifd_max
-    elif method == "less":
-        if grad_proj is None or target_proj is None:
-            raise ValueError("LESS needs projected gradients of the corpus and of the target set")
-        score = less_score(grad_proj, target_proj, cfg.less.reduce)
-    else:
-        raise ValueError(f"unknown selection method {method!r}")
+    else:  # less
+        score = less_score(inputs.grad_proj, inputs.target_proj, cfg.less.reduce)
     out["score"] = score
 
     order = order_desc(score, tiebreak)
@@ -218,9 +190,6 @@ def _far_apart(order, vectors, threshold, cost, limit, code, limits, reason, dev
     them that passed get ``too_similar``; the walk stops once the budget is spent, and what it did
     not reach keeps its place behind (nothing more fits there). -> the order without the rejected."""
     from grads_ray.similarity.index import greedy_far_apart
-
-    if vectors is None:
-        raise ValueError("select.max_similarity needs the similarity feature's vectors")
 
     def spent(accepted: np.ndarray) -> bool:
         if cost[accepted].sum() < limit:

@@ -41,7 +41,6 @@ from grads_ray.similarity.index import (
     auto_clusters,
     diversity,
     faiss_module,
-    gpu_available,
     kmeans_centroids,
     l2_normalize,
     trained_index,
@@ -144,13 +143,15 @@ class RayPool:
     so the object store holds a bounded number of chunks. A CPU worker reserves its share of a node's
     CPUs: Ray sets a worker's OpenMP threads (FAISS's) to the CPUs it holds."""
 
-    def __init__(self, template: np.ndarray, workers: int, use_gpu: bool, nprobe: int):
+    def __init__(self, template: np.ndarray, workers: int, use_gpu: bool, nprobe: int,
+                 node_cpus: list[int] | None = None):
         import ray
 
+        from grads_ray.resources import node_cpus as cluster_node_cpus
+
         self._ray = ray
-        node_cpus = [int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd["Alive"]]
-        node_cpus = [c for c in node_cpus if c > 0] or [1]
-        cpus = 1 if use_gpu else max(1, min(node_cpus) // -(-workers // len(node_cpus)))
+        nodes = node_cpus or cluster_node_cpus()  # CPUs per node
+        cpus = 1 if use_gpu else max(1, min(nodes) // -(-workers // len(nodes)))
         actor = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(IndexWorker)
         tref = ray.put(template)
         self.workers = [actor.remote(tref, use_gpu, nprobe) for _ in range(workers)]
@@ -376,16 +377,3 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
             "workers": workers, "chunk_rows": rows, "chunks": len(written), "chunks_resumed": resumed,
             "index_bytes": int(index_bytes),
             "gpu": bool(st.use_gpu)}
-
-
-def default_workers(use_gpu: bool) -> int:
-    """One index worker per GPU of the cluster when the index is on GPUs, else one."""
-    if not use_gpu:
-        return 1
-    try:
-        import ray
-
-        return max(1, int(ray.cluster_resources().get("GPU", 0)))
-    except Exception:  # noqa: BLE001 - no Ray: the GPUs of this process
-        faiss = faiss_module()
-        return max(1, faiss.get_num_gpus() if gpu_available(faiss) else 1)

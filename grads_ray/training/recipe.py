@@ -11,11 +11,13 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from grads_ray.config import LoraConfig, TrainConfig
 from grads_ray.data.formats import IGNORE_INDEX
 from grads_ray.training.checkpoint import has_state, load_state, save_state, unwrap
 
@@ -96,24 +98,39 @@ def save_hf(model: torch.nn.Module, source_model_path: str, out_dir: str,
         tok.save_pretrained(out_dir)
 
 
-def build_model(config: dict[str, Any]) -> torch.nn.Module:
-    """The base model in float32, with LoRA adapters (peft) when ``config["lora"]["r"]`` > 0."""
+def build_model(model_path: str, lora: LoraConfig | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The base model in float32, with LoRA adapters (peft) when ``lora.r`` > 0."""
     from transformers import AutoModelForCausalLM
 
     from grads_ray.storage import local_model
 
-    model = AutoModelForCausalLM.from_pretrained(local_model(config["model_path"]), dtype=torch.float32,
-                                                 use_safetensors=True,
-                                                 trust_remote_code=config.get("trust_remote_code", False))
-    lora = config.get("lora") or {}
-    if lora.get("r", 0) > 0:
-        from peft import LoraConfig, get_peft_model
+    model = AutoModelForCausalLM.from_pretrained(local_model(model_path), dtype=torch.float32,
+                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
+    if lora is not None and lora.r > 0:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
 
-        targets = lora["target_modules"]
-        model = get_peft_model(model, LoraConfig(
-            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
+        targets = lora.target_modules
+        model = get_peft_model(model, PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
             target_modules=targets[0] if targets == ["all-linear"] else targets))
     return model
+
+
+@dataclass
+class LoopSettings:
+    """What every worker's loop reads: the recipe (the typed :class:`TrainConfig`, no defaults of its
+    own here) and where it starts. ``threads``: torch threads of a CPU worker (the CPUs it holds);
+    ``progress``: a Ray queue rank 0 puts its optimizer step on; ``fail_at_step``: tests of resumption."""
+
+    train: TrainConfig
+    model_path: str
+    n_rows: int
+    seed: int
+    threads: int | None = None
+    trust_remote_code: bool = False
+    progress: Any = None
+    fail_at_step: int | None = None
 
 
 def optimizer_steps(n_rows: int, batch_size: int, world: int, grad_accum: int, epochs: int,
@@ -127,7 +144,7 @@ def optimizer_steps(n_rows: int, batch_size: int, world: int, grad_accum: int, e
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config`` holds model_path, n_rows and the TrainConfig fields.
+    """Ray Train entry point; ``config["settings"]`` is a :class:`LoopSettings`.
 
     Resumable: with ``checkpoint_every`` > 0 it reports the training state (grads_ray/training/
     checkpoint.py) every that many optimizer steps; a restarted worker group loads the latest and
@@ -138,23 +155,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    s: LoopSettings = config["settings"]
+    t = s.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(s.seed + rank)
     device = ray.train.torch.get_device()
-    if device.type == "cpu" and config.get("threads"):
-        torch.set_num_threads(config["threads"])  # the CPUs this worker holds (trainer.worker_cpus)
-    model = build_model(config)
+    if device.type == "cpu" and s.threads:
+        torch.set_num_threads(s.threads)  # the CPUs this worker holds (trainer.worker_cpus)
+    model = build_model(s.model_path, t.lora, s.trust_remote_code)
     pad_id = model.config.pad_token_id or 0
-    model = ray.train.torch.prepare_model(model, parallel_strategy=config.get("parallel", "ddp"))
+    model = ray.train.torch.prepare_model(model, parallel_strategy=t.parallel)
     model.train()
-    accum = config.get("grad_accum", 1)
-    per_epoch, total = optimizer_steps(config["n_rows"], config["batch_size"], world, accum, config["epochs"],
-                                       config.get("max_steps"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
-                            weight_decay=config["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, config["warmup_ratio"],
-                                                             config.get("schedule", "cosine")))
+    accum = t.grad_accum
+    per_epoch, total = optimizer_steps(s.n_rows, t.batch_size, world, accum, t.epochs, t.max_steps)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, t.warmup_ratio, t.schedule))
     progress = {"step": 0, "epoch": 0, "batches": 0, "first_loss": None}
     resumed_from = None
     ckpt = ray.train.get_checkpoint()
@@ -168,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     collate_fn = _pad_collate(pad_id)
     step, losses, tokens, loop_start = progress["step"], [], 0, time.time()
     first_loss = progress.get("first_loss")
-    every = 0 if config.get("parallel") == "fsdp" else config.get("checkpoint_every", 0)  # FSDP: final model only
+    every = 0 if t.parallel == "fsdp" else t.checkpoint_every  # FSDP: final model only
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, final: bool = False) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -176,18 +192,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             whole = full_state_dict(model) if final else None  # FSDP: a collective, on every rank
             if rank == 0 and (state is not None or final):
                 if final:
-                    save_hf(model, config["model_path"], tmp, whole)
+                    save_hf(model, s.model_path, tmp, whole)
                 else:
                     save_state(tmp, model, opt, sched, state)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
     micro, pending, told = 0, [], 0.0
-    for epoch in range(progress["epoch"], config["epochs"]):
+    for epoch in range(progress["epoch"], t.epochs):
         skip = progress["batches"] if epoch == progress["epoch"] else 0
-        batches = shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=collate_fn,
-                                           local_shuffle_buffer_size=4 * config["batch_size"],
-                                           local_shuffle_seed=config["seed"] + epoch)
+        batches = shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate_fn,
+                                           local_shuffle_buffer_size=4 * t.batch_size,
+                                           local_shuffle_seed=s.seed + epoch)
         seen = 0
         for batch in batches:
             seen += 1
@@ -207,21 +223,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             pending.append(loss.item())
             tokens += int(batch["attention_mask"].sum())
             if sync:
-                step = _optimizer_step(model, opt, sched, config["grad_clip"], step)
+                step = _optimizer_step(model, opt, sched, t.grad_clip, step)
                 losses.append(float(np.mean(pending)))
                 first_loss = losses[0] if first_loss is None else first_loss
                 pending, micro = [], 0
-                if rank == 0 and config.get("progress") is not None and (time.time() - told > 2 or step >= total):
+                if rank == 0 and s.progress is not None and (time.time() - told > 2 or step >= total):
                     told = time.time()
                     with contextlib.suppress(Exception):  # progress is a courtesy: never fail a run over it
-                        config["progress"].put_nowait(step)
-                if config.get("_fail_at_step") == step and resumed_from is None:  # tests: resumption
+                        s.progress.put_nowait(step)
+                if s.fail_at_step == step and resumed_from is None:  # tests: resumption
                     raise RuntimeError(f"injected failure at step {step}")
                 if every and step % every == 0 and step < total:
                     report({"epoch": epoch, "step": step, "train_loss": losses[-1]},
                            {"step": step, "epoch": epoch, "batches": seen, "first_loss": first_loss})
         if pending and step < total:  # the epoch's last, partial group of micro-batches
-            step = _optimizer_step(model, opt, sched, config["grad_clip"], step)
+            step = _optimizer_step(model, opt, sched, t.grad_clip, step)
             losses.append(float(np.mean(pending)))
             first_loss = losses[0] if first_loss is None else first_loss
             pending, micro = [], 0
@@ -230,7 +246,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "loop_seconds": round(loop, 2), "tokens_per_s": round(tokens * world / max(loop, 1e-9), 1),
                    "first_loss": first_loss if first_loss is not None else math.nan, "total_steps": total,
                    "resumed_from_step": resumed_from, "torch_threads": torch.get_num_threads()}
-        if epoch == config["epochs"] - 1 or step >= total:
+        if epoch == t.epochs - 1 or step >= total:
             report(metrics, final=True)
             break
         report(metrics, {"step": step, "epoch": epoch + 1, "batches": 0, "first_loss": first_loss} if every else None)

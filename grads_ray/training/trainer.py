@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +14,36 @@ from grads_ray.storage import Location
 
 
 def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: TrainConfig, *, name: str,
-          storage_path: Location, seed: int, use_gpu: bool, trust_remote_code: bool = False,
-          extra: dict[str, Any] | None = None) -> dict[str, Any]:
+          storage_path: Location, seed: int, use_gpu: bool, nodes: list[int] | None = None,
+          trust_remote_code: bool = False, fail_at_step: int | None = None,
+          threads: int | None = None) -> dict[str, Any]:
     """Fine-tune ``model_path`` on ``dataset`` (columns input_ids, labels) and save to ``out_model``
     (a local folder or an object-store URL, as is ``storage_path``, Ray Train's checkpoints).
 
+    ``name``: ``STAGE-...``, the Ray Train run (its stage names the config keys in errors);
+    ``nodes``: CPUs per node (default: the connected cluster's), which size CPU workers' threads
+    unless ``threads`` says; ``fail_at_step``: tests of resumption.
     -> the final metrics (train loss of the first and last step, steps, tokens/s, the step a restart
     resumed from). A failed worker group restarts (``FailureConfig``, twice) from the latest
-    checkpoint (``cfg.checkpoint_every``). ``extra`` goes into the loop's config (tests).
+    checkpoint (``cfg.checkpoint_every``).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    if cfg.parallel == "fsdp" and not use_gpu:
-        raise ValueError(f"{name}: parallel=fsdp needs GPUs (Ray Train shards with FSDP on GPUs only); use ddp")
-
     from ray.util.queue import Queue
 
-    from grads_ray.training.recipe import optimizer_steps, train_loop_per_worker
+    from grads_ray.resources import node_cpus
+    from grads_ray.training.recipe import LoopSettings, optimizer_steps, train_loop_per_worker
 
-    cpus = None if use_gpu else worker_cpus(cfg.cpus_per_worker, cfg.num_workers, node_cpus(), name)
+    stage = name.split("-")[0]
+    if cfg.parallel == "fsdp" and not use_gpu:
+        raise ConfigError(f"{stage}.parallel=fsdp needs GPUs (Ray Train's FSDP runs on GPUs only): use ddp here")
+    cpus = None if use_gpu else worker_cpus(cfg.cpus_per_worker, cfg.num_workers, nodes or node_cpus(), stage)
     steps = Queue(maxsize=1000, actor_options={"num_cpus": 0})  # rank 0 puts its step, every few seconds
-    loop_config = {**asdict(cfg), "model_path": model_path, "n_rows": n_rows, "seed": seed, "threads": cpus,
-                   "trust_remote_code": trust_remote_code, "progress": steps, **(extra or {})}
+    settings = LoopSettings(train=cfg, model_path=model_path, n_rows=n_rows, seed=seed, threads=threads or cpus,
+                            trust_remote_code=trust_remote_code, progress=steps, fail_at_step=fail_at_step)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"settings": settings},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=None if cpus is None else {"CPU": cpus}),
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage_path),
@@ -49,7 +52,7 @@ def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: Train
     )
     _, total = optimizer_steps(n_rows, cfg.batch_size, cfg.num_workers, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     stop = threading.Event()
-    watcher = threading.Thread(target=_show_steps, args=(steps, name.split("-")[0], total, stop), daemon=True)
+    watcher = threading.Thread(target=_show_steps, args=(steps, stage, total, stop), daemon=True)
     watcher.start()
     try:
         result = trainer.fit()
@@ -73,20 +76,12 @@ def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: Train
     return dict(result.metrics or {})
 
 
-def node_cpus() -> list[int]:
-    """CPUs of each alive node of the connected Ray cluster (nodes without CPUs left out)."""
-    import ray
-
-    cpus = [int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd["Alive"]]
-    return [c for c in cpus if c > 0] or [1]
-
-
-def worker_cpus(asked: int, workers: int, nodes: list[int], name: str) -> int:
+def worker_cpus(asked: int, workers: int, nodes: list[int], stage: str) -> int:
     """CPUs (= torch threads) for each CPU training worker. ``asked`` 0: the smallest node's CPUs
     shared among the workers one node would hold, less one left for Ray Data's ingest tasks
     (2 CPUs, 1 worker -> 1; 16 CPUs, 1 worker -> 15; 16 CPUs, 2 workers on 2 nodes -> 15). A number
     that no node holds, or that leaves Ray Data no CPU, is refused here: Ray Train would wait forever."""
-    stage, per_node = name.split("-")[0], -(-workers // len(nodes))
+    per_node = -(-workers // len(nodes))
     if asked == 0:
         return max(1, min(nodes) // per_node - 1)
     if asked * per_node > max(nodes):

@@ -1,0 +1,108 @@
+"""Ray start-up and what the cluster offers, worked out once a run and handed to the stages.
+
+A run starts Ray only when a stage has work to do (a rerun that finds every stage finished starts
+none). :class:`Resources` answers the questions stages ask of the hardware — how many CPUs each node
+has, whether GPUs are there for Ray tasks, for torch in the driver, for FAISS — each in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import cached_property
+
+from grads_ray.config import RayConfig
+
+RUNTIME_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+               "HF_DATASETS_OFFLINE": "1"}
+
+
+def start_ray(rc: RayConfig, verbose: bool = False) -> bool:
+    """Connect to ``ray.address`` (else ``RAY_ADDRESS``), or start a local cluster of our own — never
+    one that ``ray start`` left running on this machine. Ray Data keeps row order (a seed then fixes
+    the warm-up and everything downstream) and prints no bars of its own (grads_ray/progress.py does).
+    -> whether this call started or connected (False: Ray was up already)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        os.environ.update(RUNTIME_ENV)
+        address = rc.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": RUNTIME_ENV}, log_to_driver=verbose)
+        else:
+            ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
+                     dashboard_host=rc.dashboard_host, runtime_env={"env_vars": RUNTIME_ENV},
+                     log_to_driver=verbose)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True
+    return started
+
+
+def node_cpus() -> list[int]:
+    """CPUs of each alive node of the connected Ray cluster (nodes without CPUs left out; [1] when
+    none has any): training and index workers size their CPU reservations from it."""
+    import ray
+
+    cpus = [int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd["Alive"]]
+    return [c for c in cpus if c > 0] or [1]
+
+
+class Resources:
+    """The connected cluster's CPUs and GPUs, read once, on first use (which starts Ray).
+
+    ``node_cpus``: CPUs per node; ``cpus``/``gpus``: the cluster's totals. The three GPU questions
+    differ on purpose: Ray tasks and actors (:meth:`gpu`) run wherever the cluster has GPUs; the
+    FisherSFT greedy runs in the driver (:meth:`torch_gpu`, no Ray needed); the index workers need a
+    FAISS GPU build (:meth:`faiss_gpu`). Each takes a config setting: ``true``, ``false`` or ``auto``
+    (use them when present).
+    """
+
+    def __init__(self, start: Callable[[], None] = lambda: None):
+        self._start = start  # makes sure Ray is up before the cluster is asked
+
+    @cached_property
+    def _cluster(self) -> tuple[list[int], float, float]:
+        import ray
+
+        self._start()
+        total = ray.cluster_resources()
+        return node_cpus(), total.get("CPU", 1), total.get("GPU", 0)
+
+    @property
+    def node_cpus(self) -> list[int]:
+        return self._cluster[0]
+
+    @property
+    def cpus(self) -> float:
+        return self._cluster[1]
+
+    @property
+    def gpus(self) -> float:
+        return self._cluster[2]
+
+    def gpu(self, setting: str) -> bool:
+        """Whether Ray work asked for with ``setting`` takes a GPU."""
+        return setting == "true" or (setting == "auto" and self.gpus > 0)
+
+    def torch_gpu(self, setting: str) -> bool:
+        """Whether work in the driver process runs on CUDA."""
+        return setting == "true" or (setting == "auto" and self._driver_cuda)
+
+    def faiss_gpu(self, setting: str) -> bool:
+        """Whether the similarity index workers use FAISS on GPUs."""
+        return setting == "true" or (setting == "auto" and self._faiss_gpus)
+
+    @cached_property
+    def _driver_cuda(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    @cached_property
+    def _faiss_gpus(self) -> bool:
+        from grads_ray.similarity.index import faiss_module, gpu_available
+
+        return bool(gpu_available(faiss_module()))

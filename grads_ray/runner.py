@@ -1,0 +1,138 @@
+"""The runner: one run directory, the stages of grads_ray/stages/ over it, and the manifest.
+
+For every stage the same loop (:meth:`Runner.need`): fingerprint (its settings and its inputs'
+fingerprints, which resolves the inputs first), then either a memo hit (``_SUCCESS.json`` holds this
+fingerprint: nothing recomputed) or prepare → run → finish, then the manifest entry and the stage's
+checks. A stage reaches another's outputs only through :meth:`Runner.need`, and only for the names
+its ``needs`` lists, so what ``--dry-run`` plans (the same table) is what a run executes.
+``manifest.json`` records config, versions, per-stage counts and timings, and input hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import time
+from importlib import metadata
+from typing import Any
+
+import yaml
+
+from grads_ray import storage
+from grads_ray.config import Config, absolute_paths
+from grads_ray.resources import Resources, start_ray
+from grads_ray.rundir import StageDir, read_json, write_json, write_text
+from grads_ray.stages import STAGES, Done, Outputs, Stage, job_end
+
+log = logging.getLogger("grads_ray")
+
+
+def versions() -> dict[str, str]:
+    """Python's and the main packages' versions, for the manifest."""
+    out = {"python": platform.python_version()}
+    for pkg in ("grads-ray", "torch", "ray", "transformers", "tokenizers", "datasets", "pyarrow", "numpy",
+                "faiss-cpu", "faiss-gpu-cu12"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+class Runner:
+    """One run directory and its configuration: the context every stage runs in.
+
+    ``cfg``: the resolved config (local paths made absolute: Ray workers run elsewhere); ``out``: the
+    run directory (a folder or an object-store URL); ``manifest``: manifest.json's content;
+    ``stages``: the stage table (tests pass stand-ins).
+    """
+
+    def __init__(self, cfg: Config, verbose: bool = False, stages: tuple[Stage, ...] = STAGES):
+        self.cfg = absolute_paths(cfg)
+        self.verbose = verbose  # Ray workers' logs reach the terminal only when asked for
+        self.stages = stages
+        self._table = {s.name: s for s in stages}
+        self.out = storage.location(cfg.output)
+        storage.makedirs(self.out)
+        path = self.out / "manifest.json"
+        self.manifest: dict[str, Any] = read_json(path) if path.exists() else {"stages": {}}
+        self.manifest.update(config=cfg.to_dict(), versions=versions())
+        self.manifest.pop("ray_start_seconds", None)  # this run's, when it starts Ray
+        write_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._done: dict[str, Done] = {}
+        self._running: list[Stage] = []  # the stages being resolved, innermost last
+        self.resources = Resources(start=self._start_ray)  # read once, when first asked
+        self._ray_seconds = 0.0  # spent starting Ray: kept out of the stage that happened to start it
+
+    def _start_ray(self) -> None:
+        t0 = time.time()
+        if start_ray(self.cfg.ray, self.verbose):
+            self._ray_seconds += time.time() - t0
+            self.manifest["ray_start_seconds"] = round(self._ray_seconds, 2)
+
+    def ray(self) -> Resources:
+        """Ray started (once: connected to ``ray.address``, else a local cluster of its own) and
+        what the cluster offers."""
+        self._start_ray()
+        return self.resources
+
+    # ---------------------------------------------------------------------------------- stages
+    def run(self, end: str | None = None) -> Done:
+        """Stage ``end`` (default: the whole job's last) and every stage it needs. -> its result."""
+        whole = end is None
+        start = time.time()
+        end = end or job_end(self.cfg)
+        done = self.need(end)  # and, through each stage's needs, every stage it needs
+        if whole:
+            self.manifest["total_seconds"] = round(time.time() - start, 2)
+            self.save_manifest()
+        return done
+
+    def need(self, name: str) -> Done:
+        """The finished stage ``name``: memoised for this run, else found complete on disk (same
+        fingerprint), else computed now."""
+        if self._running and name not in self._running[-1].needs(self.cfg):
+            raise RuntimeError(f"stage {self._running[-1].name} reads {name}, which its needs() does not "
+                               "list: declare it, or plan and run will differ")
+        if name in self._done:
+            return self._done[name]
+        stage = self._table[name]
+        self._running.append(stage)
+        try:
+            done = self._resolve(stage)
+        finally:
+            self._running.pop()
+        self._done[name] = done
+        return done
+
+    def _resolve(self, stage: Stage) -> Done:
+        fp = stage.fingerprint(self)  # resolves the inputs it is made of first
+        out = Outputs(fp, {f: StageDir(self.out, f) for f in stage.folders})
+        main, *others = out.dirs.values()
+        start, ray_before = time.time(), self._ray_seconds
+        log.info("[grads-ray] %s ...", stage.name)
+        if not main.prepare(fp):
+            for d in others:
+                d.prepare(fp)
+            info = stage.run(self, out)
+            for d in (*others, main):  # the first folder's marker last: it says the stage is done
+                d.finish(fp, info)
+        for name in stage.needs(self.cfg):  # a declared input this run has not read yet
+            self.need(name)
+        info = main.success_info()
+        done = Done(stage.name, out, info, stage.value(self, out, info))
+        entry = self.manifest["stages"].setdefault(stage.name, {})
+        entry.update({k: v for k, v in info.items() if k != "fingerprint" and k not in stage.private})
+        entry["seconds"] = round(time.time() - start - (self._ray_seconds - ray_before), 2)
+        try:
+            stage.check(self, done)
+        finally:
+            self.save_manifest()
+        log.info("[grads-ray] %s done in %.1f s", stage.name, entry["seconds"])
+        return done
+
+    def save_manifest(self) -> None:
+        write_json(self.out / "manifest.json", self.manifest)
+
+    def dir(self, folder: str) -> StageDir:
+        """A stage's output folder in this run directory (for reading what a finished run holds)."""
+        return StageDir(self.out, folder)

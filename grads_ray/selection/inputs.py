@@ -1,0 +1,114 @@
+"""What each selection method reads, declared once, and the inputs themselves as one value.
+
+:func:`method_needs` is the one place that says what a method reads besides the ids and the base
+columns (``loss``, ``n_tokens``, ``finite``): which stats columns, whether the similarity stage's
+neighbour lists, FisherSFT's factors, LESS's projected gradients and target, or the feature vectors
+of the ``max_similarity`` pass. The select stage reads just that; the stage table derives from it
+which stages ``select`` needs; :func:`grads_ray.selection.select.select` checks that it was given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+BASE_COLUMNS = ("loss", "n_tokens", "finite")
+
+
+@dataclass(frozen=True)
+class MethodNeeds:
+    """``columns``: stats columns read beyond :data:`BASE_COLUMNS`, where the table has them;
+    ``neighbours``: the similarity
+    stage (k-NN lists, near-duplicate groups, diversity, clusters); ``factors``: the features'
+    ``fisher_factor``; ``grad_proj``: the features' projected gradients; ``target``: the target
+    stage (LESS); ``vectors``: the similarity feature's unit vectors (``max_similarity``)."""
+
+    columns: tuple[str, ...] = ()
+    neighbours: bool = False
+    factors: bool = False
+    grad_proj: bool = False
+    target: bool = False
+    vectors: bool = False
+
+
+def method_needs(cfg: Any) -> MethodNeeds:
+    """What ``cfg`` (a :class:`grads_ray.config.SelectConfig`) makes the selection read."""
+    g = cfg.grads
+    by_method = {
+        "grads": MethodNeeds(columns=(*g.stats, *(f"{grp}.{st}" for grp in g.groups for st in g.stats)),
+                             neighbours=True),
+        "fisher": MethodNeeds(factors=True),
+        "random": MethodNeeds(),
+        "loss": MethodNeeds(),
+        "grad_norm": MethodNeeds(columns=(cfg.baseline.grad_norm_column,)),
+        "ifd": MethodNeeds(columns=("loss_response_only",)),
+        "less": MethodNeeds(grad_proj=True, target=True),
+    }
+    if cfg.method not in by_method:
+        raise ValueError(f"unknown selection method {cfg.method!r}")
+    need = by_method[cfg.method]
+    return replace(need, neighbours=need.neighbours or cfg.dedup == "true", vectors=cfg.max_similarity > 0)
+
+
+@dataclass
+class SelectionInputs:
+    """Everything a selection reads, for N scored examples in one order.
+
+    ``columns``: stats columns, (N,) each; ``ids`` (N,); ``source`` (N,) input file names, for
+    quotas; ``similarity``: ``dup_group``, ``diversity``, ``cluster`` (N,) and ``nn_idx`` /
+    ``nn_sims`` (N, k) (neighbours as positions in this order, -1 none); ``fisher_factors``
+    (N, r, d'); ``grad_proj`` (N, p) and ``target_proj`` (T, p); ``vectors`` (N, d), centred and
+    L2-normalised.
+    """
+
+    columns: dict[str, np.ndarray]
+    ids: pa.Array | list[str]
+    source: pa.Array | np.ndarray | None = None
+    similarity: dict[str, np.ndarray] | None = None
+    fisher_factors: np.ndarray | None = None
+    grad_proj: np.ndarray | None = None
+    target_proj: np.ndarray | None = None
+    vectors: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.columns["loss"])
+
+    def require(self, need: MethodNeeds, method: str) -> None:
+        """A clear error when an input ``need`` names was not given (columns are the method's own
+        business: GrADS reads those of its groups that the table has)."""
+        missing = {"neighbours": self.similarity is None, "factors": self.fisher_factors is None,
+                   "grad_proj": self.grad_proj is None, "target": self.target_proj is None,
+                   "vectors": self.vectors is None}
+        said = {"neighbours": f"{method} needs the similarity stage's neighbours (near-duplicate groups, clusters)",
+                "factors": "FisherSFT needs the score stage's fisher_factor features",
+                "grad_proj": "LESS needs projected gradients of the corpus and of the target set",
+                "target": "LESS needs projected gradients of the corpus and of the target set",
+                "vectors": "select.max_similarity needs the similarity feature's vectors"}
+        for key, gone in missing.items():
+            if getattr(need, key) and gone:
+                raise ValueError(said[key])
+
+    def rows(self, keep: np.ndarray) -> SelectionInputs:
+        """The inputs of the rows at positions ``keep`` (sorted), in that order: per-row arrays are
+        subset, neighbour positions renumbered, links to dropped rows become -1."""
+        n = len(self)
+        new_pos = np.full(n + 1, -1, dtype=np.int64)  # old position -> new (index -1 maps to -1)
+        new_pos[keep] = np.arange(len(keep))
+        sim = None
+        if self.similarity is not None:
+            sim = {k: np.asarray(v)[keep] for k, v in self.similarity.items()}
+            if "nn_idx" in sim:
+                sim["nn_idx"] = new_pos[np.where(sim["nn_idx"] >= 0, sim["nn_idx"], n)]
+        ids = self.ids if isinstance(self.ids, (pa.Array, pa.ChunkedArray)) else pa.array(self.ids, pa.string())
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("fisher_factors", "grad_proj", "vectors"):  # per-row arrays (target_proj is not)
+            out[name] = None if out[name] is None else out[name][keep]
+        if self.source is not None:
+            out["source"] = (self.source.take(pa.array(keep)) if isinstance(self.source, (pa.Array, pa.ChunkedArray))
+                             else np.asarray(self.source)[keep])
+        out.update(columns={k: np.asarray(v)[keep] for k, v in self.columns.items()}, ids=ids.take(pa.array(keep)),
+                   similarity=sim)
+        return SelectionInputs(**out)

@@ -1,0 +1,85 @@
+"""What a stage is, and what the runner hands it.
+
+A stage is a step of the job with a name, its output folders in the run directory and the stages
+whose outputs it reads (``needs``, which may depend on the config). It says how to fingerprint its
+result, how to compute it and what it hands on; the runner (grads_ray/runner.py) does the rest the
+same way for every stage: memo, fingerprint, prepare, finish, manifest (datatrove's executor/step
+split). A stage reaches another's outputs only through ``ctx.need(name)``, and only for the names
+its ``needs`` lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from grads_ray.rundir import StageDir
+
+if TYPE_CHECKING:
+    from grads_ray.config import Config
+    from grads_ray.runner import Runner
+
+
+@dataclass
+class Outputs:
+    """A stage's output folders (by name) and the fingerprint of the result they hold or will hold."""
+
+    fingerprint: str
+    dirs: dict[str, StageDir]
+
+    def __getitem__(self, folder: str) -> StageDir:
+        return self.dirs[folder]
+
+
+@dataclass
+class Done:
+    """A finished stage as later stages see it: its outputs, what its ``_SUCCESS.json`` records
+    (``info``) and what it hands on (``value``: a model folder, the evaluation, ...)."""
+
+    name: str
+    out: Outputs
+    info: dict[str, Any]
+    value: Any = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.out.fingerprint
+
+    def __getitem__(self, folder: str) -> StageDir:
+        return self.out[folder]
+
+
+class Stage:
+    """One step of the job. Subclasses set the class attributes and write ``fingerprint`` and ``run``.
+
+    ``about``: one line for ``--help``; ``folders``: output folders in the run directory, the first
+    holding ``_SUCCESS.json`` (the stage is done when it holds this run's fingerprint);
+    ``private``: keys of that file kept out of the manifest (bulky: input hashes, the base model's
+    metrics, which the evaluation shows).
+    """
+
+    name: str = ""
+    about: str = ""
+    folders: tuple[str, ...] = ()
+    private: tuple[str, ...] = ()
+
+    def needs(self, cfg: Config) -> list[str]:
+        """The stages whose outputs this one reads under ``cfg``, in the table's order."""
+        return []
+
+    def fingerprint(self, ctx: Runner) -> str:
+        """The identity of the result: this stage's settings and its inputs' fingerprints."""
+        raise NotImplementedError
+
+    def run(self, ctx: Runner, out: Outputs) -> dict[str, Any]:
+        """Compute the result into ``out`` (folders prepared; finished shards of an interrupted run
+        kept). -> what ``_SUCCESS.json`` records, besides the fingerprint."""
+        raise NotImplementedError
+
+    def value(self, ctx: Runner, out: Outputs, info: dict[str, Any]) -> Any:
+        """What later stages receive besides the folders (default: nothing)."""
+        return None
+
+    def check(self, ctx: Runner, done: Done) -> None:
+        """After every run or memo hit: what the run directory's top level and manifest gain from
+        this stage, and the invariants it enforces (row accounting, ``--strict``)."""

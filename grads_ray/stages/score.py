@@ -1,0 +1,195 @@
+"""score and target: per-example loss, gradient statistics and features, by scorer actors.
+
+score, for every ingested row:
+1. the scoring model: ``score.model`` when given, else the warm-up's when enabled, else the base;
+2. shards whose rows were scored before by the same model and settings come from the shard cache;
+3. the others stream through Ray Data (read units -> tokenize -> scorer actor pool) and each is
+   written as ``stats/part-*`` and ``features/part-*`` once its rows are back (grads_ray/scoring.py);
+4. every shard goes into the cache for the next corpus version;
+5. rejects of ingest and score are merged into ``rejected.jsonl``; every input row is checked to be
+   scored or rejected exactly once.
+target (``select.method=less``): the user's target rows scored in one task by the same model and
+engine, for their projected gradients (``target/part-00000.parquet``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from grads_ray import storage
+from grads_ray.data.readers import InputError, file_digest
+from grads_ray.rundir import ShardCache, StageDir, fingerprint, write_jsonl, write_parquet
+from grads_ray.stages.base import Done, Outputs, Stage
+from grads_ray.stages.ingest import strict_error
+
+log = logging.getLogger("grads_ray")
+
+
+@dataclass
+class ModelRef:
+    """A model folder and the fingerprint that stands for its weights."""
+
+    path: str
+    fingerprint: str
+
+
+def warms_up(cfg) -> bool:
+    """Whether the scoring model is the warm-up's (no ``score.model`` pinned, warm-up enabled)."""
+    return not cfg.score.model and cfg.warmup.enabled
+
+
+def scoring_model(ctx) -> ModelRef:
+    """The checkpoint the scorers read: ``score.model`` when given, else the warm-up's when enabled,
+    else the base model."""
+    cfg = ctx.cfg
+    if cfg.score.model:
+        return ModelRef(cfg.score.model, fingerprint("model-folder", cfg.score.model,
+                                                     storage.listing(storage.location(cfg.score.model))))
+    if warms_up(cfg):
+        warm = ctx.need("warmup")
+        return ModelRef(warm.value, warm.fingerprint)
+    return ModelRef(cfg.model.path, fingerprint("model", cfg.model.path))
+
+
+def _numbers(ctx, model: ModelRef) -> str:
+    """What decides a shard's numbers besides its rows: the model and the engine's settings (the
+    memory bound ``chunk_elements`` changes none)."""
+    from grads_ray.scoring import engine_settings
+
+    cfg = ctx.cfg
+    settings = engine_settings(cfg.score, cfg.seed)
+    return fingerprint("score", model.fingerprint, cfg.data.max_length, cfg.data.on_long,
+                       {k: v for k, v in settings.items() if k != "chunk_elements"})
+
+
+class Score(Stage):
+    name, folders = "score", ("stats", "features")
+    about = "every row's loss, gradient statistics and features: stats/, features/"
+
+    def needs(self, cfg) -> list[str]:
+        return ["ingest", "warmup"] if warms_up(cfg) else ["ingest"]
+
+    def fingerprint(self, ctx) -> str:
+        return fingerprint(ctx.need("ingest").fingerprint, _numbers(ctx, scoring_model(ctx)))
+
+    def run(self, ctx, out: Outputs) -> dict[str, Any]:
+        from grads_ray.progress import Progress
+        from grads_ray.scoring import engine_settings, run_scoring
+
+        cfg, corpus, res = ctx.cfg, ctx.need("ingest").value, ctx.ray()
+        stats, features = out["stats"], out["features"]
+        model = scoring_model(ctx)
+        numbers = _numbers(ctx, model)
+        rows = {s.index: corpus.rows.done_info(s.index) for s in corpus.shards}
+        expected = {i: info["rows"] for i, info in rows.items()}
+        keys = {i: fingerprint(numbers, info.get("content")) for i, info in rows.items() if info.get("content")}
+        cache = ShardCache(cfg.score.cache_dir or ctx.out / "score_cache")
+        reused = _reuse_scored(cache, keys, stats, features)
+        bar = Progress("score", sum(expected.values()), "rows",
+                       done=sum(n for i, n in expected.items() if stats.is_done(i)))
+        t0 = time.time()
+        infos = run_scoring(
+            corpus.rows, expected, stats, features, model_path=model.path, max_length=cfg.data.max_length,
+            on_long=cfg.data.on_long, batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors,
+            use_gpu=res.gpu(cfg.score.use_gpu), cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
+            settings=engine_settings(cfg.score, cfg.seed), progress=bar.update, max_restarts=cfg.score.max_restarts)
+        bar.close()
+        for i, key in keys.items():  # every shard of this run, for the next corpus version
+            if cache.get(key) is None:
+                cache.put(key, _scored_files(stats, features, i), stats.done_info(i))
+        done = [stats.done_info(s) for s in expected]
+        return {"scored": sum(i["scored"] for i in done), "rejected": sum(i["rejected"] for i in done),
+                "nodes": sorted({n for i in done for n in i.get("nodes", [])} - {""}),
+                "truncated": sum(i.get("truncated", 0) for i in done),
+                "nonfinite": sum(i.get("nonfinite", 0) for i in done),
+                "model": model.path, "shards_this_run": len(infos), "shards_reused": reused,
+                "engine": cfg.score.engine,
+                "examples_per_s": round(sum(i["scored"] for i in infos) / max(time.time() - t0, 1e-9), 2)}
+
+    def value(self, ctx, out: Outputs, info: dict[str, Any]) -> ModelRef:
+        """The model the scores are of (the target set is scored with it too)."""
+        return scoring_model(ctx)
+
+    def check(self, ctx, done: Done) -> None:
+        """Rejects merged into ``rejected.jsonl``; every input row scored or rejected exactly once."""
+        rows = ctx.need("ingest")
+        rejects: list[dict[str, Any]] = []
+        for stage in (rows["rows"], done["stats"]):
+            for part in stage.parts("rejected.jsonl"):
+                rejects += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+        write_jsonl(ctx.out / "rejected.jsonl", rejects)
+        ctx.manifest["rejected_by_reason"] = dict(Counter(r["reason"] for r in rejects).most_common())
+        acc = {"input_rows": rows.info["rows"] + rows.info["rejected"], "rejected_ingest": rows.info["rejected"],
+               "rejected_score": done.info["rejected"], "scored": done.info["scored"]}
+        ctx.manifest["accounting"] = acc
+        if acc["scored"] + acc["rejected_ingest"] + acc["rejected_score"] != acc["input_rows"]:
+            raise RuntimeError(f"row accounting does not add up: {acc}")
+        if ctx.cfg.data.strict and done.info["rejected"]:
+            raise strict_error(done["stats"])
+
+
+def _scored_files(stats: StageDir, features: StageDir, shard: int) -> dict[str, storage.Location]:
+    return {"stats.parquet": stats.part(shard), "features.parquet": features.part(shard),
+            "rejected.jsonl": stats.part(shard, "rejected.jsonl")}
+
+
+def _reuse_scored(cache: ShardCache, keys: dict[int, str], stats: StageDir, features: StageDir) -> int:
+    """Shards whose rows and scoring were seen before (same key) take the cached files instead of
+    being scored. -> how many."""
+    n = 0
+    for shard, key in keys.items():
+        info = cache.get(key) if not stats.is_done(shard) else None
+        if info is None:
+            continue
+        cache.restore(key, _scored_files(stats, features, shard))
+        info = {**info, "shard": shard, "reused": True}
+        features.mark_done(shard, info)
+        stats.mark_done(shard, info)
+        n += 1
+    if n:
+        log.info("[grads-ray] score: %d of %d shards taken from the cache %s", n, len(keys), cache.root)
+    return n
+
+
+class Target(Stage):
+    name, folders = "target", ("target",)
+    about = "LESS's target set scored by the same model: target/"
+
+    def needs(self, cfg) -> list[str]:
+        return ["score"]
+
+    def fingerprint(self, ctx) -> str:
+        paths = ctx.cfg.select.less.target_paths
+        digests = [file_digest(p) if Path(p).is_file() else p for p in paths]
+        return fingerprint("target", ctx.need("score").fingerprint, digests)
+
+    def run(self, ctx, out: Outputs) -> dict[str, Any]:
+        import ray
+
+        from grads_ray.data.tokenize import encode_files
+        from grads_ray.scoring import engine_settings, score_examples
+
+        cfg, res = ctx.cfg, ctx.ray()
+        paths, model = cfg.select.less.target_paths, ctx.need("score").value
+        target = encode_files(paths, model.path, cfg.data.max_length, "truncate",  # as held-out rows
+                              cfg.model.trust_remote_code)
+        if not target.examples:
+            raise InputError(f"select.less.target_paths: no usable example in {paths} ({target.rejected} rejected)")
+        use_gpu = res.gpu(cfg.score.use_gpu)
+        task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(score_examples)
+        got = ray.get(task.remote(model.path, target.examples, settings=engine_settings(cfg.score, cfg.seed),
+                                  batch_size=cfg.score.batch_size, use_gpu=use_gpu,
+                                  trust_remote_code=cfg.model.trust_remote_code))
+        write_parquet(out["target"].part(0), pa.table({
+            "id": pa.array(target.ids, pa.string()), "loss": pa.array(got["loss"]),
+            "grad_proj": pa.array(list(got["grad_proj"].astype(np.float32)), pa.list_(pa.float32()))}))
+        return {"examples": len(target.ids), "rejected": target.rejected}

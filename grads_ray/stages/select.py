@@ -1,0 +1,192 @@
+"""select: the subset, under the budget, by the configured method.
+
+1. read what the method declares (grads_ray/selection/inputs.py): the stats columns, and where asked
+   the similarity stage's neighbours, FisherSFT's factors, LESS's projected gradients and target,
+   the similarity feature's vectors — every table sorted by id and checked to hold the scored ids;
+2. choose (grads_ray/selection/select.py: arrays in, arrays out);
+3. write ``selection.parquet`` (every scored id, its verdict and each score component),
+   ``selection_report.md``, and the selected rows in rank order as ``selected.jsonl`` (the original
+   records) and ``selected.parquet`` (id, rank, record).
+Later stages receive the path of ``selection.parquet``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from grads_ray.columns import SHAPE_KEY, matrix, tensor
+from grads_ray.data.readers import InputError
+from grads_ray.evaluation.report import PLOTTED, write_report
+from grads_ray.rundir import StageDir, fingerprint, read_parts, write_parquet, write_text
+from grads_ray.selection.inputs import BASE_COLUMNS, SelectionInputs, method_needs
+from grads_ray.stages.base import Outputs, Stage
+
+SIMILARITY_COLUMNS = ["id", "nn_rows", "nn_sims", "dup_group", "diversity", "cluster"]
+
+
+def _vectors_from_embed(cfg) -> bool:
+    """Whether the ``max_similarity`` pass reads the sentence encoder's vectors (the embed stage)."""
+    return method_needs(cfg.select).vectors and cfg.similarity.feature == "encoder"
+
+
+class Select(Stage):
+    name, folders = "select", ("select",)
+    about = "the subset under the budget: selection.parquet, selected.jsonl"
+
+    def needs(self, cfg) -> list[str]:
+        need = method_needs(cfg.select)
+        return ["ingest", "score", *(["target"] if need.target else []),
+                *(["embed"] if _vectors_from_embed(cfg) else []), *(["similarity"] if need.neighbours else [])]
+
+    def fingerprint(self, ctx) -> str:
+        need = method_needs(ctx.cfg.select)
+        ups = [ctx.need("score").fingerprint]  # in this order: run directories keep their fingerprints
+        if need.neighbours:
+            ups.append(ctx.need("similarity").fingerprint)
+        if need.target:
+            ups.append(ctx.need("target").fingerprint)
+        if _vectors_from_embed(ctx.cfg):
+            ups.append(ctx.need("embed").fingerprint)
+        return fingerprint("select", *ups, asdict(ctx.cfg.select), ctx.cfg.seed)
+
+    def run(self, ctx, out: Outputs) -> dict[str, Any]:
+        from grads_ray.selection.budget import parse_budget
+        from grads_ray.selection.select import select
+
+        cfg, sc = ctx.cfg, ctx.cfg.select
+        t0 = time.time()
+        device = "cuda" if sc.method == "fisher" and ctx.resources.torch_gpu(sc.fisher.use_gpu) else "cpu"
+        try:
+            inputs = read_inputs(ctx)
+            res = select(inputs, parse_budget(sc.budget), sc, cfg.seed, device=device)
+        except InputError:
+            raise
+        except ValueError as exc:  # a setting that does not fit this corpus: say which
+            raise InputError(f"select: {exc}") from None
+        select_s = time.time() - t0
+        cols, ids = inputs.columns, inputs.ids
+        table = pa.table({"id": ids, **{k: pa.array(v) for k, v in res.items()}})
+        write_parquet(ctx.out / "selection.parquet", table)
+        stages = {**ctx.manifest.get("stages", {}), "select": {"method": sc.method, "budget": sc.budget}}
+        write_report(ctx.out, cols, ids, res["selected"], res["reason"], (inputs.similarity or {}).get("dup_group"),
+                     {**ctx.manifest, "stages": stages})
+        chosen = table.filter(table["selected"])
+        chosen = chosen.take(pc.sort_indices(chosen["rank"]))
+        write_selected(ctx.out, ctx.need("ingest").value.rows, chosen["id"].to_pylist())
+        return {"method": sc.method, "budget": sc.budget, "scored": len(res["selected"]),
+                "selected": int(res["selected"].sum()), "selected_tokens": int(cols["n_tokens"][res["selected"]].sum()),
+                "total_tokens": int(cols["n_tokens"].sum()), "select_seconds": round(select_s, 2),
+                "not_selected_by_reason": dict(Counter(r for r in res["reason"] if r)),
+                "selected_by_source": count_by(inputs.source, res["selected"])}
+
+    def value(self, ctx, out: Outputs, info: dict[str, Any]):
+        return ctx.out / "selection.parquet"
+
+
+def read_inputs(ctx) -> SelectionInputs:
+    """Everything the configured method reads, each table sorted by id (the similarity stage's
+    neighbour positions are in that order too)."""
+    cfg = ctx.cfg
+    need = method_needs(cfg.select)
+    score = ctx.need("score")
+    stats = read_parts(score["stats"].parts(), stats_columns(score["stats"], need.columns))
+    if stats.num_rows == 0:
+        raise InputError(f"no row of the corpus could be scored: see {ctx.out / 'rejected.jsonl'}")
+    stats = stats.take(pc.sort_indices(stats["id"]))
+    ids = stats["id"].combine_chunks()
+    inputs = SelectionInputs({c: stats[c].to_numpy() for c in stats.column_names if c != "id"}, ids,
+                             source=_sources(ctx.need("ingest").value.rows, ids))
+    if need.neighbours:
+        sim = aligned(ctx.need("similarity")["similarity"], ids, SIMILARITY_COLUMNS)
+        inputs.similarity = {"dup_group": sim["dup_group"].to_numpy(), "diversity": sim["diversity"].to_numpy(),
+                             "cluster": sim["cluster"].to_numpy(), "nn_idx": matrix(sim["nn_rows"], np.int64),
+                             "nn_sims": matrix(sim["nn_sims"])}
+    if need.factors:
+        inputs.fisher_factors = fisher_factors(aligned(score["features"], ids, ["id", "fisher_factor"]), cfg.score)
+    if need.grad_proj:
+        inputs.grad_proj = matrix(aligned(score["features"], ids, ["id", "grad_proj"])["grad_proj"])
+    if need.target:
+        inputs.target_proj = matrix(read_parts(ctx.need("target")["target"].parts())["grad_proj"])
+    if need.vectors:
+        from grads_ray.similarity.index import unit_vectors
+
+        s = cfg.similarity
+        src = ctx.need("embed")["embeddings"] if s.feature == "encoder" else score["features"]
+        inputs.vectors = unit_vectors(matrix(aligned(src, ids, ["id", s.feature])[s.feature]), center=s.centred())
+    return inputs
+
+
+def fisher_factors(features: pa.Table, score_cfg) -> np.ndarray:
+    """(N, r, d') FisherSFT factors; their shape is in the column's metadata. Features written before
+    it was recorded (and still valid: same fingerprint, or taken from a score cache) hold r x d'
+    flattened with r = ``score.fisher_rank`` (d' = min(fisher_dim, hidden) >= r)."""
+    if SHAPE_KEY in (features.schema.field("fisher_factor").metadata or {}):
+        return tensor(features, "fisher_factor")
+    flat = matrix(features["fisher_factor"])
+    r = score_cfg.fisher_rank
+    if flat.shape[1] % r or flat.shape[1] // r < r:
+        raise InputError(f"features/: fisher_factor rows of {flat.shape[1]} numbers do not split into "
+                         f"score.fisher_rank={r} rows: rescore into a fresh output")
+    return flat.reshape(len(flat), r, flat.shape[1] // r)
+
+
+def stats_columns(stats: StageDir, wanted: tuple[str, ...]) -> list[str]:
+    """The stats columns to read: the base ones, the method's and the report's, those the table has
+    (a 10^7-row table with every layer group's statistics would not fit in the driver's memory whole)."""
+    parts = stats.parts()
+    if not parts:
+        return ["id", "loss", "n_tokens"]
+    names = list(dict.fromkeys(c for p in parts for c in pq.read_schema(str(p)).names))  # an empty shard has fewer
+    want = {"id", *BASE_COLUMNS, *wanted, *PLOTTED}
+    return [c for c in names if c in want]
+
+
+def aligned(stage: StageDir, ids: pa.Array, columns: list[str]) -> pa.Table:
+    """A stage's table sorted by id, checked to hold exactly the scored ids."""
+    t = read_parts(stage.parts(), columns)
+    t = t.take(pc.sort_indices(t["id"]))
+    if t.num_rows != len(ids) or not t["id"].combine_chunks().equals(ids):
+        raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
+    return t
+
+
+def _sources(rows: StageDir, ids: pa.Array) -> pa.Array:
+    """Each scored id's source (its input file, relative to the path given), as Arrow strings."""
+    t = read_parts(rows.parts(), ["id", "source"])
+    return t["source"].combine_chunks().take(pc.index_in(ids, value_set=t["id"].combine_chunks()))
+
+
+def count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
+    """How many rows under ``mask`` carry each name."""
+    from grads_ray.selection.select import source_codes
+
+    code, labels = source_codes(names)
+    counts = np.bincount(code[mask], minlength=len(labels))
+    return {label: int(c) for label, c in zip(labels, counts, strict=True) if c}
+
+
+def write_selected(out, rows: StageDir, ranked_ids: list[str]) -> None:
+    """The original rows of the selected ids, in rank order: ``selected.jsonl`` (one JSON record a
+    line, as read) and ``selected.parquet`` (id, rank, record)."""
+    want = {i: r for r, i in enumerate(ranked_ids)}
+    records: list[str | None] = [None] * len(ranked_ids)
+    for part in rows.parts():
+        t = pq.read_table(str(part), columns=["id", "record"])
+        mask = pc.is_in(t["id"], value_set=pa.array(ranked_ids, pa.string()))
+        for i, rec in zip(*[t.filter(mask)[c].to_pylist() for c in ("id", "record")], strict=True):
+            records[want[i]] = rec
+    missing = [i for i, r in zip(ranked_ids, records, strict=True) if r is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} selected ids have no ingested row (first: {missing[0]!r})")
+    write_text(out / "selected.jsonl", "".join(r + "\n" for r in records))
+    write_parquet(out / "selected.parquet", pa.table({
+        "id": pa.array(ranked_ids, pa.string()), "rank": pa.array(np.arange(len(records), dtype=np.int64)),
+        "record": pa.array(records, pa.string())}))

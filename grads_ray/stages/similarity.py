@@ -1,0 +1,99 @@
+"""embed and similarity: the feature vectors' neighbourhoods, near-duplicates and clusters.
+
+embed (``similarity.feature=encoder``): every scored example's text through a sentence encoder, one
+part a shard, by Ray actors (a GPU each when present); finished shards are kept.
+similarity: k nearest neighbours, near-duplicate groups, diversity and k-means clusters over the
+feature vectors (``hidden_mean`` or ``grad_proj`` from the score stage's features, or the encoder's),
+streamed shard by shard into index workers (grads_ray/similarity/stream.py). ``nn_rows`` are
+positions in the id-sorted table (the select stage's order).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict
+from typing import Any
+
+from grads_ray.progress import Progress
+from grads_ray.rundir import fingerprint
+from grads_ray.stages.base import Outputs, Stage
+
+
+class Embed(Stage):
+    name, folders = "embed", ("embeddings",)
+    about = "sentence-encoder vectors (similarity.feature=encoder): embeddings/"
+
+    def needs(self, cfg) -> list[str]:
+        return ["ingest", "score"]
+
+    def fingerprint(self, ctx) -> str:
+        from grads_ray.similarity.encoder import default_encoder_path
+
+        s = ctx.cfg.similarity
+        return fingerprint("embed", ctx.need("score").fingerprint, s.encoder_path or default_encoder_path(),
+                           s.encoder_max_length)
+
+    def run(self, ctx, out: Outputs) -> dict[str, Any]:
+        import ray
+        from ray.util import ActorPool
+
+        from grads_ray.similarity.encoder import Encoder, default_encoder_path
+
+        s, res = ctx.cfg.similarity, ctx.ray()
+        corpus, stats, stage = ctx.need("ingest").value, ctx.need("score")["stats"], out["embeddings"]
+        path = s.encoder_path or default_encoder_path()
+        use_gpu = res.gpu(s.use_gpu)
+        todo = [sh.index for sh in corpus.shards if not stage.is_done(sh.index)]
+        cap = int(res.gpus or 1) if use_gpu else ctx.cfg.score.num_actors
+        actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(Encoder)
+        actors = [actor.remote(path, s.encoder_max_length, s.encoder_batch_size, use_gpu)
+                  for _ in range(max(1, min(len(todo), cap)) if todo else 0)]
+        jobs = [(i, str(corpus.rows.part(i)), str(stats.part(i)), str(stage.part(i))) for i in todo]
+        results = ActorPool(actors).map(lambda a, j: a.embed_part.remote(*j[1:]), jobs)
+        bar = Progress("embed", len(corpus.shards), "shards", done=len(corpus.shards) - len(todo))
+        for (i, *_), info in zip(jobs, results, strict=True):
+            stage.mark_done(i, info)
+            bar.update(1)
+        bar.close()
+        for a in actors:  # free their CPUs/GPUs for the index workers
+            ray.kill(a)
+        infos = [stage.done_info(sh.index) for sh in corpus.shards]
+        return {"encoder": path, "rows": sum(i["rows"] for i in infos), "no_text": sum(i["no_text"] for i in infos),
+                "shards_this_run": len(todo)}
+
+
+class Similarity(Stage):
+    name, folders = "similarity", ("similarity",)
+    about = "neighbours, near-duplicate groups and clusters: similarity/"
+
+    def needs(self, cfg) -> list[str]:
+        return ["score", "embed"] if cfg.similarity.feature == "encoder" else ["score"]
+
+    def fingerprint(self, ctx) -> str:
+        s = ctx.cfg.similarity
+        source = ctx.need("embed" if s.feature == "encoder" else "score")
+        return fingerprint("similarity", source.fingerprint, asdict(s), ctx.cfg.seed)
+
+    def run(self, ctx, out: Outputs) -> dict[str, Any]:
+        from grads_ray.similarity.index import IndexSpec
+        from grads_ray.similarity.stream import RayPool, StreamSettings, similarity_over_parts
+
+        cfg, res = ctx.cfg, ctx.ray()
+        s = cfg.similarity
+        t0 = time.time()
+        use_gpu = res.faiss_gpu(s.use_gpu)
+        workers = s.workers or (max(1, int(res.gpus)) if use_gpu else 1)  # auto: one per GPU, else one
+        spec = IndexSpec(kind=s.index, exact_max=s.exact_max, nlist=s.nlist, nprobe=s.nprobe, pq_m=s.pq_m,
+                         train_size=s.train_size, seed=cfg.seed)
+        st = StreamSettings(column=s.feature, k=s.k, threshold=s.threshold(), spec=spec,
+                            recall_sample=s.recall_sample, clusters=s.clusters, center=s.centred(),
+                            memory_mb=s.memory_mb, workers=workers, use_gpu=use_gpu,
+                            seed=cfg.seed)
+        score = ctx.need("score")
+        source = ctx.need("embed")["embeddings"] if s.feature == "encoder" else score["features"]
+        bar = Progress("similarity", score.info["scored"], "rows")
+        info = similarity_over_parts(source.parts(), out["similarity"].part, st, progress=bar.update,
+                                     pool_cls=functools.partial(RayPool, node_cpus=res.node_cpus))
+        bar.close()
+        return {**info, "feature": s.feature, "seconds": round(time.time() - t0, 2)}

@@ -1,0 +1,118 @@
+"""warmup and finetune: the base model trained with Ray Train on a part of the corpus -> a model folder.
+
+warmup: a short preliminary fine-tune on a seeded fraction of the ingested rows, so that the
+gradients the score stage measures reflect the task. finetune: the base model trained on the rows
+the select stage chose. Both:
+1. pick the rows by id before tokenizing (a seeded coin per id, or the selected id set);
+2. tokenize them in Ray Data tasks, dropping rows the tokenizer rejects;
+3. train (grads_ray/training/): a rerun of the same stage and config resumes from its latest checkpoint;
+4. save a Hugging Face folder, ``<stage>/model``, which later stages receive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from grads_ray.config import TrainConfig, recipe
+from grads_ray.rundir import fingerprint, read_parts
+from grads_ray.stages.base import Outputs, Stage
+from grads_ray.storage import Location
+
+
+def stable_fraction(ids: list[str], seed: int, fraction: float) -> np.ndarray:
+    """Deterministic per-id coin flips: True for about ``fraction`` of ids, the same for a seed."""
+    keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") for i in ids]
+    return np.asarray(keys, dtype=np.uint64) < np.uint64(int(fraction * (2**64 - 1)))
+
+
+def pick_rows(batch: dict[str, np.ndarray], seed: int = 0, fraction: float = 1.0,
+              ids: Any = None) -> dict[str, np.ndarray]:
+    """Ray Data filter on raw rows, before tokenizing: a seeded fraction of ids, or an id set."""
+    import ray
+
+    keep = np.ones(len(batch["id"]), dtype=bool)
+    if fraction < 1.0:
+        keep &= stable_fraction(list(batch["id"]), seed, fraction)
+    if ids is not None:
+        wanted = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
+        keep &= np.array([i in wanted for i in batch["id"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def training_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tokenized rows without a reject reason, reduced to what the trainer reads."""
+    keep = np.array([not r for r in batch["reason"]], dtype=bool)
+    return {"input_ids": batch["input_ids"][keep], "labels": batch["labels"][keep]}
+
+
+def train_on(ctx, stage: str, fp: str, out_model: Location, n_rows: int, pick: dict[str, Any],
+             tcfg: TrainConfig) -> dict[str, Any]:
+    """Ray Train run ``STAGE-FP`` of the base model on the rows ``pick`` chooses (see :func:`pick_rows`):
+    a rerun of the same stage and config (after a crash) resumes from its latest checkpoint; another
+    config starts its own run. -> the final training metrics."""
+    from grads_ray.scoring import read_rows, tokenize
+    from grads_ray.training.trainer import train
+
+    cfg, res = ctx.cfg, ctx.ray()
+    base = cfg.model.path
+    ds = read_rows([str(p) for p in ctx.need("ingest").value.rows.parts()])
+    ds = ds.map_batches(pick_rows, batch_format="numpy", fn_kwargs=pick)
+    ds = tokenize(ds, model_path=base, max_length=cfg.data.max_length, on_long=cfg.data.on_long,
+                  batch_size=cfg.score.tokenize_batch_size, trust_remote_code=cfg.model.trust_remote_code)
+    ds = ds.map_batches(training_columns, batch_format="numpy")
+    return train(ds, n_rows, base, out_model, tcfg, name=f"{stage}-{fp[:16]}",
+                 storage_path=ctx.out / "ray_train", seed=cfg.seed, use_gpu=res.gpu(tcfg.use_gpu),
+                 nodes=res.node_cpus, trust_remote_code=cfg.model.trust_remote_code)
+
+
+class Warmup(Stage):
+    name, folders = "warmup", ("warmup",)
+    about = "a short preliminary fine-tune on a seeded fraction of the rows: warmup/model"
+
+    def needs(self, cfg) -> list[str]:
+        return ["ingest"]
+
+    def fingerprint(self, ctx) -> str:
+        cfg = ctx.cfg
+        return fingerprint("warmup", ctx.need("ingest").fingerprint, cfg.model.path, recipe(cfg.warmup),
+                           cfg.data.max_length, cfg.data.on_long, cfg.seed)
+
+    def run(self, ctx, out: Outputs) -> dict[str, Any]:
+        cfg = ctx.cfg
+        ids = read_parts(ctx.need("ingest").value.rows.parts(), ["id"])["id"].to_pylist()
+        n = int(stable_fraction(ids, cfg.seed, cfg.warmup.fraction).sum())
+        metrics = train_on(ctx, "warmup", out.fingerprint, out["warmup"].path / "model", n,
+                           {"seed": cfg.seed, "fraction": cfg.warmup.fraction}, cfg.warmup)
+        return {"rows": n, "metrics": metrics}
+
+    def value(self, ctx, out: Outputs, info: dict[str, Any]) -> str:
+        return str(out["warmup"].path / "model")
+
+
+class Finetune(Stage):
+    name, folders = "finetune", ("finetune",)
+    about = "the base model fine-tuned on the selected rows: finetune/model"
+
+    def needs(self, cfg) -> list[str]:
+        return ["ingest", "select"]
+
+    def fingerprint(self, ctx) -> str:
+        cfg = ctx.cfg
+        return fingerprint("finetune", ctx.need("select").fingerprint, cfg.model.path, recipe(cfg.finetune), cfg.seed)
+
+    def run(self, ctx, out: Outputs) -> dict[str, Any]:
+        import ray
+
+        sel = pq.read_table(str(ctx.need("select").value), columns=["id", "selected"])
+        ids = set(sel.filter(sel["selected"])["id"].to_pylist())
+        ctx.ray()
+        metrics = train_on(ctx, "finetune", out.fingerprint, out["finetune"].path / "model", len(ids),
+                           {"ids": ray.put(ids)}, ctx.cfg.finetune)
+        return {"rows": len(ids), "metrics": metrics}
+
+    def value(self, ctx, out: Outputs, info: dict[str, Any]) -> str:
+        return str(out["finetune"].path / "model")

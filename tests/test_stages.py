@@ -1,0 +1,176 @@
+"""The stage table and the runner, without Ray: what ``--dry-run`` plans is what a run executes, for
+every combination of the settings that change the job's shape; each stage is resolved once; a stage
+cannot read an input it does not declare."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import pytest
+
+from grads_ray.cli import STAGE_COMMANDS, main
+from grads_ray.config import METHODS, ConfigError, load_config
+from grads_ray.rundir import fingerprint
+from grads_ray.runner import Runner
+from grads_ray.stages import STAGES, Stage, closure, job_end, per_strategy
+from grads_ray.summary import plan
+from tests.conftest import save_tiny_model
+
+
+class Recorder(Stage):
+    """A stand-in with a real stage's name, folders and needs: it reads each declared input through
+    the runner (the first ones for its fingerprint, the last one while it runs, as evaluate reads
+    the baseline) and records that it ran."""
+
+    def __init__(self, real: Stage, calls: list[str], pause: float = 0.0):
+        self.name, self.folders, self.private = real.name, real.folders, real.private
+        self.real, self.calls, self.pause = real, calls, pause
+
+    def needs(self, cfg):
+        return self.real.needs(cfg)
+
+    def fingerprint(self, ctx):
+        return fingerprint(self.name, [ctx.need(n).fingerprint for n in self.needs(ctx.cfg)[:-1]])
+
+    def run(self, ctx, out):
+        for name in self.needs(ctx.cfg)[-1:]:
+            ctx.need(name)
+        time.sleep(self.pause)
+        self.calls.append(self.name)
+        return {"rows": 1}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    (root / "data.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    (root / "target.jsonl").write_text(json.dumps({"prompt": "t", "response": "r"}) + "\n")
+    (root / "scorer").mkdir()
+    (root / "scorer" / "config.json").write_text("{}")
+    return root
+
+
+def _matrix(root):
+    """Every method x similarity feature x score.model set or not x warm-up on/off x max_similarity
+    on/off x a target set or not, as override lists (combinations the config refuses left out)."""
+    for method, feature, pinned, warm, near, target in itertools.product(
+            METHODS, ("hidden_mean", "grad_proj", "encoder"), (False, True), (True, False), (0.0, 0.9), (False, True)):
+        overrides = [f"data.paths=[{root / 'data.jsonl'}]", f"select.method={method}",
+                     f"similarity.feature={feature}", f"warmup.enabled={str(warm).lower()}",
+                     f"select.max_similarity={near}", "score.response_only_loss=true"]
+        overrides += [f"score.model={root / 'scorer'}"] if pinned else []
+        overrides += [f"select.less.target_paths=[{root / 'target.jsonl'}]"] if target else []
+        try:
+            yield load_config(None, overrides)
+        except ConfigError:  # fisher with max_similarity, less without a target set
+            continue
+
+
+def _planned(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = lines.index("  stages") + 1
+    return [line.split()[0] for line in lines[start:] if line.startswith("    ")][: len(STAGES)]
+
+
+def test_the_plan_lists_exactly_the_stages_a_run_executes(inputs, tmp_path):
+    configs = list(_matrix(inputs))
+    assert len(configs) == 288  # 336 combinations less 24 (fisher + max_similarity) and 24 (less, no target)
+    shapes = set()
+    for i, cfg in enumerate(configs):
+        ends = [None] + (list(STAGE_COMMANDS) if i % 16 == 0 else [])  # every stage command on a sample
+        for end in ends:
+            cfg.output = str(tmp_path / f"run-{i}-{end}")
+            calls: list[str] = []
+            Runner(cfg, stages=tuple(Recorder(s, calls) for s in STAGES)).run(end)
+            planned = _planned(plan(cfg, end))
+            assert calls == planned, (end, cfg.select.method, cfg.similarity.feature, cfg.score.model,
+                                      cfg.warmup.enabled, cfg.select.max_similarity)
+            shapes.add(tuple(planned))
+            again: list[str] = []  # a rerun finds every stage done and runs none
+            Runner(cfg, stages=tuple(Recorder(s, again) for s in STAGES)).run(end)
+            assert again == []
+    assert len(shapes) > 12  # the matrix does change the job's shape
+
+
+def test_the_dry_run_cases_that_drifted(inputs, tmp_path, capsys):
+    model = tmp_path / "model"
+    save_tiny_model("gpt2", model)
+    args = ["--model", str(model), "--data", str(inputs / "data.jsonl"), "--output", str(tmp_path / "o"), "--dry-run"]
+
+    def stages(*extra: str, command: str = "select") -> list[str]:
+        assert main([command, *args, *extra]) == 0
+        return _planned(capsys.readouterr().out)
+
+    assert stages() == ["ingest", "warmup", "score", "similarity", "select"]  # no finetune, baseline, evaluate
+    assert stages(f"score.model={model}") == ["ingest", "score", "similarity", "select"]  # never warms up
+    assert stages("select.method=loss", "select.max_similarity=0.9",
+                  "similarity.feature=encoder") == ["ingest", "warmup", "score", "embed", "select"]
+    assert main(["select", *args, "select.method=loss", "select.max_similarity=0.9"]) == 0
+    text = capsys.readouterr().out
+    assert "select          loss, budget 25%; max_similarity 0.9 over hidden_mean" in text
+    assert "similarity      not needed" in text
+    assert stages(command="evaluate")[-3:] == ["finetune", "baseline", "evaluate"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_each_stage_runs_once_and_keeps_its_own_time(inputs, tmp_path):
+    """warmup is read by score and by target (LESS): resolved once, so its manifest entry keeps the
+    time it took, not the ~0 s of a second entry."""
+    cfg = load_config(None, [f"data.paths=[{inputs / 'data.jsonl'}]", "select.method=less",
+                             f"select.less.target_paths=[{inputs / 'target.jsonl'}]", f"output={tmp_path / 'o'}"])
+    calls: list[str] = []
+    stand_ins = tuple(Recorder(s, calls, pause=0.3 if s.name == "warmup" else 0.0) for s in STAGES)
+    Runner(cfg, stages=stand_ins).run()
+    assert calls == ["ingest", "warmup", "score", "target", "select", "finetune", "baseline", "evaluate"]
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["stages"]["warmup"]["seconds"] >= 0.3 and manifest["stages"]["warmup"]["rows"] == 1
+    assert "fingerprint" not in manifest["stages"]["warmup"] and "total_seconds" in manifest
+
+
+def test_a_stage_cannot_read_an_input_it_does_not_declare(inputs, tmp_path):
+    class Sneaky(Recorder):
+        def run(self, ctx, out):
+            ctx.need("similarity")  # not in select's needs for the random method
+            return {}
+
+    cfg = load_config(None, [f"data.paths=[{inputs / 'data.jsonl'}]", "select.method=random",
+                             f"output={tmp_path / 'o'}"])
+    calls: list[str] = []
+    stand_ins = tuple(Sneaky(s, calls) if s.name == "select" else Recorder(s, calls) for s in STAGES)
+    with pytest.raises(RuntimeError, match="stage select reads similarity, which its needs"):
+        Runner(cfg, stages=stand_ins).run("select")
+
+
+def test_compare_shares_what_no_selection_changes():
+    cfg = load_config(None, [])
+    assert per_strategy(cfg) == {"select", "finetune", "evaluate"}
+    from grads_ray.compare import shared_folders
+
+    assert set(shared_folders(cfg)) == {"rows", "warmup", "stats", "features", "target", "embeddings",
+                                        "similarity", "baseline"}
+    assert job_end(cfg) == "evaluate" and job_end(load_config(None, ["finetune.enabled=false"])) == "select"
+    assert [s.name for s in closure(cfg, "baseline")] == ["baseline"]
+
+
+def test_fisher_factors_keep_their_shape_and_older_features_still_read():
+    """The score stage writes each factor's (r, d') in the column's metadata; features written before
+    that (an older run directory, a score cache) split by score.fisher_rank, as they were made."""
+    import numpy as np
+    import pyarrow as pa
+
+    from grads_ray.columns import shaped_field
+    from grads_ray.config import ScoreConfig
+    from grads_ray.data.readers import InputError
+    from grads_ray.stages.select import fisher_factors
+
+    f = np.arange(3 * 2 * 5, dtype=np.float32).reshape(3, 2, 5)
+    flat = pa.array([row.ravel() for row in f], pa.list_(pa.float32()))
+    shaped = pa.Table.from_arrays([pa.array(["a", "b", "c"]), flat],
+                                  schema=pa.schema([pa.field("id", pa.string()), shaped_field("fisher_factor", (2, 5))]))
+    np.testing.assert_array_equal(fisher_factors(shaped, ScoreConfig(fisher_rank=4)), f)  # the metadata wins
+    older = pa.table({"id": ["a", "b", "c"], "fisher_factor": flat})
+    np.testing.assert_array_equal(fisher_factors(older, ScoreConfig(fisher_rank=2)), f)
+    with pytest.raises(InputError, match="do not split into score.fisher_rank=3"):
+        fisher_factors(older, ScoreConfig(fisher_rank=3))
