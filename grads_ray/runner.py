@@ -132,7 +132,3 @@ class Runner:
 
     def save_manifest(self) -> None:
         write_json(self.out / "manifest.json", self.manifest)
-
-    def dir(self, folder: str) -> StageDir:
-        """A stage's output folder in this run directory (for reading what a finished run holds)."""
-        return StageDir(self.out, folder)
