@@ -15,8 +15,11 @@ install:
 demo: install
 	$(PYTHON) -m grads_ray demo --output runs/demo
 
+# Two pytest processes share the files (-n 2, a file's tests on one process, each with its own local
+# Ray); the cluster test, which starts `ray start` nodes of its own, runs alone after them.
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q tests -n 2 --dist loadfile -m "not cluster"
+	$(PYTHON) -m pytest -q tests -m cluster
 
 lint:
 	$(PYTHON) -m ruff check grads_ray tests jobs benchmarks

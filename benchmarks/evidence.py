@@ -59,8 +59,7 @@ def _hash(text: str) -> int:
 # ------------------------------------------------------------------------------------------ data
 def build_data(work: Path, scale: dict, seed: int = 0) -> dict:
     """The corpora on disk under ``work/data`` (skipped when there). -> paths and counts."""
-    from grads_ray.demo.corpus import general_text, sft_rows
-    from grads_ray.demo.manpages import manpage_texts
+    from grads_ray.demo.corpus import general_split, sft_rows
     from grads_ray.demo.noise import plant_noise
 
     data = work / "data"
@@ -68,23 +67,10 @@ def build_data(work: Path, scale: dict, seed: int = 0) -> dict:
     if info_path.exists():
         return json.loads(info_path.read_text())
     data.mkdir(parents=True, exist_ok=True)
-    pages = manpage_texts()
-    source = "Linux man pages (sections 2, 3, 4, 5, 7, 8)"
-    if not pages:  # no manual pages installed: the licence texts, so the script still runs
-        pages = [(f"licence-{k}", t) for k, t in enumerate(general_text().split("\n\n\n")) if len(t) > 200]
-        source = "licence texts under /usr/share/common-licenses (no man pages installed)"
-    test_pages = [p for p in pages if _hash("general-test:" + p[0]) % 10 == 0]
-    train_pages = [p for p in pages if _hash("general-test:" + p[0]) % 10 != 0]
-    train_pages.sort(key=lambda p: _hash(f"order:{seed}:{p[0]}"))
-    pretrain, n = [], 0
-    for _, text in train_pages:
-        if n >= scale["general_chars"]:
-            break
-        pretrain.append(text)
-        n += len(text)
-    (data / "pretrain.txt").write_text("\n\n".join(pretrain))
-    test_pages.sort(key=lambda p: _hash(f"order:{seed}:{p[0]}"))  # the first blocks: a spread of pages
-    (data / "general_test.txt").write_text("\n\n".join(t for _, t in test_pages))
+    # man pages (else the licence texts): pre-training pages, and other pages for the forgetting test
+    general = general_split(scale["general_chars"], seed=seed)
+    (data / "pretrain.txt").write_text(general["train"])
+    (data / "general_test.txt").write_text(general["test"])  # seeded order: the first blocks span pages
 
     rows = sft_rows()
     if scale["domain_rows"]:
@@ -101,8 +87,9 @@ def build_data(work: Path, scale: dict, seed: int = 0) -> dict:
     (data / "heldout.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
     (data / "target.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in target))
     (data / "noise.json").write_text(json.dumps(kinds, indent=0))
-    info = {"general_source": source, "pages_train": len(pretrain), "pages_test": len(test_pages),
-            "pretrain_chars": n, "general_test_chars": sum(len(t) for _, t in test_pages),
+    info = {"general_source": general["source"], "pages_train": general["pages_train"],
+            "pages_test": general["pages_test"], "pretrain_chars": general["train_chars"],
+            "general_test_chars": general["test_chars"],
             "domain_train": len(train), "domain_heldout": len(held), "domain_target": len(target),
             "noisy": {k: sum(v == k for v in kinds.values()) for k in NOISE},
             "corpus": str(data / "corpus"), "heldout": str(data / "heldout.jsonl"),
@@ -186,7 +173,7 @@ def share_upstream(src_root: Path, dst_root: Path, seeds: list[int]) -> None:
     for seed in seeds:
         for stage in shared_folders(Config()):
             src, dst = src_root / f"seed-{seed}" / stage, dst_root / f"seed-{seed}" / stage
-            if (src / "_SUCCESS.json").exists() and not dst.exists():
+            if (src / ".ledger" / "SUCCESS.json").exists() and not dst.exists():
                 storage.copy_tree(src, dst)
 
 

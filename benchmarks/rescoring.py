@@ -83,9 +83,9 @@ def main() -> None:
     (corpus / "v2_new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new_rows))
 
     t_cached = _score(args, out)
-    info = read_json(out / "stats" / "_SUCCESS.json")
+    info = read_json(out / "stats" / ".ledger" / "SUCCESS.json")
     t_fresh = _score(args, work / "fresh", f"score.cache_dir={work / 'empty-cache'}")
-    fresh = read_json(work / "fresh" / "stats" / "_SUCCESS.json")
+    fresh = read_json(work / "fresh" / "stats" / ".ledger" / "SUCCESS.json")
     summary = {"rows_v1": n_v1, "rows_v2": fresh["scored"] + fresh["rejected"], "v1_s": round(t_v1, 1),
                "v2_cached_s": round(t_cached, 1), "v2_fresh_s": round(t_fresh, 1),
                "shards_reused": info["shards_reused"], "shards_scored": info["shards_this_run"],

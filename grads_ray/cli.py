@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--limit", type=int, help="smoke test: only the first N rows of the corpus")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    p.add_argument("--allow-empty", action="store_true", help="a stage left with no row (nothing ingested, "
+                   "scored or selected) ends the job with exit 0 instead of an error")
     p.add_argument("--on-long", choices=["truncate", "reject"], help="policy for rows over data.max_length")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the workers' logs too")
     p.add_argument("--dry-run", action="store_true", help="print the plan (inputs, shards, stages, workers, "
@@ -70,24 +72,46 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"data.limit={args.limit}")
     if args.strict:
         extra.append("data.strict=true")
+    if args.allow_empty:
+        extra.append("data.allow_empty=true")
     if args.on_long:
         extra.append(f"data.on_long={args.on_long}")
     return extra
 
 
+DEMO_PRETRAIN_CHARS = 1_500_000  # general prose the demo's base model is pre-trained on
+DEMO_PRETRAIN_TOKENS = 600_000  # about 1.5 passes over it: a minute or two on 2 cores
+
+
 def demo_config(args: argparse.Namespace) -> Config:
-    """Build (once) the demo assets under OUTPUT/assets and point the config at them."""
+    """Build (once) the demo assets under OUTPUT/assets and point the config at them: the corpus,
+    general prose, and a small base model pre-trained on part of that prose (the rest is the
+    forgetting test), so that the demo's before/after lines compare a model that knew something."""
+    import json
+    import shutil
+
     from grads_ray.demo.corpus import build_corpus, sft_rows
     from grads_ray.demo.model import build_demo_model
 
     output = Path(args.output or "runs/demo")
     assets = output / "assets"
-    if not (assets / "model" / "config.json").exists():
-        print(f"grads-ray demo: building the corpus and a small model under {assets} ...", flush=True)
-        paths = build_corpus(assets)
+    if not (assets / "model" / "demo_base.json").exists():  # (assets from before the pre-trained base: rebuilt)
+        print(f"grads-ray demo: building the corpus and a small base model under {assets}, pre-trained on "
+              f"{DEMO_PRETRAIN_TOKENS:,} tokens of general prose (once; a minute or two) ...", flush=True)
+        paths = build_corpus(assets, pretrain_chars=DEMO_PRETRAIN_CHARS)
         texts = [r["prompt"] + "\n" + r["response"] for r in sft_rows()]
-        texts.append(Path(paths["general"]).read_text())
-        build_demo_model(assets / "model", texts)
+        tmp = assets / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        info = build_demo_model(tmp, texts, pretrain_text=Path(paths["pretrain"]).read_text(),
+                                pretrain_tokens=DEMO_PRETRAIN_TOKENS)
+        info["general_source"] = paths["general_source"]
+        (tmp / "demo_base.json").write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(assets / "model", ignore_errors=True)
+        tmp.rename(assets / "model")  # complete or absent: an interrupted build starts again
+        pt = info["pretrain"]
+        print(f"grads-ray demo: base model {info['params']:,} parameters, pre-trained {pt['steps']} steps on "
+              f"{paths['general_source']}: loss {pt['first_loss']} -> {pt['last_loss']} ({pt['seconds']:.0f} s)",
+              flush=True)
     base = {"output": str(output), "model": {"path": str(assets / "model")},
             "data": {"paths": [str(assets / "corpus")]},
             "eval": {"domain_paths": [str(assets / "heldout.jsonl")], "general_paths": [str(assets / "general.txt")]}}
@@ -121,7 +145,10 @@ def resolve(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from grads_ray.data.preflight import check_corpus_encodes
     from grads_ray.runner import Runner
+    from grads_ray.stages import closure, job_end
+    from grads_ray.stages.base import EmptyStage
     from grads_ray.summary import plan, summary
 
     parser = build_parser()
@@ -132,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*(args.overrides or []), *extra]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("grads_ray").setLevel(logging.INFO)  # stage progress always; Ray's logs with -v
+    runner = None
     try:
         cfg = resolve(args)
         end = args.command if args.command in STAGE_COMMANDS else None  # None: the whole job
         if args.dry_run:
             print(plan(cfg, end))
             return 0
+        if {"warmup", "score"} & {s.name for s in closure(cfg, end or job_end(cfg))}:
+            check_corpus_encodes(cfg)  # a model folder that would reject every row: before Ray starts
         if args.command == "compare":
             from grads_ray.compare import run_compare
 
@@ -149,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as exc:
         print(f"grads-ray: error: {exc}", file=sys.stderr)
         return 2
+    except EmptyStage as exc:  # --allow-empty: what ran is summarised, nothing follows
+        if runner is not None:
+            print(summary(runner))
+        print(f"grads-ray: {exc}; stopped there (--allow-empty)")
+        return 0
     print(summary(runner))
     return 0
 

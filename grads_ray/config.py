@@ -31,6 +31,7 @@ class DataConfig:
     shard_rows: int = 50_000  # Parquet / saved datasets: rows per shard
     strict: bool = False  # stop at the first bad row instead of rejecting it
     limit: int | None = None  # smoke test: only the first N rows of the corpus
+    allow_empty: bool = False  # a stage left with no row ends the job with exit 0 instead of an error
 
 
 @dataclass
@@ -89,7 +90,7 @@ class ScoreConfig:
 
     batch_size: int = 16
     num_actors: int = 1  # max actors in the scorer pool (one GPU each when GPUs are used)
-    max_restarts: int = 3  # a dead scorer is restarted and its block retried this often, then the run fails
+    max_restarts: int = 3  # a dead scorer: its unfinished shards scored again in a fresh pass this often, then the run fails
     # Scheduled curation: score with this model folder (an earlier run's OUT/warmup/model) instead
     # of warming up again, so a new corpus version's unchanged shards keep their scores ("" = warm-up's).
     model: str = ""

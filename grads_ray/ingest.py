@@ -20,6 +20,7 @@ from grads_ray import storage
 from grads_ray.data.readers import Shard, read_shard, validate_rows
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
+ROW_GROUP_ROWS = 1024  # rows per Parquet row group of a rows part: the scorer reads its units by group
 ROWS_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("source", pa.string()),
                          ("line", pa.int64()), ("record", pa.string())])
 
@@ -52,8 +53,8 @@ def ingest_shard(shard: Shard, rows_dir: str) -> dict[str, Any]:
         "id": [r["id"] for r in good], "shard": [shard.index] * len(good),
         "source": [r["source"] for r in good], "line": [r["line"] for r in good],
         "record": [r["record"] for r in good]}, schema=ROWS_SCHEMA)
-    write_parquet(stage.part(shard.index), table)
-    write_jsonl(stage.part(shard.index, "rejected.jsonl"), [{**r, "stage": "ingest"} for r in bad])
+    write_parquet(stage.part(shard.index), table, row_group_size=ROW_GROUP_ROWS)
+    write_jsonl(stage.rejects(shard.index), [{**r, "stage": "ingest"} for r in bad])
     info = {"shard": shard.index, "rows": len(good), "rejected": len(bad),
             "first_reject": bad[0] if bad else None, "node": node_id(), "content": rows_digest(table)}
     stage.mark_done(shard.index, info)
@@ -110,13 +111,14 @@ def drop_duplicate_ids(shards: list[Shard], stage: StageDir) -> int:
         rows = pq.read_table(str(stage.part(index)))
         drop = pc.is_in(rows["line"], value_set=pa.array(list(lines), pa.int64()))
         gone = rows.filter(drop).select(["id", "source", "line"]).to_pylist()
-        rejects_path = stage.part(index, "rejected.jsonl")
-        rejects = [json.loads(x) for x in rejects_path.read_text().splitlines() if x.strip()]
+        rejects_path = stage.rejects(index)
+        rejects = [json.loads(x) for x in rejects_path.read_text().splitlines() if x.strip()] \
+            if rejects_path.exists() else []
         rejects += [{**r, "reason": "duplicate_id", "detail": f"first seen at {lines[r['line']]}", "stage": "ingest"}
                     for r in gone]
         write_jsonl(rejects_path, sorted(rejects, key=lambda r: r["line"]))
         kept = rows.filter(pc.invert(drop))
-        write_parquet(stage.part(index), kept)
+        write_parquet(stage.part(index), kept, row_group_size=ROW_GROUP_ROWS)
         info = stage.done_info(index)
         stage.mark_done(index, {**info, "rows": info["rows"] - len(gone), "rejected": info["rejected"] + len(gone),
                                 "first_reject": min(rejects, key=lambda r: r["line"]), "content": rows_digest(kept)})

@@ -1,7 +1,7 @@
 """The runner: one run directory, the stages of grads_ray/stages/ over it, and the manifest.
 
 For every stage the same loop (:meth:`Runner.need`): fingerprint (its settings and its inputs'
-fingerprints, which resolves the inputs first), then either a memo hit (``_SUCCESS.json`` holds this
+fingerprints, which resolves the inputs first), then either a memo hit (``.ledger/SUCCESS.json`` holds this
 fingerprint: nothing recomputed) or prepare → run → finish, then the manifest entry and the stage's
 checks. A stage reaches another's outputs only through :meth:`Runner.need`, and only for the names
 its ``needs`` lists, so what ``--dry-run`` plans (the same table) is what a run executes.
@@ -22,7 +22,7 @@ import yaml
 from grads_ray import storage
 from grads_ray.config import Config, absolute_paths
 from grads_ray.resources import Resources, start_ray
-from grads_ray.rundir import StageDir, read_json, write_json, write_text
+from grads_ray.rundir import StageDir, read_json, unify_parts, write_json, write_text
 from grads_ray.stages import STAGES, Done, Outputs, Stage, job_end
 
 log = logging.getLogger("grads_ray")
@@ -114,6 +114,8 @@ class Runner:
             for d in others:
                 d.prepare(fp)
             info = stage.run(self, out)
+            for d in out.dirs.values():  # each folder one table with one schema, whatever its shards held
+                unify_parts(d)
             for d in (*others, main):  # the first folder's marker last: it says the stage is done
                 d.finish(fp, info)
         for name in stage.needs(self.cfg):  # a declared input this run has not read yet

@@ -1,6 +1,8 @@
 """Score stage plumbing (Ray Data): rows -> tokenize (CPU tasks) -> scorer actor pool -> per-shard Parquet.
 
-The driver consumes the stream and writes each shard's ``stats/part-*.parquet`` (the public stats
+Work is cut into units (a shard's rows in runs of ``8 * score.batch_size``), one Ray Data block
+each, so each scorer call is bounded and rows come back while scoring goes on. The driver consumes
+the stream and writes each shard's ``stats/part-*.parquet`` (the public stats
 table), ``features/part-*.parquet`` (hidden-state and projected-gradient features) and tokenization
 rejects as soon as all of the shard's rows have come back, then marks the shard done: a rerun scores
 only unfinished shards. The numbers come from ``gradients.engine`` (or ``gradients.stats`` for
@@ -10,6 +12,7 @@ only unfinished shards. The numbers come from ``gradients.engine`` (or ``gradien
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -27,6 +30,8 @@ from grads_ray.data.tokenize import encode, load_tokenizer
 from grads_ray.gradients.features import mean_token_losses, response_only
 from grads_ray.ingest import ROWS_SCHEMA, node_id
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
+
+log = logging.getLogger("grads_ray")
 
 ROWS_PER_BLOCK_BATCHES = 8  # rows per streamed block (a "unit"), in scorer batches
 ROW_COLUMNS = ROWS_SCHEMA.names  # the ingested rows table
@@ -64,17 +69,35 @@ def read_rows(files: list[str]):
     return ray.data.read_parquet(files).select_columns(ROW_COLUMNS)
 
 
-def read_units(batch: dict[str, np.ndarray], paths: dict[int, str], unit_rows: int):
-    """One shard's rows -> blocks ("units") of ``unit_rows`` rows, each row with ``pos``, its index in
-    the shard. Units start at multiples of ``unit_rows`` whatever else is being scored, and the scorer
-    cuts its batches inside units, so they never depend on which shards a run had left to do."""
+def read_slice(path: str, start: int, stop: int) -> pa.Table:
+    """Rows ``[start, stop)`` of a rows part, decoding only the row groups that hold them (ingest
+    writes groups of ``grads_ray.ingest.ROW_GROUP_ROWS``)."""
     import pyarrow.parquet as pq
 
-    for shard in batch["shard"]:
-        table = pq.read_table(paths[int(shard)]).select(ROW_COLUMNS)
-        table = table.append_column("pos", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-        for start in range(0, table.num_rows, unit_rows):
-            yield table.slice(start, unit_rows)
+    f = pq.ParquetFile(path)
+    groups, offset, first = [], 0, None
+    for g in range(f.metadata.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    if not groups:
+        return ROWS_SCHEMA.empty_table()
+    return f.read_row_groups(groups, columns=ROW_COLUMNS).slice(start - first, stop - start)
+
+
+def read_unit(batch: dict[str, np.ndarray], paths: dict[int, str], unit_rows: int) -> pa.Table:
+    """A unit of work, ``(shard, start)``, -> that shard's rows ``[start, start + unit_rows)``, each
+    with ``pos``, its index in the shard. Units start at multiples of ``unit_rows`` whatever else is
+    being scored, and the scorer cuts its batches inside units, so they never depend on which shards
+    a run had left to do. One unit a Ray Data block: each scorer call is one unit, so rows come back
+    (and progress moves) unit by unit, and no call outlives Ray Data's no-progress timeout."""
+    tables = []
+    for shard, start in zip(batch["shard"], batch["start"], strict=True):
+        t = read_slice(paths[int(shard)], int(start), int(start) + unit_rows)
+        tables.append(t.append_column("pos", pa.array(np.arange(start, start + t.num_rows, dtype=np.int64))))
+    return pa.concat_tables(tables)
 
 
 def tokenize(ds, *, model_path: str, max_length: int, on_long: str, batch_size: int, trust_remote_code: bool = False):
@@ -257,7 +280,7 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
                                        pa.list_(pa.float32())))
     write_parquet(features.part(shard), pa.Table.from_arrays(arrays, schema=pa.schema(fields)))
     bad = table.filter(pc.invert(ok)).select(["id", "source", "line", "reason", "detail"]).to_pylist()
-    write_jsonl(stats.part(shard, "rejected.jsonl"), [{**r, "stage": "score"} for r in bad])
+    write_jsonl(stats.rejects(shard), [{**r, "stage": "score"} for r in bad])
     nodes = sorted(set(table["node"].to_pylist()))
     info = {"shard": shard, "scored": good.num_rows, "rejected": len(bad), "nodes": nodes,
             "truncated": int(pc.sum(stats_table["truncated"]).as_py() or 0),
@@ -273,60 +296,106 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
                 settings: dict[str, Any] | None = None, progress=None, max_restarts: int = 3
                 ) -> list[dict[str, Any]]:
     """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done;
-    ``progress(rows)`` as each shard is written. ``cpus``: the cluster's, shared among CPU scorers
-    (one each left for tokenizing)."""
+    ``progress(rows)`` as scored rows come back. ``cpus``: the cluster's, shared among CPU scorers
+    (one each left for tokenizing).
+
+    A scorer process that dies (a lost node, the OOM killer) fails the pass; the shards it left
+    unfinished are scored again in a fresh pass. A pass that dies without finishing a shard counts
+    against ``max_restarts``, so a row that kills every scorer ends the run instead of looping, while
+    a long run may lose scorers now and then. (Ray's own actor restarts are off: a restarted Ray
+    Data actor needs its constructor arguments from the object store, which Ray warns it cannot
+    guarantee, ray-project/ray#53727; a fresh pass needs nothing from the last one.)"""
+    infos = []
+    for s in [s for s in sorted(expected) if not stats.is_done(s) and expected[s] == 0]:
+        infos.append(_flush_shard(s, [_empty_scored()], stats, features))  # empty shards: nothing to stream
+    kw = {"model_path": model_path, "max_length": max_length, "on_long": on_long, "batch_size": batch_size,
+          "num_actors": num_actors, "use_gpu": use_gpu, "cpus": cpus, "trust_remote_code": trust_remote_code,
+          "settings": settings}
+    fruitless = 0  # passes that died without finishing a shard
+    while pending := [s for s in sorted(expected) if not stats.is_done(s)]:
+        counted: dict[int, int] = defaultdict(int)  # rows reported this pass, per unfinished shard
+        written = len(infos)
+        try:
+            _score_pass(rows, {s: expected[s] for s in pending}, stats, features, progress, counted, infos, **kw)
+        except Exception as exc:  # noqa: BLE001 - only a dead scorer is retried; anything else re-raised
+            fruitless = fruitless + 1 if len(infos) == written else 0
+            if fruitless > max_restarts or not scorer_died(exc):
+                raise
+            lost = sum(n for s, n in counted.items() if not stats.is_done(s))
+            if progress and lost:
+                progress(-lost)  # those rows are scored again
+            log.warning("[grads-ray] score: a scorer process died (%s); scoring the %d unfinished shard(s) "
+                        "again in a fresh pass (passes that died without finishing a shard: %d of at most %d)",
+                        type(exc).__name__, len(pending) - (len(infos) - written), fruitless, max_restarts)
+    return infos
+
+
+def scorer_died(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says a Ray worker or actor process died,
+    rather than that the code or the data is wrong."""
+    import ray.exceptions as rex
+
+    dead = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
+                                            "WorkerCrashedError", "NodeDiedError", "OwnerDiedError")
+                 if hasattr(rex, n))
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, dead) or isinstance(getattr(exc, "cause", None), dead):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, progress,
+                counted: dict[int, int], infos: list[dict[str, Any]], *, model_path: str, max_length: int,
+                on_long: str, batch_size: int, num_actors: int, use_gpu: bool, cpus: float,
+                trust_remote_code: bool, settings: dict[str, Any] | None) -> None:
+    """One Ray Data pass over the units of ``expected``'s shards (all with rows, none done): each
+    shard written as soon as all of its rows are back, its ledger entry appended to ``infos`` (also
+    when the pass dies later); ``counted``: rows back per shard."""
     import ray
 
-    infos = []
-    pending = [s for s in sorted(expected) if not stats.is_done(s)]
-    for s in [s for s in pending if expected[s] == 0]:  # empty shards: nothing to stream
-        infos.append(_flush_shard(s, [_empty_scored()], stats, features))
-    pending = [s for s in pending if expected[s] > 0]
-    if not pending:
-        return infos
     threads = max(1, int(cpus // max(num_actors, 1)) - 1) if not use_gpu else None
-    # One item per shard, each read as fixed units of rows: scored rows stream back to the driver (and
-    # finished shards reach disk) while scoring goes on, and a row's batch mates are the same in a
-    # resumed run as in an uninterrupted one (batched float arithmetic depends on them).
-    ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(read_units, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"paths": {s: str(rows.part(s)) for s in pending},
-                                   "unit_rows": ROWS_PER_BLOCK_BATCHES * batch_size})
-    # Tokenizing runs in CPU tasks, whole blocks at a time (batch_size=None keeps the units whole).
+    unit_rows = ROWS_PER_BLOCK_BATCHES * batch_size
+    # One item (and so one block) a unit: scored rows stream back to the driver unit by unit, and a
+    # row's batch mates are the same in a resumed run as in an uninterrupted one (batched float
+    # arithmetic depends on them).
+    units = [{"shard": s, "start": a} for s in sorted(expected) for a in range(0, expected[s], unit_rows)]
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(read_unit, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"paths": {s: str(rows.part(s)) for s in expected}, "unit_rows": unit_rows})
+    # Tokenizing runs in CPU tasks, whole units at a time (batch_size=None keeps the units whole).
     # With GPU scorers (num_gpus=1) Ray Data keeps the two operators apart; on CPU-only clusters it
     # fuses them into the scorer actor, which saves a copy per batch.
     ds = tokenize(ds, model_path=model_path, max_length=max_length, on_long=on_long,
                   batch_size=None, trust_remote_code=trust_remote_code)
-    # A scorer that dies (a lost node, the OOM killer) is restarted and its block retried, a bounded
-    # number of times: a row that kills every scorer must end the run, not loop forever. (Ray 2.60 has
-    # no named parameter for these and warns that the keyword route goes in 2.64.)
     hooks = json.loads(os.environ[TEST_HOOKS_ENV]) if os.environ.get(TEST_HOOKS_ENV) else None
-    with warnings.catch_warnings():  # the keyword route's deprecation (see above): tracked here
+    # max_restarts=0: a dead scorer fails the pass and run_scoring runs the unfinished shards again.
+    # (Ray 2.60 has no named parameter for it and warns that the keyword route goes in 2.64.)
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = ds.map_batches(
             Scorer, batch_size=None, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(num_actors, 1)),
-            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1),
-            max_restarts=max_restarts, max_task_retries=max_restarts,
+            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1), max_restarts=0,
             fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu, "threads": threads,
                                    "trust_remote_code": trust_remote_code, "settings": settings,
                                    "batch_size": batch_size, "hooks": hooks},
         )
     buffers: dict[int, list[pa.Table]] = defaultdict(list)
-    counts: dict[int, int] = defaultdict(int)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for s in pc.unique(batch["shard"]).to_pylist():
             part = batch.filter(pc.equal(batch["shard"], s))
             buffers[s].append(part)
-            counts[s] += part.num_rows
-            if counts[s] == expected[s]:
+            counted[s] += part.num_rows
+            if progress:
+                progress(part.num_rows)
+            if counted[s] == expected[s]:
                 infos.append(_flush_shard(s, buffers.pop(s), stats, features))
-                if progress:
-                    progress(infos[-1]["scored"] + infos[-1]["rejected"])
     if buffers:
-        missing = {s: expected[s] - counts[s] for s in buffers}
+        missing = {s: expected[s] - counted[s] for s in buffers}
         raise RuntimeError(f"scoring ended with shards incomplete (rows missing per shard: {missing})")
-    return infos
 
 
 def _empty_scored() -> pa.Table:

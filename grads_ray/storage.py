@@ -71,6 +71,41 @@ def makedirs(loc: Location) -> None:
         loc.mkdir(parents=True, exist_ok=True)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the system says (Linux's
+    /proc/self/status); elsewhere set and put back at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode an ordinary ``open(path, "w")`` gives a new file: 0666 less the umask (0644 under
+    022). ``mkstemp`` makes 0600 files, which another account (the training job that reads the
+    subset, a colleague on the cluster) could not read."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder: 0777 less the umask (``mkdtemp`` makes 0700)."""
+    return 0o777 & ~umask()
+
+
+def make_temp_dir(prefix: str, near: Path | None = None) -> Path:
+    """A new temporary folder (``mkdtemp``) with an ordinary folder's mode, so that what is renamed
+    into place from it is readable as any other output."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=near))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
 def atomic_write(loc: Location, write: Callable[[Any], None]) -> None:
     """``write(binary file object)`` becomes ``loc``'s whole content, or nothing does: locally a
     temporary file beside it renamed over it, remotely one PUT of the buffered bytes."""
@@ -82,6 +117,7 @@ def atomic_write(loc: Location, write: Callable[[Any], None]) -> None:
     loc.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{loc.name}.", dir=loc.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would make every output private to its writer
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.replace(tmp, loc)
@@ -189,7 +225,7 @@ def local_model(path: str) -> str:
     if (target / ".complete").exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    tmp = make_temp_dir(f".{key}.", target.parent)
     try:
         for name, _, _ in files:
             loc.fs.get_file((loc / name).path, str(tmp / name))

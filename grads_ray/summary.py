@@ -13,14 +13,16 @@ from collections import Counter
 from grads_ray import storage
 from grads_ray.config import Config
 from grads_ray.data.readers import plan_shards
+from grads_ray.rundir import StageDir
 from grads_ray.selection.inputs import method_needs
 from grads_ray.stages import closure, job_end
 
 
 def _state(out: storage.Location, folder: str) -> str:
-    if (out / folder / "_SUCCESS.json").exists():
+    stage = StageDir(out, folder)
+    if stage.success_path.exists():
         return "finished before (skipped if its inputs and config are unchanged)"
-    done = len(list((out / folder / "_done").glob("*.json"))) if (out / folder / "_done").is_dir() else 0
+    done = len(list((stage.ledger / "done").glob("*.json"))) if (stage.ledger / "done").is_dir() else 0
     return f"to run ({done} shards finished before)" if done else "to run"
 
 
@@ -95,12 +97,15 @@ def summary(runner) -> str:
     ev = st.get("evaluate")
     if ev:
         b, a = ev["before"], ev["after"]
-        for key, label in (("domain_loss", "domain loss "), ("general_loss", "general loss")):
+        for key, label, what in (("domain_loss", "domain loss ", "held-out rows of the corpus: a fall is what was learned"),
+                                 ("general_loss", "general loss", "general text: a rise is what was forgotten")):
             if key in b and key in a:
-                lines.append(f"  {label}    {b[key]:.4f} -> {a[key]:.4f}  ({ev.get(key + '_rel_change', 0):+.1%})")
+                lines.append(f"  {label}    {b[key]:.4f} -> {a[key]:.4f}  ({ev.get(key + '_rel_change', 0):+.1%}; {what})")
         if "bleu" in b and "bleu" in a:
-            lines.append("  generation      " + ", ".join(f"{k} {b[k]:.1f} -> {a[k]:.1f}" for k in ("bleu", "chrf", "rougeL"))
-                         + f" ({a['generated_examples']} held-out prompts)")
+            lines.append("  generation      " + ", ".join(f"{name} {b[k]:.1f} -> {a[k]:.1f}" for k, name in
+                                                          (("chrf", "chrF"), ("bleu", "BLEU"), ("rougeL", "ROUGE-L")))
+                         + f"  (0-100: greedy answers to {a['generated_examples']} held-out prompts against their "
+                         "reference answers)")
     timing = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in st.items() if "seconds" in v)
     if m.get("ray_start_seconds"):
         timing += f" (and Ray's start-up {m['ray_start_seconds']:.0f}s)"

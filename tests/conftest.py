@@ -15,6 +15,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s (and a failed worker group is seen a poll later):
+# the tests' runs take seconds, so they poll faster (read by the Ray processes these tests start)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
 
 VOCAB = 97
 
@@ -42,6 +46,31 @@ def save_tiny_model(arch: str, path, vocab: int = VOCAB, seed: int = 0):
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab))
     model.save_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(path)
+
+
+def assert_one_table(folder, rows: int | None = None) -> None:
+    """``folder`` reads as one table with one schema, as a user would read it: pandas, pyarrow's
+    dataset, DuckDB and Hugging Face ``datasets`` (offline, cache in the folder's parent)."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    parts = sorted(folder.glob("*.parquet"))
+    assert parts, folder
+    schemas = {pq.read_schema(p).remove_metadata().to_string(show_field_metadata=True) for p in parts}
+    assert len(schemas) == 1, f"{folder}: {len(schemas)} schemas among {len(parts)} parts"
+    n = pads.dataset(str(folder)).to_table().num_rows
+    assert len(pd.read_parquet(folder)) == n
+    with duckdb.connect() as con:
+        assert con.execute(f"SELECT count(*) FROM read_parquet('{folder}/*.parquet')").fetchall() == [(n,)]
+    import datasets
+
+    got = datasets.load_dataset("parquet", data_dir=str(folder), split="train",
+                                cache_dir=str(folder.parent / f".hf-cache-{folder.name}"))
+    assert got.num_rows == n
+    if rows is not None:
+        assert n == rows
 
 
 @pytest.fixture(scope="session")

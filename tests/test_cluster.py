@@ -46,7 +46,9 @@ def two_nodes(tmp_path):
     put back as it was, since Ray Train's placement-group cleaner looks a cluster up through it and
     stalls ~12 s at the end of every later training run on this machine when it names a dead one."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           # a node sent SIGTERM drains for up to 30 s first (Ray 2.60): nothing here needs draining
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     logs = tmp_path / "ray-logs"

@@ -216,7 +216,7 @@ def test_duplicate_ids_across_shards_keep_the_first_row(tmp_path):
     assert drop_duplicate_ids(shards, stage) == 0  # idempotent: an interrupted ingest may run it again
     rows = read_parts(stage.parts())
     assert sorted(zip(rows["id"].to_pylist(), rows["line"].to_pylist(), strict=True)) == [("a", 1), ("b", 2), ("c", 3), ("d", 5), ("e", 7)]
-    rejected = [json.loads(x) for p in stage.parts("rejected.jsonl") for x in p.read_text().splitlines()]
+    rejected = [json.loads(x) for p in stage.reject_parts() for x in p.read_text().splitlines()]
     assert sorted((r["line"], r["reason"], r["detail"]) for r in rejected) == [
         (4, "duplicate_id", "first seen at c.jsonl:1"), (6, "duplicate_id", "first seen at c.jsonl:2"),
         (8, "duplicate_id", "first seen at c.jsonl:1")]

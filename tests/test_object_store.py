@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from grads_ray.cli import main
 from tests.conftest import BUCKET, save_tiny_model
 
 pytestmark = pytest.mark.ray
@@ -75,10 +76,10 @@ def _objects(fs, prefix: str) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def runs(job, s3):
+def runs(job, s3, ray_local):
     env, fs = s3
-    local = job["root"] / "local-out"
-    _run(job, {}, str(local), str(job["model"]), job["root"] / "cwd-local")
+    local = job["root"] / "local-out"  # the reference: in this process, on the tests' Ray
+    assert main(["run", str(job["config"]), "--output", str(local), f"model.path={job['model']}"]) == 0
     cwd = job["root"] / "cwd-s3"
     out = _run(job, env, f"s3://{BUCKET}/run", f"s3://{BUCKET}/model", cwd)
     return {"local": local, "summary": out, "cwd": cwd}
@@ -95,7 +96,7 @@ def test_a_whole_run_into_s3_equals_the_local_run(job, s3, runs):
     assert "output in s3://grads-test/run" in runs["summary"]
     assert list(runs["cwd"].iterdir()) == []  # nothing written to a local folder named like the URL
     for stage in STAGES:
-        assert fs.exists(f"{run}/{stage}/_SUCCESS.json"), stage
+        assert fs.exists(f"{run}/{stage}/.ledger/SUCCESS.json"), stage
     for name in ("stats", "features"):
         remote = sorted(fs.glob(f"{run}/{name}/part-*.parquet"))
         here = sorted((local / name).glob("part-*.parquet"))

@@ -12,7 +12,7 @@ import pytest
 
 from grads_ray.cli import main
 from grads_ray.rundir import read_parts
-from tests.conftest import save_tiny_model
+from tests.conftest import assert_one_table, save_tiny_model
 
 pytestmark = pytest.mark.ray
 
@@ -56,7 +56,8 @@ def small_job(tmp_path_factory, tiny_tokenizer):
         files.setdefault(name, []).append(json.dumps(shaped))
     for name, lines in files.items():
         (corpus / name).write_text("\n".join(lines) + "\n")
-    (corpus / "bad.jsonl").write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    (corpus / "bad.jsonl").write_bytes(b"\n".join(BAD_LINES) + b"\n")  # a shard with no row scored
+    (corpus / "empty.jsonl").write_text("")  # a shard with no row at all
     (root / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in held) + "\n")
     (root / "general.txt").write_text(general_text()[:20000])
     model = root / "model"
@@ -154,7 +155,7 @@ def test_manifest_and_evaluation(finished):
     ev = json.loads((out / "eval.json").read_text())
     assert ev["after"]["domain_loss"] < ev["before"]["domain_loss"]  # it learned something
     assert "general_loss" in ev["after"] and "forgetting" in ev
-    assert ev["before"] == json.loads((out / "baseline" / "_SUCCESS.json").read_text())["before"]
+    assert ev["before"] == json.loads((out / "baseline" / ".ledger" / "SUCCESS.json").read_text())["before"]
     assert (out / "finetune" / "model" / "model.safetensors").exists()
     assert (out / "warmup" / "model" / "model.safetensors").exists()
 
@@ -164,8 +165,8 @@ def test_rescoring_one_shard_is_resumed_and_reproducible(finished):
     parts = sorted((out / "stats").glob("part-*.parquet"))
     assert len(parts) >= 3
     before = {p.name: (p.stat().st_mtime_ns, pq.read_table(p)) for p in parts}
-    (out / "stats" / "_done" / "00001.json").unlink()  # as if the job died while writing shard 1
-    (out / "stats" / "_SUCCESS.json").unlink()
+    (out / "stats" / ".ledger" / "done" / "00001.json").unlink()  # as if the job died while writing shard 1
+    (out / "stats" / ".ledger" / "SUCCESS.json").unlink()
     # an empty shard cache, or shard 1 would be taken from it (tests/test_faults.py covers that)
     assert main(["score", "--config", str(finished["config"]), f"score.cache_dir={out / 'no-cache'}"]) == 0
     for p in sorted((out / "stats").glob("part-*.parquet")):
@@ -201,6 +202,7 @@ def test_every_method_selects_from_the_same_run(finished, method, tmp_path):
         assert {"fisher_gain", "fisher_gain_alone"} <= set(sel.column_names)
     if method == "less":
         assert manifest["stages"]["target"]["examples"] == 20
+        assert_one_table(out / "target", rows=20)
 
 
 def test_the_greedy_similarity_pass_reads_the_feature_vectors(finished, tmp_path):
@@ -222,7 +224,7 @@ def test_an_approximate_index_reports_its_recall(finished, tmp_path):
     assert 0 < sim["recall_at_k"] <= 1 and sim["dup_threshold"] == pytest.approx(0.98)
 
 
-def test_the_sentence_encoder_feature(finished, tmp_path):
+def test_the_sentence_encoder_feature(finished, tmp_path, monkeypatch):
     """similarity.feature=encoder: the embed stage (Ray actors, one part a shard) embeds every scored
     row with the bundled MiniLM; the stage, its manifest and a GrADS selection follow; a rerun
     recomputes nothing."""
@@ -231,13 +233,22 @@ def test_the_sentence_encoder_feature(finished, tmp_path):
     shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
     args = ["select", "--config", str(finished["config"]), "--output", str(out), "similarity.feature=encoder",
             "select.budget=12", "select.max_similarity=0.9"]
+    from grads_ray.progress import Progress
+
+    updates: list[tuple[str, str, int]] = []
+    real = Progress.update
+    monkeypatch.setattr(Progress, "update", lambda self, n=1: (updates.append((self.stage, self.unit, n)), real(self, n)))
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     emb, sim = manifest["stages"]["embed"], manifest["stages"]["similarity"]
     scored = manifest["stages"]["score"]["scored"]
     assert emb["rows"] == scored and emb["no_text"] == 0 and emb["shards_this_run"] >= 3
+    assert sum(n for stage, unit, n in updates if stage == "embed" and unit == "rows") == scored  # rows, not shards
     assert sim["feature"] == "encoder" and sim["dim"] == 384 and sim["vectors"] == scored
     assert sim["dup_threshold"] == 0.95  # the encoder's default
+    for folder in ("rows", "stats", "features", "similarity", "embeddings"):  # one table each, any reader
+        assert_one_table(out / folder)
+    assert len(pq.read_table(out / "stats")) == scored  # the all-rejected and the empty shard included
     vec = read_parts(sorted((out / "embeddings").glob("part-*.parquet")))
     norms = [sum(v * v for v in row) for row in vec["encoder"].to_pylist()]
     assert min(norms) == pytest.approx(1.0, abs=1e-4)
@@ -263,10 +274,10 @@ def test_compare_writes_every_file_of_the_report(finished, tmp_path):
         assert (out / "seed-1" / r["strategy"] / "selected.jsonl").exists()
     assert all(p.stat().st_mtime_ns == m for p, m in stats_before.items())  # scores reused
     # the base model evaluated once (other eval settings than the copied run's), linked into each run
-    marker = (out / "seed-1" / "baseline" / "_SUCCESS.json").stat()
+    marker = (out / "seed-1" / "baseline" / ".ledger" / "SUCCESS.json").stat()
     assert marker.st_mtime_ns > max(stats_before.values())
     for r in result["runs"]:
-        assert (out / "seed-1" / r["strategy"] / "baseline" / "_SUCCESS.json").stat().st_ino == marker.st_ino
+        assert (out / "seed-1" / r["strategy"] / "baseline" / ".ledger" / "SUCCESS.json").stat().st_ino == marker.st_ino
     assert result["runs"][0]["before"] == result["runs"][1]["before"]
     report = (out / "report.md").read_text()
     assert "| random-20pct |" in report and "| grads-20pct |" in report
@@ -278,7 +289,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(finished, tmp_path, capsys):
     fresh = tmp_path / "fresh"
     assert main(["run", str(finished["config"]), "--dry-run", "--output", str(fresh)]) == 0
     text = capsys.readouterr().out
-    n_shards = len(json.loads((finished["out"] / "rows" / "shards.json").read_text()))
+    n_shards = len(json.loads((finished["out"] / "rows" / ".ledger" / "shards.json").read_text()))
     assert f"{n_shards} shards" in text and "bad.jsonl" in text and "select          grads, budget 30%" in text
     assert "similarity  to run" in text and not fresh.exists()
     assert main(["run", str(finished["config"]), "--dry-run"]) == 0  # the finished run directory
@@ -344,9 +355,42 @@ def test_a_corpus_with_no_good_row_is_a_clear_error(tmp_path, ray_local, capsys,
     data.write_bytes(b"\n".join(BAD_LINES) + b"\n")
     code = main(["select", "--model", str(small_job["model"]), "--data", str(data), "--output",
                  str(tmp_path / "o"), "warmup.enabled=false", "data.on_long=reject", "data.max_length=128"])
-    assert code == 2
-    assert "no row of the corpus could be scored" in capsys.readouterr().err
+    assert code == 2  # a scheduled job must not report success and hand on nothing
+    err = capsys.readouterr().err
+    assert "score: no row could be scored (" in err and "too_long 1" in err and "--allow-empty" in err
     assert len((tmp_path / "o" / "rejected.jsonl").read_text().splitlines()) == len(BAD_LINES)
+    # asked for: the job stops after the stage that ended empty, exit 0, and says so
+    assert main(["select", "--model", str(small_job["model"]), "--data", str(data), "--output",
+                 str(tmp_path / "o"), "warmup.enabled=false", "data.on_long=reject", "data.max_length=128",
+                 "--allow-empty"]) == 0
+    out = capsys.readouterr().out
+    assert "scored          0" in out and "no row could be scored" in out and "stopped there (--allow-empty)" in out
+    assert not (tmp_path / "o" / "selection.parquet").exists()
+
+
+def test_a_model_without_a_tokenizer_is_an_error_before_ray_starts(tmp_path, capsys, small_job):
+    model = tmp_path / "weights-only"
+    save_tiny_model("llama", model)  # no tokenizer saved beside it
+    out = tmp_path / "o"
+    assert main(["score", "--model", str(model), "--data", str(small_job["corpus"]), "--output", str(out),
+                 "warmup.enabled=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.path {model} has no tokenizer" in err and "no_tokenizer" in err
+    assert not (out / "rows").exists()  # nothing ingested: it stopped before Ray and the stages
+
+
+def test_every_output_is_readable_as_an_ordinary_write_makes_it(finished):
+    """Files get the mode ``open(path, "w")`` gives under the umask (mkstemp alone makes 0600)."""
+    import stat
+
+    from grads_ray.storage import dir_mode, file_mode
+
+    out = finished["out"]
+    files = [p for p in out.rglob("*") if "ray_train" not in p.parts and not p.is_symlink()]
+    assert (out / "selected.jsonl") in files and (out / "manifest.json") in files
+    wrong = {str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+             if stat.S_IMODE(p.stat().st_mode) != (dir_mode() if p.is_dir() else file_mode())}
+    assert not wrong, wrong
 
 
 def test_pretokenized_input_with_a_weights_only_model(tmp_path, ray_local, monkeypatch):

@@ -28,6 +28,34 @@ def test_stage_dir_keeps_finished_shards_for_the_same_fingerprint(tmp_path):
     assert not stage.is_done(0) and not stage.part(0).exists()
 
 
+def test_a_stage_folder_reads_as_one_table(tmp_path):
+    """Parts with columns missing (a shard with nothing scored, an empty shard) are given the folder's
+    schema, field metadata included; ledger files and rejects stay out of the readers' way."""
+    import pyarrow as pa
+
+    from grads_ray.columns import shaped_field
+    from grads_ray.rundir import unify_parts, write_jsonl, write_parquet
+    from tests.conftest import assert_one_table
+
+    stage = StageDir(tmp_path, "features")
+    stage.prepare("fp")
+    vec = shaped_field("fisher_factor", (2, 3))
+    write_parquet(stage.part(0), pa.Table.from_arrays(
+        [pa.array(["a", "b"]), pa.array([1.5, 2.5]), pa.array([[0.0] * 6, [1.0] * 6], pa.list_(pa.float32()))],
+        schema=pa.schema([pa.field("id", pa.string()), pa.field("head.grad_norm", pa.float64()), vec])))
+    write_parquet(stage.part(1), pa.table({"id": pa.array([], pa.string())}))  # nothing scored
+    write_parquet(stage.part(2), pa.table({"id": ["c"], "head.grad_norm": [0.5]}))  # no feature column
+    write_jsonl(stage.rejects(1), [{"id": "x", "reason": "too_long"}])
+    stage.mark_done(0, {})
+    stage.finish("fp", {})
+    assert unify_parts(stage) == 2 and unify_parts(stage) == 0
+    assert_one_table(stage.path, rows=3)
+    t = pa.concat_tables([pa.parquet.read_table(p) for p in stage.parts()])
+    assert t.schema.field("fisher_factor").metadata == vec.metadata
+    assert t["fisher_factor"].to_pylist()[2] is None and t["head.grad_norm"].to_pylist() == [1.5, 2.5, 0.5]
+    assert [p.name for p in stage.reject_parts()] == ["part-00001.jsonl"]
+
+
 def test_fingerprint_is_stable_and_sensitive():
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})

@@ -174,3 +174,32 @@ def test_fisher_factors_keep_their_shape_and_older_features_still_read():
     np.testing.assert_array_equal(fisher_factors(older, ScoreConfig(fisher_rank=2)), f)
     with pytest.raises(InputError, match="do not split into score.fisher_rank=3"):
         fisher_factors(older, ScoreConfig(fisher_rank=3))
+
+
+def test_the_warm_up_says_what_it_does_and_how_to_skip_it(tmp_path, monkeypatch, caplog):
+    """``grads-ray score --model M`` fine-tunes M first (GrADS's order): the warm-up says so as it
+    starts, with the two settings that score M as it is."""
+    import pyarrow as pa
+
+    import grads_ray.stages.train as train
+    from grads_ray.rundir import StageDir, write_parquet
+    from grads_ray.stages.base import Done, Outputs
+    from grads_ray.stages.ingest import Corpus
+
+    rows = StageDir(tmp_path, "rows")
+    write_parquet(rows.part(0), pa.table({"id": [f"r{i}" for i in range(50)]}))
+    cfg = load_config(None, ["model.path=/models/M", "warmup.fraction=0.2"])
+    corpus = Done("ingest", Outputs("fp", {"rows": rows}), {}, Corpus(rows, []))
+
+    class Ctx:
+        def __init__(self):
+            self.cfg = cfg
+
+        def need(self, name):
+            return corpus
+
+    monkeypatch.setattr(train, "train_on", lambda *a, **k: {})
+    with caplog.at_level("INFO", logger="grads_ray"):
+        info = train.Warmup().run(Ctx(), Outputs("fp", {"warmup": StageDir(tmp_path, "warmup")}))
+    assert f"warmup: fine-tuning /models/M on {info['rows']} rows (20% of the corpus) before scoring it" in caplog.text
+    assert "warmup.enabled=false or score.model=/models/M scores it as it is" in caplog.text

@@ -35,6 +35,31 @@ def test_local_atomic_write_leaves_the_old_content_when_writing_fails(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]  # no temporary file left
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, mask):
+    """Atomic writes and temporary folders get an ordinary write's mode (mkstemp/mkdtemp alone give
+    0600/0700: outputs another account could not read)."""
+    import stat
+
+    old = os.umask(mask)
+    try:
+        assert storage.umask() == mask
+        write_json(tmp_path / "a.json", {"v": 1})
+        write_parquet(tmp_path / "t" / "part-00000.parquet", pa.table({"x": [1]}))
+        folder = storage.make_temp_dir(".tmp.", tmp_path)
+        plain = tmp_path / "plain"
+        plain.write_text("x")
+        plain_dir = tmp_path / "plain_dir"
+        plain_dir.mkdir()
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(plain.stat().st_mode)  # what open(path, "w") gave
+    assert mode == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "t" / "part-00000.parquet").stat().st_mode) == mode
+    assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE(plain_dir.stat().st_mode)
+
+
 def test_local_link_or_copy_shares_the_inode(tmp_path):
     src = tmp_path / "s.bin"
     src.write_bytes(b"abc")
@@ -69,7 +94,7 @@ def test_stage_dir_on_s3(s3_env):
     assert StageDir(root, "stats").prepare("fp1") is True
     assert StageDir(root, "stats").prepare("fp2") is False
     assert not stage.is_done(0) and stage.parts() == []
-    assert fs.cat_file(f"{BUCKET}/unit/run/stats/_FINGERPRINT") == b"fp2"
+    assert fs.cat_file(f"{BUCKET}/unit/run/stats/.ledger/FINGERPRINT") == b"fp2"
 
 
 def test_copies_and_the_shard_cache_on_s3(s3_env, tmp_path):

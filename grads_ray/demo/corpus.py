@@ -37,6 +37,7 @@ PROMPTS = (
     "What does `{name}` do in Python?",
     "Describe the Python API `{name}`.",
 )
+GENERAL_TEST_CHARS = 400_000  # the forgetting test's text: more than the demo's 128 blocks of 256 tokens
 MAX_RESPONSE_CHARS = 1200
 MIN_RESPONSE_CHARS = 40
 
@@ -138,8 +139,47 @@ def general_text() -> str:
     return "\n\n".join(texts)
 
 
-def build_corpus(out_dir: str | Path, heldout_fraction: float = 0.05, limit: int | None = None) -> dict:
-    """Write ``corpus/{pairs,alpaca,chat}.jsonl``, ``heldout.jsonl`` and ``general.txt`` under out_dir.
+def general_pages() -> tuple[str, list[tuple[str, str]]]:
+    """General prose as (name, text) pages, and where it comes from: the Linux manual pages when
+    installed (grads_ray/demo/manpages.py), else the licence texts."""
+    from grads_ray.demo.manpages import manpage_texts
+
+    pages = manpage_texts()
+    if pages:
+        return "Linux man pages (sections 2, 3, 4, 5, 7, 8)", pages
+    pages = [(f"licence-{k}", t) for k, t in enumerate(general_text().split("\n\n\n")) if len(t) > 200]
+    return "licence texts under /usr/share/common-licenses (no man pages installed)", pages
+
+
+def general_split(train_chars: int, test_chars: int | None = None, seed: int = 0) -> dict:
+    """General prose cut into a pre-training text and a test text from other pages (a page is a
+    test page by a hash of its name: about one in ten), each in a seeded order, the training text
+    up to about ``train_chars`` characters, the test text up to ``test_chars`` (None: all).
+    -> {train, test, source, pages_train, pages_test, train_chars, test_chars}."""
+    source, pages = general_pages()
+    test = [p for p in pages if _stable_hash("general-test:" + p[0]) % 10 == 0]
+    train = [p for p in pages if _stable_hash("general-test:" + p[0]) % 10 != 0]
+
+    def take(chosen: list[tuple[str, str]], limit: int | None) -> list[str]:
+        chosen = sorted(chosen, key=lambda p: _stable_hash(f"order:{seed}:{p[0]}"))
+        out, n = [], 0
+        for _, text in chosen:
+            if limit is not None and n >= limit:
+                break
+            out.append(text)
+            n += len(text)
+        return out
+
+    tr, te = take(train, train_chars), take(test, test_chars)
+    return {"train": "\n\n".join(tr), "test": "\n\n".join(te), "source": source, "pages_train": len(tr),
+            "pages_test": len(te), "train_chars": sum(map(len, tr)), "test_chars": sum(map(len, te))}
+
+
+def build_corpus(out_dir: str | Path, heldout_fraction: float = 0.05, limit: int | None = None,
+                 pretrain_chars: int = 0) -> dict:
+    """Write ``corpus/{pairs,alpaca,chat}.jsonl``, ``heldout.jsonl`` and ``general.txt`` under out_dir;
+    with ``pretrain_chars``, also ``pretrain.txt`` (general prose for pre-training the base model;
+    ``general.txt``, the forgetting test, then comes from other pages of the same source).
 
     -> a small dict of paths and counts. Held-out rows are chosen by a hash of the id.
     """
@@ -159,7 +199,15 @@ def build_corpus(out_dir: str | Path, heldout_fraction: float = 0.05, limit: int
     for name, lines in files.items():
         (out / "corpus" / name).write_text("\n".join(lines) + "\n")
     (out / "heldout.jsonl").write_text("\n".join(heldout) + "\n")
-    (out / "general.txt").write_text(general_text())
-    return {"corpus": str(out / "corpus"), "heldout": str(out / "heldout.jsonl"),
+    info = {"corpus": str(out / "corpus"), "heldout": str(out / "heldout.jsonl"),
             "general": str(out / "general.txt"), "n_train": sum(len(v) for v in files.values()),
             "n_heldout": len(heldout)}
+    if pretrain_chars:
+        general = general_split(pretrain_chars, test_chars=GENERAL_TEST_CHARS)
+        (out / "pretrain.txt").write_text(general["train"])
+        (out / "general.txt").write_text(general["test"])
+        info.update(pretrain=str(out / "pretrain.txt"), general_source=general["source"],
+                    pages_pretrain=general["pages_train"], pages_general=general["pages_test"])
+    else:
+        (out / "general.txt").write_text(general_text())
+    return info

@@ -1,4 +1,6 @@
-"""The demo's tokenizer (byte-level BPE trained here) and small Llama-style model (built from a config).
+"""The demo's tokenizer (byte-level BPE trained here) and small Llama-style model (built from a config,
+then pre-trained briefly on general text, so that the demo's forgetting and generation lines measure
+a model that knew something before its fine-tune).
 
 Both are written with ``save_pretrained`` (safetensors), so the job loads them through the same
 ``from_pretrained`` path as any local Hugging Face checkpoint.
@@ -52,12 +54,60 @@ def build_model(tokenizer, *, hidden_size: int = 64, layers: int = 2, heads: int
     return LlamaForCausalLM(config)
 
 
-def build_demo_model(out_dir: str | Path, texts: Iterable[str], seed: int = 0, **model_kwargs) -> str:
-    """Train the tokenizer, build the model, save both under ``out_dir``. -> the folder's path."""
+def pretrain(model, tokenizer, text: str, *, tokens: int, block: int = 128, batch: int = 16, lr: float = 3e-3,
+             seed: int = 0) -> dict:
+    """Causal-LM training of ``model`` on ``text`` cut into ``block``-token blocks, in this process
+    (plain PyTorch: AdamW, linear warm-up then cosine decay), until about ``tokens`` tokens are seen.
+    Blocks are shuffled by ``seed``. -> {steps, tokens, first_loss, last_loss, seconds}."""
+    import math
+    import time
+
+    import numpy as np
+    import torch
+
+    t0 = time.time()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    blocks = np.array([ids[i:i + block] for i in range(0, len(ids) - block + 1, block)], dtype=np.int64)
+    if not len(blocks):
+        raise ValueError(f"pre-training text of {len(ids)} tokens: less than one block of {block}")
+    steps = max(1, tokens // (block * batch))
+    order = np.concatenate([np.random.default_rng(seed + e).permutation(len(blocks))
+                            for e in range(-(-steps * batch // len(blocks)))])
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    model.train()
+    losses = []
+    for step in range(steps):
+        x = torch.from_numpy(blocks[order[step * batch:(step + 1) * batch]])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-max(1, steps // 10):]
+    return {"steps": steps, "tokens": steps * batch * block, "first_loss": round(losses[0], 3),
+            "last_loss": round(sum(tail) / len(tail), 3), "seconds": round(time.time() - t0, 1)}
+
+
+def build_demo_model(out_dir: str | Path, texts: Iterable[str], seed: int = 0, pretrain_text: str = "",
+                     pretrain_tokens: int = 0, **model_kwargs) -> dict:
+    """Train the tokenizer (on ``texts`` and ``pretrain_text``), build the model, pre-train it on
+    ``pretrain_text`` for about ``pretrain_tokens`` tokens (0: random weights), save both under
+    ``out_dir``. -> what was done (parameters, pre-training figures)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(texts)
+    texts = list(texts)
+    tokenizer = train_tokenizer([*texts, *pretrain_text.split("\n\n")] if pretrain_text else texts)
     model = build_model(tokenizer, seed=seed, **model_kwargs)
+    info = {"params": sum(p.numel() for p in model.parameters())}
+    if pretrain_text and pretrain_tokens:
+        info["pretrain"] = pretrain(model, tokenizer, pretrain_text, tokens=pretrain_tokens, seed=seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return str(out)
+    return info

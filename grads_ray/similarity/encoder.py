@@ -66,14 +66,20 @@ class Encoder:
                                           show_progress_bar=False).astype(np.float32)
         return out
 
-    def embed_part(self, rows_part: str, ids_part: str, out_part: str) -> dict[str, Any]:
+    def embed_part(self, rows_part: str, ids_part: str, out_part: str, progress: Any = None,
+                   chunk: int = 512) -> dict[str, Any]:
         """Embed the rows of ``rows_part`` whose ids ``ids_part`` holds (the scored ones); write
-        (id, encoder) to ``out_part``. -> {"rows", "no_text"}."""
+        (id, encoder) to ``out_part``. ``progress``: a queue that gets the row count of every
+        ``chunk`` rows encoded (the driver's progress line). -> {"rows", "no_text"}."""
         keep = pq.read_table(ids_part, columns=["id"])["id"]
         rows = pq.read_table(rows_part, columns=["id", "record"])
         rows = rows.filter(pc.is_in(rows["id"], value_set=keep.combine_chunks()))
         texts = [example_text(r) for r in rows["record"].to_pylist()]
-        vecs = self.encode(texts)
+        vecs = np.zeros((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), chunk):
+            vecs[start:start + chunk] = self.encode(texts[start:start + chunk])
+            if progress is not None:
+                progress.put(len(texts[start:start + chunk]))
         table = pa.table({"id": rows["id"], "encoder": pa.FixedSizeListArray.from_arrays(
             pa.array(vecs.reshape(-1)), vecs.shape[1]).cast(pa.list_(pa.float32()))})
         write_parquet(out_part, table)

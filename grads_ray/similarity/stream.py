@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from grads_ray import storage
 from grads_ray.columns import lists, matrix
-from grads_ray.rundir import write_json, write_parquet
+from grads_ray.rundir import LEDGER, write_json, write_parquet
 from grads_ray.similarity.index import (
     IndexSpec,
     _drop_self,
@@ -55,6 +55,9 @@ def merge_topk(sims: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray
     s = np.where(labels >= 0, sims, -np.inf).astype(np.float32)
     order = np.lexsort((np.where(labels >= 0, labels, np.iinfo(np.int64).max), -s.astype(np.float64)), axis=1)[:, :k]
     return np.take_along_axis(s, order, 1), np.take_along_axis(labels, order, 1)
+
+
+PROGRESS_STEPS, PROGRESS_MIN_ROWS = 20, 4096  # chunks small enough that progress moves, not tiny
 
 
 def chunk_rows(dim: int, k: int, memory_mb: float) -> int:
@@ -241,7 +244,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     n = len(pos)
     first = next(iter_chunks(parts, [st.column], 1), None)
     d = len(first.column(0)[0]) if first is not None else 1
-    rows = chunk_rows(d, st.k, st.memory_mb)
+    rows = min(chunk_rows(d, st.k, st.memory_mb), max(PROGRESS_MIN_ROWS, -(-n // PROGRESS_STEPS)))
     kk = max(0, min(st.k, n - 1))
     spec = st.spec or IndexSpec(kind="flat", seed=st.seed)
     kind = spec.resolve(max(n, 1), d)[0]
@@ -321,7 +324,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
         p = pos[start:start + batch.num_rows]
         start += batch.num_rows
         path = storage.location(out_part(i))
-        marker = path.parent / "_done" / f"{path.stem}.json"
+        marker = path.parent / LEDGER / "chunks" / f"{path.stem}.json"
         earlier = _searched(path, marker, p)  # an interrupted run searched this chunk already
         if earlier is not None:
             sims, nn = earlier

@@ -20,6 +20,20 @@ if TYPE_CHECKING:
     from grads_ray.runner import Runner
 
 
+class EmptyStage(Exception):
+    """A stage ended with no row and ``data.allow_empty`` is set: the job stops there, exit 0."""
+
+
+def no_rows(ctx: Runner, message: str) -> None:
+    """A stage left with no row: an input error (exit 2: a scheduled job must not report success and
+    hand on nothing) unless the user allowed it (``--allow-empty``), which stops the job cleanly."""
+    if ctx.cfg.data.allow_empty:
+        raise EmptyStage(message)
+    from grads_ray.data.readers import InputError
+
+    raise InputError(f"{message} (--allow-empty accepts a run that hands on nothing)")
+
+
 @dataclass
 class Outputs:
     """A stage's output folders (by name) and the fingerprint of the result they hold or will hold."""
@@ -33,7 +47,7 @@ class Outputs:
 
 @dataclass
 class Done:
-    """A finished stage as later stages see it: its outputs, what its ``_SUCCESS.json`` records
+    """A finished stage as later stages see it: its outputs, what its ``.ledger/SUCCESS.json`` records
     (``info``) and what it hands on (``value``: a model folder, the evaluation, ...)."""
 
     name: str
@@ -53,7 +67,7 @@ class Stage:
     """One step of the job. Subclasses set the class attributes and write ``fingerprint`` and ``run``.
 
     ``about``: one line for ``--help``; ``folders``: output folders in the run directory, the first
-    holding ``_SUCCESS.json`` (the stage is done when it holds this run's fingerprint);
+    holding ``.ledger/SUCCESS.json`` (the stage is done when it holds this run's fingerprint);
     ``private``: keys of that file kept out of the manifest (bulky: input hashes, the base model's
     metrics, which the evaluation shows).
     """
@@ -73,7 +87,7 @@ class Stage:
 
     def run(self, ctx: Runner, out: Outputs) -> dict[str, Any]:
         """Compute the result into ``out`` (folders prepared; finished shards of an interrupted run
-        kept). -> what ``_SUCCESS.json`` records, besides the fingerprint."""
+        kept). -> what ``.ledger/SUCCESS.json`` records, besides the fingerprint."""
         raise NotImplementedError
 
     def value(self, ctx: Runner, out: Outputs, info: dict[str, Any]) -> Any:

@@ -1,6 +1,6 @@
 """ingest: the corpus files -> validated rows (``rows/part-*.parquet``) and rejects, one Ray task a shard.
 
-1. plan shards (JSONL byte ranges, Parquet/dataset row ranges) and keep the plan in ``rows/shards.json``;
+1. plan shards (JSONL byte ranges, Parquet/dataset row ranges) and keep the plan in ``rows/.ledger/shards.json``;
 2. read and validate each unfinished shard in a Ray task (grads_ray/ingest.py);
 3. move rows whose id was seen before to the rejects (``duplicate_id``);
 4. record counts, input hashes and empty input files.
@@ -18,7 +18,7 @@ from typing import Any
 from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
 from grads_ray.progress import Progress
 from grads_ray.rundir import StageDir, fingerprint, read_json, write_json
-from grads_ray.stages.base import Done, Outputs, Stage
+from grads_ray.stages.base import Done, Outputs, Stage, no_rows
 
 log = logging.getLogger("grads_ray")
 
@@ -33,8 +33,8 @@ class Corpus:
 
 
 def first_reject(stage: StageDir) -> dict[str, Any]:
-    """The first rejected row among a stage's ``part-*.rejected.jsonl`` ({} when none)."""
-    for part in stage.parts("rejected.jsonl"):
+    """The first rejected row among a stage's rejects ({} when none)."""
+    for part in stage.reject_parts():
         with part.open() as fh:
             line = fh.readline()
         if line.strip():
@@ -65,7 +65,7 @@ class Ingest(Stage):
 
         d, rows = ctx.cfg.data, out["rows"]
         shards = plan_shards(d.paths, d.shard_bytes, d.shard_rows, d.limit)
-        write_json(rows.path / "shards.json", [s.to_dict() for s in shards])
+        write_json(rows.ledger / "shards.json", [s.to_dict() for s in shards])
         ctx.ray()
         todo = [sh for sh in shards if not rows.is_done(sh.index)]
         bar = Progress("ingest", len(shards), "shards", done=len(shards) - len(todo))
@@ -83,9 +83,13 @@ class Ingest(Stage):
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]) -> Corpus:
         rows = out["rows"]
-        return Corpus(rows, [Shard(**s) for s in read_json(rows.path / "shards.json")])
+        return Corpus(rows, [Shard(**s) for s in read_json(rows.ledger / "shards.json")])
 
     def check(self, ctx, done: Done) -> None:
         ctx.manifest["inputs"] = done.info["input_sha256"]
         if ctx.cfg.data.strict and done.info["rejected"]:
             raise strict_error(done["rows"])
+        if done.info["rows"] == 0:
+            first = first_reject(done["rows"])
+            where = f"; first: {first['source']}:{first['line']}: {first['reason']}" if first else ""
+            no_rows(ctx, f"ingest: no usable row in data.paths ({done.info['rejected']} rejected{where})")

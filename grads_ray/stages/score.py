@@ -28,7 +28,7 @@ import pyarrow as pa
 from grads_ray import storage
 from grads_ray.data.readers import InputError, file_digest
 from grads_ray.rundir import ShardCache, StageDir, fingerprint, write_jsonl, write_parquet
-from grads_ray.stages.base import Done, Outputs, Stage
+from grads_ray.stages.base import Done, Outputs, Stage, no_rows
 from grads_ray.stages.ingest import strict_error
 
 log = logging.getLogger("grads_ray")
@@ -124,7 +124,7 @@ class Score(Stage):
         rows = ctx.need("ingest")
         rejects: list[dict[str, Any]] = []
         for stage in (rows["rows"], done["stats"]):
-            for part in stage.parts("rejected.jsonl"):
+            for part in stage.reject_parts():
                 rejects += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
         write_jsonl(ctx.out / "rejected.jsonl", rejects)
         ctx.manifest["rejected_by_reason"] = dict(Counter(r["reason"] for r in rejects).most_common())
@@ -135,11 +135,14 @@ class Score(Stage):
             raise RuntimeError(f"row accounting does not add up: {acc}")
         if ctx.cfg.data.strict and done.info["rejected"]:
             raise strict_error(done["stats"])
+        if acc["scored"] == 0:
+            reasons = ", ".join(f"{k} {v}" for k, v in ctx.manifest["rejected_by_reason"].items())
+            no_rows(ctx, f"score: no row could be scored ({reasons}; see {ctx.out / 'rejected.jsonl'})")
 
 
 def _scored_files(stats: StageDir, features: StageDir, shard: int) -> dict[str, storage.Location]:
     return {"stats.parquet": stats.part(shard), "features.parquet": features.part(shard),
-            "rejected.jsonl": stats.part(shard, "rejected.jsonl")}
+            "rejected.jsonl": stats.rejects(shard)}
 
 
 def _reuse_scored(cache: ShardCache, keys: dict[int, str], stats: StageDir, features: StageDir) -> int:

@@ -27,7 +27,7 @@ from grads_ray.data.readers import InputError
 from grads_ray.evaluation.report import PLOTTED, write_report
 from grads_ray.rundir import StageDir, fingerprint, read_parts, write_parquet, write_text
 from grads_ray.selection.inputs import BASE_COLUMNS, SelectionInputs, method_needs
-from grads_ray.stages.base import Outputs, Stage
+from grads_ray.stages.base import Done, Outputs, Stage, no_rows
 
 SIMILARITY_COLUMNS = ["id", "nn_rows", "nn_sims", "dup_group", "diversity", "cluster"]
 
@@ -89,6 +89,12 @@ class Select(Stage):
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]):
         return ctx.out / "selection.parquet"
+
+    def check(self, ctx, done: Done) -> None:
+        if done.info["selected"] == 0:
+            why = ", ".join(f"{k} {v}" for k, v in done.info.get("not_selected_by_reason", {}).items())
+            no_rows(ctx, f"select: no row selected of {done.info['scored']} (budget {done.info['budget']}"
+                    + (f"; not selected: {why}" if why else "") + ")")
 
 
 def read_inputs(ctx) -> SelectionInputs:

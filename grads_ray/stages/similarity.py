@@ -36,7 +36,7 @@ class Embed(Stage):
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         import ray
-        from ray.util import ActorPool
+        from ray.util.queue import Queue
 
         from grads_ray.similarity.encoder import Encoder, default_encoder_path
 
@@ -49,15 +49,30 @@ class Embed(Stage):
         actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(Encoder)
         actors = [actor.remote(path, s.encoder_max_length, s.encoder_batch_size, use_gpu)
                   for _ in range(max(1, min(len(todo), cap)) if todo else 0)]
+        scored = {sh.index: stats.done_info(sh.index)["scored"] for sh in corpus.shards}
+        bar = Progress("embed", sum(scored.values()), "rows", done=sum(scored[i] for i in scored if i not in todo))
+        # each actor puts the rows it has encoded (no CPU of its own: the encoders may hold them all)
+        rows_done = Queue(actor_options={"num_cpus": 0}) if todo else None
         jobs = [(i, str(corpus.rows.part(i)), str(stats.part(i)), str(stage.part(i))) for i in todo]
-        results = ActorPool(actors).map(lambda a, j: a.embed_part.remote(*j[1:]), jobs)
-        bar = Progress("embed", len(corpus.shards), "shards", done=len(corpus.shards) - len(todo))
-        for (i, *_), info in zip(jobs, results, strict=True):
-            stage.mark_done(i, info)
-            bar.update(1)
-        bar.close()
-        for a in actors:  # free their CPUs/GPUs for the index workers
-            ray.kill(a)
+        idle, running = list(actors), {}
+        try:
+            while jobs or running:
+                while idle and jobs:  # each actor one shard at a time, the next as soon as it is free
+                    a, (i, *paths) = idle.pop(), jobs.pop(0)
+                    running[a.embed_part.remote(*paths, progress=rows_done)] = (a, i)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                while rows_done.qsize():
+                    bar.update(rows_done.get())
+                for ref in ready:
+                    a, i = running.pop(ref)
+                    stage.mark_done(i, ray.get(ref))
+                    idle.append(a)
+        finally:
+            bar.close()
+            if rows_done is not None:
+                rows_done.shutdown()
+            for a in actors:  # free their CPUs/GPUs for the index workers
+                ray.kill(a)
         infos = [stage.done_info(sh.index) for sh in corpus.shards]
         return {"encoder": path, "rows": sum(i["rows"] for i in infos), "no_text": sum(i["no_text"] for i in infos),
                 "shards_this_run": len(todo)}

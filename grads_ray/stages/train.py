@@ -12,6 +12,7 @@ the select stage chose. Both:
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from grads_ray.config import TrainConfig, recipe
 from grads_ray.rundir import fingerprint, read_parts
 from grads_ray.stages.base import Outputs, Stage
 from grads_ray.storage import Location
+
+log = logging.getLogger("grads_ray")
 
 
 def stable_fraction(ids: list[str], seed: int, fraction: float) -> np.ndarray:
@@ -85,6 +88,9 @@ class Warmup(Stage):
         cfg = ctx.cfg
         ids = read_parts(ctx.need("ingest").value.rows.parts(), ["id"])["id"].to_pylist()
         n = int(stable_fraction(ids, cfg.seed, cfg.warmup.fraction).sum())
+        log.info("[grads-ray] warmup: fine-tuning %s on %d rows (%.0f%% of the corpus) before scoring it, as "
+                 "GrADS does; warmup.enabled=false or score.model=%s scores it as it is",
+                 cfg.model.path, n, 100 * cfg.warmup.fraction, cfg.model.path)
         metrics = train_on(ctx, "warmup", out.fingerprint, out["warmup"].path / "model", n,
                            {"seed": cfg.seed, "fraction": cfg.warmup.fraction}, cfg.warmup)
         return {"rows": n, "metrics": metrics}

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 from grads_ray import storage
@@ -67,7 +65,7 @@ def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: Train
     near = None if storage.is_remote(out_model) else out_model.parent
     if near is not None:
         near.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_model.name}.", dir=near))
+    tmp = storage.make_temp_dir(f".{out_model.name}.", near)
     try:
         result.checkpoint.to_directory(str(tmp))
         storage.upload_dir(tmp, out_model)
