@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 
 from grads_ray import storage
 from grads_ray.config import Config
@@ -69,11 +70,21 @@ def plan(cfg: Config, end: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _shown(loc: storage.Location) -> str:
+    """A path as the user would type it: relative to the working folder when inside it."""
+    if storage.is_remote(loc):
+        return str(loc)
+    try:
+        return str(loc.relative_to(Path.cwd()))
+    except ValueError:
+        return str(loc)
+
+
 def summary(runner) -> str:
     """A short human summary of what the run directory holds (``runner``: a grads_ray.runner.Runner)."""
     m = runner.manifest
     st = m.get("stages", {})
-    lines = [f"grads-ray: output in {runner.out}"]
+    lines = [f"grads-ray: output in {_shown(runner.out)}"]
     acc = m.get("accounting")
     if acc:
         reasons = ", ".join(f"{k} {v}" for k, v in m.get("rejected_by_reason", {}).items()) or "none"
@@ -111,5 +122,5 @@ def summary(runner) -> str:
         timing += f" (and Ray's start-up {m['ray_start_seconds']:.0f}s)"
     lines.append(f"  stage times     {timing}")
     if (runner.out / "selected.jsonl").exists():
-        lines.append(f"  selected subset {runner.out / 'selected.jsonl'}")
+        lines.append(f"  selected subset {_shown(runner.out / 'selected.jsonl')}")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2,
         special_tokens=list(SPECIAL.values()) + ROLE_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL,
@@ -108,6 +108,9 @@ def build_demo_model(out_dir: str | Path, texts: Iterable[str], seed: int = 0, p
     info = {"params": sum(p.numel() for p in model.parameters())}
     if pretrain_text and pretrain_tokens:
         info["pretrain"] = pretrain(model, tokenizer, pretrain_text, tokens=pretrain_tokens, seed=seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the demo's output
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return info
