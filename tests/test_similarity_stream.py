@@ -207,3 +207,17 @@ def test_an_interrupted_stage_resumes_from_its_searched_chunks(tmp_path, monkeyp
     assert t.equals(t0) and info == {**info0, "chunks_resumed": 3}
     group = dict(zip(t["id"].to_pylist(), t["dup_group"].to_pylist(), strict=True))
     assert group[ids[10]] == group[ids[11]]  # the planted pair: a group across the resumed boundary too
+
+
+def test_progress_moves_chunk_by_chunk_on_a_single_part(tmp_path):
+    """One part of 20,000 rows, well within the memory budget: the search is still cut into chunks
+    of max(4096, n / 20) rows, so the progress line moves while it runs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20_000, 8)).astype(np.float32)
+    parts = _write_parts(tmp_path, [f"r{i:05d}" for i in range(len(x))], x, 1, 0)
+    steps: list[int] = []
+    out = tmp_path / "out"
+    out.mkdir()
+    similarity_over_parts(parts, lambda i: out / f"part-{i:05d}.parquet",
+                          StreamSettings(column="vec", k=4, clusters=2), progress=steps.append)
+    assert sum(steps) == len(x) and len(steps) == 5 and max(steps) == 4096
