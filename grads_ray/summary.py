@@ -76,7 +76,7 @@ def _shown(loc: storage.Location) -> str:
         return str(loc)
     try:
         return str(loc.relative_to(Path.cwd()))
-    except ValueError:
+    except (ValueError, OSError):  # elsewhere; or no working folder (a Ray job's may be gone by now)
         return str(loc)
 
 
