@@ -138,7 +138,7 @@ class Scorer:
 
         settings = dict(settings or {})
         self.response_only_loss = settings.pop("response_only_loss", False)
-        self.batch_size, self.unit_rows = batch_size, ROWS_PER_BLOCK_BATCHES * batch_size  # as read_units cut them
+        self.batch_size, self.unit_rows = batch_size, ROWS_PER_BLOCK_BATCHES * batch_size  # as read_unit cuts them
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
