@@ -27,8 +27,8 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # files, folders, or saved `datasets` folders
     max_length: int = 512  # tokens per example, prompt + response
     on_long: str = "truncate"  # truncate (keep the start, response tokens last) | reject
-    shard_bytes: int = 32 * 1024 * 1024  # JSONL files are cut into shards of about this size
-    shard_rows: int = 50_000  # Parquet / saved datasets: rows per shard
+    shard_bytes: int = 32 * 1024 * 1024  # a JSONL shard ends at the first line end past this many bytes
+    shard_rows: int = 10_000  # rows per shard at most, for every format (JSONL: lines)
     strict: bool = False  # stop at the first bad row instead of rejecting it
     limit: int | None = None  # smoke test: only the first N rows of the corpus
     allow_empty: bool = False  # a stage left with no row ends the job with exit 0 instead of an error

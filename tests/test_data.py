@@ -77,13 +77,16 @@ def test_bad_jsonl_rows_are_rejected_with_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("shard_bytes", [1, 7, 50, 10_000])
+@pytest.mark.parametrize("shard_rows", [100, 6])
 @pytest.mark.parametrize("limit", [None, 13])
-def test_shards_cover_every_line_once(tmp_path, shard_bytes, limit):
+def test_shards_cover_every_line_once(tmp_path, shard_bytes, shard_rows, limit):
     lines = [json.dumps({"prompt": f"p{i}", "response": "r" * (i % 5 + 1)}).encode() for i in range(40)]
     _write_jsonl(tmp_path / "a.jsonl", lines)
     (tmp_path / "sub").mkdir()
     _write_jsonl(tmp_path / "sub" / "b.jsonl", lines[:9])
-    shards = plan_shards([str(tmp_path)], shard_bytes, 100, limit)
+    shards = plan_shards([str(tmp_path)], shard_bytes, shard_rows, limit)
+    sizes = [sum(1 for _ in read_shard(s)) for s in shards]
+    assert max(sizes) <= shard_rows  # rows bound a JSONL shard too, whatever its bytes
     assert [s.index for s in shards] == list(range(len(shards)))
     seen = [(r.source, r.line) for s in shards for r in read_shard(s)]
     expected = [("a.jsonl", i + 1) for i in range(40)] + [("sub/b.jsonl", i + 1) for i in range(9)]

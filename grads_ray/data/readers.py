@@ -91,8 +91,12 @@ def _file_format(path: Path) -> str:
     raise InputError(f"{path}: unknown file kind {suffix!r} (expected .jsonl, .json, .parquet)")
 
 
-def _jsonl_cuts(path: Path, shard_bytes: int, max_lines: int | None) -> list[tuple[int, int, int, int]]:
-    """Byte ranges of at least ``shard_bytes`` ending at line ends -> [(start, stop, first_line, n_lines)].
+def _jsonl_cuts(path: Path, shard_bytes: int, max_lines: int | None,
+                shard_rows: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Byte ranges ending at line ends, each cut once it holds ``shard_bytes`` bytes or ``shard_rows``
+    lines, whichever comes first -> [(start, stop, first_line, n_lines)]. Rows bound a shard as
+    well as bytes: a file of short rows still gives shards of bounded work (scoring, resume, the
+    driver's buffer of a shard's scored rows).
 
     With ``max_lines`` only the first that many lines are covered (``--limit`` smoke tests).
     """
@@ -103,7 +107,7 @@ def _jsonl_cuts(path: Path, shard_bytes: int, max_lines: int | None) -> list[tup
                 break
             pos += len(raw)
             line += 1
-            if pos - start >= shard_bytes:
+            if pos - start >= shard_bytes or (shard_rows and line - first >= shard_rows):
                 cuts.append((start, pos, first, line - first))
                 start, first = pos, line
     if pos > start:
@@ -141,7 +145,7 @@ def _ranges(path: Path, fmt: str, shard_bytes: int, shard_rows: int, left: int |
             ) -> list[tuple[int, int, int, str, int]]:
     """-> [(start, stop, first_line, split, lines or rows covered)]."""
     if fmt == "jsonl":
-        return [(a, b, line, "", n) for a, b, line, n in _jsonl_cuts(path, shard_bytes, left)]
+        return [(a, b, line, "", n) for a, b, line, n in _jsonl_cuts(path, shard_bytes, left, shard_rows)]
     if fmt == "parquet":
         import pyarrow.parquet as pq
 

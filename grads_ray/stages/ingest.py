@@ -1,6 +1,6 @@
 """ingest: the corpus files -> validated rows (``rows/part-*.parquet``) and rejects, one Ray task a shard.
 
-1. plan shards (JSONL byte ranges, Parquet/dataset row ranges) and keep the plan in ``rows/.ledger/shards.json``;
+1. plan shards (JSONL byte ranges, Parquet/dataset row ranges; each at most ``data.shard_rows`` rows) and keep the plan in ``rows/.ledger/shards.json``;
 2. read and validate each unfinished shard in a Ray task (grads_ray/ingest.py);
 3. move rows whose id was seen before to the rejects (``duplicate_id``);
 4. record counts, input hashes and empty input files.
