@@ -48,6 +48,16 @@ def save_tiny_model(arch: str, path, vocab: int = VOCAB, seed: int = 0):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
+def record_progress(monkeypatch) -> list[tuple[str, str, int]]:
+    """Every progress update from now on, as (stage, unit, n); the progress lines still print."""
+    from grads_ray.progress import Progress
+
+    updates: list[tuple[str, str, int]] = []
+    real = Progress.update
+    monkeypatch.setattr(Progress, "update", lambda self, n=1: (updates.append((self.stage, self.unit, n)), real(self, n)))
+    return updates
+
+
 def assert_one_table(folder, rows: int | None = None) -> None:
     """``folder`` reads as one table with one schema, as a user would read it: pandas, pyarrow's
     dataset, DuckDB and Hugging Face ``datasets`` (offline, cache in the folder's parent)."""

@@ -19,7 +19,7 @@ import pytest
 
 from grads_ray.cli import main
 from grads_ray.rundir import read_json, read_parts
-from tests.conftest import save_tiny_model
+from tests.conftest import record_progress, save_tiny_model
 
 pytestmark = pytest.mark.ray
 
@@ -155,17 +155,13 @@ def test_a_new_corpus_version_rescores_only_new_and_changed_shards(job, uninterr
 def test_progress_counts_rows_as_they_come_back_from_a_one_shard_corpus(job, ray_local, tmp_path, monkeypatch):
     """One shard of 240 rows: the scorers get units of 8 batches (32 rows) and the progress line
     moves unit by unit, not once at the end of the shard."""
-    from grads_ray.progress import Progress
-
     corpus = tmp_path / "one.jsonl"
     src = Path(job["args"][job["args"].index("--data") + 1])
     corpus.write_text("".join(f.read_text() for f in sorted(src.glob("*.jsonl"))))
     args = [a if a != str(src) else str(corpus) for a in job["args"]]
     args = [a for a in args if not a.startswith("data.shard_bytes=")]
-    updates: list[tuple[str, int]] = []
-    real = Progress.update
-    monkeypatch.setattr(Progress, "update", lambda self, n=1: (updates.append((self.stage, n)), real(self, n)))
+    updates = record_progress(monkeypatch)
     assert main(["score", *args, "--output", str(tmp_path / "out")]) == 0
     assert read_json(tmp_path / "out" / "rows" / ".ledger" / "SUCCESS.json")["shards"] == 1
-    rows = [n for stage, n in updates if stage == "score"]
+    rows = [n for stage, _, n in updates if stage == "score"]
     assert sum(rows) == job["rows"] and len(rows) >= job["rows"] // 32 and max(rows) <= 32

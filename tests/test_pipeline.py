@@ -12,7 +12,7 @@ import pytest
 
 from grads_ray.cli import main
 from grads_ray.rundir import read_parts
-from tests.conftest import assert_one_table, save_tiny_model
+from tests.conftest import assert_one_table, record_progress, save_tiny_model
 
 pytestmark = pytest.mark.ray
 
@@ -233,11 +233,7 @@ def test_the_sentence_encoder_feature(finished, tmp_path, monkeypatch):
     shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
     args = ["select", "--config", str(finished["config"]), "--output", str(out), "similarity.feature=encoder",
             "select.budget=12", "select.max_similarity=0.9"]
-    from grads_ray.progress import Progress
-
-    updates: list[tuple[str, str, int]] = []
-    real = Progress.update
-    monkeypatch.setattr(Progress, "update", lambda self, n=1: (updates.append((self.stage, self.unit, n)), real(self, n)))
+    updates = record_progress(monkeypatch)
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     emb, sim = manifest["stages"]["embed"], manifest["stages"]["similarity"]
