@@ -1,12 +1,18 @@
-"""Score stage plumbing (Ray Data): rows -> tokenize (CPU tasks) -> scorer actor pool -> per-shard Parquet.
+"""Score stage plumbing (Ray Data): units of rows -> read + tokenize (CPU tasks) -> scorer actors,
+which write what they score -> per-shard Parquet.
 
-Work is cut into units (a shard's rows in runs of ``8 * score.batch_size``), one Ray Data block
-each, so each scorer call is bounded and rows come back while scoring goes on. The driver consumes
-the stream and writes each shard's ``stats/part-*.parquet`` (the public stats
-table), ``features/part-*.parquet`` (hidden-state and projected-gradient features) and tokenization
-rejects as soon as all of the shard's rows have come back, then marks the shard done: a rerun scores
-only unfinished shards. The numbers come from ``gradients.engine`` (or ``gradients.stats`` for
-``score.engine=loop``).
+Work is cut into units (a shard's rows in runs of ``8 * score.batch_size``). A CPU task reads a unit
+and tokenizes it into one packed item (Arrow IPC bytes), so that the scorer is handed exactly one
+unit per call whatever blocks Ray Data forms: each call is bounded, and output flows unit by unit
+(no call comes near Ray Data's no-progress timeout). The scorer actor writes the unit's scored rows
+where it runs, atomically, to ``stats/.ledger/units/SSSSS/AAAAAAAAA.parquet``, and hands the driver
+a receipt (shard, start, rows, node). When a shard's units are all written, a Ray task (not the
+driver) merges them into the shard's ``stats/part-*.parquet`` (the public stats table),
+``features/part-*.parquet`` (hidden-state and projected-gradient features) and tokenization rejects,
+marks the shard done and deletes its units. The driver only counts receipts: no scored row passes
+through it. A rerun scores only the units not yet written, and a unit's numbers depend on its rows
+alone, so a resumed run is bit-identical to an uninterrupted one. The numbers come from
+``gradients.engine`` (or ``gradients.stats`` for ``score.engine=loop``).
 """
 
 from __future__ import annotations
@@ -60,13 +66,6 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: in
     keep = {k: batch[k] for k in ("id", "shard", "source", "line", "pos") if k in batch}
     return {**keep, "input_ids": ids_out, "labels": labels_out, "reason": np.array(reasons, dtype=object),
             "detail": np.array(details, dtype=object), "truncated": np.array(truncated, dtype=bool)}
-
-
-def read_rows(files: list[str]):
-    """Ray Data dataset over ingested rows tables (``rows/part-*.parquet``)."""
-    import ray
-
-    return ray.data.read_parquet(files).select_columns(ROW_COLUMNS)
 
 
 def read_slice(path: str, start: int, stop: int) -> pa.Table:
@@ -254,9 +253,132 @@ def finite_rows(table: pa.Table) -> np.ndarray:
     return finite_mask({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names if c != "id"})
 
 
-def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: StageDir) -> dict[str, Any]:
-    """Write one finished shard: stats (sorted by id), features, tokenization rejects, marker."""
-    table = pa.concat_tables(tables, promote_options="default")
+# Units: packed for the scorer, written by it --------------------------------------------------------
+
+UNIT_COLUMNS = ("id", "source", "line", "pos", "reason", "detail", "truncated")
+
+
+def pack_unit(tokenized: dict[str, Any]) -> bytes:
+    """A tokenized unit (:func:`tokenize_batch`'s output) -> Arrow IPC bytes: one item, so Ray Data
+    hands it to a scorer whole, never split or merged with another."""
+    cols = {c: pa.array(list(tokenized[c]) if c != "truncated" else tokenized[c]) for c in UNIT_COLUMNS}
+    cols["id"], cols["source"] = cols["id"].cast(pa.string()), cols["source"].cast(pa.string())
+    for c in ("input_ids", "labels"):
+        cols[c] = pa.array([np.asarray(x, np.int64) for x in tokenized[c]], pa.list_(pa.int64()))
+    table = pa.table(cols)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def unpack_unit(data: bytes, shard: int) -> dict[str, Any]:
+    """:func:`pack_unit`'s bytes -> the batch :class:`Scorer` takes (token lists as int64 arrays)."""
+    table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    batch: dict[str, Any] = {c: table[c].to_numpy(zero_copy_only=False) for c in UNIT_COLUMNS}
+    batch["shard"] = np.full(table.num_rows, shard, dtype=np.int64)
+    for c in ("input_ids", "labels"):
+        col = table[c].combine_chunks()
+        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        offsets = col.offsets.to_numpy()
+        batch[c] = [flat[offsets[i] - offsets[0]:offsets[i + 1] - offsets[0]] for i in range(len(col))]
+    return batch
+
+
+def prepare_units(batch: dict[str, np.ndarray], *, paths: dict[int, str], unit_rows: int, model_path: str,
+                  max_length: int, on_long: str, trust_remote_code: bool = False) -> dict[str, np.ndarray]:
+    """Units ``(shard, start)`` -> each read (:func:`read_unit`), tokenized (:func:`tokenize_batch`)
+    and packed (:func:`pack_unit`): ``shard, start, rows, unit`` (bytes). Runs in CPU tasks."""
+    packed = []
+    for shard, start in zip(batch["shard"], batch["start"], strict=True):
+        rows = read_unit({"shard": [shard], "start": [start]}, paths, unit_rows)
+        cols = {c: rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names}
+        packed.append(pack_unit(tokenize_batch(cols, model_path, max_length, on_long, trust_remote_code)))
+    return {"shard": np.asarray(batch["shard"], np.int64), "start": np.asarray(batch["start"], np.int64),
+            "unit": np.array(packed, dtype=object)}
+
+
+def unit_file(units: Any, shard: int, start: int) -> Any:
+    """Where the scored rows of unit ``(shard, start)`` are written under ``units`` (a location)."""
+    return units / f"{shard:05d}" / f"{start:09d}.parquet"
+
+
+def written_units(units: Any) -> dict[int, set[int]]:
+    """The units already written under ``units``: shard -> unit starts (one listing)."""
+    from grads_ray import storage
+
+    root = storage.location(units)
+    if not root.exists():
+        return {}
+    got: dict[int, set[int]] = defaultdict(set)
+    for f in storage.files_under(root):
+        if f.name.endswith(".parquet") and not f.name.startswith("."):
+            got[int(f.parent.name)].add(int(f.name.split(".")[0]))
+    return dict(got)
+
+
+def scored_table(out: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> pa.Table:
+    """:class:`Scorer`'s output for one unit -> the table a unit file holds: the row's identity, its
+    reject reason, statistics (float64) and features (float32 lists whose field carries
+    the per-row shape)."""
+    n = len(out["id"])
+    fields, arrays = [], []
+    for c, typ in (("id", pa.string()), ("source", pa.string()), ("line", pa.int64()), ("reason", pa.string()),
+                   ("detail", pa.string()), ("truncated", pa.bool_()), ("node", pa.string())):
+        fields.append(pa.field(c, typ))
+        arrays.append(pa.array(list(out[c]) if typ == pa.string() else out[c], typ))
+    for c in [c for c in out if c not in FEATURE_COLUMNS and not any(f.name == c for f in fields)
+              and c != "shard"]:
+        fields.append(pa.field(c, pa.float64()))  # counts too: NaN for rejected rows (cast once they are out)
+        arrays.append(pa.array(np.asarray(out[c], np.float64)))
+    for name in FEATURE_COLUMNS:
+        if name in out:
+            values = np.asarray(out[name], np.float32).reshape(n, -1)
+            if name == "fisher_energy":
+                fields.append(pa.field(name, pa.float32()))
+                arrays.append(pa.array(values[:, 0]))
+            else:
+                fields.append(shaped_field(name, tuple(shapes[name])))
+                arrays.append(pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * values.shape[1]),
+                                                       pa.array(values.reshape(-1))))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+class UnitScorer:
+    """Ray Data callable class: packed units in (one a call), each scored by a :class:`Scorer` and
+    written to its unit file, atomically; -> a receipt per unit (``shard, start, rows, node``)."""
+
+    def __init__(self, units: str, **scorer_kwargs: Any):
+        from grads_ray import storage
+
+        self.units = storage.location(units)
+        self.scorer = Scorer(**scorer_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for shard, start, data in zip(batch["shard"], batch["start"], batch["unit"], strict=True):
+            out = self.scorer(unpack_unit(data, int(shard)))
+            write_parquet(unit_file(self.units, int(shard), int(start)), scored_table(out, self.scorer.shapes))
+            rows.append(len(out["id"]))
+        return {"shard": np.asarray(batch["shard"], np.int64), "start": np.asarray(batch["start"], np.int64),
+                "rows": np.asarray(rows, np.int64), "node": np.full(len(rows), self.scorer.node, dtype=object)}
+
+
+def finish_shard(shard: int, stats: StageDir, features: StageDir) -> dict[str, Any]:
+    """A shard whose units are all written -> its stats part (sorted by id), features part,
+    tokenization rejects and marker; then its units are deleted. The same files whatever order the
+    units were written in. -> the shard's ledger entry."""
+    import pyarrow.parquet as pq
+
+    from grads_ray import storage
+
+    folder = stats.ledger / "units" / f"{shard:05d}"
+    files = [f for f in (storage.files_under(folder) if folder.exists() else []) if f.name.endswith(".parquet")]
+    tables = []
+    for f in sorted(files, key=lambda f: f.name):
+        with f.open("rb") as fh:
+            tables.append(pq.read_table(fh))
+    table = pa.concat_tables(tables, promote_options="default") if tables else _empty_scored()
     ok = pc.equal(table["reason"], "")
     good = table.filter(ok)
     good = good.take(pc.sort_indices(good["id"]))
@@ -267,18 +389,9 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
     stats_table = stats_table.append_column("finite", pa.array(finite_rows(stats_table), pa.bool_()))
     stats_table = stats_table.append_column("truncated", good["truncated"].cast(pa.bool_()))
     write_parquet(stats.part(shard), stats_table)
-    fields, arrays = [pa.field("id", pa.string())], [good["id"].cast(pa.string())]
-    for name in FEATURE_COLUMNS:
-        if name in good.column_names:
-            values = good[name].to_numpy(zero_copy_only=False)  # Ray's tensor column: each row flattened
-            if name == "fisher_energy":
-                fields.append(pa.field(name, pa.float32()))
-                arrays.append(pa.array(values.astype(np.float32)))
-            else:  # the per-row shape (FisherSFT's r x d' factor) in the field's metadata
-                fields.append(shaped_field(name, tuple(good.schema.field(name).type.shape)))
-                arrays.append(pa.array([np.asarray(v, dtype=np.float32).ravel() for v in values],
-                                       pa.list_(pa.float32())))
-    write_parquet(features.part(shard), pa.Table.from_arrays(arrays, schema=pa.schema(fields)))
+    feature_cols = ["id", *(c for c in FEATURE_COLUMNS if c in good.column_names)]
+    feats = good.select(feature_cols)
+    write_parquet(features.part(shard), feats.cast(pa.schema([feats.schema.field(c) for c in feature_cols])))
     bad = table.filter(pc.invert(ok)).select(["id", "source", "line", "reason", "detail"]).to_pylist()
     write_jsonl(stats.rejects(shard), [{**r, "stage": "score"} for r in bad])
     nodes = sorted(set(table["node"].to_pylist()))
@@ -287,47 +400,63 @@ def _flush_shard(shard: int, tables: list[pa.Table], stats: StageDir, features: 
             "nonfinite": int(stats_table.num_rows - (pc.sum(stats_table["finite"]).as_py() or 0))}
     stats.mark_done(shard, info)
     features.mark_done(shard, info)
+    storage.rmtree(folder)
     return info
+
+
+# The pass loop ---------------------------------------------------------------------------------------
+
+def units_of(expected: dict[int, int], unit_rows: int) -> dict[int, list[int]]:
+    """shard -> its units' starts: multiples of ``unit_rows`` whatever else is being scored, so a
+    unit (and so a row's batch mates) never depends on which shards a run had left to do."""
+    return {s: list(range(0, n, unit_rows)) for s, n in expected.items()}
+
+
+def rows_written(stats: StageDir, expected: dict[int, int], unit_rows: int) -> int:
+    """Rows of unfinished shards whose units are already written (a resumed run does not score
+    them again)."""
+    got = written_units(stats.ledger / "units")
+    return sum(min(unit_rows, expected[s] - a) for s, starts in got.items() if s in expected
+               and not stats.is_done(s) for a in starts if a < expected[s])
 
 
 def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, *,
                 model_path: str, max_length: int, on_long: str, batch_size: int, num_actors: int,
                 use_gpu: bool, cpus: float, trust_remote_code: bool = False,
                 settings: dict[str, Any] | None = None, progress=None, max_restarts: int = 3
-                ) -> list[dict[str, Any]]:
-    """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done;
-    ``progress(rows)`` as scored rows come back. ``cpus``: the cluster's, shared among CPU scorers
-    (one each left for tokenizing).
+                ) -> dict[str, Any]:
+    """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done, unit
+    by unit; ``progress(rows)`` as units are written. ``cpus``: the cluster's, shared among CPU
+    scorers (one each left for tokenizing). -> ``shards`` (the ledger entries of the shards finished
+    by this run), ``units_scored`` and ``rows_scored`` (this run), ``units_resumed`` (found written by an interrupted run).
 
-    A scorer process that dies (a lost node, the OOM killer) fails the pass; the shards it left
-    unfinished are scored again in a fresh pass. A pass that dies without finishing a shard counts
-    against ``max_restarts``, so a row that kills every scorer ends the run instead of looping, while
-    a long run may lose scorers now and then. (Ray's own actor restarts are off: a restarted Ray
-    Data actor needs its constructor arguments from the object store, which Ray warns it cannot
-    guarantee, ray-project/ray#53727; a fresh pass needs nothing from the last one.)"""
-    infos = []
-    for s in [s for s in sorted(expected) if not stats.is_done(s) and expected[s] == 0]:
-        infos.append(_flush_shard(s, [_empty_scored()], stats, features))  # empty shards: nothing to stream
+    A scorer process that dies (a lost node, the OOM killer) fails the pass; the units it left
+    unwritten are scored in a fresh pass. A pass that dies without writing a unit counts against
+    ``max_restarts``, so a row that kills every scorer ends the run instead of looping, while a long
+    run may lose scorers now and then. (Ray's own actor restarts are off: a restarted Ray Data actor
+    needs its constructor arguments from the object store, which Ray warns it cannot guarantee,
+    ray-project/ray#53727; a fresh pass needs nothing from the last one.)"""
+    unit_rows = ROWS_PER_BLOCK_BATCHES * batch_size
+    resumed = sum(len(v) for s, v in written_units(stats.ledger / "units").items()
+                  if s in expected and not stats.is_done(s))
+    result: dict[str, Any] = {"shards": [], "units_scored": 0, "rows_scored": 0, "units_resumed": resumed}
     kw = {"model_path": model_path, "max_length": max_length, "on_long": on_long, "batch_size": batch_size,
           "num_actors": num_actors, "use_gpu": use_gpu, "cpus": cpus, "trust_remote_code": trust_remote_code,
           "settings": settings}
-    fruitless = 0  # passes that died without finishing a shard
-    while pending := [s for s in sorted(expected) if not stats.is_done(s)]:
-        counted: dict[int, int] = defaultdict(int)  # rows reported this pass, per unfinished shard
-        written = len(infos)
+    fruitless = 0  # passes that died without writing a unit
+    while pending := {s: expected[s] for s in sorted(expected) if not stats.is_done(s)}:
+        before = result["units_scored"]
         try:
-            _score_pass(rows, {s: expected[s] for s in pending}, stats, features, progress, counted, infos, **kw)
+            _score_pass(rows, pending, stats, features, progress, result, unit_rows=unit_rows, **kw)
         except Exception as exc:  # noqa: BLE001 - only a dead scorer is retried; anything else re-raised
-            fruitless = fruitless + 1 if len(infos) == written else 0
+            fruitless = fruitless + 1 if result["units_scored"] == before else 0
             if fruitless > max_restarts or not scorer_died(exc):
                 raise
-            lost = sum(n for s, n in counted.items() if not stats.is_done(s))
-            if progress and lost:
-                progress(-lost)  # those rows are scored again
-            log.warning("[grads-ray] score: a scorer process died (%s); scoring the %d unfinished shard(s) "
-                        "again in a fresh pass (passes that died without finishing a shard: %d of at most %d)",
-                        type(exc).__name__, len(pending) - (len(infos) - written), fruitless, max_restarts)
-    return infos
+            log.warning("[grads-ray] score: a scorer process died (%s); scoring the unwritten units of %d "
+                        "shard(s) again in a fresh pass (passes that died without writing a unit: %d of at "
+                        "most %d)", type(exc).__name__, sum(not stats.is_done(s) for s in pending), fruitless,
+                        max_restarts)
+    return result
 
 
 def scorer_died(exc: BaseException) -> bool:
@@ -348,54 +477,91 @@ def scorer_died(exc: BaseException) -> bool:
 
 
 def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, progress,
-                counted: dict[int, int], infos: list[dict[str, Any]], *, model_path: str, max_length: int,
-                on_long: str, batch_size: int, num_actors: int, use_gpu: bool, cpus: float,
-                trust_remote_code: bool, settings: dict[str, Any] | None) -> None:
-    """One Ray Data pass over the units of ``expected``'s shards (all with rows, none done): each
-    shard written as soon as all of its rows are back, its ledger entry appended to ``infos`` (also
-    when the pass dies later); ``counted``: rows back per shard."""
+                result: dict[str, Any], *, unit_rows: int, model_path: str, max_length: int, on_long: str,
+                batch_size: int, num_actors: int, use_gpu: bool, cpus: float, trust_remote_code: bool,
+                settings: dict[str, Any] | None) -> None:
+    """One Ray Data pass over the unwritten units of ``expected``'s shards (none done). A shard whose
+    units are all written is finished by a Ray task (:func:`finish_shard`) while scoring goes on;
+    the pass returns (or raises) only once every finishing task it started has ended, their ledger
+    entries in ``result["shards"]``."""
     import ray
 
+    units = stats.ledger / "units"
+    have = written_units(units)
+    todo = {s: [a for a in starts if a not in have.get(s, set())] for s, starts in units_of(expected, unit_rows).items()}
+    finish = ray.remote(num_cpus=0)(finish_shard)  # IO and a sort: it must not wait behind the scorers
+    finishing: dict[Any, int] = {}
+
+    def collect(timeout: float | None) -> None:
+        ready, _ = ray.wait(list(finishing), num_returns=len(finishing), timeout=timeout)
+        for ref in ready:
+            finishing.pop(ref)
+            result["shards"].append(ray.get(ref))
+
+    left = {s: len(v) for s, v in todo.items()}
+    try:
+        for s in [s for s, n in left.items() if n == 0]:  # nothing left to score (or an empty shard)
+            finishing[finish.remote(s, stats, features)] = s
+        items = [{"shard": s, "start": a} for s in sorted(todo) for a in todo[s]]
+        for receipt in _stream_receipts(items, rows, expected, units, unit_rows=unit_rows, model_path=model_path,
+                                        max_length=max_length, on_long=on_long, batch_size=batch_size,
+                                        num_actors=num_actors, use_gpu=use_gpu, cpus=cpus,
+                                        trust_remote_code=trust_remote_code, settings=settings):
+            s = int(receipt["shard"])
+            left[s] -= 1
+            result["units_scored"] += 1
+            result["rows_scored"] += int(receipt["rows"])
+            if progress:
+                progress(int(receipt["rows"]))
+            if left[s] == 0:
+                finishing[finish.remote(s, stats, features)] = s
+            if finishing:
+                collect(0)
+    finally:
+        if finishing:  # let the shards being finished finish: a retried pass must not finish them twice
+            collect(None)
+    if any(n for n in left.values()):
+        missing = {s: n for s, n in left.items() if n}
+        raise RuntimeError(f"scoring ended with units unwritten (per shard: {missing})")
+
+
+def _stream_receipts(items: list[dict[str, int]], rows: StageDir, expected: dict[int, int], units, *,
+                     unit_rows: int, model_path: str, max_length: int, on_long: str, batch_size: int,
+                     num_actors: int, use_gpu: bool, cpus: float, trust_remote_code: bool,
+                     settings: dict[str, Any] | None):
+    """The Ray Data pipeline over ``items`` (units): read and tokenize in CPU tasks, score and write
+    in the actor pool. Yields a receipt (``shard, start, rows, node``) per unit written."""
+    import ray
+
+    if not items:
+        return
     threads = max(1, int(cpus // max(num_actors, 1)) - 1) if not use_gpu else None
-    unit_rows = ROWS_PER_BLOCK_BATCHES * batch_size
-    # One item (and so one block) a unit: scored rows stream back to the driver unit by unit, and a
-    # row's batch mates are the same in a resumed run as in an uninterrupted one (batched float
-    # arithmetic depends on them).
-    units = [{"shard": s, "start": a} for s in sorted(expected) for a in range(0, expected[s], unit_rows)]
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(read_unit, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"paths": {s: str(rows.part(s)) for s in expected}, "unit_rows": unit_rows})
-    # Tokenizing runs in CPU tasks, whole units at a time (batch_size=None keeps the units whole).
-    # With GPU scorers (num_gpus=1) Ray Data keeps the two operators apart; on CPU-only clusters it
-    # fuses them into the scorer actor, which saves a copy per batch.
-    ds = tokenize(ds, model_path=model_path, max_length=max_length, on_long=on_long,
-                  batch_size=None, trust_remote_code=trust_remote_code)
+    # One item (and so one block) a unit; batch_size=1 downstream holds each call to one unit
+    # whatever blocks Ray Data forms, so output flows unit by unit.
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(prepare_units, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"paths": {s: str(rows.part(s)) for s in expected}, "unit_rows": unit_rows,
+                                   "model_path": model_path, "max_length": max_length, "on_long": on_long,
+                                   "trust_remote_code": trust_remote_code})
     hooks = json.loads(os.environ[TEST_HOOKS_ENV]) if os.environ.get(TEST_HOOKS_ENV) else None
-    # max_restarts=0: a dead scorer fails the pass and run_scoring runs the unfinished shards again.
+    # max_restarts=0: a dead scorer fails the pass and run_scoring scores the unwritten units again.
     # (Ray 2.60 has no named parameter for it and warns that the keyword route goes in 2.64.)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = ds.map_batches(
-            Scorer, batch_size=None, batch_format="numpy",
+            UnitScorer, batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(num_actors, 1)),
             num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1), max_restarts=0,
-            fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu, "threads": threads,
-                                   "trust_remote_code": trust_remote_code, "settings": settings,
-                                   "batch_size": batch_size, "hooks": hooks},
+            fn_constructor_kwargs={"units": str(units), "model_path": model_path, "use_gpu": use_gpu,
+                                   "threads": threads, "trust_remote_code": trust_remote_code,
+                                   "settings": settings, "batch_size": batch_size, "hooks": hooks},
         )
-    buffers: dict[int, list[pa.Table]] = defaultdict(list)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for s in pc.unique(batch["shard"]).to_pylist():
-            part = batch.filter(pc.equal(batch["shard"], s))
-            buffers[s].append(part)
-            counted[s] += part.num_rows
-            if progress:
-                progress(part.num_rows)
-            if counted[s] == expected[s]:
-                infos.append(_flush_shard(s, buffers.pop(s), stats, features))
-    if buffers:
-        missing = {s: expected[s] - counted[s] for s in buffers}
-        raise RuntimeError(f"scoring ended with shards incomplete (rows missing per shard: {missing})")
+    # Receipts in any order: a slow unit must not hold back those of the units behind it (the job
+    # keeps order elsewhere, for training's sake: grads_ray/resources.py).
+    ds.context.execution_options.preserve_order = False
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["shard"])):
+            yield {k: batch[k][i] for k in ("shard", "start", "rows", "node")}
 
 
 def _empty_scored() -> pa.Table:

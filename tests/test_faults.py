@@ -108,14 +108,22 @@ def test_the_driver_killed_while_scoring_resumes(job, uninterrupted, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, all at once
         proc.wait()
-    finished_before = len(list(done.glob("*.json")))
+    finished_names = {p.name for p in done.glob("*.json")}
+    finished_before = len(finished_names)
     assert total and 0 < finished_before < total, (finished_before, total)
+    units = out / "stats" / ".ledger" / "units"  # written units of shards not finished: not scored again
+    written = [f for f in units.rglob("*.parquet") if not f.name.startswith(".")
+               and not (done / f"{f.parent.name}.json").exists()] if units.is_dir() else []
     # a plain run greets its user with no error line: Ray's actor restarts are off (grads_ray/scoring.py),
     # so Ray's warning that restarting an actor needs its arguments from the object store is not raised
     assert RAY_RESTART_WARNING not in (tmp_path / "stderr.txt").read_text()
     assert main(["score", *job["args"], "--output", str(out)]) == 0
     info = read_json(out / "stats" / ".ledger" / "SUCCESS.json")
     assert info["shards_this_run"] == total - finished_before  # the finished shards were not scored again
+    left = [read_json(p)["rows"] for p in (out / "rows" / ".ledger" / "done").glob("*.json")
+            if p.name not in finished_names]
+    assert info["units_resumed"] == len(written)
+    assert info["units_scored"] + len(written) == sum(-(-n // info["unit_rows"]) for n in left)
     _assert_same(out, uninterrupted, job["rows"])
 
 
@@ -165,3 +173,27 @@ def test_progress_counts_rows_as_they_come_back_from_a_one_shard_corpus(job, ray
     assert read_json(tmp_path / "out" / "rows" / ".ledger" / "SUCCESS.json")["shards"] == 1
     rows = [n for stage, _, n in updates if stage == "score"]
     assert sum(rows) == job["rows"] and len(rows) >= job["rows"] // 32 and max(rows) <= 32
+
+
+def test_a_shard_longer_than_ray_datas_no_progress_timeout_completes(job, ray_local, tmp_path, monkeypatch):
+    """One shard whose scoring takes over twice Ray Data's no-progress timeout (lowered here to
+    12 s, room for a worker's cold start; 30 min by default): each scorer call is one unit, which takes well under it, so the pass
+    makes progress unit by unit and completes (a shard in one call failed with
+    ExecutionTimeoutError)."""
+    import ray
+
+    corpus = tmp_path / "one.jsonl"
+    src = Path(job["args"][job["args"].index("--data") + 1])
+    corpus.write_text("".join(f.read_text() for f in sorted(src.glob("*.jsonl")))[: 10 ** 9])
+    args = [a if a != str(src) else str(corpus) for a in job["args"]]
+    args = [a for a in args if not a.startswith("data.shard_bytes=")]
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "execution_no_progress_timeout_s", 12.0)
+    monkeypatch.setenv("GRADS_RAY_TEST_SCORER_HOOKS", json.dumps({"sleep": 0.45}))  # 8 batches: ~4 s a unit
+    out = tmp_path / "out"
+    t0 = time.time()
+    assert main(["score", *args, "--output", str(out)]) == 0
+    took = time.time() - t0
+    info = read_json(out / "stats" / ".ledger" / "SUCCESS.json")
+    assert read_json(out / "rows" / ".ledger" / "SUCCESS.json")["shards"] == 1
+    assert info["units_scored"] == -(-job["rows"] // info["unit_rows"]) and took > 2 * 12.0
+    assert not (out / "stats" / ".ledger" / "units").exists() or not any((out / "stats" / ".ledger" / "units").iterdir())

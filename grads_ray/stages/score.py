@@ -3,8 +3,9 @@
 score, for every ingested row:
 1. the scoring model: ``score.model`` when given, else the warm-up's when enabled, else the base;
 2. shards whose rows were scored before by the same model and settings come from the shard cache;
-3. the others stream through Ray Data (read units -> tokenize -> scorer actor pool) and each is
-   written as ``stats/part-*`` and ``features/part-*`` once its rows are back (grads_ray/scoring.py);
+3. the others stream through Ray Data (read and tokenize units -> scorer actor pool); scorers write
+   each unit where they run, and a shard whose units are all written is merged into ``stats/part-*``
+   and ``features/part-*`` by a Ray task; the driver only counts (grads_ray/scoring.py);
 4. every shard goes into the cache for the next corpus version;
 5. rejects of ingest and score are merged into ``rejected.jsonl``; every input row is checked to be
    scored or rejected exactly once.
@@ -83,7 +84,7 @@ class Score(Stage):
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.progress import Progress
-        from grads_ray.scoring import engine_settings, run_scoring
+        from grads_ray.scoring import ROWS_PER_BLOCK_BATCHES, engine_settings, rows_written, run_scoring
 
         cfg, corpus, res = ctx.cfg, ctx.need("ingest").value, ctx.ray()
         stats, features = out["stats"], out["features"]
@@ -94,10 +95,12 @@ class Score(Stage):
         keys = {i: fingerprint(numbers, info.get("content")) for i, info in rows.items() if info.get("content")}
         cache = ShardCache(cfg.score.cache_dir or ctx.out / "score_cache")
         reused = _reuse_scored(cache, keys, stats, features)
+        unit_rows = ROWS_PER_BLOCK_BATCHES * cfg.score.batch_size
         bar = Progress("score", sum(expected.values()), "rows",
-                       done=sum(n for i, n in expected.items() if stats.is_done(i)))
+                       done=sum(n for i, n in expected.items() if stats.is_done(i))
+                       + rows_written(stats, expected, unit_rows))
         t0 = time.time()
-        infos = run_scoring(
+        ran = run_scoring(
             corpus.rows, expected, stats, features, model_path=model.path, max_length=cfg.data.max_length,
             on_long=cfg.data.on_long, batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors,
             use_gpu=res.gpu(cfg.score.use_gpu), cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
@@ -111,9 +114,10 @@ class Score(Stage):
                 "nodes": sorted({n for i in done for n in i.get("nodes", [])} - {""}),
                 "truncated": sum(i.get("truncated", 0) for i in done),
                 "nonfinite": sum(i.get("nonfinite", 0) for i in done),
-                "model": model.path, "shards_this_run": len(infos), "shards_reused": reused,
+                "model": model.path, "shards_this_run": len(ran["shards"]), "shards_reused": reused,
+                "units_scored": ran["units_scored"], "units_resumed": ran["units_resumed"], "unit_rows": unit_rows,
                 "engine": cfg.score.engine,
-                "examples_per_s": round(sum(i["scored"] for i in infos) / max(time.time() - t0, 1e-9), 2)}
+                "examples_per_s": round(ran["rows_scored"] / max(time.time() - t0, 1e-9), 2)}
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]) -> ModelRef:
         """The model the scores are of (the target set is scored with it too)."""

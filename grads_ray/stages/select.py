@@ -5,8 +5,9 @@
    the similarity feature's vectors — every table sorted by id and checked to hold the scored ids;
 2. choose (grads_ray/selection/select.py: arrays in, arrays out);
 3. write ``selection.parquet`` (every scored id, its verdict and each score component),
-   ``selection_report.md``, and the selected rows in rank order as ``selected.jsonl`` (the original
-   records) and ``selected.parquet`` (id, rank, record).
+   ``selection_report.md``, the selected rows in rank order as ``selected.jsonl`` (the original
+   records) and ``selected.parquet`` (id, rank, record), and the same rows shuffled (seeded) as
+   ``select/part-*.parquet``, which the fine-tune reads.
 Later stages receive the path of ``selection.parquet``.
 """
 
@@ -22,10 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from grads_ray import storage
 from grads_ray.columns import SHAPE_KEY, matrix, tensor
 from grads_ray.data.readers import InputError
 from grads_ray.evaluation.report import PLOTTED, write_report
-from grads_ray.rundir import StageDir, fingerprint, read_parts, write_parquet, write_text
+from grads_ray.rundir import StageDir, fingerprint, read_parts, write_parquet
 from grads_ray.selection.inputs import BASE_COLUMNS, SelectionInputs, method_needs
 from grads_ray.stages.base import Done, Outputs, Stage, no_rows
 
@@ -55,7 +57,8 @@ class Select(Stage):
             ups.append(ctx.need("target").fingerprint)
         if _vectors_from_embed(ctx.cfg):
             ups.append(ctx.need("embed").fingerprint)
-        return fingerprint("select", *ups, asdict(ctx.cfg.select), ctx.cfg.seed)
+        # "subset-parts": the stage's folder holds the shuffled subset (older run folders did not)
+        return fingerprint("select", *ups, asdict(ctx.cfg.select), ctx.cfg.seed, "subset-parts")
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.selection.budget import parse_budget
@@ -80,7 +83,8 @@ class Select(Stage):
                      {**ctx.manifest, "stages": stages})
         chosen = table.filter(table["selected"])
         chosen = chosen.take(pc.sort_indices(chosen["rank"]))
-        write_selected(ctx.out, ctx.need("ingest").value.rows, chosen["id"].to_pylist())
+        write_selected(ctx.out, out["select"], ctx.need("ingest").value.rows, chosen["id"], seed=cfg.seed,
+                       part_rows=cfg.data.shard_rows)
         return {"method": sc.method, "budget": sc.budget, "scored": len(res["selected"]),
                 "selected": int(res["selected"].sum()), "selected_tokens": int(cols["n_tokens"][res["selected"]].sum()),
                 "total_tokens": int(cols["n_tokens"].sum()), "select_seconds": round(select_s, 2),
@@ -179,20 +183,43 @@ def count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
     return {label: int(c) for label, c in zip(labels, counts, strict=True) if c}
 
 
-def write_selected(out, rows: StageDir, ranked_ids: list[str]) -> None:
-    """The original rows of the selected ids, in rank order: ``selected.jsonl`` (one JSON record a
-    line, as read) and ``selected.parquet`` (id, rank, record)."""
-    want = {i: r for r, i in enumerate(ranked_ids)}
-    records: list[str | None] = [None] * len(ranked_ids)
+def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, *, seed: int,
+                   part_rows: int) -> None:
+    """The original rows of the selected ids (``ranked_ids``: in rank order):
+
+    - ``selected.jsonl`` (one JSON record a line, as read) and ``selected.parquet`` (id, rank,
+      record), in rank order, for the user;
+    - ``subset`` (the select stage's folder): the same rows in a seeded random order, in parts of
+      ``part_rows``: what the fine-tune reads, so its data path costs O(selected rows) per epoch.
+
+    Records stay Arrow strings (no Python object per row), read part by part from the rows table."""
+    ranked_ids = ranked_ids.cast(pa.string())
+    pieces = []
     for part in rows.parts():
         t = pq.read_table(str(part), columns=["id", "record"])
-        mask = pc.is_in(t["id"], value_set=pa.array(ranked_ids, pa.string()))
-        for i, rec in zip(*[t.filter(mask)[c].to_pylist() for c in ("id", "record")], strict=True):
-            records[want[i]] = rec
-    missing = [i for i, r in zip(ranked_ids, records, strict=True) if r is None]
-    if missing:
-        raise RuntimeError(f"{len(missing)} selected ids have no ingested row (first: {missing[0]!r})")
-    write_text(out / "selected.jsonl", "".join(r + "\n" for r in records))
-    write_parquet(out / "selected.parquet", pa.table({
-        "id": pa.array(ranked_ids, pa.string()), "rank": pa.array(np.arange(len(records), dtype=np.int64)),
-        "record": pa.array(records, pa.string())}))
+        rank = pc.index_in(t["id"], value_set=ranked_ids)
+        keep = pc.is_valid(rank)
+        pieces.append(t.filter(keep).append_column("rank", rank.filter(keep).cast(pa.int64())))
+    table = pa.concat_tables(pieces) if pieces else pa.table({"id": pa.array([], pa.string()),
+                                                              "record": pa.array([], pa.string()),
+                                                              "rank": pa.array([], pa.int64())})
+    if table.num_rows != len(ranked_ids):
+        have = set(table["id"].to_pylist())
+        missing = next(i for i in ranked_ids.to_pylist() if i not in have)
+        raise RuntimeError(f"{len(ranked_ids) - table.num_rows} selected ids have no ingested row (first: {missing!r})")
+    table = table.select(["id", "rank", "record"]).take(pc.sort_indices(table["rank"]))
+
+    def jsonl(fh) -> None:
+        for batch in table.to_batches(max_chunksize=10_000):
+            fh.write("".join(r + "\n" for r in batch["record"].to_pylist()).encode())
+
+    storage.atomic_write(storage.location(out / "selected.jsonl"), jsonl)
+    write_parquet(out / "selected.parquet", table)
+    shuffled = table.take(np.random.default_rng([seed, 0x5E1EC7]).permutation(table.num_rows))
+    for k, start in enumerate(range(0, shuffled.num_rows, part_rows)):
+        write_parquet(subset.part(k), shuffled.slice(start, part_rows))
+
+
+def selected_rows(subset: StageDir) -> list[str]:
+    """The fine-tune's input: the select stage's parts (the selected rows, shuffled once, seeded)."""
+    return [str(p) for p in subset.parts()]

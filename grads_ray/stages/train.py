@@ -3,7 +3,8 @@
 warmup: a short preliminary fine-tune on a seeded fraction of the ingested rows, so that the
 gradients the score stage measures reflect the task. finetune: the base model trained on the rows
 the select stage chose. Both:
-1. pick the rows by id before tokenizing (a seeded coin per id, or the selected id set);
+1. read their rows: the warm-up's, the corpus with a seeded coin per id; the fine-tune's, the
+   subset the select stage wrote (shuffled once, seeded), so its data path is O(selected rows);
 2. tokenize them in Ray Data tasks, dropping rows the tokenizer rejects;
 3. train (grads_ray/training/): a rerun of the same stage and config resumes from its latest checkpoint;
 4. save a Hugging Face folder, ``<stage>/model``, which later stages receive.
@@ -16,7 +17,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from grads_ray.config import TrainConfig, recipe
 from grads_ray.rundir import fingerprint, read_parts
@@ -32,17 +32,9 @@ def stable_fraction(ids: list[str], seed: int, fraction: float) -> np.ndarray:
     return np.asarray(keys, dtype=np.uint64) < np.uint64(int(fraction * (2**64 - 1)))
 
 
-def pick_rows(batch: dict[str, np.ndarray], seed: int = 0, fraction: float = 1.0,
-              ids: Any = None) -> dict[str, np.ndarray]:
-    """Ray Data filter on raw rows, before tokenizing: a seeded fraction of ids, or an id set."""
-    import ray
-
-    keep = np.ones(len(batch["id"]), dtype=bool)
-    if fraction < 1.0:
-        keep &= stable_fraction(list(batch["id"]), seed, fraction)
-    if ids is not None:
-        wanted = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
-        keep &= np.array([i in wanted for i in batch["id"]], dtype=bool)
+def pick_rows(batch: dict[str, np.ndarray], seed: int = 0, fraction: float = 1.0) -> dict[str, np.ndarray]:
+    """Ray Data filter on raw rows, before tokenizing: a seeded fraction of ids."""
+    keep = stable_fraction(list(batch["id"]), seed, fraction) if fraction < 1.0 else np.ones(len(batch["id"]), bool)
     return {k: v[keep] for k, v in batch.items()}
 
 
@@ -52,18 +44,22 @@ def training_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": batch["input_ids"][keep], "labels": batch["labels"][keep]}
 
 
-def train_on(ctx, stage: str, fp: str, out_model: Location, n_rows: int, pick: dict[str, Any],
+def train_on(ctx, stage: str, fp: str, out_model: Location, n_rows: int, files: list[str], pick: dict[str, Any] | None,
              tcfg: TrainConfig) -> dict[str, Any]:
-    """Ray Train run ``STAGE-FP`` of the base model on the rows ``pick`` chooses (see :func:`pick_rows`):
-    a rerun of the same stage and config (after a crash) resumes from its latest checkpoint; another
-    config starts its own run. -> the final training metrics."""
-    from grads_ray.scoring import read_rows, tokenize
+    """Ray Train run ``STAGE-FP`` of the base model on the rows of ``files`` (Parquet with ``id`` and
+    ``record``), filtered by ``pick`` when given (see :func:`pick_rows`): a rerun of the same stage
+    and config (after a crash) resumes from its latest checkpoint; another config starts its own run.
+    -> the final training metrics."""
+    import ray
+
+    from grads_ray.scoring import tokenize
     from grads_ray.training.trainer import train
 
     cfg, res = ctx.cfg, ctx.ray()
     base = cfg.model.path
-    ds = read_rows([str(p) for p in ctx.need("ingest").value.rows.parts()])
-    ds = ds.map_batches(pick_rows, batch_format="numpy", fn_kwargs=pick)
+    ds = ray.data.read_parquet(files).select_columns(["id", "record"])
+    if pick:
+        ds = ds.map_batches(pick_rows, batch_format="numpy", fn_kwargs=pick)
     ds = tokenize(ds, model_path=base, max_length=cfg.data.max_length, on_long=cfg.data.on_long,
                   batch_size=cfg.score.tokenize_batch_size, trust_remote_code=cfg.model.trust_remote_code)
     ds = ds.map_batches(training_columns, batch_format="numpy")
@@ -91,7 +87,8 @@ class Warmup(Stage):
         log.info("[grads-ray] warmup: fine-tuning %s on %d rows (%.0f%% of the corpus) before scoring it, as "
                  "GrADS does; warmup.enabled=false or score.model=%s scores it as it is",
                  cfg.model.path, n, 100 * cfg.warmup.fraction, cfg.model.path)
-        metrics = train_on(ctx, "warmup", out.fingerprint, out["warmup"].path / "model", n,
+        files = [str(p) for p in ctx.need("ingest").value.rows.parts()]
+        metrics = train_on(ctx, "warmup", out.fingerprint, out["warmup"].path / "model", n, files,
                            {"seed": cfg.seed, "fraction": cfg.warmup.fraction}, cfg.warmup)
         return {"rows": n, "metrics": metrics}
 
@@ -104,21 +101,20 @@ class Finetune(Stage):
     about = "the base model fine-tuned on the selected rows: finetune/model"
 
     def needs(self, cfg) -> list[str]:
-        return ["ingest", "select"]
+        return ["select"]
 
     def fingerprint(self, ctx) -> str:
         cfg = ctx.cfg
         return fingerprint("finetune", ctx.need("select").fingerprint, cfg.model.path, recipe(cfg.finetune), cfg.seed)
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
-        import ray
+        from grads_ray.stages.select import selected_rows
 
-        sel = pq.read_table(str(ctx.need("select").value), columns=["id", "selected"])
-        ids = set(sel.filter(sel["selected"])["id"].to_pylist())
-        ctx.ray()
-        metrics = train_on(ctx, "finetune", out.fingerprint, out["finetune"].path / "model", len(ids),
-                           {"ids": ray.put(ids)}, ctx.cfg.finetune)
-        return {"rows": len(ids), "metrics": metrics}
+        select = ctx.need("select")
+        n = select.info["selected"]
+        metrics = train_on(ctx, "finetune", out.fingerprint, out["finetune"].path / "model", n,
+                           selected_rows(select["select"]), None, ctx.cfg.finetune)
+        return {"rows": n, "metrics": metrics}
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]) -> str:
         return str(out["finetune"].path / "model")
