@@ -551,7 +551,7 @@ def parse_stages(text: str) -> list[str]:
     return [s for s in STAGE_ORDER if s in names]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10^4 rows (default 10^5)")
     ap.add_argument("--rows", type=int, help="rows of the corpus")
@@ -564,69 +564,94 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="synthetic scores' seed")
     ap.add_argument("--keep", action="store_true", help="keep the run folder (default: removed at the end)")
     a = ap.parse_args()
-    n = a.rows or (10**4 if a.quick else 10**5)
-    stages = parse_stages(a.stages)
-    synthetic = "score" not in stages and len(stages) > 1
-    work = (ROOT / a.out).resolve() if not Path(a.out).is_absolute() else Path(a.out)
-    child_env = dict(os.environ)
-    ray_client_env()
-    clear_stale_cluster_file()
+    a.rows = a.rows or (10**4 if a.quick else 10**5)
+    a.sample = min(a.sample or (500 if a.quick else 1000), a.rows)
+    a.stages = parse_stages(a.stages)
+    a.synthetic = "score" not in a.stages and len(a.stages) > 1
+    return a
 
-    assets = demo_assets((ROOT / a.demo).resolve())
-    corpus, meta = write_corpus(work, n)
-    demo_yaml = str(resources.files("grads_ray") / "configs" / "demo.yaml")
-    base = [f"model.path={assets / 'model'}", f"data.paths=['{corpus}']", "warmup.enabled=false",
+
+def job_overrides(assets: Path, corpus: Path, extra: list[str]) -> list[str]:
+    """The config every command gets on top of the demo's: this corpus and the demo's model, no
+    warm-up, the job's default shards (the demo's are small), the demo's held-out files."""
+    return [f"model.path={assets / 'model'}", f"data.paths=['{corpus}']", "warmup.enabled=false",
             f"data.shard_bytes={DataConfig().shard_bytes}", f"eval.domain_paths=['{assets / 'heldout.jsonl'}']",
-            f"eval.general_paths=['{assets / 'general.txt'}']", *a.set]
-    out = work / f"run-{n}{'-synthetic' if synthetic else ''}"
-    shutil.rmtree(out, ignore_errors=True)
-    overrides = [*base, f"output={out}"]
-    cfg = load_config(demo_yaml, overrides)
-    print(f"# scale benchmark: {n:,} rows ({meta['distinct_sources']:,} distinct standard-library sources, "
-          f"{meta['bytes'] / 2**20:.0f} MB), stages {','.join(stages)}{' (synthetic scores)' if synthetic else ''}; "
-          f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
-          f"ray.num_cpus {cfg.ray.num_cpus}", flush=True)
+            f"eval.general_paths=['{assets / 'general.txt'}']", *extra]
 
+
+def run_stages(a: argparse.Namespace, base: list[str], out: Path, corpus: Path, logs: Path,
+               env: dict[str, str]) -> tuple[list[dict], dict | None, dict | None]:
+    """Each stage's command in turn; Ray's share right after score; synthetic scores right after
+    ingest when score is not run. -> (each stage's figures, the in-process score, the synthesis)."""
+    demo_yaml = ["--config", str(resources.files("grads_ray") / "configs" / "demo.yaml")]
+    overrides = [*base, f"output={out}"]
+    cfg = load_config(demo_yaml[1], overrides)
     results, share, synth = [], None, None
-    logs = work / f"logs-{n}"
-    for stage in stages:
-        measured = run_command(stage, overrides, logs, child_env, ["--config", demo_yaml])
-        results.append(record(stage, measured, out, cfg))
+    for stage in a.stages:
+        results.append(record(stage, run_command(stage, overrides, logs, env, demo_yaml), out, cfg))
         print(f"#   {stage}: {results[-1]['wall_s']:.1f} s", flush=True)
         if stage == "score":
-            sample = min(a.sample or (500 if a.quick else 1000), n)
-            share = in_process_rate(corpus, sample, cfg)
-            print(f"#   one process, first {sample} rows: {share['rows_per_s']} rows/s", flush=True)
-        if stage == "ingest" and synthetic:
-            schema_out = work / "schema"
+            share = in_process_rate(corpus, a.sample, cfg)
+            print(f"#   one process, first {a.sample} rows: {share['rows_per_s']} rows/s", flush=True)
+        if stage == "ingest" and a.synthetic:
+            schema_out = out.parent / "schema"
             run_command("score", [*base, f"output={schema_out}", f"data.limit={SCHEMA_ROWS}"], logs / "schema",
-                        child_env, ["--config", demo_yaml])
+                        env, demo_yaml)
             synth, seconds = timed(synthesize_scores, cfg, schema_out, a.seed)
             synth["seconds"] = round(seconds, 1)
             print(f"#   synthetic scores: {synth['scored']:,} rows in {synth['seconds']} s", flush=True)
-    print_table(results)
+    return results, share, synth
+
+
+def headline(a: argparse.Namespace, meta: dict, results: list[dict], share: dict | None, synth: dict | None,
+             cfg) -> dict:
+    """The last line's figures."""
     by = {r["stage"]: r for r in results}
     job_rate = by.get("score", {}).get("rows_per_s")
+    per_stage = lambda key: {s: r[key] for s, r in by.items()}  # noqa: E731
     summary = {
-        "rows": n, "stages": stages, "synthetic_scores": synthetic, "distinct_sources": meta["distinct_sources"],
+        "rows": a.rows, "stages": a.stages, "synthetic_scores": a.synthetic,
+        "distinct_sources": meta["distinct_sources"],
         "score_ray_share": round(job_rate / share["rows_per_s"], 3) if share and job_rate else None,
         "score_job_rows_per_s": job_rate, "score_in_process": share,
-        "driver_peak_mb_by_rows": {str(n): {s: r["driver_peak_mb"] for s, r in by.items()}},
-        "rows_per_s_by_stage": {s: r["rows_per_s"] for s, r in by.items()},
-        "seconds_by_stage": {s: {"wall": r["wall_s"], "stage": r["stage_s"]} for s, r in by.items()},
-        "worker_peak_mb_by_stage": {s: r["worker_peak_mb"] for s, r in by.items()},
-        "workers_total_peak_mb_by_stage": {s: r["workers_total_peak_mb"] for s, r in by.items()},
-        "object_store_peak_mb_by_stage": {s: r["object_store_peak_mb"] for s, r in by.items()},
-        "spilled_mb_by_stage": {s: r["spilled_mb"] for s, r in by.items()},
+        "driver_peak_mb_by_rows": {str(a.rows): per_stage("driver_peak_mb")},
+        "rows_per_s_by_stage": per_stage("rows_per_s"),
+        "seconds_by_stage": {s: {"wall": r["wall_s"], "stage": r["stage_s"], "ray_start": r["ray_start_s"]}
+                             for s, r in by.items()},
+        "worker_peak_mb_by_stage": per_stage("worker_peak_mb"),
+        "workers_total_peak_mb_by_stage": per_stage("workers_total_peak_mb"),
+        "object_store_peak_mb_by_stage": per_stage("object_store_peak_mb"),
+        "spilled_mb_by_stage": per_stage("spilled_mb"),
         "synthetic_score_seconds": synth["seconds"] if synth else None,
         "cpus": os.cpu_count(), "ray_num_cpus": cfg.ray.num_cpus, "python": platform.python_version(),
     }
     errors = {s: r["store_error"] for s, r in by.items() if r["store_error"]}
     if errors:
         summary["object_store_errors"] = errors
+    return summary
+
+
+def main() -> None:
+    a = parse_args()
+    work = Path(a.out) if Path(a.out).is_absolute() else (ROOT / a.out).resolve()
+    env = dict(os.environ)  # the commands' environment, as this process got it
+    ray_client_env()
+    clear_stale_cluster_file()
+    assets = demo_assets((ROOT / a.demo).resolve())
+    corpus, meta = write_corpus(work, a.rows)
+    base = job_overrides(assets, corpus, a.set)
+    out = work / f"run-{a.rows}{'-synthetic' if a.synthetic else ''}"
+    shutil.rmtree(out, ignore_errors=True)  # a run left here would make every stage a memo hit
+    cfg = load_config(str(resources.files("grads_ray") / "configs" / "demo.yaml"), [*base, f"output={out}"])
+    print(f"# scale benchmark: {a.rows:,} rows ({meta['distinct_sources']:,} distinct standard-library sources, "
+          f"{meta['bytes'] / 2**20:.0f} MB), stages {','.join(a.stages)}"
+          f"{' (synthetic scores)' if a.synthetic else ''}; {platform.machine()}, {os.cpu_count()} cpus, "
+          f"Python {platform.python_version()}, ray.num_cpus {cfg.ray.num_cpus}", flush=True)
+    results, share, synth = run_stages(a, base, out, corpus, work / f"logs-{a.rows}", env)
+    print_table(results)
     if not a.keep:
         shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps(summary))
+    print(json.dumps(headline(a, meta, results, share, synth, cfg)))
 
 
 if __name__ == "__main__":

@@ -224,3 +224,27 @@ def test_duplicate_ids_across_shards_keep_the_first_row(tmp_path):
         (4, "duplicate_id", "first seen at c.jsonl:1"), (6, "duplicate_id", "first seen at c.jsonl:2"),
         (8, "duplicate_id", "first seen at c.jsonl:1")]
     assert sum(stage.done_info(s.index)["rows"] for s in shards) == 5
+
+
+def test_a_packed_unit_round_trips():
+    """The scorer's one-item unit (Arrow IPC bytes): token lists of odd and zero lengths (a rejected
+    row has none), reasons and flags come back as the tokenizer gave them."""
+    import numpy as np
+
+    from grads_ray.scoring import pack_unit, unpack_unit
+
+    rng = np.random.default_rng(1)
+    lengths = [5, 0, 1, 17, 3]
+    tok = {"id": np.array([f"x{i}" for i in range(5)], object), "source": np.array(["a.jsonl"] * 5, object),
+           "line": np.arange(5) + 10, "pos": np.arange(5) + 64,
+           "input_ids": [rng.integers(0, 1000, n).astype(np.int64) for n in lengths],
+           "labels": [np.where(rng.random(n) < 0.3, -100, rng.integers(0, 1000, n)).astype(np.int64) for n in lengths],
+           "reason": np.array(["", "too_long", "", "", ""], object), "detail": np.array(["", "d", "", "", ""], object),
+           "truncated": np.array([False, False, True, False, False])}
+    back = unpack_unit(pack_unit(tok), shard=7)
+    assert back["shard"].tolist() == [7] * 5
+    for c in ("id", "source", "line", "pos", "reason", "detail", "truncated"):
+        assert list(back[c]) == list(tok[c]), c
+    for c in ("input_ids", "labels"):
+        assert [x.dtype for x in back[c]] == [np.int64] * 5
+        assert all(np.array_equal(a, b) for a, b in zip(back[c], tok[c], strict=True)), c

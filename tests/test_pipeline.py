@@ -139,6 +139,13 @@ def test_selection_outputs(finished):
     as_parquet = pq.read_table(out / "selected.parquet").to_pylist()
     assert [r["id"] for r in as_parquet] == [r["id"] for r in chosen]
     assert [json.loads(r["record"]) for r in as_parquet] == [originals[r["id"]] for r in chosen]
+    # the fine-tune's input: the same rows, shuffled once (seeded), in the select stage's folder
+    subset = read_parts(sorted((out / "select").glob("part-*.parquet"))).to_pylist()
+    assert sorted(r["id"] for r in subset) == sorted(r["id"] for r in chosen)
+    assert [r["id"] for r in subset] != [r["id"] for r in chosen]
+    assert {r["id"]: r["record"] for r in subset} == {r["id"]: r["record"] for r in as_parquet}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["finetune"]["rows"] == len(chosen)
 
 
 def test_manifest_and_evaluation(finished):

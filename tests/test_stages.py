@@ -203,3 +203,54 @@ def test_the_warm_up_says_what_it_does_and_how_to_skip_it(tmp_path, monkeypatch,
         info = train.Warmup().run(Ctx(), Outputs("fp", {"warmup": StageDir(tmp_path, "warmup")}))
     assert f"warmup: fine-tuning /models/M on {info['rows']} rows (20% of the corpus) before scoring it" in caplog.text
     assert "warmup.enabled=false or score.model=/models/M scores it as it is" in caplog.text
+
+
+def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path, monkeypatch):
+    """write_selected: rank order for the user (selected.jsonl/.parquet), a seeded shuffle in parts of
+    part_rows for the fine-tune; the fine-tune reads those parts and nothing of the corpus."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from grads_ray.rundir import StageDir, read_parts, write_parquet
+    from grads_ray.stages import select, train
+    from grads_ray.stages.base import Done, Outputs
+
+    rows = StageDir(tmp_path, "rows")
+    for shard in range(3):
+        write_parquet(rows.part(shard), pa.table({"id": [f"r{shard}-{i}" for i in range(20)],
+                                                  "record": [f'{{"n": "{shard}-{i}"}}' for i in range(20)]}))
+    ranked = pa.array([f"r{s}-{i}" for i in (7, 3, 19, 0) for s in (2, 0)])
+    subset = StageDir(tmp_path / "a", "select")
+    select.write_selected(tmp_path / "a", subset, rows, ranked, seed=3, part_rows=3)
+    assert (tmp_path / "a" / "selected.jsonl").read_text().splitlines() == [
+        '{"n": "%s"}' % i[1:] for i in ranked.to_pylist()]
+    assert pq.read_table(tmp_path / "a" / "selected.parquet")["id"].to_pylist() == ranked.to_pylist()
+    parts = subset.parts()
+    assert [pq.read_metadata(str(p)).num_rows for p in parts] == [3, 3, 2]
+    shuffled = read_parts(parts)
+    assert sorted(shuffled["id"].to_pylist()) == sorted(ranked.to_pylist()) != shuffled["id"].to_pylist()
+    again = StageDir(tmp_path / "b", "select")
+    select.write_selected(tmp_path / "b", again, rows, ranked, seed=3, part_rows=3)
+    assert read_parts(again.parts()).equals(shuffled)  # the same shuffle for the seed
+    other = StageDir(tmp_path / "c", "select")
+    select.write_selected(tmp_path / "c", other, rows, ranked, seed=4, part_rows=3)
+    assert read_parts(other.parts())["id"].to_pylist() != shuffled["id"].to_pylist()
+    with pytest.raises(RuntimeError, match="1 selected ids have no ingested row"):
+        select.write_selected(tmp_path / "d", StageDir(tmp_path / "d", "select"), rows,
+                              pa.array(["r0-1", "nope"]), seed=3, part_rows=3)
+
+    seen = {}
+    monkeypatch.setattr(train, "train_on", lambda ctx, stage, fp, model, n, files, pick, tcfg:
+                        seen.update(n=n, files=files, pick=pick) or {})
+    done = Done("select", Outputs("fp", {"select": subset}), {"selected": len(ranked)})
+
+    class Ctx:
+        cfg = load_config(None, ["model.path=/models/M"])
+
+        def need(self, name):
+            assert name == "select"
+            return done
+
+    info = train.Finetune().run(Ctx(), Outputs("fp", {"finetune": StageDir(tmp_path, "finetune")}))
+    assert info["rows"] == seen["n"] == 8 and seen["pick"] is None
+    assert seen["files"] == [str(p) for p in parts]
