@@ -208,6 +208,9 @@ class SelectConfig:
     max_similarity: float = 0.0  # > 0: skip a candidate with cosine above this to one ranked above it
     fill: bool = True  # GrADS: fill the budget from outside the band when the band holds too few
     quotas: dict[str, float] = field(default_factory=dict)  # share of the budget per source; "*": the rest
+    # feature matrices (FisherSFT's factors, LESS's projected gradients) larger than this are read
+    # into a memory-mapped file beside the run (select/.ledger/spill) instead of the driver's memory
+    memory_mb: float = 4096.0
     grads: GradsConfig = field(default_factory=GradsConfig)
     fisher: FisherConfig = field(default_factory=FisherConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
@@ -471,6 +474,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("score.max_restarts must be >= 0 and score.num_actors >= 1")
     _one_of("similarity.feature", cfg.similarity.feature, ("hidden_mean", "grad_proj", "encoder"))
     _one_of("similarity.center", cfg.similarity.center, ("auto", "true", "false"))
+    if cfg.select.memory_mb < 0:
+        raise ConfigError("select.memory_mb must be >= 0 (0: every feature matrix memory-mapped)")
     if cfg.similarity.memory_mb < 1 or cfg.similarity.workers < 0:
         raise ConfigError("similarity.memory_mb must be >= 1 and similarity.workers >= 0 (0: auto)")
     if cfg.similarity.encoder_path and not Path(cfg.similarity.encoder_path).is_dir():

@@ -125,6 +125,7 @@ class Runner:
         entry = self.manifest["stages"].setdefault(stage.name, {})
         entry.update({k: v for k, v in info.items() if k != "fingerprint" and k not in stage.private})
         entry["seconds"] = round(time.time() - start - (self._ray_seconds - ray_before), 2)
+        entry["driver_peak_mb"] = driver_peak_mb()
         try:
             stage.check(self, done)
         finally:
@@ -134,3 +135,13 @@ class Runner:
 
     def save_manifest(self) -> None:
         write_json(self.out / "manifest.json", self.manifest)
+
+
+def driver_peak_mb() -> float:
+    """This process's peak resident memory so far, MB (the kernel's high-water mark: it only grows
+    over a job, so a stage raised it when its figure is above the stage before)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)

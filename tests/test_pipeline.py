@@ -154,6 +154,7 @@ def test_manifest_and_evaluation(finished):
     for stage in ("ingest", "warmup", "score", "similarity", "select", "finetune", "baseline", "evaluate"):
         assert "seconds" in manifest["stages"][stage], stage
         assert manifest["stages"][stage]["computed_seconds"] > 0, stage  # the time of the run that computed it
+        assert manifest["stages"][stage]["driver_peak_mb"] > 50, stage
     assert {"torch", "ray", "transformers", "python"} <= set(manifest["versions"])
     sim = manifest["stages"]["similarity"]
     assert sim["index"] == "IndexFlatIP" and sim["exact"] and sim["recall_at_k"] == 1.0
@@ -207,6 +208,14 @@ def test_every_method_selects_from_the_same_run(finished, method, tmp_path):
     assert "seconds" not in manifest["stages"].get("target", {}) or method == "less"
     if method == "fisher":
         assert {"fisher_gain", "fisher_gain_alone"} <= set(sel.column_names)
+    if method in ("fisher", "less"):  # the same with the features memory-mapped (select.memory_mb=0)
+        assert manifest["stages"]["select"]["memory_mapped"] == []
+        assert main(["select", "--config", str(finished["config"]), "--output", str(out),
+                     f"select.method={method}", "select.budget=12", "select.memory_mb=0", *extra]) == 0
+        mapped = json.loads((out / "manifest.json").read_text())["stages"]["select"]["memory_mapped"]
+        assert mapped == ["fisher_factors" if method == "fisher" else "grad_proj"]
+        assert pq.read_table(out / "selection.parquet").equals(sel)
+        assert not (out / "select" / ".ledger" / "spill").exists()
     if method == "less":
         assert manifest["stages"]["target"]["examples"] == 20
         assert_one_table(out / "target", rows=20)

@@ -154,26 +154,46 @@ def test_compare_shares_what_no_selection_changes():
     assert [s.name for s in closure(cfg, "baseline")] == ["baseline"]
 
 
-def test_fisher_factors_keep_their_shape_and_older_features_still_read():
-    """The score stage writes each factor's (r, d') in the column's metadata; features written before
-    that (an older run directory, a score cache) split by score.fisher_rank, as they were made."""
+def test_feature_matrices_are_read_in_id_order_part_by_part_in_memory_or_mapped(tmp_path):
+    """aligned_features: parts in any id order (one empty) -> (N, *shape) in sorted-id order, the same
+    in memory and memory-mapped (limit 0); the factor's (r, d') from the column's metadata, and for
+    features written before it was recorded (an older run, a score cache) from score.fisher_rank;
+    a part set that differs from the scored ids is refused."""
     import numpy as np
     import pyarrow as pa
 
     from grads_ray.columns import shaped_field
-    from grads_ray.config import ScoreConfig
     from grads_ray.data.readers import InputError
-    from grads_ray.stages.select import fisher_factors
+    from grads_ray.rundir import StageDir, write_parquet
+    from grads_ray.stages.select import aligned_features
 
-    f = np.arange(3 * 2 * 5, dtype=np.float32).reshape(3, 2, 5)
-    flat = pa.array([row.ravel() for row in f], pa.list_(pa.float32()))
-    shaped = pa.Table.from_arrays([pa.array(["a", "b", "c"]), flat],
-                                  schema=pa.schema([pa.field("id", pa.string()), shaped_field("fisher_factor", (2, 5))]))
-    np.testing.assert_array_equal(fisher_factors(shaped, ScoreConfig(fisher_rank=4)), f)  # the metadata wins
-    older = pa.table({"id": ["a", "b", "c"], "fisher_factor": flat})
-    np.testing.assert_array_equal(fisher_factors(older, ScoreConfig(fisher_rank=2)), f)
-    with pytest.raises(InputError, match="do not split into score.fisher_rank=3"):
-        fisher_factors(older, ScoreConfig(fisher_rank=3))
+    rng = np.random.default_rng(0)
+    n = 23
+    ids = np.array(sorted(f"id{rng.integers(10**6):07d}-{i}" for i in range(n)))
+    f = rng.standard_normal((n, 2, 5)).astype(np.float32)
+    perm = rng.permutation(n)
+
+    def write(stage, field):
+        for k, rows in enumerate((perm[:9], perm[9:9], perm[9:])):
+            flat = pa.array([f[i].ravel() for i in rows], pa.list_(pa.float32()))
+            write_parquet(stage.part(k), pa.Table.from_arrays(
+                [pa.array(ids[rows], pa.string()), flat], schema=pa.schema([pa.field("id", pa.string()), field])))
+
+    shaped, older = StageDir(tmp_path, "shaped"), StageDir(tmp_path, "older")
+    write(shaped, shaped_field("fisher_factor", (2, 5)))
+    write(older, pa.field("fisher_factor", pa.list_(pa.float32())))
+    want = pa.array(ids, pa.string())
+    spill = tmp_path / "spill"
+    split = (lambda r: lambda w: (r, w // r) if w % r == 0 and w // r >= r else None)
+    in_memory = aligned_features(shaped, want, "fisher_factor", spill, 1 << 30, legacy=split(4))  # metadata wins
+    mapped = aligned_features(shaped, want, "fisher_factor", spill, 0)
+    assert isinstance(mapped, np.memmap) and not isinstance(in_memory, np.memmap)
+    for got in (in_memory, mapped, aligned_features(older, want, "fisher_factor", spill, 0, legacy=split(2))):
+        np.testing.assert_array_equal(got, f)
+    with pytest.raises(InputError, match="fisher_factor rows of 10 numbers carry no usable shape"):
+        aligned_features(older, want, "fisher_factor", spill, 1 << 30, legacy=split(3))
+    with pytest.raises(RuntimeError, match="hold different ids"):
+        aligned_features(shaped, pa.array(ids[1:], pa.string()), "fisher_factor", spill, 1 << 30)
 
 
 def test_the_warm_up_says_what_it_does_and_how_to_skip_it(tmp_path, monkeypatch, caplog):

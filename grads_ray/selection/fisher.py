@@ -43,9 +43,37 @@ def gains(factors: torch.Tensor, a_inv: torch.Tensor) -> torch.Tensor:
     return torch.linalg.slogdet(eye + m)[1]
 
 
-def _rows(f: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
-    """f[idx] for numpy indices, on f's device. (N, r, d'), (m,) -> (m, r, d')."""
-    return f[torch.from_numpy(np.ascontiguousarray(idx)).to(f.device)]
+class Factors:
+    """The factors the greedy reads: a tensor on the device when they are in memory, or read row by
+    row from a memory-mapped array (``np.memmap``, the select stage's spill for corpora whose
+    factors do not fit), so N·r·d' floats never have to sit in memory at once. (N, r, d')."""
+
+    def __init__(self, factors: np.ndarray, dev: torch.device):
+        self.dev, self.shape = dev, tuple(factors.shape)
+        self.mapped = factors if isinstance(factors, np.memmap) else None
+        if self.mapped is None:  # kept in their stored precision (float32: N·r·d'·4 bytes)
+            with warnings.catch_warnings():  # Arrow-backed arrays are read-only; nothing here writes to them
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self.tensor = torch.as_tensor(np.ascontiguousarray(factors)).to(dev)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, idx: np.ndarray) -> torch.Tensor:
+        """Rows ``idx`` (numpy indices) on the device. (m,) -> (m, r, d')."""
+        idx = np.ascontiguousarray(idx, dtype=np.int64)
+        if self.mapped is None:
+            return self.tensor[torch.from_numpy(idx).to(self.dev)]
+        order = np.argsort(idx, kind="stable")  # read the file in order, hand the rows back as asked
+        got = np.empty((len(idx), *self.shape[1:]), np.float32)
+        got[order] = self.mapped[idx[order]]
+        return torch.from_numpy(got).to(self.dev)
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` on the device."""
+        if self.mapped is None:
+            return self.tensor[start:stop]
+        return torch.from_numpy(np.array(self.mapped[start:stop], np.float32)).to(self.dev)  # a copy: the map is read-only
 
 
 def log_det_objective(factors: np.ndarray, chosen: np.ndarray, lam: float) -> float:
@@ -91,7 +119,7 @@ def fisher_greedy(factors: np.ndarray, cost: np.ndarray, limit: int, lam: float,
     (homogeneous features make it re-evaluate most of the pool at every pick).
     ``batch`` > 1 accepts up to that many picks per round of evaluations (approximate).
 
-    factors (N, r, d'); cost (N,) int (1 per example, or tokens); ``limit`` the budget in the same
+    factors (N, r, d'), in memory or an ``np.memmap`` (read a few rows at a time); cost (N,) int (1 per example, or tokens); ``limit`` the budget in the same
     unit; ``order0`` breaks ties (default: index order); ``eligible`` (N,) bool; ``group`` and
     ``group_limits`` (per-group budgets in the same unit). A candidate that no longer fits is
     dropped, a later smaller one may still fit.
@@ -99,15 +127,12 @@ def fisher_greedy(factors: np.ndarray, cost: np.ndarray, limit: int, lam: float,
     """
     n = len(factors)
     dev = torch.device(device)
-    # kept in their stored precision (float32: N·r·d'·4 bytes); every gain is computed in float64
-    with warnings.catch_warnings():  # Arrow-backed arrays are read-only; nothing here writes to them
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        f = torch.as_tensor(np.ascontiguousarray(factors)).to(dev)
+    f = Factors(factors, dev)  # every gain is computed in float64
     cost_np = np.asarray(cost, dtype=np.int64)
     gain0 = np.zeros(n)
     state = _State(f.shape[2], lam, dev)
     for s in range(0, n, 1 << 16):
-        gain0[s:s + (1 << 16)] = gains(f[s:s + (1 << 16)], state.a_inv).cpu().numpy()
+        gain0[s:s + (1 << 16)] = gains(f.block(s, s + (1 << 16)), state.a_inv).cpu().numpy()
     ok = np.ones(n, bool) if eligible is None else np.asarray(eligible, bool).copy()
     ok &= cost_np <= limit
     tie = np.arange(n) if order0 is None else np.argsort(np.asarray(order0))  # position in order0
@@ -173,7 +198,7 @@ def _lazy(f, cost, ok, gain0, tie, budget: _Budget, state: _State, batch: int):
             picked_gain.append(ub[i] * max(int(cost[i]), 1))
             ub[i] = -np.inf
             budget.spend(i)
-            state.add(f[i].to(torch.float64))
+            state.add(f.rows(np.array([i]))[0].to(torch.float64))
             m = REEVALUATE
             continue
         # re-evaluate the stale candidates with the highest bounds (always including i); a miss
@@ -181,7 +206,7 @@ def _lazy(f, cost, ok, gain0, tie, budget: _Budget, state: _State, batch: int):
         k = min(m, len(pool))
         top = np.argpartition(-pub, k - 1)[:k] if k < len(pool) else np.arange(len(pool))
         cand = pool[top]
-        fresh = gains(_rows(f, cand), state.a_inv).cpu().numpy()
+        fresh = gains(f.rows(cand), state.a_inv).cpu().numpy()
         ub[cand] = fresh / np.maximum(cost[cand], 1)
         stamp[cand] = state.picks
         m = min(2 * m, POOL)
@@ -210,7 +235,7 @@ def _stochastic(f, cost, ok, tie, budget: _Budget, state: _State, epsilon: float
         cand = cand[alive[cand]]
         if not len(cand):
             continue
-        g = gains(_rows(f, cand), state.a_inv).cpu().numpy() / np.maximum(cost[cand], 1)
+        g = gains(f.rows(cand), state.a_inv).cpu().numpy() / np.maximum(cost[cand], 1)
         best = np.lexsort((tie[cand], -g))[:batch]
         for b in best.tolist():
             i = int(cand[b])
@@ -220,7 +245,7 @@ def _stochastic(f, cost, ok, tie, budget: _Budget, state: _State, epsilon: float
             picked.append(i)
             picked_gain.append(g[b] * max(int(cost[i]), 1))
             budget.spend(i)
-            state.add(f[i].to(torch.float64))
+            state.add(f.rows(np.array([i]))[0].to(torch.float64))
     return picked, picked_gain
 
 

@@ -34,8 +34,12 @@ def fisher_lambda(factors: np.ndarray, setting: str) -> float:
     information per dimension), so the prior weighs as much as one example whatever the scale."""
     if setting != "auto":
         return float(setting)
-    f = np.asarray(factors)
-    lam = float(np.einsum("nrd,nrd->", f, f, dtype=np.float64) / (len(f) * f.shape[-1])) if len(f) else 1.0
+    n = len(factors)
+    total = 0.0
+    for s in range(0, n, 1 << 16):  # in blocks: the factors may be a memory-mapped spill
+        f = np.asarray(factors[s:s + (1 << 16)])
+        total += float(np.einsum("nrd,nrd->", f, f, dtype=np.float64))
+    lam = total / (n * factors.shape[-1]) if n else 1.0
     return lam if lam > 0 else 1.0
 
 

@@ -13,9 +13,12 @@ Later stages receive the path of ``selection.parquet``.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grads_ray import storage
-from grads_ray.columns import SHAPE_KEY, matrix, tensor
+from grads_ray.columns import SHAPE_KEY, matrix
 from grads_ray.data.readers import InputError
 from grads_ray.evaluation.report import PLOTTED, write_report
 from grads_ray.rundir import StageDir, fingerprint, read_parts, write_parquet
@@ -67,13 +70,16 @@ class Select(Stage):
         cfg, sc = ctx.cfg, ctx.cfg.select
         t0 = time.time()
         device = "cuda" if sc.method == "fisher" and ctx.resources.torch_gpu(sc.fisher.use_gpu) else "cpu"
+        spill = _spill_folder(out["select"])
         try:
-            inputs = read_inputs(ctx)
+            inputs = read_inputs(ctx, spill)
             res = select(inputs, parse_budget(sc.budget), sc, cfg.seed, device=device)
         except InputError:
             raise
         except ValueError as exc:  # a setting that does not fit this corpus: say which
             raise InputError(f"select: {exc}") from None
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
         select_s = time.time() - t0
         cols, ids = inputs.columns, inputs.ids
         table = pa.table({"id": ids, **{k: pa.array(v) for k, v in res.items()}})
@@ -88,6 +94,8 @@ class Select(Stage):
         return {"method": sc.method, "budget": sc.budget, "scored": len(res["selected"]),
                 "selected": int(res["selected"].sum()), "selected_tokens": int(cols["n_tokens"][res["selected"]].sum()),
                 "total_tokens": int(cols["n_tokens"].sum()), "select_seconds": round(select_s, 2),
+                "memory_mapped": sorted(k for k in ("fisher_factors", "grad_proj")
+                                        if isinstance(getattr(inputs, k), np.memmap)),
                 "not_selected_by_reason": dict(Counter(r for r in res["reason"] if r)),
                 "selected_by_source": count_by(inputs.source, res["selected"])}
 
@@ -101,9 +109,10 @@ class Select(Stage):
                     + (f"; not selected: {why}" if why else "") + ")")
 
 
-def read_inputs(ctx) -> SelectionInputs:
+def read_inputs(ctx, spill) -> SelectionInputs:
     """Everything the configured method reads, each table sorted by id (the similarity stage's
-    neighbour positions are in that order too)."""
+    neighbour positions are in that order too). Feature matrices over ``select.memory_mb`` are
+    memory-mapped files under ``spill`` (a local folder)."""
     cfg = ctx.cfg
     need = method_needs(cfg.select)
     score = ctx.need("score")
@@ -119,10 +128,13 @@ def read_inputs(ctx) -> SelectionInputs:
         inputs.similarity = {"dup_group": sim["dup_group"].to_numpy(), "diversity": sim["diversity"].to_numpy(),
                              "cluster": sim["cluster"].to_numpy(), "nn_idx": matrix(sim["nn_rows"], np.int64),
                              "nn_sims": matrix(sim["nn_sims"])}
+    limit = int(cfg.select.memory_mb * 2**20)
     if need.factors:
-        inputs.fisher_factors = fisher_factors(aligned(score["features"], ids, ["id", "fisher_factor"]), cfg.score)
+        r = cfg.score.fisher_rank
+        inputs.fisher_factors = aligned_features(score["features"], ids, "fisher_factor", spill, limit,
+                                                 legacy=lambda w: (r, w // r) if w % r == 0 and w // r >= r else None)
     if need.grad_proj:
-        inputs.grad_proj = matrix(aligned(score["features"], ids, ["id", "grad_proj"])["grad_proj"])
+        inputs.grad_proj = aligned_features(score["features"], ids, "grad_proj", spill, limit)
     if need.target:
         inputs.target_proj = matrix(read_parts(ctx.need("target")["target"].parts())["grad_proj"])
     if need.vectors:
@@ -134,18 +146,52 @@ def read_inputs(ctx) -> SelectionInputs:
     return inputs
 
 
-def fisher_factors(features: pa.Table, score_cfg) -> np.ndarray:
-    """(N, r, d') FisherSFT factors; their shape is in the column's metadata. Features written before
-    it was recorded (and still valid: same fingerprint, or taken from a score cache) hold r x d'
-    flattened with r = ``score.fisher_rank`` (d' = min(fisher_dim, hidden) >= r)."""
-    if SHAPE_KEY in (features.schema.field("fisher_factor").metadata or {}):
-        return tensor(features, "fisher_factor")
-    flat = matrix(features["fisher_factor"])
-    r = score_cfg.fisher_rank
-    if flat.shape[1] % r or flat.shape[1] // r < r:
-        raise InputError(f"features/: fisher_factor rows of {flat.shape[1]} numbers do not split into "
-                         f"score.fisher_rank={r} rows: rescore into a fresh output")
-    return flat.reshape(len(flat), r, flat.shape[1] // r)
+def aligned_features(stage: StageDir, ids: pa.Array, column: str, spill, limit_bytes: int,
+                     legacy=None) -> np.ndarray:
+    """(N, *shape) float32: a feature column of ``stage`` in the order of ``ids`` (the scored ids,
+    sorted), read part by part, so the driver holds one part's rows at a time besides the result.
+    The result is in memory when it takes at most ``limit_bytes``, else an ``np.memmap`` in the
+    folder ``spill``. The per-row shape is the field's metadata; ``legacy(width)`` gives it for
+    columns written before it was recorded (None: refused). Checks that the parts hold exactly
+    the ids."""
+    import json
+
+
+    parts = stage.parts()
+    id_parts = [pq.read_table(str(p), columns=["id"])["id"] for p in parts]
+    sizes = [len(c) for c in id_parts]
+    every = pa.chunked_array([c for part in id_parts for c in part.chunks], pa.string())
+    order = pc.sort_indices(every).to_numpy()  # every[order[k]] is the k-th smallest id: position k
+    if len(every) != len(ids) or not every.take(pa.array(order)).combine_chunks().equals(ids):
+        raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
+    position = np.empty(len(order), np.int64)
+    position[order] = np.arange(len(order))
+    out, offset = None, 0
+    for p, m in zip(parts, sizes, strict=True):
+        if m:
+            t = pq.read_table(str(p), columns=[column])
+            rows = matrix(t[column])
+            if out is None:
+                meta = t.schema.field(column).metadata or {}
+                shape = tuple(json.loads(meta[SHAPE_KEY])) if SHAPE_KEY in meta else (legacy(rows.shape[1])
+                                                                                     if legacy else None)
+                if not shape or int(np.prod(shape)) != rows.shape[1]:
+                    raise InputError(f"{stage.path.name}/: {column} rows of {rows.shape[1]} numbers carry no "
+                                     "usable shape: rescore into a fresh output")
+                size = len(ids) * rows.shape[1] * 4
+                if size > limit_bytes:
+                    spill.mkdir(parents=True, exist_ok=True)
+                    out = np.memmap(spill / f"{column}.f32", np.float32, "w+", shape=(len(ids), rows.shape[1]))
+                else:
+                    out = np.empty((len(ids), rows.shape[1]), np.float32)
+            out[position[offset:offset + m]] = rows
+        offset += m
+    if out is None:
+        return np.zeros((len(ids), 0), np.float32)
+    if isinstance(out, np.memmap):
+        out.flush()
+        return np.memmap(out.filename, np.float32, "r", shape=(len(ids), *shape))
+    return out.reshape(len(ids), *shape)
 
 
 def stats_columns(stats: StageDir, wanted: tuple[str, ...]) -> list[str]:
@@ -218,6 +264,14 @@ def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, 
     shuffled = table.take(np.random.default_rng([seed, 0x5E1EC7]).permutation(table.num_rows))
     for k, start in enumerate(range(0, shuffled.num_rows, part_rows)):
         write_parquet(subset.part(k), shuffled.slice(start, part_rows))
+
+
+def _spill_folder(stage: StageDir) -> Path:
+    """Where feature matrices too big for memory are memory-mapped: the stage's ledger when the
+    run folder is local, else a local temporary folder."""
+    if storage.is_remote(stage.path):
+        return Path(tempfile.mkdtemp(prefix="grads-ray-spill-"))
+    return Path(stage.ledger) / "spill"
 
 
 def selected_rows(subset: StageDir) -> list[str]:
