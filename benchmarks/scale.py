@@ -16,18 +16,21 @@ earlier stages done and only runs its own), on a local Ray cluster the command s
 user's would. For each stage:
 - seconds: the process's wall time, and the stage's own ``seconds`` from ``manifest.json`` (without
   Ray's start-up); rows/s from the latter (fine-tune: selected rows x epochs);
-- driver peak: the high-water mark of the command's resident memory (``VmHWM``, read every 0.5 s);
+- driver peak: the high-water mark of the command's resident memory (``VmHWM``, read every 0.5 s,
+  or the job's own ``driver_peak_mb`` in the manifest at the stage's end where larger);
 - workers: the largest ``VmHWM`` of any Ray worker (``ray::`` processes under the command: idle
   workers, tasks, actors; not Ray's agents), and the largest sum of their resident memory at one
   sample (RSS counts the object store's shared pages a worker has touched, so sums overcount);
 - object store: the largest plasma use and the bytes spilled, from the raylet's store statistics
   (what ``ray memory --stats-only`` prints; Ray-private API, sampled every 0.5 s: a peak shorter than
-  that can be missed; null when the raylet could not be asked).
+  that can be missed; null where the command starts no Ray, as select does, or its raylet could not
+  be asked: the JSON then says why).
 
 Ray's share: the first ``--sample`` rows (1,000; 500 with ``--quick``) tokenized as the job does and
 scored by ``grads_ray.scoring.Scorer`` in this process, with the torch threads one scorer actor gets
 and in the units the job cuts (8 batches); ``score_ray_share`` = the job's score rows/s / this rows/s
-(model loading excluded, tokenizing included on both sides).
+(model loading excluded, tokenizing included on both sides; the job's side also writes what it
+scores, this side keeps it in memory).
 
 Without the score stage (``--stages ingest,similarity,select``) its output is written here instead:
 synthetic statistics and features of the real shape (schemas copied from a real run on the corpus's
@@ -364,6 +367,8 @@ def record(stage: str, measured: dict, out: Path, cfg) -> dict:
     manifest = read_json(out / "manifest.json")
     info = manifest["stages"].get(stage, {})
     rows, seconds = stage_rows(stage, info, cfg), info.get("seconds")
+    if info.get("driver_peak_mb"):  # the job's own high-water mark at the stage's end: no sampling gap
+        measured = {**measured, "driver_peak_mb": max(measured["driver_peak_mb"], info["driver_peak_mb"])}
     return {"stage": stage, **measured, "stage_s": seconds, "rows": rows,
             "ray_start_s": manifest.get("ray_start_seconds"),
             "rows_per_s": round(rows / seconds, 1) if rows is not None and seconds else None}
