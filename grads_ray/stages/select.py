@@ -253,7 +253,9 @@ def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, 
         have = set(table["id"].to_pylist())
         missing = next(i for i in ranked_ids.to_pylist() if i not in have)
         raise RuntimeError(f"{len(ranked_ids) - table.num_rows} selected ids have no ingested row (first: {missing!r})")
-    table = table.select(["id", "rank", "record"]).take(pc.sort_indices(table["rank"]))
+    order = pc.sort_indices(table["rank"])
+    table = table.select(["id", "rank", "record"]).take(order)  # the unsorted copy is dropped here
+    del pieces, order
 
     def jsonl(fh) -> None:
         for batch in table.to_batches(max_chunksize=10_000):
@@ -261,9 +263,9 @@ def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, 
 
     storage.atomic_write(storage.location(out / "selected.jsonl"), jsonl)
     write_parquet(out / "selected.parquet", table)
-    shuffled = table.take(np.random.default_rng([seed, 0x5E1EC7]).permutation(table.num_rows))
-    for k, start in enumerate(range(0, shuffled.num_rows, part_rows)):
-        write_parquet(subset.part(k), shuffled.slice(start, part_rows))
+    perm = np.random.default_rng([seed, 0x5E1EC7]).permutation(table.num_rows)
+    for k, start in enumerate(range(0, table.num_rows, part_rows)):  # one part's copy at a time
+        write_parquet(subset.part(k), table.take(pa.array(perm[start:start + part_rows])))
 
 
 def _spill_folder(stage: StageDir) -> Path:
