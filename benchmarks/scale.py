@@ -15,9 +15,12 @@ Each stage runs as ``python -m grads_ray STAGE`` into one output folder (a later
 earlier stages done and only runs its own), on a local Ray cluster the command starts itself, as a
 user's would. For each stage:
 - seconds: the process's wall time, and the stage's own ``seconds`` from ``manifest.json`` (without
-  Ray's start-up); rows/s from the latter (fine-tune: selected rows x epochs);
-- driver peak: the high-water mark of the command's resident memory (``VmHWM``, read every 0.5 s,
-  or the job's own ``driver_peak_mb`` in the manifest at the stage's end where larger);
+  Ray's start-up); rows/s from the latter (fine-tune: selected rows x epochs); and the CPU seconds of
+  the command's whole process tree (driver, Ray's processes, workers; each sampled every 0.5 s, so
+  a process's last half second is missed), which a busy machine disturbs less than wall time;
+- driver peak: the high-water mark of the command's resident memory (``VmHWM``, read every 0.1 s;
+  it starts afresh at exec, unlike the ``ru_maxrss`` behind the manifest's ``driver_peak_mb``, which
+  the JSON shows beside it);
 - workers: the largest ``VmHWM`` of any Ray worker (``ray::`` processes under the command: idle
   workers, tasks, actors; not Ray's agents), and the largest sum of their resident memory at one
   sample (RSS counts the object store's shared pages a worker has touched, so sums overcount);
@@ -30,7 +33,9 @@ Ray's share: the first ``--sample`` rows (1,000; 500 with ``--quick``) tokenized
 scored by ``grads_ray.scoring.Scorer`` in this process, with the torch threads one scorer actor gets
 and in the units the job cuts (8 batches); ``score_ray_share`` = the job's score rows/s / this rows/s
 (model loading excluded, tokenizing included on both sides; the job's side also writes what it
-scores, this side keeps it in memory).
+scores, this side keeps it in memory), and ``score_ray_share_cpu`` = this side's CPU time per row /
+the score command's (model loading included on both sides; the command's also has its start-up,
+Ray's processes and every worker's imports: what running under Ray costs).
 
 Without the score stage (``--stages ingest,similarity,select``) its output is written here instead:
 synthetic statistics and features of the real shape (schemas copied from a real run on the corpus's
@@ -66,6 +71,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from timing import timed  # benchmarks/timing.py: scripts run as python benchmarks/NAME.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +99,8 @@ TEMPLATES = (
 )
 MAX_RESPONSE_CHARS = 720  # the demo tokenizer reads code at ~3.3 chars a token: ~220 tokens + the prompt
 MIN_RESPONSE_CHARS = 40
-SAMPLE_EVERY_S = 0.5
+SAMPLE_EVERY_S = 0.5  # the process tree and the object store
+DRIVER_EVERY_S = 0.1  # the command's own VmHWM: one small file
 SCHEMA_ROWS = 256  # rows of the real run whose schemas and values the synthetic scores copy
 PLANTED_DUPLICATES = 0.02
 TAIL_LINES = 40
@@ -235,30 +244,41 @@ class StoreStats:
 
 
 class TreeSampler(threading.Thread):
-    """Every SAMPLE_EVERY_S seconds, the process ``pid`` and everything under it: its own peak
-    memory and its Ray workers' (largest one, largest sum); ``gcs``: its cluster's GCS address,
-    once one of its processes names it."""
+    """The process ``pid``'s peak memory every DRIVER_EVERY_S seconds, and every SAMPLE_EVERY_S
+    everything under it: its Ray workers' peak memory (largest one, largest sum) and ``gcs``, its
+    cluster's GCS address, once one of its processes names it."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid, self.stop_event = pid, threading.Event()
         self.driver_mb = self.worker_mb = self.workers_total_mb = 0.0
         self.gcs: str | None = None
+        self.cpu: dict[int, float] = {}  # pid -> CPU seconds (user + system) at its last sample
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of the whole tree (the last < SAMPLE_EVERY_S of each process missed)."""
+        return sum(self.cpu.values())
 
     def run(self) -> None:
+        every, tick = round(SAMPLE_EVERY_S / DRIVER_EVERY_S), 0
         while not self.stop_event.is_set():
             try:
-                self.sample()
+                root = psutil.Process(self.pid)
+                self.driver_mb = max(self.driver_mb, _hwm_mb(root))
+                if tick % every == 0:
+                    self.sample_tree(root)
             except psutil.NoSuchProcess:  # the command has ended
                 return
-            self.stop_event.wait(SAMPLE_EVERY_S)
+            tick += 1
+            self.stop_event.wait(DRIVER_EVERY_S)
 
-    def sample(self) -> None:
-        root = psutil.Process(self.pid)
-        self.driver_mb = max(self.driver_mb, _hwm_mb(root))
+    def sample_tree(self, root: psutil.Process) -> None:
         total = 0
-        for p in root.children(recursive=True):
+        for p in [root, *root.children(recursive=True)]:
             try:
+                t = p.cpu_times()
+                self.cpu[p.pid] = t.user + t.system
                 cmd = p.cmdline()
                 if _is_worker(cmd):
                     total += p.memory_info().rss
@@ -341,7 +361,8 @@ def run_command(stage: str, overrides: list[str], logs: Path, env: dict[str, str
         raise SystemExit(f"benchmarks/scale.py: `grads-ray {stage}` failed (exit {code}) after {wall:.1f} s; "
                          f"stderr ({err_path}) ends:\n{tail}")
     mb = lambda b: None if b is None else round(b / 2**20, 1)  # noqa: E731
-    return {"exit": code, "wall_s": round(wall, 2), "driver_peak_mb": round(tree.driver_mb, 1),
+    return {"exit": code, "wall_s": round(wall, 2), "cpu_s": round(tree.cpu_s, 1),
+            "driver_peak_mb": round(tree.driver_mb, 1),
             "worker_peak_mb": round(tree.worker_mb, 1), "workers_total_peak_mb": round(tree.workers_total_mb, 1),
             "object_store_peak_mb": mb(store.peak), "spilled_mb": mb(store.spilled),
             "store_error": store.error if store.peak is None and tree.gcs else ""}
@@ -367,10 +388,8 @@ def record(stage: str, measured: dict, out: Path, cfg) -> dict:
     manifest = read_json(out / "manifest.json")
     info = manifest["stages"].get(stage, {})
     rows, seconds = stage_rows(stage, info, cfg), info.get("seconds")
-    if info.get("driver_peak_mb"):  # the job's own high-water mark at the stage's end: no sampling gap
-        measured = {**measured, "driver_peak_mb": max(measured["driver_peak_mb"], info["driver_peak_mb"])}
     return {"stage": stage, **measured, "stage_s": seconds, "rows": rows,
-            "ray_start_s": manifest.get("ray_start_seconds"),
+            "ray_start_s": manifest.get("ray_start_seconds"), "manifest_driver_peak_mb": info.get("driver_peak_mb"),
             "rows_per_s": round(rows / seconds, 1) if rows is not None and seconds else None}
 
 
@@ -431,10 +450,13 @@ def in_process_rate(corpus: Path, n: int, cfg) -> dict:
     threads = job_threads(cfg)
     torch.set_num_threads(threads)
     load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    cpu0 = time.process_time()
     examples, tok_s = timed(tokenize_rows, [line for line in lines if line.strip()], cfg)
-    score_s = score_units(cfg.model.path, examples, cfg, threads)
+    score_s, cpu_s = score_units(cfg.model.path, examples, cfg, threads), time.process_time() - cpu0
     return {"rows": len(examples), "threads": threads, "tokenize_s": round(tok_s, 2), "score_s": round(score_s, 2),
-            "rows_per_s": round(len(examples) / (tok_s + score_s), 1)}
+            "rows_per_s": round(len(examples) / (tok_s + score_s), 1),
+            "cpu_ms_per_row": round(1000 * cpu_s / max(len(examples), 1), 2),  # model loading included
+            "process_peak_mb": round(_hwm_mb(psutil.Process()), 1)}  # this whole process's, scorer included
 
 
 # --------------------------------------------------------------------------- synthetic scores
@@ -444,10 +466,9 @@ def _jitter(values: np.ndarray, pick: np.ndarray, scale: np.ndarray | None, rng:
     return x * scale if scale is not None else x
 
 
-def synthetic_stats(ids, real, schema, pick, scale, rng):
+def synthetic_stats(ids: pa.Array, real: pa.Table, schema: pa.Schema, pick: np.ndarray, scale: np.ndarray,
+                    rng: np.random.Generator) -> pa.Table:
     """A shard's stats table in the real schema: each row a real row's values with noise."""
-    import pyarrow as pa
-
     cols = []
     for f in schema:
         if f.name == "id":
@@ -460,12 +481,11 @@ def synthetic_stats(ids, real, schema, pick, scale, rng):
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def synthetic_features(ids, real, schema, pick, scale, rng):
+def synthetic_features(ids: pa.Array, real: pa.Table, schema: pa.Schema, pick: np.ndarray, scale: np.ndarray,
+                       rng: np.random.Generator) -> pa.Table:
     """A shard's features table in the real schema (field metadata, shapes): real vectors scaled,
     with noise of half each dimension's spread, and PLANTED_DUPLICATES of the rows near-copies of
     others."""
-    import pyarrow as pa
-
     from grads_ray.columns import matrix
 
     n = len(pick)
@@ -494,9 +514,6 @@ def synthesize_scores(cfg, schema_out: Path, seed: int) -> dict:
     """The score stage's output for every ingested shard, made up from a real run's (``schema_out``),
     written through the runner as a stand-in score stage: same fingerprint, folders, ledgers and
     checks as the real one, so later commands find it done. -> the stage's SUCCESS info."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     from grads_ray.runner import Runner
     from grads_ray.stages import STAGES
     from grads_ray.stages.score import Score
@@ -535,12 +552,12 @@ def synthesize_scores(cfg, schema_out: Path, seed: int) -> dict:
 
 # ---------------------------------------------------------------------------------------- report
 def print_table(results: list[dict]) -> None:
-    head = (f"{'stage':<11}{'rows':>9}{'wall s':>9}{'stage s':>9}{'rows/s':>9}{'driver MB':>11}"
+    head = (f"{'stage':<11}{'rows':>9}{'wall s':>9}{'stage s':>9}{'cpu s':>8}{'rows/s':>9}{'driver MB':>11}"
             f"{'worker MB':>11}{'workers MB':>12}{'store MB':>10}{'spilled MB':>12}{'ray s':>7}{'exit':>6}")
     print(head)
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in results:
-        print(f"{r['stage']:<11}{fmt(r['rows'], ',d'):>9}{r['wall_s']:>9.1f}{fmt(r['stage_s'], '.1f'):>9}"
+        print(f"{r['stage']:<11}{fmt(r['rows'], ',d'):>9}{r['wall_s']:>9.1f}{fmt(r['stage_s'], '.1f'):>9}{r['cpu_s']:>8.1f}"
               f"{fmt(r['rows_per_s'], ',.1f'):>9}{r['driver_peak_mb']:>11.0f}{r['worker_peak_mb']:>11.0f}"
               f"{r['workers_total_peak_mb']:>12.0f}{fmt(r['object_store_peak_mb'], '.1f'):>10}"
               f"{fmt(r['spilled_mb'], '.1f'):>12}{fmt(r['ray_start_s'], '.1f'):>7}{r['exit']:>6}")
@@ -613,13 +630,20 @@ def headline(a: argparse.Namespace, meta: dict, results: list[dict], share: dict
     """The last line's figures."""
     by = {r["stage"]: r for r in results}
     job_rate = by.get("score", {}).get("rows_per_s")
+    score = by.get("score", {})
+    job_cpu = round(1000 * score["cpu_s"] / score["rows"], 2) if score.get("rows") else None
     per_stage = lambda key: {s: r[key] for s, r in by.items()}  # noqa: E731
     summary = {
         "rows": a.rows, "stages": a.stages, "synthetic_scores": a.synthetic,
         "distinct_sources": meta["distinct_sources"],
         "score_ray_share": round(job_rate / share["rows_per_s"], 3) if share and job_rate else None,
         "score_job_rows_per_s": job_rate, "score_in_process": share,
+        "score_ray_share_cpu": round(share["cpu_ms_per_row"] / job_cpu, 3) if share and job_cpu else None,
+        "score_job_cpu_ms_per_row": job_cpu,
+        "cpu_s_by_stage": per_stage("cpu_s"),
         "driver_peak_mb_by_rows": {str(a.rows): per_stage("driver_peak_mb")},
+        # the job's own figure (ru_maxrss: on Linux it keeps the forking parent's peak across exec)
+        "manifest_driver_peak_mb": per_stage("manifest_driver_peak_mb"),
         "rows_per_s_by_stage": per_stage("rows_per_s"),
         "seconds_by_stage": {s: {"wall": r["wall_s"], "stage": r["stage_s"], "ray_start": r["ray_start_s"]}
                              for s, r in by.items()},

@@ -138,10 +138,19 @@ class Runner:
 
 
 def driver_peak_mb() -> float:
-    """This process's peak resident memory so far, MB (the kernel's high-water mark: it only grows
-    over a job, so a stage raised it when its figure is above the stage before)."""
+    """This process's peak resident memory so far, MB: ``VmHWM`` (Linux; the kernel's high-water
+    mark, which starts afresh at exec, so a job launched from a big process does not inherit its
+    peak), else ``ru_maxrss`` (which on Linux would carry the launcher's across exec). It only
+    grows over a job: a stage raised it when its figure is above the stage before."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)

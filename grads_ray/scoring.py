@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -428,7 +429,8 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done, unit
     by unit; ``progress(rows)`` as units are written. ``cpus``: the cluster's, shared among CPU
     scorers (one each left for tokenizing). -> ``shards`` (the ledger entries of the shards finished
-    by this run), ``units_scored`` and ``rows_scored`` (this run), ``units_resumed`` (found written by an interrupted run).
+    by this run), ``units_scored`` and ``rows_scored`` (this run), ``units_resumed`` (found written
+    by an interrupted run), ``first_unit_seconds`` (from the call to the first unit written).
 
     A scorer process that dies (a lost node, the OOM killer) fails the pass; the units it left
     unwritten are scored in a fresh pass. A pass that dies without writing a unit counts against
@@ -439,7 +441,9 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     unit_rows = ROWS_PER_BLOCK_BATCHES * batch_size
     resumed = sum(len(v) for s, v in written_units(stats.ledger / "units").items()
                   if s in expected and not stats.is_done(s))
-    result: dict[str, Any] = {"shards": [], "units_scored": 0, "rows_scored": 0, "units_resumed": resumed}
+    result: dict[str, Any] = {"shards": [], "units_scored": 0, "rows_scored": 0, "units_resumed": resumed,
+                              "first_unit_seconds": None}
+    t0 = time.time()
     kw = {"model_path": model_path, "max_length": max_length, "on_long": on_long, "batch_size": batch_size,
           "num_actors": num_actors, "use_gpu": use_gpu, "cpus": cpus, "trust_remote_code": trust_remote_code,
           "settings": settings}
@@ -447,7 +451,7 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     while pending := {s: expected[s] for s in sorted(expected) if not stats.is_done(s)}:
         before = result["units_scored"]
         try:
-            _score_pass(rows, pending, stats, features, progress, result, unit_rows=unit_rows, **kw)
+            _score_pass(rows, pending, stats, features, progress, result, t0, unit_rows=unit_rows, **kw)
         except Exception as exc:  # noqa: BLE001 - only a dead scorer is retried; anything else re-raised
             fruitless = fruitless + 1 if result["units_scored"] == before else 0
             if fruitless > max_restarts or not scorer_died(exc):
@@ -477,7 +481,7 @@ def scorer_died(exc: BaseException) -> bool:
 
 
 def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, progress,
-                result: dict[str, Any], *, unit_rows: int, model_path: str, max_length: int, on_long: str,
+                result: dict[str, Any], t0: float, *, unit_rows: int, model_path: str, max_length: int, on_long: str,
                 batch_size: int, num_actors: int, use_gpu: bool, cpus: float, trust_remote_code: bool,
                 settings: dict[str, Any] | None) -> None:
     """One Ray Data pass over the unwritten units of ``expected``'s shards (none done). A shard whose
@@ -510,6 +514,8 @@ def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
             s = int(receipt["shard"])
             left[s] -= 1
             result["units_scored"] += 1
+            if result["first_unit_seconds"] is None:  # scoring start to the first unit on disk
+                result["first_unit_seconds"] = round(time.time() - t0, 2)
             result["rows_scored"] += int(receipt["rows"])
             if progress:
                 progress(int(receipt["rows"]))

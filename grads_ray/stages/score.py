@@ -116,6 +116,7 @@ class Score(Stage):
                 "nonfinite": sum(i.get("nonfinite", 0) for i in done),
                 "model": model.path, "shards_this_run": len(ran["shards"]), "shards_reused": reused,
                 "units_scored": ran["units_scored"], "units_resumed": ran["units_resumed"], "unit_rows": unit_rows,
+                "first_unit_seconds": ran["first_unit_seconds"],
                 "engine": cfg.score.engine,
                 "examples_per_s": round(ran["rows_scored"] / max(time.time() - t0, 1e-9), 2)}
 

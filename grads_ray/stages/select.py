@@ -61,7 +61,8 @@ class Select(Stage):
         if _vectors_from_embed(ctx.cfg):
             ups.append(ctx.need("embed").fingerprint)
         # "subset-parts": the stage's folder holds the shuffled subset (older run folders did not)
-        return fingerprint("select", *ups, asdict(ctx.cfg.select), ctx.cfg.seed, "subset-parts")
+        settings = {k: v for k, v in asdict(ctx.cfg.select).items() if k != "memory_mb"}  # changes no pick
+        return fingerprint("select", *ups, settings, ctx.cfg.seed, "subset-parts")
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.selection.budget import parse_budget
