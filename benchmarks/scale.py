@@ -544,7 +544,7 @@ def synthesize_scores(cfg, schema_out: Path, seed: int) -> dict:
                 for k in total:
                     total[k] += info[k]
             return {**total, "rejected": 0, "nodes": [], "model": ctx.cfg.model.path, "shards_this_run": len(shards),
-                    "shards_reused": 0, "engine": "synthetic", "examples_per_s": None, "synthetic": True}
+                    "shards_reused": 0, "engine": "synthetic", "synthetic": True}
 
     stages = tuple(SyntheticScore() if s.name == "score" else s for s in STAGES)
     return Runner(cfg, stages=stages).need("score").info

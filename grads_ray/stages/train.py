@@ -44,25 +44,33 @@ def training_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": batch["input_ids"][keep], "labels": batch["labels"][keep]}
 
 
+def training_dataset(files: list[str], pick: dict[str, Any] | None, cfg):
+    """Ray Data dataset of ``input_ids``/``labels`` for training: the rows of ``files`` (Parquet with
+    ``id`` and ``record``), filtered by ``pick`` when given, tokenized in CPU tasks as the scorers do
+    (``cfg``: the job's config), rejected rows dropped. Read afresh each epoch."""
+    import ray
+
+    from grads_ray.scoring import tokenize
+
+    ds = ray.data.read_parquet(files).select_columns(["id", "record"])
+    if pick:
+        ds = ds.map_batches(pick_rows, batch_format="numpy", fn_kwargs=pick)
+    ds = tokenize(ds, model_path=cfg.model.path, max_length=cfg.data.max_length, on_long=cfg.data.on_long,
+                  batch_size=cfg.score.tokenize_batch_size, trust_remote_code=cfg.model.trust_remote_code)
+    return ds.map_batches(training_columns, batch_format="numpy")
+
+
 def train_on(ctx, stage: str, fp: str, out_model: Location, n_rows: int, files: list[str], pick: dict[str, Any] | None,
              tcfg: TrainConfig) -> dict[str, Any]:
     """Ray Train run ``STAGE-FP`` of the base model on the rows of ``files`` (Parquet with ``id`` and
     ``record``), filtered by ``pick`` when given (see :func:`pick_rows`): a rerun of the same stage
     and config (after a crash) resumes from its latest checkpoint; another config starts its own run.
     -> the final training metrics."""
-    import ray
-
-    from grads_ray.scoring import tokenize
     from grads_ray.training.trainer import train
 
     cfg, res = ctx.cfg, ctx.ray()
     base = cfg.model.path
-    ds = ray.data.read_parquet(files).select_columns(["id", "record"])
-    if pick:
-        ds = ds.map_batches(pick_rows, batch_format="numpy", fn_kwargs=pick)
-    ds = tokenize(ds, model_path=base, max_length=cfg.data.max_length, on_long=cfg.data.on_long,
-                  batch_size=cfg.score.tokenize_batch_size, trust_remote_code=cfg.model.trust_remote_code)
-    ds = ds.map_batches(training_columns, batch_format="numpy")
+    ds = training_dataset(files, pick, cfg)
     return train(ds, n_rows, base, out_model, tcfg, name=f"{stage}-{fp[:16]}",
                  storage_path=ctx.out / "ray_train", seed=cfg.seed, use_gpu=res.gpu(tcfg.use_gpu),
                  nodes=res.node_cpus, trust_remote_code=cfg.model.trust_remote_code)
