@@ -485,27 +485,20 @@ def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
                 batch_size: int, num_actors: int, use_gpu: bool, cpus: float, trust_remote_code: bool,
                 settings: dict[str, Any] | None) -> None:
     """One Ray Data pass over the unwritten units of ``expected``'s shards (none done). A shard whose
-    units are all written is finished by a Ray task (:func:`finish_shard`) while scoring goes on;
-    the pass returns (or raises) only once every finishing task it started has ended, their ledger
-    entries in ``result["shards"]``."""
-    import ray
+    units are all written is merged by a Ray task (:func:`finish_shard`, :data:`FINISH_IN_FLIGHT` at
+    a time) while scoring goes on; the pass returns only once every shard it finished is merged,
+    their ledger entries in ``result["shards"]`` (after an error, once the merges under way have
+    ended: the next pass merges the rest)."""
 
     units = stats.ledger / "units"
     have = written_units(units)
     todo = {s: [a for a in starts if a not in have.get(s, set())] for s, starts in units_of(expected, unit_rows).items()}
-    finish = ray.remote(num_cpus=0)(finish_shard)  # IO and a sort: it must not wait behind the scorers
-    finishing: dict[Any, int] = {}
-
-    def collect(timeout: float | None) -> None:
-        ready, _ = ray.wait(list(finishing), num_returns=len(finishing), timeout=timeout)
-        for ref in ready:
-            finishing.pop(ref)
-            result["shards"].append(ray.get(ref))
-
+    finisher = _Finisher(stats, features, result["shards"])
     left = {s: len(v) for s, v in todo.items()}
+    streamed = False
     try:
         for s in [s for s, n in left.items() if n == 0]:  # nothing left to score (or an empty shard)
-            finishing[finish.remote(s, stats, features)] = s
+            finisher.add(s)
         items = [{"shard": s, "start": a} for s in sorted(todo) for a in todo[s]]
         for receipt in _stream_receipts(items, rows, expected, units, unit_rows=unit_rows, model_path=model_path,
                                         max_length=max_length, on_long=on_long, batch_size=batch_size,
@@ -520,15 +513,54 @@ def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
             if progress:
                 progress(int(receipt["rows"]))
             if left[s] == 0:
-                finishing[finish.remote(s, stats, features)] = s
-            if finishing:
-                collect(0)
-    finally:
-        if finishing:  # let the shards being finished finish: a retried pass must not finish them twice
-            collect(None)
+                finisher.add(s)
+            finisher.poll(0)
+        streamed = True
+    finally:  # the shards being merged end first: a retried pass must not merge them twice
+        finisher.drain(launch_queued=streamed)  # after an error, queued shards wait for the next pass
     if any(n for n in left.values()):
         missing = {s: n for s, n in left.items() if n}
         raise RuntimeError(f"scoring ended with units unwritten (per shard: {missing})")
+
+
+FINISH_IN_FLIGHT = 2  # shards merged at once: their tasks hold no CPU, and the bound keeps Ray from
+                     # starting a worker process for each
+
+
+class _Finisher:
+    """Merges shards whose units are all written (:func:`finish_shard`, as Ray tasks), a few at a
+    time, while scoring goes on; each ledger entry appended to ``done`` as its task ends."""
+
+    def __init__(self, stats: StageDir, features: StageDir, done: list[dict[str, Any]]):
+        import ray
+
+        self.task = ray.remote(num_cpus=0)(finish_shard)  # IO and a sort: it must not wait behind the scorers
+        self.stats, self.features, self.done = stats, features, done
+        self.queue: list[int] = []
+        self.running: dict[Any, int] = {}
+
+    def add(self, shard: int) -> None:
+        self.queue.append(shard)
+        self.poll(0)
+
+    def poll(self, timeout: float | None, launch: bool = True) -> None:
+        """Collect the tasks that have ended (waiting up to ``timeout``; None: for all), then start
+        queued shards up to :data:`FINISH_IN_FLIGHT`."""
+        import ray
+
+        if self.running:
+            ready, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=timeout)
+            for ref in ready:
+                self.running.pop(ref)
+                self.done.append(ray.get(ref))
+        while launch and self.queue and len(self.running) < FINISH_IN_FLIGHT:
+            shard = self.queue.pop(0)
+            self.running[self.task.remote(shard, self.stats, self.features)] = shard
+
+    def drain(self, launch_queued: bool = True) -> None:
+        """Wait for the running tasks and, unless told not to, merge every queued shard."""
+        while self.running or (launch_queued and self.queue):
+            self.poll(None, launch=launch_queued)
 
 
 def _stream_receipts(items: list[dict[str, int]], rows: StageDir, expected: dict[int, int], units, *,
