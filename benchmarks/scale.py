@@ -19,8 +19,8 @@ user's would. For each stage:
   the command's whole process tree (driver, Ray's processes, workers; each sampled every 0.5 s, so
   a process's last half second is missed), which a busy machine disturbs less than wall time;
 - driver peak: the high-water mark of the command's resident memory (``VmHWM``, read every 0.1 s;
-  it starts afresh at exec, unlike the ``ru_maxrss`` behind the manifest's ``driver_peak_mb``, which
-  the JSON shows beside it);
+  it starts afresh at exec), and beside it in the JSON the job's own figure, the manifest's
+  ``driver_peak_mb`` (the same ``VmHWM``, read by the driver at the end of each stage);
 - workers: the largest ``VmHWM`` of any Ray worker (``ray::`` processes under the command: idle
   workers, tasks, actors; not Ray's agents), and the largest sum of their resident memory at one
   sample (RSS counts the object store's shared pages a worker has touched, so sums overcount);
@@ -642,7 +642,7 @@ def headline(a: argparse.Namespace, meta: dict, results: list[dict], share: dict
         "score_job_cpu_ms_per_row": job_cpu,
         "cpu_s_by_stage": per_stage("cpu_s"),
         "driver_peak_mb_by_rows": {str(a.rows): per_stage("driver_peak_mb")},
-        # the job's own figure (ru_maxrss: on Linux it keeps the forking parent's peak across exec)
+        # the job's own figure (VmHWM read by the driver when each stage ends)
         "manifest_driver_peak_mb": per_stage("manifest_driver_peak_mb"),
         "rows_per_s_by_stage": per_stage("rows_per_s"),
         "seconds_by_stage": {s: {"wall": r["wall_s"], "stage": r["stage_s"], "ray_start": r["ray_start_s"]}
