@@ -289,7 +289,7 @@ def unpack_unit(data: bytes, shard: int) -> dict[str, Any]:
 def prepare_units(batch: dict[str, np.ndarray], *, paths: dict[int, str], unit_rows: int, model_path: str,
                   max_length: int, on_long: str, trust_remote_code: bool = False) -> dict[str, np.ndarray]:
     """Units ``(shard, start)`` -> each read (:func:`read_unit`), tokenized (:func:`tokenize_batch`)
-    and packed (:func:`pack_unit`): ``shard, start, rows, unit`` (bytes). Runs in CPU tasks."""
+    and packed (:func:`pack_unit`): ``shard, start, unit`` (bytes). Runs in CPU tasks."""
     packed = []
     for shard, start in zip(batch["shard"], batch["start"], strict=True):
         rows = read_unit({"shard": [shard], "start": [start]}, paths, unit_rows)

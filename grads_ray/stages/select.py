@@ -13,6 +13,7 @@ Later stages receive the path of ``selection.parquet``.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -135,7 +136,7 @@ def read_inputs(ctx, spill) -> SelectionInputs:
         inputs.fisher_factors = aligned_features(score["features"], ids, "fisher_factor", spill, limit,
                                                  legacy=lambda w: (r, w // r) if w % r == 0 and w // r >= r else None)
     if need.grad_proj:
-        inputs.grad_proj = aligned_features(score["features"], ids, "grad_proj", spill, limit)
+        inputs.grad_proj = aligned_features(score["features"], ids, "grad_proj", spill, limit, legacy=_row)
     if need.target:
         inputs.target_proj = matrix(read_parts(ctx.need("target")["target"].parts())["grad_proj"])
     if need.vectors:
@@ -143,7 +144,8 @@ def read_inputs(ctx, spill) -> SelectionInputs:
 
         s = cfg.similarity
         src = ctx.need("embed")["embeddings"] if s.feature == "encoder" else score["features"]
-        inputs.vectors = unit_vectors(matrix(aligned(src, ids, ["id", s.feature])[s.feature]), center=s.centred())
+        inputs.vectors = unit_vectors(aligned_features(src, ids, s.feature, spill, limit, legacy=_row),
+                                      center=s.centred())
     return inputs
 
 
@@ -155,8 +157,6 @@ def aligned_features(stage: StageDir, ids: pa.Array, column: str, spill, limit_b
     folder ``spill``. The per-row shape is the field's metadata; ``legacy(width)`` gives it for
     columns written before it was recorded (None: refused). Checks that the parts hold exactly
     the ids."""
-    import json
-
 
     parts = stage.parts()
     id_parts = [pq.read_table(str(p), columns=["id"])["id"] for p in parts]
@@ -267,6 +267,11 @@ def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, 
     perm = np.random.default_rng([seed, 0x5E1EC7]).permutation(table.num_rows)
     for k, start in enumerate(range(0, table.num_rows, part_rows)):  # one part's copy at a time
         write_parquet(subset.part(k), table.take(pa.array(perm[start:start + part_rows])))
+
+
+def _row(width: int) -> tuple[int]:
+    """A vector column's per-row shape when its field does not say (written before shapes were)."""
+    return (width,)
 
 
 def _spill_folder(stage: StageDir) -> Path:
