@@ -87,17 +87,13 @@ def read_slice(path: str, start: int, stop: int) -> pa.Table:
     return f.read_row_groups(groups, columns=ROW_COLUMNS).slice(start - first, stop - start)
 
 
-def read_unit(batch: dict[str, np.ndarray], paths: dict[int, str], unit_rows: int) -> pa.Table:
-    """A unit of work, ``(shard, start)``, -> that shard's rows ``[start, start + unit_rows)``, each
-    with ``pos``, its index in the shard. Units start at multiples of ``unit_rows`` whatever else is
-    being scored, and the scorer cuts its batches inside units, so they never depend on which shards
-    a run had left to do. One unit a Ray Data block: each scorer call is one unit, so rows come back
-    (and progress moves) unit by unit, and no call outlives Ray Data's no-progress timeout."""
-    tables = []
-    for shard, start in zip(batch["shard"], batch["start"], strict=True):
-        t = read_slice(paths[int(shard)], int(start), int(start) + unit_rows)
-        tables.append(t.append_column("pos", pa.array(np.arange(start, start + t.num_rows, dtype=np.int64))))
-    return pa.concat_tables(tables)
+def read_unit(path: str, start: int, unit_rows: int) -> pa.Table:
+    """A unit of work -> rows ``[start, start + unit_rows)`` of the rows part ``path``, each with
+    ``pos``, its index in the shard. Units start at multiples of ``unit_rows`` whatever else is being
+    scored, and the scorer cuts its batches inside units, so a row's batch mates never depend on
+    which shards a run had left to do."""
+    t = read_slice(path, start, start + unit_rows)
+    return t.append_column("pos", pa.array(np.arange(start, start + t.num_rows, dtype=np.int64)))
 
 
 def tokenize(ds, *, model_path: str, max_length: int, on_long: str, batch_size: int, trust_remote_code: bool = False):
@@ -292,7 +288,7 @@ def prepare_units(batch: dict[str, np.ndarray], *, paths: dict[int, str], unit_r
     and packed (:func:`pack_unit`): ``shard, start, unit`` (bytes). Runs in CPU tasks."""
     packed = []
     for shard, start in zip(batch["shard"], batch["start"], strict=True):
-        rows = read_unit({"shard": [shard], "start": [start]}, paths, unit_rows)
+        rows = read_unit(paths[int(shard)], int(start), unit_rows)
         cols = {c: rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names}
         packed.append(pack_unit(tokenize_batch(cols, model_path, max_length, on_long, trust_remote_code)))
     return {"shard": np.asarray(batch["shard"], np.int64), "start": np.asarray(batch["start"], np.int64),
