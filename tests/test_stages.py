@@ -184,7 +184,9 @@ def test_feature_matrices_are_read_in_id_order_part_by_part_in_memory_or_mapped(
     write(older, pa.field("fisher_factor", pa.list_(pa.float32())))
     want = pa.array(ids, pa.string())
     spill = tmp_path / "spill"
-    split = (lambda r: lambda w: (r, w // r) if w % r == 0 and w // r >= r else None)
+
+    def split(r):
+        return lambda w: (r, w // r) if w % r == 0 and w // r >= r else None
     in_memory = aligned_features(shaped, want, "fisher_factor", spill, 1 << 30, legacy=split(4))  # metadata wins
     mapped = aligned_features(shaped, want, "fisher_factor", spill, 0)
     assert isinstance(mapped, np.memmap) and not isinstance(in_memory, np.memmap)
@@ -243,7 +245,7 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
     subset = StageDir(tmp_path / "a", "select")
     select.write_selected(tmp_path / "a", subset, rows, ranked, seed=3, part_rows=3)
     assert (tmp_path / "a" / "selected.jsonl").read_text().splitlines() == [
-        '{"n": "%s"}' % i[1:] for i in ranked.to_pylist()]
+        json.dumps({"n": i[1:]}) for i in ranked.to_pylist()]
     assert pq.read_table(tmp_path / "a" / "selected.parquet")["id"].to_pylist() == ranked.to_pylist()
     parts = subset.parts()
     assert [pq.read_metadata(str(p)).num_rows for p in parts] == [3, 3, 2]
