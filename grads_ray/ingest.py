@@ -19,10 +19,12 @@ import pyarrow.parquet as pq
 from grads_ray import storage
 from grads_ray.data.readers import Shard, read_shard, validate_rows
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
+from grads_ray.selection.ranking import id_hash
 
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group of a rows part: the scorer reads its units by group
 ROWS_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("source", pa.string()),
                          ("line", pa.int64()), ("record", pa.string())])
+DEDUP_SEED = 0x1D5  # drop_duplicate_ids' id hash: any fixed value (the hash only proposes candidates)
 
 
 def node_id() -> str:
@@ -89,17 +91,52 @@ def run_ingest(shards: list[Shard], stage: StageDir, progress=None) -> list[dict
 def drop_duplicate_ids(shards: list[Shard], stage: StageDir) -> int:
     """Ids must be unique (every later stage joins on them): keep each id's first row in input order
     (shard, line) and move every later one to its shard's rejects as ``duplicate_id``, naming where
-    the id was first seen. Idempotent, so an interrupted ingest can run it again. -> rows moved."""
+    the id was first seen. Idempotent, so an interrupted ingest can run it again. -> rows moved.
+
+    The driver never holds the corpus's ids. It reads the parts one at a time and keeps, a row, a
+    64-bit hash of the id (``id_hash`` with the fixed seed ``DEDUP_SEED``), its shard and its line:
+    20 bytes; while they are sorted, the order (8 bytes) and the sort's buffers come on top, about
+    37 MB in all at 10^6 rows, where sorting the ids themselves took about 190 MB. Rows whose hash
+    another row shares are only candidates, since two different ids can share a hash: their real
+    ids, read back from just those rows of their parts, decide, so a collision never drops a row.
+    The candidates are the duplicates and their first rows (a collision of two distinct ids is a
+    2^-64 chance a pair, about 3e-8 a corpus of 10^6 rows)."""
     parts = [stage.part(s.index) for s in shards]
-    t = pa.concat_tables([pq.read_table(str(p), columns=["id", "shard", "line"]) for p in parts])
-    if t.num_rows < 2:
+    sizes = [pq.read_metadata(str(p)).num_rows for p in parts]
+    n = sum(sizes)
+    if n < 2:
         return 0
-    t = t.sort_by([("id", "ascending"), ("shard", "ascending"), ("line", "ascending")])
+    h, shard_col, line_col = np.empty(n, np.uint64), np.empty(n, np.int32), np.empty(n, np.int64)
+    at = 0
+    for p, size in zip(parts, sizes, strict=True):
+        t = pq.read_table(str(p), columns=["id", "shard", "line"])
+        h[at:at + size] = id_hash(t["id"], DEDUP_SEED)
+        shard_col[at:at + size], line_col[at:at + size] = t["shard"].to_numpy(), t["line"].to_numpy()
+        at += size
+        del t
+    order = np.lexsort((line_col, shard_col, h))  # by (hash, shard, line)
+    h.sort()  # == h[order], the hash being the first key: sorted in place, no second copy
+    same = h[1:] == h[:-1]
+    if not same.any():
+        return 0
+    shared = np.zeros(n, dtype=bool)  # the rows whose hash another row has: both ends of each pair
+    shared[1:] = same
+    shared[:-1] |= same
+    cand = order[shared]
+    del h, order, same, shared
+    cand_shard, cand_line = shard_col[cand], line_col[cand]
+    del shard_col, line_col, cand
+    pieces = []
+    for index in np.unique(cand_shard):  # the candidates' real ids, from their parts: one read a part
+        part = pq.read_table(str(stage.part(int(index))), columns=["id", "shard", "line"])
+        pieces.append(part.filter(pc.is_in(part["line"], value_set=pa.array(cand_line[cand_shard == index]))))
+        del part
+    t = pa.concat_tables(pieces).sort_by([("id", "ascending"), ("shard", "ascending"), ("line", "ascending")])
     ids = t["id"].combine_chunks()
     same = np.zeros(t.num_rows, dtype=bool)
     same[1:] = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
     if not same.any():
-        return 0
+        return 0  # hash collisions only
     first = np.maximum.accumulate(np.where(~same, np.arange(t.num_rows), 0))  # each run's first row
     shard_col, line_col = t["shard"].to_numpy(), t["line"].to_numpy()
     by_shard: dict[int, dict[int, str]] = {}

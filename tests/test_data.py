@@ -226,6 +226,142 @@ def test_duplicate_ids_across_shards_keep_the_first_row(tmp_path):
     assert sum(stage.done_info(s.index)["rows"] for s in shards) == 5
 
 
+def _dedup_corpus(tmp_path, seed: int):
+    """A random small corpus for drop_duplicate_ids, ingested: two files cut into shards of odd
+    sizes, ids drawn from a small pool (repeats within a shard, across shards and across files;
+    multi-byte UTF-8 among them), one row in eight bad (so some shards have rejects already, some
+    none, some no row at all). -> (shards, stage, [(source, line, id, good)] in input order)."""
+    import numpy as np
+
+    from grads_ray.ingest import ingest_shard
+    from grads_ray.rundir import StageDir
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pool = [f"module.Class{k % 4}.method@{k}" if k % 3 else f"id-é{k}" for k in range(int(rng.integers(5, 30)))]
+    rows, paths = [], []
+    for name, n in (("a.jsonl", int(rng.integers(1, 53))), ("b.jsonl", int(rng.integers(1, 37)))):
+        lines = []
+        for line in range(1, n + 1):
+            rid, good = pool[int(rng.integers(len(pool)))], bool(rng.random() >= 0.125)
+            lines.append(json.dumps({"id": rid, "prompt": f"p{line}", "response": "r" if good else ""}))
+            rows.append((name, line, rid, good))
+        (tmp_path / name).write_text("".join(x + "\n" for x in lines))
+        paths.append(str(tmp_path / name))
+    shards = plan_shards(paths, 1 << 20, int(rng.choice([1, 3, 5, 7, 11, 1000])))
+    stage = StageDir(tmp_path, "rows")
+    for s in shards:
+        ingest_shard(s, str(stage.path))
+    return shards, stage, rows
+
+
+def _dedup_files(stage) -> dict[str, tuple[bytes, int]]:
+    """Every file of a stage folder (parts, rejects, markers) -> its bytes and inode (a rewrite, a
+    temporary file renamed over it, gives a new inode even with the same bytes)."""
+    return {str(p.relative_to(stage.path)): (p.read_bytes(), p.stat().st_ino)
+            for p in sorted(stage.path.rglob("*")) if p.is_file()}
+
+
+def _check_dedup_against_reference(shards, stage, rows) -> int:
+    """drop_duplicate_ids against a plain reference (a dict of each id's first good row in input
+    order): the same rows moved, with the same reject records, parts and markers; a second run moves
+    and rewrites nothing. -> rows moved."""
+    from grads_ray.ingest import drop_duplicate_ids, rows_digest
+    from grads_ray.rundir import read_parts
+
+    first, moved = {}, {}
+    for source, line, rid, good in rows:
+        if good and rid in first:
+            moved[(source, line)] = (rid, f"first seen at {first[rid]}")
+        elif good:
+            first[rid] = f"{source}:{line}"
+    assert drop_duplicate_ids(shards, stage) == len(moved)
+    kept = read_parts(stage.parts())
+    assert sorted(zip(kept["source"].to_pylist(), kept["line"].to_pylist(), kept["id"].to_pylist(), strict=True)) == \
+        sorted((s, n, i) for s, n, i, good in rows if good and (s, n) not in moved)
+    rejected = [json.loads(x) for p in stage.reject_parts() for x in p.read_text().splitlines()]
+    assert {(r["source"], r["line"]): (r["id"], r["detail"]) for r in rejected if r["reason"] == "duplicate_id"} == moved
+    assert sorted((r["source"], r["line"]) for r in rejected if r["reason"] != "duplicate_id") == \
+        sorted((s, n) for s, n, _, good in rows if not good)
+    for s in shards:
+        part = pq.read_table(str(stage.part(s.index)))
+        mine = [json.loads(x) for x in stage.rejects(s.index).read_text().splitlines()]
+        info = stage.done_info(s.index)
+        assert [r["line"] for r in mine] == sorted(r["line"] for r in mine)
+        assert (info["rows"], info["rejected"]) == (part.num_rows, len(mine))
+        # ingest's marker names the first reject without its "stage" (one it rewrote here, with it)
+        assert (info["first_reject"] or {}) | {"stage": "ingest"} == (mine[0] if mine else {"stage": "ingest"})
+        assert info["content"] == rows_digest(part)
+    before = _dedup_files(stage)
+    assert drop_duplicate_ids(shards, stage) == 0  # idempotent: an interrupted ingest may run it again
+    assert _dedup_files(stage) == before  # and nothing is rewritten
+    return len(moved)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_duplicate_ids_are_moved_as_a_plain_reference_says(tmp_path, seed):
+    shards, stage, rows = _dedup_corpus(tmp_path, seed)
+    _check_dedup_against_reference(shards, stage, rows)
+
+
+def test_the_random_dedup_corpora_hold_duplicates_within_and_across_shards(tmp_path):
+    """The reference test above checks something: its corpora do hold both kinds of duplicate."""
+    kinds = set()
+    for seed in range(16):
+        shards, _, rows = _dedup_corpus(tmp_path / str(seed), seed)
+        at: dict[str, list[int]] = {}
+        for source, line, rid, good in rows:
+            if good:
+                at.setdefault(rid, []).append(max(s.index for s in shards if (s.source, s.first_line) <= (source, line)))
+        for where in at.values():
+            kinds |= {"within" if a == b else "across" for a, b in zip(where[:-1], where[1:], strict=True)}
+        assert len(shards) >= 2
+    assert kinds == {"within", "across"}
+
+
+@pytest.mark.parametrize("collide", ["low_bits", "constant"])
+def test_a_hash_collision_never_makes_a_duplicate_id(tmp_path, monkeypatch, collide):
+    """Ids whose hashes collide (forced: two bits of hash, or one hash for every id) are only
+    candidates: a row is dropped for its real id only, and real duplicates still are."""
+    import numpy as np
+
+    import grads_ray.ingest as ingest
+
+    real, calls = ingest.id_hash, []
+
+    def weak(ids, seed):
+        calls.append(len(ids))
+        h = real(ids, seed)
+        return h & np.uint64(0x3) if collide == "low_bits" else np.zeros_like(h)
+
+    monkeypatch.setattr(ingest, "id_hash", weak)
+    moved = 0
+    for seed in range(6):
+        shards, stage, rows = _dedup_corpus(tmp_path / str(seed), seed)
+        assert len({rid for *_, rid, good in rows if good}) > 4  # more ids than hashes: some collide
+        moved += _check_dedup_against_reference(shards, stage, rows)
+    assert calls and moved  # the weak hash was used, and real duplicates were still moved
+
+
+def test_hash_collisions_alone_move_no_duplicate(tmp_path, monkeypatch):
+    """Distinct ids, every hash equal: every row is a candidate, none is a duplicate."""
+    import numpy as np
+
+    import grads_ray.ingest as ingest
+    from grads_ray.rundir import StageDir
+
+    monkeypatch.setattr(ingest, "id_hash", lambda ids, seed: np.zeros(len(ids), np.uint64))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": f"m.C.f@{i}", "prompt": "p", "response": "r"}) + "\n"
+                                              for i in range(9)))
+    shards = plan_shards([str(tmp_path / "c.jsonl")], 1 << 20, 4)
+    stage = StageDir(tmp_path, "rows")
+    for s in shards:
+        ingest.ingest_shard(s, str(stage.path))
+    before = _dedup_files(stage)
+    assert ingest.drop_duplicate_ids(shards, stage) == 0
+    assert _dedup_files(stage) == before
+
+
 def test_a_packed_unit_round_trips():
     """The scorer's one-item unit (Arrow IPC bytes): token lists of odd and zero lengths (a rejected
     row has none), reasons and flags come back as the tokenizer gave them."""

@@ -499,3 +499,103 @@ def test_selection_inputs_rows_renumber_the_neighbours():
     np.testing.assert_array_equal(sub.fisher_factors, inp["fisher_factors"][[0, 2, 4, 5]])
     np.testing.assert_array_equal(sub.target_proj, inp["target_proj"])  # not per row
     assert list(sub.source) == list(inp["source"][[0, 2, 4, 5]]) and len(sub) == 4
+
+
+def _blocks(nn_idx, nn_sims, seed):
+    """The same k-NN lists as Neighbours read in shuffled blocks of odd sizes (as from parts)."""
+    from grads_ray.selection.inputs import Neighbours
+
+    order = np.random.default_rng(seed).permutation(len(nn_idx))
+    cuts = np.sort(np.random.default_rng(seed + 1).choice(np.arange(1, len(nn_idx)), 4, replace=False))
+    pieces = np.split(order, cuts)
+    return Neighbours(lambda: iter([(p, nn_idx[p], nn_sims[p]) for p in pieces]), len(nn_idx))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grads_components_read_in_blocks_and_on_demand_equal_in_memory(seed):
+    """Neighbours in blocks and PartColumns give the components of in-memory arrays; the criteria
+    counted column by column equal criteria() on the float64 z; the reported z are their float32."""
+    from grads_ray.selection.inputs import PartColumns
+    from grads_ray.selection.ranking import NORMALIZERS
+
+    n = 257
+    cols = _columns(n, seed)
+    rng = np.random.default_rng(seed)
+    nn_idx, nn_sims = rng.integers(-1, n, (n, 7)), rng.random((n, 7)).astype(np.float32)
+    cfg = GradsConfig(w_redundancy=0.5, k=1.5, directions={"head.grad_max": "upper"})
+    tb = id_hash([str(i) for i in range(n)], seed)
+    reads = []
+    lazy = PartColumns(list(cols), lambda c: reads.append(c) or cols[c].copy(), cached=("loss",))
+    want = grads_components(cols, cfg, tiebreak=tb, diversity=None, nn_idx=nn_idx, nn_sims=nn_sims)
+    got = grads_components(lazy, cfg, tiebreak=tb, diversity=None, nn_idx=_blocks(nn_idx, nn_sims, seed))
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert reads.count("loss") == 1 and "n_tokens" not in reads
+    signal, z = gradient_signal(cols, cfg.stats, cfg.groups, cfg.normalize, cfg.stat_weights)
+    in_band, failed, _ = criteria(z, NORMALIZERS[cfg.normalize](signal), cfg.k, cfg.direction, cfg.directions)
+    np.testing.assert_array_equal(want["criteria_failed"], failed)
+    assert 0 < in_band.sum() < n and (want["in_band"] == in_band).all()
+    for c, values in z.items():
+        assert want[f"signal.{c}"].dtype == np.float32
+        np.testing.assert_array_equal(want[f"signal.{c}"], values.astype(np.float32))
+
+
+def test_selection_inputs_rows_of_blocks_and_part_columns_equal_in_memory():
+    """rows(keep), twice over, renumbers Neighbours blocks as it does (N, k) arrays, and restricts
+    PartColumns as it does a dict."""
+    from grads_ray.selection.inputs import Neighbours, PartColumns
+
+    n = 40
+    rng = np.random.default_rng(5)
+    nn_idx, nn_sims = rng.integers(-1, n, (n, 4)), rng.random((n, 4)).astype(np.float32)
+    cols = _columns(n, 5)
+    ids = [f"d{i:03d}" for i in range(n)]
+    plain = SelectionInputs(cols, ids, similarity={"nn_idx": nn_idx, "nn_sims": nn_sims})
+    lazy = SelectionInputs(PartColumns(list(cols), lambda c: cols[c]), ids,
+                           similarity={"neighbours": _blocks(nn_idx, nn_sims, 9)})
+    keep1, keep2 = np.flatnonzero(rng.random(n) < 0.7), None
+    keep2 = np.flatnonzero(rng.random(len(keep1)) < 0.7)
+    a, b = plain.rows(keep1).rows(keep2), lazy.rows(keep1).rows(keep2)
+    assert len(a) == len(b) == len(keep2)
+    for c in cols:
+        np.testing.assert_array_equal(a.columns[c], b.columns[c])
+    blocks = list(b.similarity["neighbours"])
+    pos = np.concatenate([p for p, _, _ in blocks])
+    assert sorted(pos.tolist()) == list(range(len(keep2)))
+    idx = np.concatenate([i for _, i, _ in blocks])[np.argsort(pos)]
+    sims = np.concatenate([s for _, _, s in blocks])[np.argsort(pos)]
+    np.testing.assert_array_equal(idx, a.similarity["nn_idx"])
+    np.testing.assert_array_equal(sims, a.similarity["nn_sims"])
+    assert isinstance(b.similarity["neighbours"], Neighbours)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_selection_out_of_core_equals_in_memory(method, tmp_path):
+    """The select stage's way: stats columns read on demand (PartColumns), k-NN lists in blocks
+    (Neighbours), results spilled to files (ColumnSpill) — with non-finite rows, so that rows(keep)
+    and the write-back of every column run too: every result column equals the in-memory one."""
+    from grads_ray.selection.inputs import PartColumns
+    from grads_ray.selection.spill import ColumnSpill
+
+    n = 300
+    inp = _inputs(n, seed=11)
+    inp["cols"]["loss"][[4, 77]] = np.nan
+    inp["cols"]["finite"] = np.ones(n, bool)
+    inp["cols"]["finite"][123] = False
+    cfg = SelectConfig(method=method, max_per_dup_group=1)
+    sim = {k: v for k, v in inp["similarity"].items() if k not in ("nn_idx", "nn_sims")}
+    sim["neighbours"] = _blocks(inp["similarity"]["nn_idx"], inp["similarity"]["nn_sims"].astype(np.float32), 2)
+    want_f32 = _run({**inp, "similarity": {**inp["similarity"], "nn_sims": inp["similarity"]["nn_sims"].astype(np.float32)}},
+                    Budget("fraction", 0.3), cfg)  # the blocks carry float32 cosines, as the stage's files do
+    spill = ColumnSpill(tmp_path / "spill")
+    kwargs = {k: v for k, v in inp.items() if k not in ("cols", "ids", "similarity")}
+    got = select(SelectionInputs(PartColumns(list(inp["cols"]), lambda c: inp["cols"][c].copy(), cached=("loss",)),
+                                 inp["ids"], similarity=sim, **kwargs), Budget("fraction", 0.3), cfg, 3, out=spill)
+    assert got is spill and set(got) == set(want_f32)
+    for k in want_f32:
+        np.testing.assert_array_equal(got[k], want_f32[k], err_msg=k)
+        assert np.asarray(got[k]).dtype == np.asarray(want_f32[k]).dtype
+        np.testing.assert_array_equal(spill.rows(k, 7, 19), np.asarray(want_f32[k])[7:19])
+    numeric = [k for k in got if np.asarray(got[k]).dtype.kind in "biuf"]
+    assert len(list((tmp_path / "spill").iterdir())) == len(numeric)  # a column set again leaves no stale file

@@ -254,6 +254,18 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
     again = StageDir(tmp_path / "b", "select")
     select.write_selected(tmp_path / "b", again, rows, ranked, seed=3, part_rows=3)
     assert read_parts(again.parts()).equals(shuffled)  # the same shuffle for the seed
+    for bucket_rows in (3, 6):  # out of core: many spill buckets give the same files as one
+        spilled = StageDir(tmp_path / f"s{bucket_rows}", "select")
+        select.write_selected(tmp_path / f"s{bucket_rows}", spilled, rows, ranked, seed=3, part_rows=3,
+                              spill=tmp_path / "spill", bucket_rows=bucket_rows)
+        assert read_parts(spilled.parts()).equals(shuffled)
+        assert [pq.read_metadata(str(p)).num_rows for p in spilled.parts()] == [3, 3, 2]
+        for name in ("selected.jsonl", "selected.parquet"):
+            assert (tmp_path / f"s{bucket_rows}" / name).exists()
+        assert (tmp_path / f"s{bucket_rows}" / "selected.jsonl").read_bytes() == (tmp_path / "a" / "selected.jsonl").read_bytes()
+        assert pq.read_table(tmp_path / f"s{bucket_rows}" / "selected.parquet").equals(
+            pq.read_table(tmp_path / "a" / "selected.parquet"))
+    assert not any((tmp_path / "spill").iterdir())  # the buckets are removed
     other = StageDir(tmp_path / "c", "select")
     select.write_selected(tmp_path / "c", other, rows, ranked, seed=4, part_rows=3)
     assert read_parts(other.parts())["id"].to_pylist() != shuffled["id"].to_pylist()
@@ -276,3 +288,73 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
     info = train.Finetune().run(Ctx(), Outputs("fp", {"finetune": StageDir(tmp_path, "finetune")}))
     assert info["rows"] == seen["n"] == 8 and seen["pick"] is None
     assert seen["files"] == [str(p) for p in parts]
+
+
+def test_selection_parquet_is_written_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """write_selection from a ColumnSpill, in row groups of 7 rows: the same table as the columns
+    written at once, the reasons as strings."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from grads_ray.selection.spill import ColumnSpill
+    from grads_ray.stages import select
+
+    monkeypatch.setattr(select, "SELECTION_ROW_GROUP", 7)
+    rng = np.random.default_rng(0)
+    n = 30
+    res = {"score": rng.random(n), "rank": rng.integers(-1, 9, n), "selected": rng.random(n) < 0.3,
+           "signal.x": rng.random(n).astype(np.float32),
+           "reason": np.array(["", "over_budget", "duplicate"], dtype=object)[rng.integers(0, 3, n)]}
+    spill = ColumnSpill(tmp_path / "spill")
+    for k, v in res.items():
+        spill[k] = v
+    ids = pa.array([f"id{i:03d}" for i in range(n)])
+    select.write_selection(tmp_path / "selection.parquet", ids, spill)
+    got = pq.read_table(tmp_path / "selection.parquet")
+    assert pq.read_metadata(tmp_path / "selection.parquet").num_row_groups == 5
+    assert got.equals(pa.table({"id": ids, **{k: pa.array(v) for k, v in res.items()}}))
+
+
+def test_similarity_inputs_follow_the_position_column_and_refuse_other_ids(tmp_path):
+    """similarity_inputs puts each part's rows at their ``position`` and yields the k-NN lists part by
+    part; a part whose ids are not the scored ids at those positions is refused."""
+    import numpy as np
+    import pyarrow as pa
+
+    from grads_ray.columns import lists
+    from grads_ray.rundir import StageDir, write_parquet
+    from grads_ray.stages.select import similarity_inputs
+
+    rng = np.random.default_rng(1)
+    n = 13
+    ids = pa.array([f"id{i:02d}" for i in range(n)])
+    nn = rng.integers(-1, n, (n, 3))
+    sims = rng.random((n, 3)).astype(np.float32)
+    perm = rng.permutation(n)
+
+    def write(stage, id_of):
+        for k, rows in enumerate((perm[:5], perm[5:5], perm[5:])):
+            write_parquet(stage.part(k), pa.table({
+                "id": pa.array([id_of(i) for i in rows], pa.string()), "position": pa.array(rows, pa.int64()),
+                "nn_rows": lists(nn[rows]), "nn_sims": lists(sims[rows]),
+                "diversity": pa.array(sims[rows, 0]), "cluster": pa.array(rows % 3), "dup_group": pa.array(rows)}))
+
+    good = StageDir(tmp_path, "good")
+    write(good, lambda i: f"id{i:02d}")
+    got = similarity_inputs(good, ids)
+    np.testing.assert_array_equal(got["cluster"], np.arange(n) % 3)
+    np.testing.assert_array_equal(got["diversity"], sims[:, 0])
+    seen = np.zeros(n, int)
+    for _ in range(2):  # each pass reads the parts again
+        for pos, idx, s in got["neighbours"]:
+            if not len(pos):  # an empty part: (0, 0) lists
+                continue
+            seen[pos] += 1
+            np.testing.assert_array_equal(idx, nn[pos])
+            np.testing.assert_array_equal(s, sims[pos])
+    assert (seen == 2).all()
+    bad = StageDir(tmp_path, "bad")
+    write(bad, lambda i: f"id{i:02d}" if i != 4 else "other")
+    with pytest.raises(RuntimeError, match="hold different ids"):
+        similarity_inputs(bad, ids)

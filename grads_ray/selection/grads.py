@@ -18,6 +18,7 @@ formulas, what the paper states and where our choice fills a gap. Arrays in, arr
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import numpy as np
@@ -51,19 +52,26 @@ def signal_columns(columns: dict[str, np.ndarray], stats: list[str], groups: lis
 
 
 def gradient_signal(columns: dict[str, np.ndarray], stats: list[str], groups: list[str],
-                    normalize: str = "zscore", weights: dict[str, float] | None = None
-                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                    normalize: str = "zscore", weights: dict[str, float] | None = None,
+                    each=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Combine the statistics into one signal: s_i = Σ_c w_c·norm(transform(c))_i / Σ_c w_c.
     ``weights`` is keyed by statistic (``grad_norm``) or by column (``head.grad_norm``), default 1.
-    -> ((N,) signal, {column: (N,) normalised values})."""
+    -> ((N,) signal, {column: (N,) normalised values}). With ``each``, ``each(column, values)`` is
+    called for each column instead and the dict is empty: one column is held at a time."""
     norm = NORMALIZERS[normalize]
     used = signal_columns(columns, stats, groups)
     weights = weights or {}
-    z = {c: norm(transform(columns[c], c)) for c in used}
     w = np.array([float(weights.get(c, weights.get(c.rsplit(".", 1)[-1], 1.0))) for c in used])
     if w.sum() <= 0:
         raise ValueError("the signal's weights add up to 0")
-    signal = np.tensordot(w / w.sum(), np.stack([z[c] for c in used]), axes=1)
+    signal, z = None, {}
+    for c, wc in zip(used, w / w.sum(), strict=True):  # one column at a time: columns may be read on demand
+        zc = norm(transform(columns[c], c))
+        signal = wc * zc if signal is None else signal + wc * zc
+        if each is None:
+            z[c] = zc
+        else:
+            each(c, zc)
     return signal, z
 
 
@@ -89,12 +97,16 @@ def criteria(z: dict[str, np.ndarray], signal_z: np.ndarray, k: float | str, dir
     -> ((N,) passes every criterion, (N,) number of criteria failed, k used)."""
     n = len(signal_z)
     k_used = chauvenet_k(n) if k == "auto" else float(k)
-    directions = directions or {}
     failed = np.zeros(n, np.int64)
     for c, values in {**z, "signal": signal_z}.items():
-        d = directions.get(c, directions.get(c.rsplit(".", 1)[-1], direction))
-        failed += ~within(values, k_used, d)
+        failed += ~within(values, k_used, direction_of(c, direction, directions))
     return failed == 0, failed, k_used
+
+
+def direction_of(column: str, direction: str, directions: dict[str, str] | None) -> str:
+    """A criterion's direction: by column, then by statistic, else ``direction``."""
+    directions = directions or {}
+    return directions.get(column, directions.get(column.rsplit(".", 1)[-1], direction))
 
 
 def region_score(signal: np.ndarray, fit: np.ndarray, region: str, bandwidth_rule: str | float,
@@ -127,43 +139,77 @@ def region_score(signal: np.ndarray, fit: np.ndarray, region: str, bandwidth_rul
     return out
 
 
-def redundancy(base: np.ndarray, tiebreak: np.ndarray, nn_idx: np.ndarray, nn_sims: np.ndarray) -> np.ndarray:
+def redundancy(base: np.ndarray, tiebreak: np.ndarray, nn_idx, nn_sims: np.ndarray | None = None) -> np.ndarray:
     """Similarity reduction: the highest cosine between an example and any of its k nearest
     neighbours that ranks above it by ``base`` score (ties by ``tiebreak``), clipped at 0.
     An example whose better neighbours are near copies of it is pushed down; the best of a
-    neighbourhood is not. (N,), (N,), (N, k) int (-1 = none), (N, k) -> (N,) float64 in [0, 1]."""
+    neighbourhood is not. (N,), (N,), (N, k) int (-1 = none), (N, k) -> (N,) float64 in [0, 1].
+    ``nn_idx`` may instead be a :class:`grads_ray.selection.inputs.Neighbours` (``nn_sims`` None):
+    the lists are then read block by block, never whole."""
+    from grads_ray.selection.inputs import Neighbours
+
     n = len(base)
-    if nn_idx is None or nn_idx.size == 0:
+    if nn_idx is None or (not isinstance(nn_idx, Neighbours) and nn_idx.size == 0):
         return np.zeros(n)
+    blocks = nn_idx if isinstance(nn_idx, Neighbours) else Neighbours.from_arrays(nn_idx, nn_sims)
     rank = np.empty(n, np.int64)
     rank[order_desc(base, tiebreak)] = np.arange(n)
-    valid = nn_idx >= 0
-    j = np.where(valid, nn_idx, 0)
-    above = valid & (rank[j] < rank[:, None])
-    sims = np.where(above, np.nan_to_num(nn_sims, neginf=0.0), 0.0)
-    return np.clip(sims.max(axis=1, initial=0.0), 0.0, 1.0)
+    out = np.zeros(n)
+    for pos, idx, sims in blocks:
+        if idx.size == 0:
+            continue
+        valid = idx >= 0
+        j = np.where(valid, idx, 0)
+        above = valid & (rank[j] < rank[pos][:, None])
+        best = np.where(above, np.nan_to_num(sims, neginf=0.0), 0.0).max(axis=1, initial=0.0)
+        out[pos] = np.clip(best, 0.0, 1.0)
+    return out
 
 
 def grads_components(columns: dict[str, np.ndarray], cfg: Any, *, tiebreak: np.ndarray,
                      diversity: np.ndarray | None = None, nn_idx: np.ndarray | None = None,
-                     nn_sims: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                     nn_sims: np.ndarray | None = None, out: MutableMapping | None = None) -> MutableMapping:
     """Every GrADS component for N examples (``cfg``: a :class:`grads_ray.config.GradsConfig`).
 
-    -> {signal, signal_z, criteria_failed, in_band, density, region, diversity, loss_rank,
-    redundancy, score, [stratum]} as (N,) arrays, plus ``signal.<column>`` normalised inputs.
+    -> {signal.<column> (normalised inputs), signal, signal_z, criteria_failed, in_band, density,
+    region, [stratum], diversity, loss_rank, redundancy, score} as (N,) arrays, put into ``out`` (a
+    new dict if None) each as soon as it is final, so a mapping that spills to disk
+    (:class:`grads_ray.selection.spill.ColumnSpill`) holds at most a few at once. The normalised
+    inputs are float32 (reported only; the criteria test them in float64, column by column, as
+    :func:`criteria` does). ``nn_idx`` may be a :class:`grads_ray.selection.inputs.Neighbours`
+    (see :func:`redundancy`).
     """
+    out = {} if out is None else out
     n = len(columns["loss"])
-    signal, z = gradient_signal(columns, cfg.stats, cfg.groups, cfg.normalize, cfg.stat_weights)
+    k = chauvenet_k(n) if cfg.k == "auto" else float(cfg.k)
+    failed = np.zeros(n, np.int64)
+
+    def each(c: str, values: np.ndarray) -> None:  # criteria() column by column
+        nonlocal failed
+        failed += ~within(values, k, direction_of(c, cfg.direction, cfg.directions))
+        out[f"signal.{c}"] = values.astype(np.float32)
+
+    signal, _ = gradient_signal(columns, cfg.stats, cfg.groups, cfg.normalize, cfg.stat_weights, each=each)
     signal_z = NORMALIZERS[cfg.normalize](signal)
-    in_band, failed, _ = criteria(z, signal_z, cfg.k, cfg.direction, cfg.directions)
-    in_band &= np.isfinite(signal)
+    failed += ~within(signal_z, k, direction_of("signal", cfg.direction, cfg.directions))
+    in_band = (failed == 0) & np.isfinite(signal)
+    out.update(signal_z=signal_z, criteria_failed=failed)
+    del signal_z, failed
     reg = region_score(np.nan_to_num(signal), in_band, cfg.region, cfg.bandwidth, cfg.region_mass, cfg.strata)
+    out.update(signal=signal, in_band=in_band)
+    del signal
+    base = cfg.w_region * reg["region"]
+    out.update(reg)
+    del reg
     div = rank01(diversity) if diversity is not None else np.zeros(n)
+    base += cfg.w_diversity * div
+    out["diversity"] = div
+    del div
     loss_rank = rank01(columns["loss"])
-    base = cfg.w_region * reg["region"] + cfg.w_diversity * div + cfg.w_loss * loss_rank
+    base += cfg.w_loss * loss_rank
+    out["loss_rank"] = loss_rank
+    del loss_rank
     red = redundancy(base, tiebreak, nn_idx, nn_sims) if cfg.w_redundancy else np.zeros(n)
-    out = {"signal": signal, "signal_z": signal_z, "criteria_failed": failed, "in_band": in_band,
-           **reg, "diversity": div, "loss_rank": loss_rank, "redundancy": red,
-           "score": base - cfg.w_redundancy * red}
-    out.update({f"signal.{c}": v for c, v in z.items()})
+    out["redundancy"] = red
+    out["score"] = base - cfg.w_redundancy * red
     return out

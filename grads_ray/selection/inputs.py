@@ -9,6 +9,7 @@ which stages ``select`` needs; :func:`grads_ray.selection.select.select` checks 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -53,18 +54,87 @@ def method_needs(cfg: Any) -> MethodNeeds:
     return replace(need, neighbours=need.neighbours or cfg.dedup == "true", vectors=cfg.max_similarity > 0)
 
 
+Block = tuple[np.ndarray, np.ndarray, np.ndarray]  # (m,) positions, (m, k) neighbour positions, (m, k) cosines
+
+
+class Neighbours:
+    """Every example's k nearest neighbours, as blocks of rows: (positions (m,), neighbour positions
+    (m, k) int64 with -1 for none, cosines (m, k) float32), together covering each position once.
+    ``blocks`` is called for each pass, so the lists may be read from disk part by part and never
+    held whole (at 10^7 rows and k = 10 they are 1.2 GB). :meth:`from_arrays` wraps (N, k) arrays."""
+
+    def __init__(self, blocks: Callable[[], Iterator[Block]], n: int, new_pos: np.ndarray | None = None):
+        self._blocks, self.n, self._new_pos = blocks, n, new_pos
+
+    @classmethod
+    def from_arrays(cls, nn_idx: np.ndarray, nn_sims: np.ndarray) -> Neighbours:
+        nn_idx, nn_sims = np.asarray(nn_idx), np.asarray(nn_sims)
+        return cls(lambda: iter([(np.arange(len(nn_idx)), nn_idx, nn_sims)]), len(nn_idx))
+
+    def __iter__(self) -> Iterator[Block]:
+        for pos, idx, sims in self._blocks():
+            if self._new_pos is not None:  # a subset: renumber, drop rows outside it and links to them
+                n_old = len(self._new_pos) - 1
+                pos = self._new_pos[pos]
+                keep = pos >= 0
+                pos, idx, sims = pos[keep], idx[keep], sims[keep]
+                idx = self._new_pos[np.where(idx >= 0, idx, n_old)]
+            yield pos, idx, sims
+
+    def rows(self, new_pos: np.ndarray, n: int) -> Neighbours:
+        """The lists of a subset: ``new_pos`` (N + 1,) maps each old position to the new one, -1 for
+        dropped (its last entry, for -1 links, is -1); ``n`` rows are kept."""
+        if self._new_pos is not None:  # compose: a row dropped before maps through new_pos[-1] = -1
+            new_pos = np.append(new_pos[self._new_pos[:-1]], -1)
+        return Neighbours(self._blocks, n, new_pos)
+
+
+class PartColumns(Mapping):
+    """Stats columns read on demand, one whole column at a time, by ``read(name) -> (N,) array``,
+    so a selection holds the columns it is using rather than every one it may use (a 10^7-row table
+    of 40 statistics is 3.2 GB). ``keep`` (sorted positions) restricts them to a subset. Columns in
+    ``cached`` are kept once read (the base columns: read by several steps)."""
+
+    def __init__(self, names: list[str], read: Callable[[str], np.ndarray], keep: np.ndarray | None = None,
+                 cached: tuple[str, ...] = ()):
+        self._names, self._read, self._keep, self._cached = list(names), read, keep, cached
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        if name in self._cache:
+            return self._cache[name]
+        values = self._read(name)
+        if self._keep is not None:
+            values = values[self._keep]
+        if name in self._cached:
+            self._cache[name] = values
+        return values
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def subset(self, keep: np.ndarray) -> PartColumns:
+        return PartColumns(self._names, self._read, keep if self._keep is None else self._keep[keep], self._cached)
+
+
 @dataclass
 class SelectionInputs:
     """Everything a selection reads, for N scored examples in one order.
 
-    ``columns``: stats columns, (N,) each; ``ids`` (N,); ``source`` (N,) input file names, for
-    quotas; ``similarity``: ``dup_group``, ``diversity``, ``cluster`` (N,) and ``nn_idx`` /
-    ``nn_sims`` (N, k) (neighbours as positions in this order, -1 none); ``fisher_factors``
+    ``columns``: stats columns, (N,) each (a dict, or :class:`PartColumns` read on demand); ``ids``
+    (N,); ``source`` (N,) input file names, for quotas; ``similarity``: ``dup_group``,
+    ``diversity``, ``cluster`` (N,) and either ``nn_idx`` / ``nn_sims`` (N, k) or ``neighbours``
+    (:class:`Neighbours`) (neighbours as positions in this order, -1 none); ``fisher_factors``
     (N, r, d'); ``grad_proj`` (N, p) and ``target_proj`` (T, p); ``vectors`` (N, d), centred and
     L2-normalised.
     """
 
-    columns: dict[str, np.ndarray]
+    columns: Mapping[str, np.ndarray]
     ids: pa.Array | list[str]
     source: pa.Array | np.ndarray | None = None
     similarity: dict[str, np.ndarray] | None = None
@@ -99,7 +169,8 @@ class SelectionInputs:
         new_pos[keep] = np.arange(len(keep))
         sim = None
         if self.similarity is not None:
-            sim = {k: np.asarray(v)[keep] for k, v in self.similarity.items()}
+            sim = {k: v.rows(new_pos, len(keep)) if isinstance(v, Neighbours) else np.asarray(v)[keep]
+                   for k, v in self.similarity.items()}
             if "nn_idx" in sim:
                 sim["nn_idx"] = new_pos[np.where(sim["nn_idx"] >= 0, sim["nn_idx"], n)]
         ids = self.ids if isinstance(self.ids, (pa.Array, pa.ChunkedArray)) else pa.array(self.ids, pa.string())
@@ -109,6 +180,8 @@ class SelectionInputs:
         if self.source is not None:
             out["source"] = (self.source.take(pa.array(keep)) if isinstance(self.source, (pa.Array, pa.ChunkedArray))
                              else np.asarray(self.source)[keep])
-        out.update(columns={k: np.asarray(v)[keep] for k, v in self.columns.items()}, ids=ids.take(pa.array(keep)),
+        columns = (self.columns.subset(keep) if isinstance(self.columns, PartColumns)
+                   else {k: np.asarray(v)[keep] for k, v in self.columns.items()})
+        out.update(columns=columns, ids=ids.take(pa.array(keep)),
                    similarity=sim)
         return SelectionInputs(**out)

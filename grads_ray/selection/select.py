@@ -13,6 +13,7 @@ are not finite (NaN, inf) is ``nonfinite``: it is left out before any distributi
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import numpy as np
@@ -57,39 +58,44 @@ def finite_mask(columns: dict[str, np.ndarray]) -> np.ndarray:
     ok = np.ones(len(columns["loss"]), dtype=bool)
     if "finite" in columns:
         ok &= np.asarray(columns["finite"], dtype=bool)
-    for name, values in columns.items():
+    for name in columns:  # by name: columns may be read on demand, only these are
         stat = name.rsplit(".", 1)[-1]
         if name == "loss" or stat.startswith("grad_"):
-            ok &= np.isfinite(np.asarray(values, dtype=np.float64))
+            ok &= np.isfinite(np.asarray(columns[name], dtype=np.float64))
     return ok
 
 
-def select(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int, device: str = "cpu") -> dict[str, np.ndarray]:
+def select(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int, device: str = "cpu",
+           out: MutableMapping | None = None) -> MutableMapping:
     """:func:`select_finite` over the rows with finite statistics (:func:`finite_mask`); the others
-    get ``reason`` ``nonfinite``, ``rank`` -1 and empty components. Same arguments and result."""
+    get ``reason`` ``nonfinite``, ``rank`` -1 and empty components. Same arguments and result;
+    ``out`` (a new dict if None) receives the result columns, one at a time (it may spill them:
+    :class:`grads_ray.selection.spill.ColumnSpill`)."""
+    out = {} if out is None else out
     ok = finite_mask(inputs.columns)
     if ok.all():
-        return select_finite(inputs, budget, cfg, seed, device)
+        return select_finite(inputs, budget, cfg, seed, device, out)
     keep = np.flatnonzero(ok)
-    part = select_finite(inputs.rows(keep), budget, cfg, seed, device)
-    out = {}
-    for name, values in part.items():
-        values = np.asarray(values)
+    select_finite(inputs.rows(keep), budget, cfg, seed, device, out)
+    for name in list(out):  # each column back to every row, in turn
+        values = np.asarray(out[name])
         fill = {"b": False, "i": -1, "u": 0, "f": np.nan}.get(values.dtype.kind, "")
         full = np.full(len(ok), fill, dtype=values.dtype if values.dtype.kind != "U" else object)
         full[keep] = values
+        if name == "reason":
+            full[~ok] = "nonfinite"
         out[name] = full
-    out["reason"][~ok] = "nonfinite"
     return out
 
 
 def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
-                  device: str = "cpu") -> dict[str, np.ndarray]:
+                  device: str = "cpu", out: MutableMapping | None = None) -> MutableMapping:
     """Choose a subset of N scored examples (``cfg``: a :class:`grads_ray.config.SelectConfig`) from
     ``inputs`` (what :func:`grads_ray.selection.inputs.method_needs` names must be there).
 
     ``device``: where FisherSFT's greedy and the similarity pass run (``cpu`` or ``cuda``).
-    -> (N,) arrays: ``selected``, ``rank`` (-1 if not), ``reason``, ``score`` and every component.
+    -> ``out`` (a new dict if None) with (N,) arrays: ``selected``, ``rank`` (-1 if not), ``reason``,
+    ``score`` and every component.
     """
     inputs.require(method_needs(cfg), cfg.method)
     columns, ids, source = inputs.columns, inputs.ids, inputs.source
@@ -110,7 +116,7 @@ def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
         by_name = group_limits(limit, sorted(names), cfg.quotas)
         limits = {c: by_name[name] for c, name in enumerate(names)}
     reason = np.full(n, "", dtype=object)
-    out: dict[str, np.ndarray] = {}
+    out = {} if out is None else out
     dedup = cfg.dedup == "true" or (cfg.dedup == "auto" and method == "grads")
     groups = sim.get("dup_group") if dedup else None
 
@@ -140,14 +146,13 @@ def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
     preferred = np.ones(n, bool)
     balance = None
     if method == "grads":
-        comps = grads_components(columns, cfg.grads, tiebreak=tiebreak, diversity=sim.get("diversity"),
-                                 nn_idx=sim.get("nn_idx"), nn_sims=sim.get("nn_sims"))
-        out.update(comps)
-        score, preferred = comps["score"], comps["in_band"]
+        grads_components(columns, cfg.grads, tiebreak=tiebreak, diversity=sim.get("diversity"),
+                         nn_idx=sim.get("neighbours", sim.get("nn_idx")), nn_sims=sim.get("nn_sims"), out=out)
+        score, preferred = out["score"], out["in_band"]
         cluster = sim.get("cluster")
         out.update({k: sim[k] for k in ("cluster", "dup_group") if k in sim})
         if cfg.grads.region == "match":
-            strata = comps["stratum"].astype(np.int64)
+            strata = out["stratum"].astype(np.int64)
             balance = (strata, 1.0) if cluster is None or cfg.grads.cluster_alpha < 0 else (
                 strata * (int(cluster.max(initial=0)) + 1) + cluster, max(cfg.grads.cluster_alpha, 0.0))
         elif cluster is not None and cfg.grads.cluster_alpha >= 0:
@@ -170,7 +175,8 @@ def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
             preferred = np.nan_to_num(score, nan=np.inf) < cfg.baseline.ifd_max
     else:  # less
         score = less_score(inputs.grad_proj, inputs.target_proj, cfg.less.reduce)
-    out["score"] = score
+    if "score" not in out:  # GrADS put its own
+        out["score"] = score
 
     order = order_desc(score, tiebreak)
     first, rest = order[preferred[order]], order[~preferred[order]]

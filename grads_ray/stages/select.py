@@ -32,10 +32,9 @@ from grads_ray.columns import SHAPE_KEY, matrix
 from grads_ray.data.readers import InputError
 from grads_ray.evaluation.report import PLOTTED, write_report
 from grads_ray.rundir import StageDir, fingerprint, read_parts, write_parquet
-from grads_ray.selection.inputs import BASE_COLUMNS, SelectionInputs, method_needs
+from grads_ray.selection.inputs import BASE_COLUMNS, Neighbours, PartColumns, SelectionInputs, method_needs
+from grads_ray.selection.spill import ColumnSpill
 from grads_ray.stages.base import Done, Outputs, Stage, no_rows
-
-SIMILARITY_COLUMNS = ["id", "nn_rows", "nn_sims", "dup_group", "diversity", "cluster"]
 
 
 def _vectors_from_embed(cfg) -> bool:
@@ -74,32 +73,36 @@ class Select(Stage):
         device = "cuda" if sc.method == "fisher" and ctx.resources.torch_gpu(sc.fisher.use_gpu) else "cpu"
         spill = _spill_folder(out["select"])
         try:
-            inputs = read_inputs(ctx, spill)
-            res = select(inputs, parse_budget(sc.budget), sc, cfg.seed, device=device)
-        except InputError:
-            raise
-        except ValueError as exc:  # a setting that does not fit this corpus: say which
-            raise InputError(f"select: {exc}") from None
+            try:
+                inputs = read_inputs(ctx, spill)
+                res = select(inputs, parse_budget(sc.budget), sc, cfg.seed, device=device,
+                             out=ColumnSpill(spill / "result"))
+            except InputError:
+                raise
+            except ValueError as exc:  # a setting that does not fit this corpus: say which
+                raise InputError(f"select: {exc}") from None
+            select_s = time.time() - t0
+            cols, ids = inputs.columns, inputs.ids
+            write_selection(ctx.out / "selection.parquet", ids, res)
+            stages = {**ctx.manifest.get("stages", {}), "select": {"method": sc.method, "budget": sc.budget}}
+            selected, reason = res["selected"], res["reason"]
+            write_report(ctx.out, cols, ids, selected, reason, (inputs.similarity or {}).get("dup_group"),
+                         {**ctx.manifest, "stages": stages})
+            info = {"method": sc.method, "budget": sc.budget, "scored": len(selected), "selected": int(selected.sum()),
+                    "selected_tokens": int(cols["n_tokens"][selected].sum()),
+                    "total_tokens": int(cols["n_tokens"].sum()), "select_seconds": round(select_s, 2),
+                    "memory_mapped": sorted(k for k in ("fisher_factors", "grad_proj")
+                                            if isinstance(getattr(inputs, k), np.memmap)),
+                    "not_selected_by_reason": dict(Counter(r for r in reason if r)),
+                    "selected_by_source": count_by(inputs.source, selected)}
+            chosen = np.flatnonzero(selected)
+            ranked = ids.take(pa.array(chosen[np.argsort(res["rank"][chosen], kind="stable")]))
+            del inputs, res, cols, ids, selected, reason, chosen  # the records come next: the per-row arrays go first
+            write_selected(ctx.out, out["select"], ctx.need("ingest").value.rows, ranked, seed=cfg.seed,
+                           part_rows=cfg.data.shard_rows, spill=spill)
         finally:
             shutil.rmtree(spill, ignore_errors=True)
-        select_s = time.time() - t0
-        cols, ids = inputs.columns, inputs.ids
-        table = pa.table({"id": ids, **{k: pa.array(v) for k, v in res.items()}})
-        write_parquet(ctx.out / "selection.parquet", table)
-        stages = {**ctx.manifest.get("stages", {}), "select": {"method": sc.method, "budget": sc.budget}}
-        write_report(ctx.out, cols, ids, res["selected"], res["reason"], (inputs.similarity or {}).get("dup_group"),
-                     {**ctx.manifest, "stages": stages})
-        chosen = table.filter(table["selected"])
-        chosen = chosen.take(pc.sort_indices(chosen["rank"]))
-        write_selected(ctx.out, out["select"], ctx.need("ingest").value.rows, chosen["id"], seed=cfg.seed,
-                       part_rows=cfg.data.shard_rows)
-        return {"method": sc.method, "budget": sc.budget, "scored": len(res["selected"]),
-                "selected": int(res["selected"].sum()), "selected_tokens": int(cols["n_tokens"][res["selected"]].sum()),
-                "total_tokens": int(cols["n_tokens"].sum()), "select_seconds": round(select_s, 2),
-                "memory_mapped": sorted(k for k in ("fisher_factors", "grad_proj")
-                                        if isinstance(getattr(inputs, k), np.memmap)),
-                "not_selected_by_reason": dict(Counter(r for r in res["reason"] if r)),
-                "selected_by_source": count_by(inputs.source, res["selected"])}
+        return info
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]):
         return ctx.out / "selection.parquet"
@@ -111,25 +114,47 @@ class Select(Stage):
                     + (f"; not selected: {why}" if why else "") + ")")
 
 
+def write_selection(path, ids: pa.Array, res) -> None:
+    """``selection.parquet``: every scored id and each result column of ``res`` (a mapping, e.g. a
+    :class:`ColumnSpill`), written a row group at a time from slices of the columns, so that only
+    one row group's values are in memory besides the ids."""
+    names = list(res)
+
+    def piece(a: int, b: int) -> pa.Table:
+        cols = {k: (res.rows(k, a, b) if isinstance(res, ColumnSpill) else np.asarray(res[k])[a:b]) for k in names}
+        return pa.table({"id": ids.slice(a, b - a), **{k: pa.array(v) for k, v in cols.items()}})
+
+    def write(fh) -> None:
+        first = piece(0, min(len(ids), SELECTION_ROW_GROUP))
+        with pq.ParquetWriter(fh, first.schema) as w:
+            if len(ids):
+                w.write_table(first)
+            for a in range(SELECTION_ROW_GROUP, len(ids), SELECTION_ROW_GROUP):
+                w.write_table(piece(a, min(a + SELECTION_ROW_GROUP, len(ids))).cast(first.schema))
+
+    storage.atomic_write(storage.location(path), write)
+
+
 def read_inputs(ctx, spill) -> SelectionInputs:
-    """Everything the configured method reads, each table sorted by id (the similarity stage's
-    neighbour positions are in that order too). Feature matrices over ``select.memory_mb`` are
-    memory-mapped files under ``spill`` (a local folder)."""
+    """Everything the configured method reads, in the order of the sorted scored ids (the similarity
+    stage's neighbour positions are in that order too), each part checked to hold the scored ids.
+
+    Nothing per row is held that the selection does not use at that moment: the stats columns are
+    read one whole column at a time when asked for (:class:`PartColumns`), the k-NN lists part by
+    part in each pass over them (:class:`Neighbours`), the sources as dictionary codes; feature
+    matrices over ``select.memory_mb`` are memory-mapped files under ``spill`` (a local folder)."""
     cfg = ctx.cfg
     need = method_needs(cfg.select)
     score = ctx.need("score")
-    stats = read_parts(score["stats"].parts(), stats_columns(score["stats"], need.columns))
-    if stats.num_rows == 0:
+    order = IdOrder(score["stats"])
+    ids = order.ids
+    if len(ids) == 0:
         raise InputError(f"no row of the corpus could be scored: see {ctx.out / 'rejected.jsonl'}")
-    stats = stats.take(pc.sort_indices(stats["id"]))
-    ids = stats["id"].combine_chunks()
-    inputs = SelectionInputs({c: stats[c].to_numpy() for c in stats.column_names if c != "id"}, ids,
-                             source=_sources(ctx.need("ingest").value.rows, ids))
+    names = [c for c in stats_columns(score["stats"], need.columns) if c != "id"]
+    inputs = SelectionInputs(PartColumns(names, order.column, cached=BASE_COLUMNS), ids,
+                             source=_sources(ctx.need("ingest").value.rows, order))
     if need.neighbours:
-        sim = aligned(ctx.need("similarity")["similarity"], ids, SIMILARITY_COLUMNS)
-        inputs.similarity = {"dup_group": sim["dup_group"].to_numpy(), "diversity": sim["diversity"].to_numpy(),
-                             "cluster": sim["cluster"].to_numpy(), "nn_idx": matrix(sim["nn_rows"], np.int64),
-                             "nn_sims": matrix(sim["nn_sims"])}
+        inputs.similarity = similarity_inputs(ctx.need("similarity")["similarity"], ids)
     limit = int(cfg.select.memory_mb * 2**20)
     if need.factors:
         r = cfg.score.fisher_rank
@@ -149,6 +174,74 @@ def read_inputs(ctx, spill) -> SelectionInputs:
     return inputs
 
 
+class IdOrder:
+    """A stage table's parts and where each of their rows goes in id order: ``ids`` (N,) sorted
+    Arrow strings, ``position`` (N,) int64 (row r of the parts read in turn is the position[r]-th
+    smallest id). Built from the id column alone, part by part; 8 bytes a row besides the ids."""
+
+    def __init__(self, stage: StageDir, expect: pa.Array | None = None):
+        self.stage, self.parts = stage, stage.parts()
+        id_parts = [pq.read_table(str(p), columns=["id"])["id"] for p in self.parts]
+        self.sizes = [len(c) for c in id_parts]
+        every = pa.chunked_array([c for part in id_parts for c in part.chunks], pa.string())
+        del id_parts
+        order = pc.sort_indices(every)
+        self.ids = every.take(order).combine_chunks()
+        del every
+        if expect is not None and not self.ids.equals(expect):
+            raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
+        self.position = np.empty(len(order), np.int64)
+        self.position[order.to_numpy()] = np.arange(len(order))
+
+    def column(self, name: str) -> np.ndarray:
+        """(N,) one column in id order (its type as numpy reads it: NaN for a missing float)."""
+        out, offset = None, 0
+        for p, m in zip(self.parts, self.sizes, strict=True):
+            if m:
+                values = pq.read_table(str(p), columns=[name])[name].to_numpy()
+                if out is None:
+                    out = np.empty(len(self.position), values.dtype)
+                out[self.position[offset:offset + m]] = values
+            offset += m
+        return out if out is not None else np.zeros(0)
+
+
+def similarity_inputs(stage: StageDir, ids: pa.Array) -> dict[str, Any]:
+    """The similarity stage's per-row columns in the order of ``ids`` (dup_group, diversity,
+    cluster) and its k-NN lists as :class:`Neighbours` read part by part in each pass (never whole:
+    120 bytes a row at k = 10). Its ``position`` column gives each row's place; checked against
+    ``ids`` once, here."""
+    parts = stage.parts()
+    seen = np.zeros(len(ids), bool)
+    for p in parts:
+        t = pq.read_table(str(p), columns=["id", "position"])
+        pos = t["position"].to_numpy()
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(ids) or seen[pos].any()
+                         or not ids.take(pa.array(pos)).equals(t["id"].combine_chunks())):
+            seen[:] = False
+            break
+        seen[pos] = True
+    if not seen.all():
+        raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
+
+    def column(name: str) -> np.ndarray:
+        out = None
+        for p in parts:
+            t = pq.read_table(str(p), columns=["position", name])
+            values = t[name].to_numpy()
+            out = np.empty(len(ids), values.dtype) if out is None else out
+            out[t["position"].to_numpy()] = values
+        return out
+
+    def blocks():
+        for p in parts:
+            t = pq.read_table(str(p), columns=["position", "nn_rows", "nn_sims"])
+            yield t["position"].to_numpy(), matrix(t["nn_rows"], np.int64), matrix(t["nn_sims"])
+
+    return {"dup_group": column("dup_group"), "diversity": column("diversity"), "cluster": column("cluster"),
+            "neighbours": Neighbours(blocks, len(ids))}
+
+
 def aligned_features(stage: StageDir, ids: pa.Array, column: str, spill, limit_bytes: int,
                      legacy=None) -> np.ndarray:
     """(N, *shape) float32: a feature column of ``stage`` in the order of ``ids`` (the scored ids,
@@ -157,18 +250,9 @@ def aligned_features(stage: StageDir, ids: pa.Array, column: str, spill, limit_b
     folder ``spill``. The per-row shape is the field's metadata; ``legacy(width)`` gives it for
     columns written before it was recorded (None: refused). Checks that the parts hold exactly
     the ids."""
-
-    parts = stage.parts()
-    id_parts = [pq.read_table(str(p), columns=["id"])["id"] for p in parts]
-    sizes = [len(c) for c in id_parts]
-    every = pa.chunked_array([c for part in id_parts for c in part.chunks], pa.string())
-    order = pc.sort_indices(every).to_numpy()  # every[order[k]] is the k-th smallest id: position k
-    if len(every) != len(ids) or not every.take(pa.array(order)).combine_chunks().equals(ids):
-        raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
-    position = np.empty(len(order), np.int64)
-    position[order] = np.arange(len(order))
+    order = IdOrder(stage, expect=ids)
     out, offset = None, 0
-    for p, m in zip(parts, sizes, strict=True):
+    for p, m in zip(order.parts, order.sizes, strict=True):
         if m:
             t = pq.read_table(str(p), columns=[column])
             rows = matrix(t[column])
@@ -185,7 +269,7 @@ def aligned_features(stage: StageDir, ids: pa.Array, column: str, spill, limit_b
                     out = np.memmap(spill / f"{column}.f32", np.float32, "w+", shape=(len(ids), rows.shape[1]))
                 else:
                     out = np.empty((len(ids), rows.shape[1]), np.float32)
-            out[position[offset:offset + m]] = rows
+            out[order.position[offset:offset + m]] = rows
         offset += m
     if out is None:
         return np.zeros((len(ids), 0), np.float32)
@@ -206,19 +290,36 @@ def stats_columns(stats: StageDir, wanted: tuple[str, ...]) -> list[str]:
     return [c for c in names if c in want]
 
 
-def aligned(stage: StageDir, ids: pa.Array, columns: list[str]) -> pa.Table:
-    """A stage's table sorted by id, checked to hold exactly the scored ids."""
-    t = read_parts(stage.parts(), columns)
-    t = t.take(pc.sort_indices(t["id"]))
-    if t.num_rows != len(ids) or not t["id"].combine_chunks().equals(ids):
-        raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
-    return t
+def _sources(rows: StageDir, order: IdOrder) -> pa.DictionaryArray:
+    """Each scored id's source (its input file, relative to the path given), in id order, as an
+    Arrow dictionary array (4 bytes a row and the few names). Read shard by shard: the ids of a
+    stats part are looked up in the ingested part of the same shard (the whole rows table is never
+    read at once); ids that are not there (a run laid out otherwise) are looked up in all of it."""
+    names: dict[str, int] = {}
+    codes = np.full(len(order.ids), -1, np.int32)
 
+    def code_of(source: pa.Array) -> np.ndarray:
+        enc = source.dictionary_encode()
+        local = np.array([names.setdefault(v, len(names)) for v in enc.dictionary.to_pylist()], np.int32)
+        return local[enc.indices.to_numpy(zero_copy_only=False)] if len(local) else np.zeros(0, np.int32)
 
-def _sources(rows: StageDir, ids: pa.Array) -> pa.Array:
-    """Each scored id's source (its input file, relative to the path given), as Arrow strings."""
-    t = read_parts(rows.parts(), ["id", "source"])
-    return t["source"].combine_chunks().take(pc.index_in(ids, value_set=t["id"].combine_chunks()))
+    offset = 0
+    for p, m in zip(order.parts, order.sizes, strict=True):
+        if m:
+            ids = pq.read_table(str(p), columns=["id"])["id"].combine_chunks()
+            same = rows.path / Path(str(p)).name
+            if storage.location(same).exists():
+                t = pq.read_table(str(same), columns=["id", "source"])
+                at = pc.index_in(ids, value_set=t["id"].combine_chunks())
+                if at.null_count == 0:
+                    codes[order.position[offset:offset + m]] = code_of(t["source"].combine_chunks().take(at))
+        offset += m
+    if (codes < 0).any():
+        t = read_parts(rows.parts(), ["id", "source"])
+        missing = np.flatnonzero(codes < 0)
+        at = pc.index_in(order.ids.take(pa.array(missing)), value_set=t["id"].combine_chunks())
+        codes[missing] = code_of(t["source"].combine_chunks().take(at).fill_null(""))
+    return pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(list(names), pa.string()))
 
 
 def count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
@@ -230,8 +331,12 @@ def count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
     return {label: int(c) for label, c in zip(labels, counts, strict=True) if c}
 
 
+SELECTION_ROW_GROUP = 1 << 16  # selection.parquet's row groups: the writer encodes one at a time
+MAX_BUCKETS = 64  # write_selected: at most this many spill files per order, open at once
+
+
 def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, *, seed: int,
-                   part_rows: int) -> None:
+                   part_rows: int, spill: Path | None = None, bucket_rows: int | None = None) -> None:
     """The original rows of the selected ids (``ranked_ids``: in rank order):
 
     - ``selected.jsonl`` (one JSON record a line, as read) and ``selected.parquet`` (id, rank,
@@ -239,34 +344,105 @@ def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, 
     - ``subset`` (the select stage's folder): the same rows in a seeded random order, in parts of
       ``part_rows``: what the fine-tune reads, so its data path costs O(selected rows) per epoch.
 
-    Records stay Arrow strings (no Python object per row), read part by part from the rows table."""
+    Out of core (the selected records of 10^7 rows are GBs): one pass over the ingested parts
+    deals each selected row into a bucket by rank and into one by shuffled position (Arrow IPC
+    files under ``spill``, a local folder; a temporary one if None), at most :data:`MAX_BUCKETS`
+    per order, of ``bucket_rows`` rows (default: a multiple of ``part_rows`` that keeps within that
+    count); then each bucket, sorted in memory, is appended to the outputs. The driver holds one
+    ingested part or one bucket of records at a time, plus 8 bytes a selected row. Records stay
+    Arrow strings (no Python object per row)."""
     ranked_ids = ranked_ids.cast(pa.string())
-    pieces = []
-    for part in rows.parts():
-        t = pq.read_table(str(part), columns=["id", "record"])
-        rank = pc.index_in(t["id"], value_set=ranked_ids)
-        keep = pc.is_valid(rank)
-        pieces.append(t.filter(keep).append_column("rank", rank.filter(keep).cast(pa.int64())))
-    table = pa.concat_tables(pieces) if pieces else pa.table({"id": pa.array([], pa.string()),
-                                                              "record": pa.array([], pa.string()),
-                                                              "rank": pa.array([], pa.int64())})
-    if table.num_rows != len(ranked_ids):
-        have = set(table["id"].to_pylist())
-        missing = next(i for i in ranked_ids.to_pylist() if i not in have)
-        raise RuntimeError(f"{len(ranked_ids) - table.num_rows} selected ids have no ingested row (first: {missing!r})")
-    order = pc.sort_indices(table["rank"])
-    table = table.select(["id", "rank", "record"]).take(order)  # the unsorted copy is dropped here
-    del pieces, order
+    n = len(ranked_ids)
+    if bucket_rows is None:
+        bucket_rows = part_rows * max(1, -(-n // (part_rows * MAX_BUCKETS)))
+    n_buckets = max(1, -(-n // bucket_rows))
+    slot = np.empty(n, np.int64)  # rank r -> its position in the shuffled order
+    slot[np.random.default_rng([seed, 0x5E1EC7]).permutation(n)] = np.arange(n)
+    own = spill is None
+    spill = Path(tempfile.mkdtemp(prefix="grads-ray-selected-")) if own else Path(spill) / "selected"
+    spill.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([pa.field("id", pa.string()), pa.field("rank", pa.int64()), pa.field("record", pa.string())])
+    try:
+        found = _deal_selected(rows, ranked_ids, slot, bucket_rows, spill, schema)
+        if found.sum() != n:
+            missing = ranked_ids[int(np.argmin(found))].as_py()
+            raise RuntimeError(f"{n - int(found.sum())} selected ids have no ingested row (first: {missing!r})")
+        del found
 
-    def jsonl(fh) -> None:
-        for batch in table.to_batches(max_chunksize=10_000):
-            fh.write("".join(r + "\n" for r in batch["record"].to_pylist()).encode())
+        def in_rank_order():
+            for b in range(n_buckets):
+                t = _read_bucket(spill / f"rank-{b:05d}.arrow", schema)
+                yield t.take(pc.sort_indices(t["rank"]))
 
-    storage.atomic_write(storage.location(out / "selected.jsonl"), jsonl)
-    write_parquet(out / "selected.parquet", table)
-    perm = np.random.default_rng([seed, 0x5E1EC7]).permutation(table.num_rows)
-    for k, start in enumerate(range(0, table.num_rows, part_rows)):  # one part's copy at a time
-        write_parquet(subset.part(k), table.take(pa.array(perm[start:start + part_rows])))
+        def jsonl(fh) -> None:
+            for t in in_rank_order():
+                for batch in t.to_batches(max_chunksize=10_000):
+                    fh.write("".join(r + "\n" for r in batch["record"].to_pylist()).encode())
+
+        def parquet(fh) -> None:
+            with pq.ParquetWriter(fh, schema) as w:
+                for t in in_rank_order():
+                    if t.num_rows:
+                        w.write_table(t)
+
+        storage.atomic_write(storage.location(out / "selected.jsonl"), jsonl)
+        storage.atomic_write(storage.location(out / "selected.parquet"), parquet)
+        for b in range(n_buckets):  # bucket_rows is a multiple of part_rows: whole parts per bucket
+            t = _read_bucket(spill / f"slot-{b:05d}.arrow", schema, with_slot=True)
+            t = t.take(pc.sort_indices(t["slot"]))
+            first = b * bucket_rows // part_rows
+            for k in range(-(-t.num_rows // part_rows)):
+                write_parquet(subset.part(first + k), t.slice(k * part_rows, part_rows).select(schema.names))
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _deal_selected(rows: StageDir, ranked_ids: pa.Array, slot: np.ndarray, bucket_rows: int, spill: Path,
+                   schema: pa.Schema) -> np.ndarray:
+    """write_selected's one pass over the ingested parts: each selected row (id, rank, record) is
+    appended to ``rank-B.arrow`` (B = rank // bucket_rows) and, with its shuffled position
+    ``slot``, to ``slot-B.arrow``. -> (n,) bool: which ranks were found."""
+    found = np.zeros(len(ranked_ids), bool)
+    writers: dict[str, pa.ipc.RecordBatchFileWriter] = {}
+    slot_schema = schema.append(pa.field("slot", pa.int64()))
+
+    def append(name: str, table: pa.Table, key: np.ndarray) -> None:
+        order = np.argsort(key, kind="stable")
+        key, table = key[order], table.take(pa.array(order))
+        cuts = np.flatnonzero(np.diff(key)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(key)], strict=True):
+            file = f"{name}-{int(key[lo]):05d}.arrow"
+            if file not in writers:
+                writers[file] = pa.ipc.new_file(str(spill / file), table.schema)
+            writers[file].write_table(table.slice(lo, hi - lo))
+
+    try:
+        for part in rows.parts():
+            t = pq.read_table(str(part), columns=["id", "record"])
+            rank = pc.index_in(t["id"], value_set=ranked_ids)
+            keep = pc.is_valid(rank)
+            if not pc.any(keep).as_py():
+                continue
+            rank = rank.filter(keep).cast(pa.int64()).to_numpy()
+            t = t.filter(keep)
+            found[rank] = True
+            t = pa.table([t["id"], pa.array(rank), t["record"]], schema=schema)
+            append("rank", t, rank // bucket_rows)
+            append("slot", t.append_column("slot", pa.array(slot[rank])).cast(slot_schema), slot[rank] // bucket_rows)
+    finally:
+        for w in writers.values():
+            w.close()
+    return found
+
+
+def _read_bucket(path: Path, schema: pa.Schema, with_slot: bool = False) -> pa.Table:
+    """One spill bucket of write_selected (empty when no selected row fell into it)."""
+    if with_slot:
+        schema = schema.append(pa.field("slot", pa.int64()))
+    if not path.exists():
+        return schema.empty_table()
+    with pa.OSFile(str(path)) as src:  # read, not mapped: the bucket's pages leave with the table
+        return pa.ipc.open_file(src).read_all()
 
 
 def _row(width: int) -> tuple[int]:
