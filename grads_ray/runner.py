@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
 import time
 from importlib import metadata
@@ -38,6 +39,25 @@ def versions() -> dict[str, str]:
     return out
 
 
+def driver_memory_pool() -> None:
+    """Arrow allocates through the C library's malloc in the driver (unless ARROW_DEFAULT_MEMORY_POOL
+    says otherwise), the heap numpy uses: the driver's stages alternate Arrow reads and numpy
+    passes, and what one frees the other then reuses. With Arrow's own pool (mimalloc) the memory it
+    freed stayed with the process. With glibc, blocks of 1 MB and more are also always mapped on their
+    own, so an (N,) array freed goes back to the system (glibc's default raises that threshold as
+    large blocks are freed, and keeps them in its heap after). Together they took the select stage's
+    peak at 10^6 rows from 846 to 714 MB (docs/benchmarks.md). Ray's workers keep their defaults."""
+    import pyarrow as pa
+
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ and pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and platform.libc_ver()[0] == "glibc":
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):  # M_MMAP_THRESHOLD = -3: blocks of 1 MB and more are
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # mapped, and unmapped when freed (glibc would raise it)
+
+
 class Runner:
     """One run directory and its configuration: the context every stage runs in.
 
@@ -47,6 +67,7 @@ class Runner:
     """
 
     def __init__(self, cfg: Config, verbose: bool = False, stages: tuple[Stage, ...] = STAGES):
+        driver_memory_pool()
         self.cfg = absolute_paths(cfg)
         self.verbose = verbose  # Ray workers' logs reach the terminal only when asked for
         self.stages = stages

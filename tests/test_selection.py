@@ -117,12 +117,18 @@ def _fnv_reference(text: str, seed: int) -> int:
     return mix(h)
 
 
-def test_id_hash_is_the_specified_hash_of_each_id_alone():
+def test_id_hash_is_the_specified_hash_of_each_id_alone(monkeypatch):
+    from grads_ray.selection import ranking
+
     ids = ["a", "doc.jsonl:12", "", "ünïcode-id", "x" * 70]
     got = id_hash(ids, 7)
     assert got.tolist() == [_fnv_reference(t, 7) for t in ids]
+    monkeypatch.setattr(ranking, "ID_HASH_BLOCK", 2)  # in blocks of rows: the same hashes
+    assert id_hash(ids, 7).tolist() == got.tolist()
     sliced = pa.chunked_array([pa.array(["zz"] + ids[:2]), pa.array(ids[2:])]).slice(1)
     assert id_hash(sliced, 7).tolist() == got.tolist()  # offsets, chunks and neighbours do not matter
+    for arr in (pa.array(["zz", *ids]).slice(1), pa.array(["zz", *ids], pa.large_string()).slice(1)):
+        assert id_hash(arr, 7).tolist() == got.tolist()  # 32- and 64-bit offsets, read in place
     assert id_hash(ids, 8).tolist() != got.tolist()
 
 

@@ -181,12 +181,12 @@ class IdOrder:
 
     def __init__(self, stage: StageDir, expect: pa.Array | None = None):
         self.stage, self.parts = stage, stage.parts()
-        id_parts = [pq.read_table(str(p), columns=["id"])["id"] for p in self.parts]
+        id_parts = [pq.read_table(str(p), columns=["id"])["id"].combine_chunks() for p in self.parts]
         self.sizes = [len(c) for c in id_parts]
-        every = pa.chunked_array([c for part in id_parts for c in part.chunks], pa.string())
-        del id_parts
+        every = pa.concat_arrays(id_parts) if id_parts else pa.array([], pa.string())  # one array: Arrow's sort
+        del id_parts  # and take of a chunked array would make more copies of every id
         order = pc.sort_indices(every)
-        self.ids = every.take(order).combine_chunks()
+        self.ids = every.take(order)
         del every
         if expect is not None and not self.ids.equals(expect):
             raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
