@@ -8,8 +8,11 @@ FAISS_EXTRA := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
 .PHONY: install demo test lint
 
+# On a CUDA machine the [gpu] extra's faiss-gpu (Hopper included) replaces any other FAISS build: two
+# packages that both install the `faiss` module would overwrite each other's files.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_CPU)"
+	@if [ "$(FAISS_EXTRA)" = gpu ]; then $(PYTHON) -m pip uninstall -q -y faiss-cpu faiss-gpu-cu12 2>/dev/null || true; fi
 	$(PYTHON) -m pip install -q -e ".[$(FAISS_EXTRA),dev]"
 
 demo: install

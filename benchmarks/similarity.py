@@ -10,6 +10,13 @@ Prints seconds, speed-up over numpy and recall; numpy is skipped above ``--numpy
 
     python benchmarks/similarity.py --quick            # N = 10^4 and 10^5, d = 256, k = 16: CPU minutes
     python benchmarks/similarity.py --sizes 1000000    # on a GPU machine (faiss-gpu)
+    # the GPU goals (issue 21): 10^6 exact in <= 30 s; 10^7 IVF at recall@16 >= 0.95
+    python benchmarks/similarity.py --sizes 1000000 --indexes flat --knn-only --gpu true
+    python benchmarks/similarity.py --sizes 10000000 --indexes ivf --knn-only --gpu true --train-size 500000
+
+``--gpu true`` asks for the GPU index; where FAISS cannot search on the GPU (no GPU build, no kernel
+for the device: ``grads_ray.similarity.index.gpu_problem``) the run says why and uses the CPU, and
+the JSON's ``gpu`` is false. ``--knn-only`` skips the SemDeDup and stage-memory parts.
 
 Two more measurements, in the same run:
 - SemDeDup (arXiv 2303.09540, NeMo Curator's semantic dedup) on the same vectors with planted
@@ -43,6 +50,7 @@ from grads_ray.similarity.index import (
     duplicate_groups,
     faiss_module,
     gpu_available,
+    gpu_problem,
     knn,
     l2_normalize,
     recall_at_k,
@@ -229,6 +237,12 @@ def main() -> None:
     ap.add_argument("--semdedup-n", type=int, default=None, help="N for the SemDeDup comparison")
     ap.add_argument("--memory-sizes", default=None, help="N for the stage's peak memory (default 10^4,10^5 quick)")
     ap.add_argument("--memory-mb", type=float, default=256, help="the stage's similarity.memory_mb")
+    ap.add_argument("--indexes", default="flat,ivf", help="which FAISS indexes to time: flat, ivf or both")
+    ap.add_argument("--gpu", choices=("auto", "true", "false"), default="auto",
+                    help="the index on the GPUs: auto (where FAISS can), true (asked; the CPU if it cannot), false")
+    ap.add_argument("--train-size", type=int, default=None, help="IVF training sample (default: the job's)")
+    ap.add_argument("--recall-sample", type=int, default=1000, help="queries for the IVF recall@k")
+    ap.add_argument("--knn-only", action="store_true", help="skip the SemDeDup and stage-memory parts")
     ap.add_argument("--stage-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-mode", default="stream", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -236,33 +250,56 @@ def main() -> None:
         stage_child(args.stage_child, args.child_mode, args.memory_mb, args.k)
         return
     sizes = [int(s) for s in (args.sizes or "10000,100000").split(",")]
+    indexes = [s.strip() for s in args.indexes.split(",") if s.strip()]
+    if not indexes or set(indexes) - {"flat", "ivf"}:
+        ap.error("--indexes: flat, ivf or flat,ivf")
     faiss = faiss_module()
-    gpu = gpu_available(faiss)
+    use_gpu = {"auto": None, "true": True, "false": False}[args.gpu]
+    gpu = use_gpu is not False and gpu_available(faiss)
+    problem = gpu_problem(faiss) if use_gpu is not False else None
     print(f"# similarity benchmark: d={args.dim}, k={args.k}; {platform.machine()}, {os.cpu_count()} cpus, "
-          f"faiss {faiss.__version__} ({'gpu' if gpu else 'cpu'})")
+          f"faiss {faiss.__version__} ({'gpu' if gpu else 'cpu'})" + (f"; GPU not used: {problem}" if problem and use_gpu
+                                                                      else ""), flush=True)
     print(f"{'N':>10}{'numpy s':>10}{'flat s':>10}{'ivf s':>10}{'flat x':>9}{'ivf x':>9}{'ivf recall':>12}")
     rows = {}
+    train = {"train_size": args.train_size} if args.train_size else {}
     for n in sizes:
         x = clustered(n, args.dim, 0)
-        ref = t_np = None
+        ref = t_np = flat_idx = None
+        t_flat = t_ivf = recall = name = flat_name = None
         if n <= args.numpy_max:
             ref, t_np = timed(numpy_knn, x, args.k)
-        (_, flat_idx, _), t_flat = timed(knn, x, args.k, spec=IndexSpec(kind="flat"))
-        (_, ivf_idx, name), t_ivf = timed(knn, x, args.k, spec=IndexSpec(kind="ivf_flat", nprobe=args.nprobe))
-        recall = recall_at_k(x, ivf_idx, sample=1000)
-        agree = float((np.sort(flat_idx, 1) == np.sort(ref, 1)).mean()) if ref is not None else None
-        rows[n] = {"numpy_s": None if t_np is None else round(t_np, 2), "flat_s": round(t_flat, 2),
-                   "ivf_s": round(t_ivf, 2), "ivf_index": name, "recall_at_k_ivf": round(recall, 4),
+        if "flat" in indexes:
+            (_, flat_idx, flat_name), t_flat = timed(knn, x, args.k, spec=IndexSpec(kind="flat"), use_gpu=use_gpu)
+        if "ivf" in indexes:
+            (_, ivf_idx, name), t_ivf = timed(knn, x, args.k, use_gpu=use_gpu,
+                                              spec=IndexSpec(kind="ivf_flat", nprobe=args.nprobe, **train))
+            recall = recall_at_k(x, ivf_idx, sample=args.recall_sample)
+            del ivf_idx
+        agree = float((np.sort(flat_idx, 1) == np.sort(ref, 1)).mean()) if ref is not None and flat_idx is not None \
+            else None
+        rows[n] = {"numpy_s": None if t_np is None else round(t_np, 2),
+                   "flat_s": None if t_flat is None else round(t_flat, 2), "flat_index": flat_name,
+                   "ivf_s": None if t_ivf is None else round(t_ivf, 2), "ivf_index": name,
+                   "recall_at_k_ivf": None if recall is None else round(recall, 4),
                    "flat_agrees_with_numpy": None if agree is None else round(agree, 5)}
-        fx = f"{t_np / t_flat:.1f}" if t_np else "-"
-        ix = f"{t_np / t_ivf:.1f}" if t_np else "-"
-        print(f"{n:>10,}{(t_np or 0):>10.2f}{t_flat:>10.2f}{t_ivf:>10.2f}{fx:>9}{ix:>9}{recall:>12.4f}")
-    big = max(n for n in sizes if rows[n]["numpy_s"]) if any(rows[n]["numpy_s"] for n in sizes) else None
-    summary = {"dim": args.dim, "k": args.k, "gpu": gpu, "sizes": rows}
-    if big:
+        fx = f"{t_np / t_flat:.1f}" if t_np and t_flat else "-"
+        ix = f"{t_np / t_ivf:.1f}" if t_np and t_ivf else "-"
+        print(f"{n:>10,}{(t_np or 0):>10.2f}{(t_flat or 0):>10.2f}{(t_ivf or 0):>10.2f}{fx:>9}{ix:>9}"
+              f"{(recall if recall is not None else float('nan')):>12.4f}", flush=True)
+        del x, flat_idx, ref
+    timed_np = [n for n in sizes if rows[n]["numpy_s"]]
+    big = max(timed_np) if timed_np else None
+    summary = {"dim": args.dim, "k": args.k, "gpu": gpu, "gpu_problem": problem if use_gpu is not False else None,
+               "indexes": indexes, "sizes": rows}
+    if big and rows[big]["flat_s"]:
         summary[f"speedup_flat_vs_numpy_{big:.0e}".replace("+0", "")] = round(rows[big]["numpy_s"] / rows[big]["flat_s"], 2)
+    if big and rows[big]["ivf_s"]:
         summary[f"speedup_ivf_vs_numpy_{big:.0e}".replace("+0", "")] = round(rows[big]["numpy_s"] / rows[big]["ivf_s"], 2)
     summary[f"recall_at_{args.k}_ivf"] = rows[max(sizes)]["recall_at_k_ivf"]
+    if args.knn_only:
+        print(json.dumps(summary))
+        return
 
     sem = compare_semdedup(args.semdedup_n or max(sizes), args.dim, args.k, args.eps)
     print(f"# SemDeDup vs grads-ray, N={sem['n']:,}, eps={args.eps}, 2% planted near-copies: "

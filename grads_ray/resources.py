@@ -92,8 +92,19 @@ class Resources:
         return setting == "true" or (setting == "auto" and self._driver_cuda)
 
     def faiss_gpu(self, setting: str) -> bool:
-        """Whether the similarity index workers use FAISS on GPUs."""
-        return setting == "true" or (setting == "auto" and self._faiss_gpus)
+        """Whether the similarity index workers are given GPUs: asked (``true``), or by default where
+        the cluster has GPUs and FAISS can use them as far as the driver can tell (each worker checks
+        again on its own GPU and falls back to the CPU, saying so: ``faiss_gpu_problem``)."""
+        return setting == "true" or (setting == "auto" and self.gpus > 0 and self._faiss_gpus)
+
+    @property
+    def faiss_gpu_problem(self) -> str | None:
+        """Why the driver's FAISS cannot search on its GPU (None: it can, or it has no GPU to try)."""
+        from grads_ray.similarity.index import faiss_module, gpu_problem
+
+        faiss = faiss_module()
+        problem = gpu_problem(faiss)
+        return problem if problem and getattr(faiss, "get_num_gpus", lambda: 0)() > 0 else None
 
     @cached_property
     def _driver_cuda(self) -> bool:
@@ -103,6 +114,11 @@ class Resources:
 
     @cached_property
     def _faiss_gpus(self) -> bool:
-        from grads_ray.similarity.index import faiss_module, gpu_available
+        """A FAISS GPU build that searches on the driver's GPU, or, where the driver has none (a head
+        node without GPUs), that the workers' GPUs may run (they check)."""
+        from grads_ray.similarity.index import faiss_module, gpu_problem
 
-        return bool(gpu_available(faiss_module()))
+        faiss = faiss_module()
+        if not hasattr(faiss, "StandardGpuResources"):
+            return False
+        return faiss.get_num_gpus() == 0 or gpu_problem(faiss) is None

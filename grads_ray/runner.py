@@ -33,7 +33,7 @@ def versions() -> dict[str, str]:
     """Python's and the main packages' versions, for the manifest."""
     out = {"python": platform.python_version()}
     for pkg in ("grads-ray", "torch", "ray", "transformers", "tokenizers", "datasets", "pyarrow", "numpy",
-                "faiss-cpu", "faiss-gpu-cu12"):
+                "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out

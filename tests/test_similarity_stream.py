@@ -221,3 +221,96 @@ def test_progress_moves_chunk_by_chunk_on_a_single_part(tmp_path):
     similarity_over_parts(parts, lambda i: out / f"part-{i:05d}.parquet",
                           StreamSettings(column="vec", k=4, clusters=2), progress=steps.append)
     assert sum(steps) == len(x) and len(steps) == 5 and max(steps) == 4096
+
+
+class _NoKernelFaiss:
+    """faiss-cpu dressed as a GPU build that sees one GPU and has no kernel for it (faiss-gpu-cu12
+    1.14 on an H100): every call but the GPU ones goes to the real module."""
+
+    def __init__(self, real):
+        self._real = real
+        self.StandardGpuResources = object
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def get_num_gpus(self):
+        return 1
+
+    def index_cpu_to_gpu(self, *args, **kwargs):
+        raise RuntimeError("Error in virtual void faiss::gpu::StandardGpuResourcesImpl::initializeForDevice(int) "
+                           "at StandardGpuResources.cpp:283: CUDA error 209 no kernel image is available for "
+                           "execution on the device")
+
+    index_cpu_to_all_gpus = index_cpu_to_gpu
+
+
+def test_a_faiss_without_a_kernel_for_the_gpu_falls_back_to_the_cpu_saying_so(tmp_path, monkeypatch, caplog):
+    """A FAISS GPU build that cannot run on the device: the check at start-up says why (once, as a
+    warning); every GPU path — index workers, build_index, k-means — runs on the CPU instead of
+    failing inside a worker, with the same results, and the stage's info names the fallback."""
+    import logging
+
+    from grads_ray.similarity import index as index_mod
+    from grads_ray.similarity import stream as stream_mod
+
+    fake = _NoKernelFaiss(index_mod.faiss_module())
+    monkeypatch.setattr(index_mod, "faiss_module", lambda: fake)
+    monkeypatch.setattr(stream_mod, "faiss_module", lambda: fake)
+    monkeypatch.setattr(index_mod, "_GPU_CHECKED", {})
+    with caplog.at_level(logging.WARNING):
+        why = index_mod.gpu_problem(fake)
+        assert index_mod.gpu_problem(fake) == why  # checked once a process
+    assert "cannot search on" in why and "no kernel image is available" in why
+    assert sum("the similarity index runs on the CPU" in r.getMessage() for r in caplog.records) == 1
+    assert not index_mod.gpu_available(fake) and not index_mod.use_gpu_index(fake, True)
+
+    n = 400
+    x = _clustered(n, 16, 3)
+    parts = _write_parts(tmp_path, [f"f{i:04d}" for i in range(n)], x, 2, seed=1)
+    res = {}
+    for gpu in (False, True):
+        st = StreamSettings(column="vec", k=5, spec=IndexSpec(kind="flat"), workers=2, use_gpu=gpu, memory_mb=1)
+        res[gpu] = _run(tmp_path, parts, st, f"nokernel-{gpu}")
+    (ci, ct, _, cn), (gi, gt, _, gn) = res[False], res[True]
+    assert gi["gpu"] is False and not gi["index"].endswith("(gpu)")
+    assert "no kernel image is available" in gi["faiss_gpu_fallback"] and "faiss_gpu_fallback" not in ci
+    assert gt.equals(ct)
+    np.testing.assert_array_equal(gn, cn)
+    sims, idx, name = knn(x, 5, use_gpu=True)
+    assert not name.endswith("(gpu)")
+    np.testing.assert_array_equal(idx, knn(x, 5, use_gpu=False)[1])
+
+
+def test_a_cpu_faiss_asked_for_the_gpu_runs_on_the_cpu():
+    """faiss-cpu with similarity.use_gpu=true: the worker says why it is on the CPU."""
+    from grads_ray.similarity.index import faiss_module, gpu_problem
+
+    faiss = faiss_module()
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU FAISS here")
+    spec = IndexSpec(kind="flat")
+    template, _, _ = _template(np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32), 8, 4, spec)
+    gpu, why = IndexWorker(template, use_gpu=True).on_gpu()
+    assert gpu is False and why == gpu_problem(faiss) and why
+
+
+@pytest.mark.gpu
+def test_faiss_gpu_search_equals_cpu_search():
+    """The same exact (flat) index searched on the GPU and on the CPU: the same neighbours up to
+    ties, the same similarities up to float32 rounding."""
+    from grads_ray.similarity.index import faiss_module, gpu_problem
+
+    faiss = faiss_module()
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        pytest.skip("no GPU faiss here")
+    assert gpu_problem(faiss) is None, gpu_problem(faiss)
+    x = _clustered(20000, 64, 5)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cpu = faiss.IndexFlatIP(64)
+    cpu.add(x)
+    gpu = faiss.index_cpu_to_all_gpus(cpu)
+    cs, ci = cpu.search(x[:2000], 16)
+    gs, gi = gpu.search(x[:2000], 16)
+    np.testing.assert_allclose(gs, cs, atol=1e-4)
+    assert (gi == ci).mean() > 0.99

@@ -11,6 +11,7 @@ cosine threshold; clusters come from spherical k-means.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +26,65 @@ def faiss_module():
     return faiss
 
 
+_GPU_CHECKED: dict[int, str | None] = {}  # per process and faiss module: None = searches on the GPU
+
+
+def gpu_problem(faiss) -> str | None:
+    """Why FAISS cannot search on a GPU in this process, or None when it can: no GPU build, no GPU
+    visible, or a tiny exact search on GPU 0 that fails or differs from the CPU's (a FAISS without
+    code for the device's architecture, e.g. ``faiss-gpu-cu12`` 1.14 on Hopper, fails there, deep in
+    its first kernel). Checked once a process; the first failure is logged as a warning."""
+    key = id(faiss)
+    if key not in _GPU_CHECKED:
+        _GPU_CHECKED[key] = why = _check_gpu(faiss)
+        if why and hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+            logging.getLogger(__name__).warning("grads-ray: %s; the similarity index runs on the CPU", why)
+    return _GPU_CHECKED[key]
+
+
+def _check_gpu(faiss) -> str | None:
+    if not hasattr(faiss, "StandardGpuResources"):
+        return f"FAISS {getattr(faiss, '__version__', '?')} is a CPU build (faiss-gpu is not installed)"
+    if faiss.get_num_gpus() <= 0:
+        return "FAISS sees no GPU"
+    try:
+        x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+        cpu = faiss.IndexFlatIP(16)
+        cpu.add(x)
+        gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu)
+        sims, idx = gpu.search(x[:8], 4)
+        want_sims, want_idx = cpu.search(x[:8], 4)
+        if not np.allclose(sims, want_sims, rtol=1e-3, atol=1e-3) or (idx[:, 0] != want_idx[:, 0]).any():
+            return f"FAISS {faiss.__version__}'s GPU search differs from its CPU search on {_device_name()}"
+    except Exception as exc:  # noqa: BLE001 - whatever FAISS raises for a kernel it does not have
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return f"FAISS {faiss.__version__} cannot search on {_device_name()} ({type(exc).__name__}: {first[:200]})"
+    return None
+
+
+def _device_name() -> str:
+    """GPU 0 and its compute capability, as torch sees them (for messages)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return f"{torch.cuda.get_device_name(0)} (sm_{major}{minor})"
+    except Exception:  # noqa: BLE001 - only for a message
+        pass
+    return "GPU 0"
+
+
 def gpu_available(faiss) -> bool:
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    """Whether FAISS searches on a GPU here (:func:`gpu_problem` is None)."""
+    return gpu_problem(faiss) is None
+
+
+def use_gpu_index(faiss, requested: bool | None) -> bool:
+    """Whether to put an index on the GPUs: asked (True), or by default (None) where one works; never
+    where FAISS cannot search on one (:func:`gpu_problem`), so a FAISS without code for the device
+    falls back to the CPU with a warning instead of failing inside a worker."""
+    return requested is not False and gpu_available(faiss)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -110,7 +168,7 @@ def build_index(x: np.ndarray, spec: IndexSpec, use_gpu: bool | None = None):
     if n > spec.train_size and spec.resolve(n, d)[0] != "flat":
         sample = x[np.sort(np.random.default_rng(spec.seed).choice(n, spec.train_size, replace=False))]
     index, _, name = trained_index(sample, n, d, spec)
-    if (use_gpu is None and gpu_available(faiss)) or use_gpu:
+    if use_gpu_index(faiss, use_gpu):
         index = faiss.index_cpu_to_all_gpus(index)
         name += "(gpu)"
     index.add(x)
@@ -204,7 +262,7 @@ def kmeans_centroids(unit: np.ndarray, k: int, seed: int, use_gpu: bool | None =
     """Spherical k-means (FAISS) of unit rows; FAISS trains on at most 256 points a centroid (its
     seeded sample). (N, d) -> (k', d) float32 centroids, k' = min(k, N)."""
     faiss = faiss_module()
-    gpu = bool((use_gpu is None and gpu_available(faiss)) or use_gpu)
+    gpu = use_gpu_index(faiss, use_gpu)
     km = faiss.Kmeans(unit.shape[1], min(k, len(unit)), niter=niter, seed=seed, spherical=True, gpu=gpu,
                       verbose=False)
     km.train(np.ascontiguousarray(unit, np.float32))
@@ -223,7 +281,7 @@ def greedy_far_apart(order: np.ndarray, vectors: np.ndarray, threshold: float, d
     faiss = faiss_module()
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.IndexFlatIP(x.shape[1])
-    if (use_gpu is None and gpu_available(faiss)) or use_gpu:
+    if use_gpu_index(faiss, use_gpu):
         index = faiss.index_cpu_to_all_gpus(index)
     accepted: list[np.ndarray] = []
     rejected: list[np.ndarray] = []

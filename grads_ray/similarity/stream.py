@@ -22,6 +22,7 @@ number of workers, chunks and shards (tests/test_similarity_stream.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,16 @@ from grads_ray.similarity.index import (
     auto_clusters,
     diversity,
     faiss_module,
+    gpu_problem,
     kmeans_centroids,
     l2_normalize,
     trained_index,
     union_find_groups,
+    use_gpu_index,
     zero_nonfinite,
 )
+
+log = logging.getLogger(__name__)
 
 
 def merge_topk(sims: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +88,9 @@ class IndexWorker:
     def __init__(self, template: np.ndarray, use_gpu: bool = False, nprobe: int = 0):
         faiss = faiss_module()
         index = faiss.deserialize_index(np.asarray(template, np.uint8))
-        if use_gpu:
+        self.gpu = bool(use_gpu) and use_gpu_index(faiss, True)  # a FAISS that cannot search here: the CPU
+        self.gpu_problem = gpu_problem(faiss) if use_gpu and not self.gpu else None
+        if self.gpu:
             index = faiss.index_cpu_to_all_gpus(index)
             if nprobe:
                 faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
@@ -110,6 +117,10 @@ class IndexWorker:
             s = np.pad(s, ((0, 0), (0, k - kk)), constant_values=-np.inf)
             lab = np.pad(lab, ((0, 0), (0, k - kk)), constant_values=-1)
         return s, lab
+
+    def on_gpu(self) -> tuple[bool, str | None]:
+        """(whether the index is on the GPUs, why not where they were asked for)."""
+        return self.gpu, self.gpu_problem
 
     def memory_bytes(self) -> int:
         """Bytes the index's stored vectors (codes) take."""
@@ -140,6 +151,9 @@ class LocalPool:
     def memory_bytes(self) -> int:
         return sum(w.memory_bytes() for w in self.workers)
 
+    def on_gpu(self) -> list[tuple[bool, str | None]]:
+        return [w.on_gpu() for w in self.workers]
+
 
 class RayPool:
     """Workers as Ray actors (one GPU each when ``use_gpu``); at most two adds in flight a worker,
@@ -168,6 +182,9 @@ class RayPool:
     def flush(self) -> None:
         self._ray.get(self.pending)
         self.pending = []
+
+    def on_gpu(self) -> list[tuple[bool, str | None]]:
+        return self._ray.get([w.on_gpu.remote() for w in self.workers])
 
     def search(self, q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         qref = self._ray.put(q)
@@ -279,8 +296,13 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     template, kind, index_name = _template(train, max(n, 1), d, spec)
     workers = max(1, st.workers)
     pool = pool_cls(template, workers, st.use_gpu, spec.nprobe if kind != "flat" else 0)
-    if st.use_gpu:
+    placed = pool.on_gpu()
+    on_gpu = bool(placed) and all(g for g, _ in placed)
+    fallback = next((why for g, why in placed if not g and why), None)
+    if on_gpu:
         index_name += "(gpu)"
+    elif fallback:
+        log.warning("grads-ray: similarity: the index workers run on the CPU: %s", fallback)
     centroids = None
     if n >= 2 and n_clusters > 1:
         centroids = faiss.IndexFlatIP(d)
@@ -379,4 +401,4 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
             "dup_groups": int((sizes > 1).sum()), "rows_in_dup_groups": int(sizes[sizes > 1].sum()),
             "workers": workers, "chunk_rows": rows, "chunks": len(written), "chunks_resumed": resumed,
             "index_bytes": int(index_bytes),
-            "gpu": bool(st.use_gpu)}
+            "gpu": on_gpu, **({"faiss_gpu_fallback": fallback} if fallback else {})}

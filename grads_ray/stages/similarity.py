@@ -111,4 +111,6 @@ class Similarity(Stage):
         info = similarity_over_parts(source.parts(), out["similarity"].part, st, progress=bar.update,
                                      pool_cls=functools.partial(RayPool, node_cpus=res.node_cpus))
         bar.close()
+        if s.use_gpu != "false" and res.gpus > 0 and not use_gpu and res.faiss_gpu_problem:
+            info["faiss_gpu_fallback"] = res.faiss_gpu_problem  # GPUs there, FAISS unable: the CPU index
         return {**info, "feature": s.feature, "seconds": round(time.time() - t0, 2)}
