@@ -49,13 +49,13 @@ from grads_ray.similarity.index import (
     IndexSpec,
     duplicate_groups,
     faiss_module,
-    gpu_available,
     gpu_problem,
     knn,
     l2_normalize,
     recall_at_k,
     union_find_groups,
     unit_vectors,
+    use_gpu_index,
 )
 
 
@@ -255,7 +255,7 @@ def main() -> None:
         ap.error("--indexes: flat, ivf or flat,ivf")
     faiss = faiss_module()
     use_gpu = {"auto": None, "true": True, "false": False}[args.gpu]
-    gpu = use_gpu is not False and gpu_available(faiss)
+    gpu = use_gpu_index(faiss, use_gpu)
     problem = gpu_problem(faiss) if use_gpu is not False else None
     print(f"# similarity benchmark: d={args.dim}, k={args.k}; {platform.machine()}, {os.cpu_count()} cpus, "
           f"faiss {faiss.__version__} ({'gpu' if gpu else 'cpu'})" + (f"; GPU not used: {problem}" if problem and use_gpu

@@ -538,6 +538,7 @@ def test_grads_components_read_in_blocks_and_on_demand_equal_in_memory(seed):
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert reads.count("loss") == 1 and "n_tokens" not in reads
+    assert all(reads.count(c) == 1 for c in reads)  # each column read once (asking `in` reads none)
     signal, z = gradient_signal(cols, cfg.stats, cfg.groups, cfg.normalize, cfg.stat_weights)
     in_band, failed, _ = criteria(z, NORMALIZERS[cfg.normalize](signal), cfg.k, cfg.direction, cfg.directions)
     np.testing.assert_array_equal(want["criteria_failed"], failed)
@@ -605,3 +606,15 @@ def test_selection_out_of_core_equals_in_memory(method, tmp_path):
         np.testing.assert_array_equal(spill.rows(k, 7, 19), np.asarray(want_f32[k])[7:19])
     numeric = [k for k in got if np.asarray(got[k]).dtype.kind in "biuf"]
     assert len(list((tmp_path / "spill").iterdir())) == len(numeric)  # a column set again leaves no stale file
+
+
+def test_source_codes_name_only_the_sources_present():
+    """A dictionary array (the select stage's sources) whose dictionary names a source no row has
+    (its rows all dropped as non-finite): that source gets no code, so no quota share."""
+    from grads_ray.selection.select import source_codes
+
+    code, names = source_codes(pa.DictionaryArray.from_arrays(pa.array([0, 2, 2, 0], pa.int32()),
+                                                              pa.array(["a.jsonl", "b.jsonl", "c.jsonl"])))
+    assert names == ["a.jsonl", "c.jsonl"] and code.tolist() == [0, 1, 1, 0]
+    code, names = source_codes(np.array(["x", "y", "x"], dtype=object))
+    assert [names[c] for c in code] == ["x", "y", "x"]

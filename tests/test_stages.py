@@ -254,7 +254,7 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
     again = StageDir(tmp_path / "b", "select")
     select.write_selected(tmp_path / "b", again, rows, ranked, seed=3, part_rows=3)
     assert read_parts(again.parts()).equals(shuffled)  # the same shuffle for the seed
-    for bucket_rows in (3, 6):  # out of core: many spill buckets give the same files as one
+    for bucket_rows in (3, 4, 6):  # out of core: many spill buckets give the same files as one (4: rounded up to 6)
         spilled = StageDir(tmp_path / f"s{bucket_rows}", "select")
         select.write_selected(tmp_path / f"s{bucket_rows}", spilled, rows, ranked, seed=3, part_rows=3,
                               spill=tmp_path / "spill", bucket_rows=bucket_rows)
@@ -321,6 +321,7 @@ def test_similarity_inputs_follow_the_position_column_and_refuse_other_ids(tmp_p
     part; a part whose ids are not the scored ids at those positions is refused."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from grads_ray.columns import lists
     from grads_ray.rundir import StageDir, write_parquet
@@ -358,3 +359,52 @@ def test_similarity_inputs_follow_the_position_column_and_refuse_other_ids(tmp_p
     write(bad, lambda i: f"id{i:02d}" if i != 4 else "other")
     with pytest.raises(RuntimeError, match="hold different ids"):
         similarity_inputs(bad, ids)
+    twice = StageDir(tmp_path, "twice")  # one row twice in a part, another missing
+    write(twice, lambda i: f"id{i:02d}")
+    t = pq.read_table(str(twice.part(0)))
+    write_parquet(twice.part(0), pa.concat_tables([t.slice(0, 4), t.slice(0, 1)]))
+    with pytest.raises(RuntimeError, match="hold different ids"):
+        similarity_inputs(twice, ids)
+
+
+def test_a_column_read_in_id_order_keeps_missing_integers_as_nan():
+    """_place: an integer column whose later part has missing values becomes float, NaN there."""
+    import numpy as np
+
+    from grads_ray.stages.select import _place
+
+    out = _place(None, 4, np.array([3, 0]), np.array([7, 8]))
+    out = _place(out, 4, np.array([1, 2]), np.array([np.nan, 5.0]))
+    np.testing.assert_array_equal(out, [8.0, np.nan, 5.0, 7.0])
+
+
+@pytest.mark.parametrize("hashing", ["real", "colliding", "ranked_collide"])
+def test_rank_lookup_finds_each_id_whatever_the_hashes_do(hashing, monkeypatch):
+    """rank_lookup against a plain dict: with the real hash; with a hash under which many ids that
+    are not ranked collide with ranked ones (the id comparison rejects them); and with two ranked ids
+    sharing a hash (the fallback to index_in)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from grads_ray.selection.ranking import id_hash
+    from grads_ray.stages import select
+
+    rng = np.random.default_rng(3)
+    every = [f"row-{i}" for i in range(300)]
+    ranked = [every[i] for i in rng.choice(300, 40, replace=False)]
+    if hashing != "real":
+        code = {r: i for i, r in enumerate(ranked)}  # ranked ids: distinct values 0..39 (or 0..38 and a repeat)
+        if hashing == "ranked_collide":
+            code[ranked[-1]] = 0
+
+        def weak(ids, seed):
+            values = ids.to_pylist() if hasattr(ids, "to_pylist") else list(ids)
+            return np.array([code.get(v, int(v.split("-")[1]) % 40) for v in values], np.uint64)
+
+        monkeypatch.setattr(select, "id_hash", weak)
+    rank_of = select.rank_lookup(pa.array(ranked))
+    where = {r: k for k, r in enumerate(ranked)}
+    for chunk in (every[:7], every[7:200], every[200:], []):
+        got = rank_of(pa.array(chunk, pa.string()))
+        assert got.tolist() == [where.get(i, -1) for i in chunk]
+    assert id_hash is not select.id_hash or hashing == "real"

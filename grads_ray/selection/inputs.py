@@ -112,6 +112,9 @@ class PartColumns(Mapping):
             self._cache[name] = values
         return values
 
+    def __contains__(self, name: object) -> bool:  # by name: Mapping's would read the column
+        return name in self._names
+
     def __iter__(self):
         return iter(self._names)
 

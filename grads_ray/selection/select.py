@@ -48,8 +48,10 @@ def source_codes(source: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.nd
     """Names per row -> ((N,) int64 codes, the names by code), through Arrow's dictionary encoding."""
     arr = source if isinstance(source, (pa.Array, pa.ChunkedArray)) else pa.array(source, pa.string())
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    enc = arr.dictionary_encode()
-    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
+    enc = arr.dictionary_encode()  # a dictionary array stays as it is: it may name sources no row has
+    present, code = np.unique(enc.indices.to_numpy(zero_copy_only=False), return_inverse=True)
+    names = enc.dictionary.to_pylist()
+    return code.astype(np.int64).reshape(-1), [names[i] for i in present]
 
 
 def finite_mask(columns: dict[str, np.ndarray]) -> np.ndarray:

@@ -33,6 +33,7 @@ from grads_ray.data.readers import InputError
 from grads_ray.evaluation.report import PLOTTED, write_report
 from grads_ray.rundir import StageDir, fingerprint, read_parts, write_parquet
 from grads_ray.selection.inputs import BASE_COLUMNS, Neighbours, PartColumns, SelectionInputs, method_needs
+from grads_ray.selection.ranking import id_hash
 from grads_ray.selection.spill import ColumnSpill
 from grads_ray.stages.base import Done, Outputs, Stage, no_rows
 
@@ -194,52 +195,57 @@ class IdOrder:
         self.position[order.to_numpy()] = np.arange(len(order))
 
     def column(self, name: str) -> np.ndarray:
-        """(N,) one column in id order (its type as numpy reads it: NaN for a missing float)."""
+        """(N,) one column in id order (its type as numpy reads it: NaN for a missing value)."""
         out, offset = None, 0
         for p, m in zip(self.parts, self.sizes, strict=True):
             if m:
-                values = pq.read_table(str(p), columns=[name])[name].to_numpy()
-                if out is None:
-                    out = np.empty(len(self.position), values.dtype)
-                out[self.position[offset:offset + m]] = values
+                out = _place(out, len(self.position), self.position[offset:offset + m],
+                             pq.read_table(str(p), columns=[name])[name].to_numpy())
             offset += m
         return out if out is not None else np.zeros(0)
+
+
+def _place(out: np.ndarray | None, n: int, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Put ``values`` at ``positions`` of an (n,) array made on first use with their type; a part
+    whose values numpy reads as floats (an integer column with missing values) turns it to floats."""
+    if out is None:
+        out = np.empty(n, values.dtype)
+    elif values.dtype.kind == "f" and out.dtype.kind in "iub":
+        out = out.astype(np.float64)
+    out[positions] = values
+    return out
 
 
 def similarity_inputs(stage: StageDir, ids: pa.Array) -> dict[str, Any]:
     """The similarity stage's per-row columns in the order of ``ids`` (dup_group, diversity,
     cluster) and its k-NN lists as :class:`Neighbours` read part by part in each pass (never whole:
     120 bytes a row at k = 10). Its ``position`` column gives each row's place; checked against
-    ``ids`` once, here."""
+    ``ids`` here, in the one pass that reads the per-row columns."""
     parts = stage.parts()
+    names = ("dup_group", "diversity", "cluster")
     seen = np.zeros(len(ids), bool)
+    out: dict[str, Any] = dict.fromkeys(names)
+    total, ok = 0, True
     for p in parts:
-        t = pq.read_table(str(p), columns=["id", "position"])
+        t = pq.read_table(str(p), columns=["id", "position", *names])
         pos = t["position"].to_numpy()
-        if len(pos) and (pos.min() < 0 or pos.max() >= len(ids) or seen[pos].any()
-                         or not ids.take(pa.array(pos)).equals(t["id"].combine_chunks())):
-            seen[:] = False
+        total += len(pos)
+        if len(pos) and (total > len(ids) or pos.min() < 0 or pos.max() >= len(ids) or len(np.unique(pos)) < len(pos)
+                         or seen[pos].any() or not ids.take(pa.array(pos)).equals(t["id"].combine_chunks())):
+            ok = False
             break
         seen[pos] = True
-    if not seen.all():
+        for c in names:
+            out[c] = _place(out[c], len(ids), pos, t[c].to_numpy())
+    if not ok or total != len(ids) or not seen.all():
         raise RuntimeError(f"{stage.path.name} and the stats table hold different ids: rerun with a fresh output")
-
-    def column(name: str) -> np.ndarray:
-        out = None
-        for p in parts:
-            t = pq.read_table(str(p), columns=["position", name])
-            values = t[name].to_numpy()
-            out = np.empty(len(ids), values.dtype) if out is None else out
-            out[t["position"].to_numpy()] = values
-        return out
 
     def blocks():
         for p in parts:
             t = pq.read_table(str(p), columns=["position", "nn_rows", "nn_sims"])
             yield t["position"].to_numpy(), matrix(t["nn_rows"], np.int64), matrix(t["nn_sims"])
 
-    return {"dup_group": column("dup_group"), "diversity": column("diversity"), "cluster": column("cluster"),
-            "neighbours": Neighbours(blocks, len(ids))}
+    return {**out, "neighbours": Neighbours(blocks, len(ids))}
 
 
 def aligned_features(stage: StageDir, ids: pa.Array, column: str, spill, limit_bytes: int,
@@ -347,14 +353,15 @@ def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, 
     Out of core (the selected records of 10^7 rows are GBs): one pass over the ingested parts
     deals each selected row into a bucket by rank and into one by shuffled position (Arrow IPC
     files under ``spill``, a local folder; a temporary one if None), at most :data:`MAX_BUCKETS`
-    per order, of ``bucket_rows`` rows (default: a multiple of ``part_rows`` that keeps within that
-    count); then each bucket, sorted in memory, is appended to the outputs. The driver holds one
+    per order, of ``bucket_rows`` rows (rounded up to a multiple of ``part_rows``; default: the
+    smallest that keeps within that count); then each bucket, sorted in memory, is appended to the outputs. The driver holds one
     ingested part or one bucket of records at a time, plus 8 bytes a selected row. Records stay
     Arrow strings (no Python object per row)."""
     ranked_ids = ranked_ids.cast(pa.string())
     n = len(ranked_ids)
     if bucket_rows is None:
         bucket_rows = part_rows * max(1, -(-n // (part_rows * MAX_BUCKETS)))
+    bucket_rows = part_rows * max(1, -(-bucket_rows // part_rows))  # whole parts a bucket: rounded up
     n_buckets = max(1, -(-n // bucket_rows))
     slot = np.empty(n, np.int64)  # rank r -> its position in the shuffled order
     slot[np.random.default_rng([seed, 0x5E1EC7]).permutation(n)] = np.arange(n)
@@ -416,15 +423,16 @@ def _deal_selected(rows: StageDir, ranked_ids: pa.Array, slot: np.ndarray, bucke
                 writers[file] = pa.ipc.new_file(str(spill / file), table.schema)
             writers[file].write_table(table.slice(lo, hi - lo))
 
+    rank_of = rank_lookup(ranked_ids)
     try:
         for part in rows.parts():
             t = pq.read_table(str(part), columns=["id", "record"])
-            rank = pc.index_in(t["id"], value_set=ranked_ids)
-            keep = pc.is_valid(rank)
-            if not pc.any(keep).as_py():
+            rank = rank_of(t["id"].combine_chunks())
+            keep = rank >= 0
+            if not keep.any():
                 continue
-            rank = rank.filter(keep).cast(pa.int64()).to_numpy()
-            t = t.filter(keep)
+            rank = rank[keep]
+            t = t.filter(pa.array(keep))
             found[rank] = True
             t = pa.table([t["id"], pa.array(rank), t["record"]], schema=schema)
             append("rank", t, rank // bucket_rows)
@@ -433,6 +441,38 @@ def _deal_selected(rows: StageDir, ranked_ids: pa.Array, slot: np.ndarray, bucke
         for w in writers.values():
             w.close()
     return found
+
+
+RANK_HASH_SEED = 0x5E1EC7ED  # rank_lookup's id hash: any fixed value (it only proposes candidates)
+
+
+def rank_lookup(ranked_ids: pa.Array):
+    """-> ``rank_of(ids)``: each id's position in ``ranked_ids`` ((m,) int64, -1 where absent).
+
+    One sorted array of the ranked ids' 64-bit hashes (8 bytes an id, built once) and a binary search
+    a lookup, each hit confirmed by comparing the ids themselves; Arrow's ``index_in`` would rebuild
+    its hash table of every ranked id for each part (1.2 s a part of 10,000 rows against 2.5 million
+    ranked ids here: minutes over a 10^7-row corpus). Two ranked ids that share a hash (about 2·10^-7
+    at 2.5 million) make it fall back to ``index_in``."""
+    h = id_hash(ranked_ids, RANK_HASH_SEED)
+    order = np.argsort(h, kind="stable")
+    h = h[order]
+    if len(h) > 1 and (h[1:] == h[:-1]).any():
+        return lambda ids: pc.index_in(ids, value_set=ranked_ids).fill_null(-1).to_numpy().astype(np.int64)
+
+    def rank_of(ids: pa.Array) -> np.ndarray:
+        out = np.full(len(ids), -1, np.int64)
+        if not len(h) or not len(ids):
+            return out
+        hp = id_hash(ids, RANK_HASH_SEED)
+        at = np.minimum(np.searchsorted(h, hp), len(h) - 1)
+        hit = np.flatnonzero(h[at] == hp)
+        rank = order[at[hit]]
+        same = pc.equal(ranked_ids.take(pa.array(rank)), ids.take(pa.array(hit))).to_numpy(zero_copy_only=False)
+        out[hit[same]] = rank[same]
+        return out
+
+    return rank_of
 
 
 def _read_bucket(path: Path, schema: pa.Schema, with_slot: bool = False) -> pa.Table:
