@@ -100,11 +100,10 @@ class Resources:
     @property
     def faiss_gpu_problem(self) -> str | None:
         """Why the driver's FAISS cannot search on its GPU (None: it can, or it has no GPU to try)."""
-        from grads_ray.similarity.index import faiss_module, gpu_problem
+        from grads_ray.similarity.index import faiss_module, gpu_problem, sees_gpu
 
         faiss = faiss_module()
-        problem = gpu_problem(faiss)
-        return problem if problem and getattr(faiss, "get_num_gpus", lambda: 0)() > 0 else None
+        return gpu_problem(faiss) if sees_gpu(faiss) else None
 
     @cached_property
     def _driver_cuda(self) -> bool:
@@ -116,9 +115,9 @@ class Resources:
     def _faiss_gpus(self) -> bool:
         """A FAISS GPU build that searches on the driver's GPU, or, where the driver has none (a head
         node without GPUs), that the workers' GPUs may run (they check)."""
-        from grads_ray.similarity.index import faiss_module, gpu_problem
+        from grads_ray.similarity.index import faiss_module, gpu_problem, sees_gpu
 
         faiss = faiss_module()
         if not hasattr(faiss, "StandardGpuResources"):
             return False
-        return faiss.get_num_gpus() == 0 or gpu_problem(faiss) is None
+        return not sees_gpu(faiss) or gpu_problem(faiss) is None

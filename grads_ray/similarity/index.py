@@ -37,15 +37,20 @@ def gpu_problem(faiss) -> str | None:
     key = id(faiss)
     if key not in _GPU_CHECKED:
         _GPU_CHECKED[key] = why = _check_gpu(faiss)
-        if why and hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        if why and sees_gpu(faiss):
             logging.getLogger(__name__).warning("grads-ray: %s; the similarity index runs on the CPU", why)
     return _GPU_CHECKED[key]
+
+
+def sees_gpu(faiss) -> bool:
+    """A FAISS GPU build that sees at least one GPU here (whether it can search on it: gpu_problem)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def _check_gpu(faiss) -> str | None:
     if not hasattr(faiss, "StandardGpuResources"):
         return f"FAISS {getattr(faiss, '__version__', '?')} is a CPU build (faiss-gpu is not installed)"
-    if faiss.get_num_gpus() <= 0:
+    if not sees_gpu(faiss):
         return "FAISS sees no GPU"
     try:
         x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)

@@ -88,7 +88,7 @@ class IndexWorker:
     def __init__(self, template: np.ndarray, use_gpu: bool = False, nprobe: int = 0):
         faiss = faiss_module()
         index = faiss.deserialize_index(np.asarray(template, np.uint8))
-        self.gpu = bool(use_gpu) and use_gpu_index(faiss, True)  # a FAISS that cannot search here: the CPU
+        self.gpu = use_gpu_index(faiss, bool(use_gpu))  # a FAISS that cannot search here: the CPU
         self.gpu_problem = gpu_problem(faiss) if use_gpu and not self.gpu else None
         if self.gpu:
             index = faiss.index_cpu_to_all_gpus(index)
