@@ -3,6 +3,7 @@
     python benchmarks/evidence.py --quick     # a few CPU minutes: 1 seed, 5% budget, 4 strategies
     python benchmarks/evidence.py             # 3 seeds x {5, 10, 50}% x 7 strategies, both views
     python benchmarks/evidence.py --doc docs/evidence   # also writes docs/evidence/<label>.md + plots
+    python benchmarks/evidence.py --ablation --doc docs/evidence   # GrADS's parts and warm-up, 3 seeds, 5%
 
 Setting (everything from text this machine has; nothing downloaded):
 - general text: the Linux manual pages (Debian ``manpages``, ``manpages-dev``; grads_ray/demo/manpages.py),
@@ -141,14 +142,14 @@ def pretrain(work: Path, data: dict, scale: dict, use_gpu: bool, seed: int = 0) 
 
 # ------------------------------------------------------------------------------------------ runs
 def compare_config(work: Path, data: dict, base: dict, scale: dict, view: str, strategies: list[str],
-                   seeds: list[int], steps: int | None, use_gpu: bool):
+                   seeds: list[int], steps: int | None, use_gpu: bool, warmup: float = 0.1, folder: str | None = None):
     from grads_ray.config import load_config
 
     gpu = "true" if use_gpu else "false"
     overrides = [
-        f"output={work / ('compare-' + view)}", f"model.path={base['path']}", f"data.paths=[{data['corpus']}]",
+        f"output={work / (folder or 'compare-' + view)}", f"model.path={base['path']}", f"data.paths=[{data['corpus']}]",
         f"data.max_length={scale['max_length']}", "data.shard_rows=500",
-        "warmup.fraction=0.1", "warmup.epochs=1", "warmup.batch_size=16", "warmup.lr=0.002", f"warmup.use_gpu={gpu}",
+        f"warmup.fraction={warmup}", "warmup.epochs=1", "warmup.batch_size=16", "warmup.lr=0.002", f"warmup.use_gpu={gpu}",
         "score.batch_size=16", f"score.use_gpu={gpu}", "score.response_only_loss=true",
         "finetune.batch_size=16", "finetune.lr=0.002", f"finetune.use_gpu={gpu}", "finetune.checkpoint_every=0",
         f"select.less.target_paths=[{data['target']}]",
@@ -206,8 +207,9 @@ def collect(view_root: Path, result: dict, noisy: set[str]) -> list[dict]:
         shared, own = stage_seconds(manifest_stages(seed_dir)), stage_seconds(stages)
         times = {k: v for k, v in own.items() if k not in shared}  # the run's own stages; the seed's are shared
         steps = stages["finetune"].get("metrics") or {}
+        warm = stages.get("warmup", {}).get("metrics") or {}
         rows.append({**r, "noisy_share": noisy_share(run_dir, noisy), "seconds": times,
-                     "finetune_steps": steps.get("total_steps")})
+                     "finetune_steps": steps.get("total_steps"), "warmup_steps": warm.get("total_steps")})
     return rows
 
 
@@ -341,6 +343,132 @@ def write_report(path: Path, label: str, meta: dict, views: dict[str, list[dict]
     path.write_text("\n".join(lines))
 
 
+# -------------------------------------------------------------------------------------- ablation
+# issue 22: GrADS's core (the paper's signal + KDE) with each of our additions switched on alone, and
+# the warm-up's length; variants are grads_ray/selection/variants.py's expressions.
+ABLATION_VARIANTS = ("all", "core", "core+band", "core+diversity", "core+redundancy", "core+clusters",
+                     "core+dedup", "core+norm", "all+norm")
+WARMUP_VARIANTS = ("all", "core", "core+norm")  # at the other warm-up lengths
+ABLATION_METRICS = (("domain_loss", "domain loss", 3), ("chrf", "chrF", 2), ("bleu", "BLEU", 2),
+                    ("rougeL", "ROUGE-L", 2), ("meteor", "METEOR", 2), ("forgetting", "forgetting", 4),
+                    ("noisy_share", "noisy share", 3))
+
+
+def metric(row: dict, key: str) -> float | None:
+    """A run's figure: after fine-tuning, or the run's own (forgetting, noisy share)."""
+    value = row.get(key) if key in ("forgetting", "noisy_share") else (row.get("after") or {}).get(key)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def paired_deltas(rows: list[dict], versus: str, key: str) -> dict[tuple[float, str], tuple[float, float, int]]:
+    """For each (warm-up, strategy) other than ``versus``: the mean and sample sd over seeds of the
+    paired difference metric(strategy, seed) - metric(versus, seed), at the same warm-up and seed, and
+    how many seeds paired. Pairing removes what a seed shares (warm-up, fine-tune order) from the spread."""
+    ref = {(r["warmup"], r["seed"]): metric(r, key) for r in rows if r["strategy"] == versus}
+    diffs: dict[tuple[float, str], list[float]] = {}
+    for r in rows:
+        if r["strategy"] == versus:
+            continue
+        a, b = metric(r, key), ref.get((r["warmup"], r["seed"]))
+        if a is not None and b is not None:
+            diffs.setdefault((r["warmup"], r["strategy"]), []).append(a - b)
+    return {k: (*_ms(v), len(v)) for k, v in diffs.items()}
+
+
+def ablation_tables(rows: list[dict]) -> dict[str, str]:
+    """The report's markdown tables: every run's means by warm-up; what each switch adds to the core
+    (paired over seeds); the warm-up's effect; the variants against random."""
+    out = {}
+    fracs = sorted({r["warmup"] for r in rows})
+    head = "| warm-up | strategy | " + " | ".join(m[1] for m in ABLATION_METRICS) + " |"
+    lines = [head, "| --- | --- |" + " --- |" * len(ABLATION_METRICS)]
+    for f in fracs:
+        for label in dict.fromkeys(r["strategy"] for r in rows if r["warmup"] == f):
+            rs = [r for r in rows if r["warmup"] == f and r["strategy"] == label]
+            cells = [_fmt(_ms([metric(r, k) for r in rs]), d) for k, _, d in ABLATION_METRICS]
+            lines.append(f"| {f:.0%} | {label} | " + " | ".join(cells) + " |")
+    out["runs"] = "\n".join(lines)
+
+    def delta_table(versus: str, which) -> str:
+        cols = [m for m in ABLATION_METRICS if m[0] != "bleu"]
+        lines = ["| warm-up | strategy | " + " | ".join(f"Δ {m[1]}" for m in cols) + " |",
+                 "| --- | --- |" + " --- |" * len(cols)]
+        deltas = {k: paired_deltas(rows, versus, k) for k, _, _ in cols}
+        for f, label in dict.fromkeys((r["warmup"], r["strategy"]) for r in rows):
+            if label == versus or not which(f, label):
+                continue
+            cells = []
+            for k, _, d in cols:
+                m, sd, n = deltas[k].get((f, label), (math.nan, math.nan, 0))
+                cells.append("–" if math.isnan(m) else f"{m:+.{d}f} ± {sd:.{d}f}")
+            lines.append(f"| {f:.0%} | {label} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    core = next((r["strategy"] for r in rows if r.get("variant") == "core"), None)
+    rnd = next((r["strategy"] for r in rows if r["method"] == "random"), None)
+    if core:
+        out["versus_core"] = delta_table(core, lambda f, label: label.startswith("grads-"))
+    if rnd:
+        out["versus_random"] = delta_table(rnd, lambda f, label: True)
+    return out
+
+
+def ablation_strategies(budget: str, first: bool) -> list[str]:
+    """The runs at one warm-up length: random and every variant at the first, fewer at the others
+    (random does not depend on the warm-up: the fine-tune starts from the base model)."""
+    variants = ABLATION_VARIANTS if first else WARMUP_VARIANTS
+    return ([f"random:{budget}%"] if first else []) + [f"grads:{v}:{budget}%" for v in variants]
+
+
+def run_ablation(a, work: Path, data: dict, base: dict, scale_name: str, seeds: list[int], budget: str,
+                 warmups: list[float], use_gpu: bool, clock: Clock | None) -> None:
+    """The ablation's runs (each warm-up length its own compare, ``work/ablation-wNN``), then its report."""
+    from grads_ray.compare import run_compare
+
+    noisy = set(json.loads(Path(data["noise"]).read_text()))
+    scale = SCALES[scale_name]
+    rows: list[dict] = []
+    for f in warmups:
+        folder = f"ablation-w{round(100 * f)}"
+        first = math.isclose(f, a.full_at)
+        cfg = compare_config(work, data, base, scale, "epochs", ablation_strategies(budget, first), seeds, None,
+                             use_gpu, warmup=f, folder=folder)
+        result = run_compare(cfg)
+        rows += [{**r, "warmup": f} for r in collect(work / folder, result, noisy)]
+        print(f"warm-up {f:.0%} done", flush=True)
+    if a.worker:
+        return
+    tables = ablation_tables(rows)
+    label = a.label or f"ablation-{scale_name}-{time.strftime('%Y-%m-%d')}"
+    warm_steps = {f: _ms([(r.get("warmup_steps")) for r in rows if r["warmup"] == f]) for f in warmups}
+    meta = {"label": label, "date": time.strftime("%Y-%m-%d"), "seconds": clock.seconds() if clock else None,
+            "seeds": seeds, "budget": budget, "warmups": warmups, "data": data, "base": base,
+            "warmup_steps": warm_steps}
+    (work / f"{label}.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1, default=str))
+    doc = Path(a.doc) if a.doc else work
+    doc.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Ablation `{label}`", "",
+             f"{meta['date']}; seeds {seeds}; budget {budget}% of {data['domain_train']} training pairs "
+             f"({data['noisy']['swapped'] + data['noisy']['truncated']} planted noisy); warm-up "
+             + ", ".join(f"{f:.0%}" for f in warmups) + " of one epoch; 2 epochs over each subset (at the "
+             "smallest budget the epochs and equal-steps views are the same runs). Mean ± sample sd over "
+             "seeds; Δ: paired over seeds (same warm-up, same seed).", "",
+             "## Every run", "", tables["runs"], ""]
+    if "versus_core" in tables:
+        lines += ["## What each switch adds to GrADS's core (Δ = variant − core)", "", tables["versus_core"], ""]
+    if "versus_random" in tables:
+        lines += ["## Against random at the same budget (Δ = strategy − random)", "", tables["versus_random"], ""]
+    (doc / f"{label}.md").write_text("\n".join(lines))
+    print(f"\nreport: {doc / (label + '.md')}")
+    print(tables["runs"])
+    head = {}
+    rnd = next(r["strategy"] for r in rows if r["method"] == "random")
+    for k in ("domain_loss", "chrf", "noisy_share"):
+        for (f, lab), (m, *_) in paired_deltas(rows, rnd, k).items():
+            head[f"{lab}_w{round(100 * f)}_vs_random_{k}"] = round(m, 4)
+    print(json.dumps({"label": label, **head}))
+
+
 class Clock:
     """Wall time of the whole experiment across resumed invocations (gaps between them excluded): the
     total so far is kept in ``path``, rewritten every 30 s, so a killed invocation loses at most that."""
@@ -407,6 +535,13 @@ def main() -> None:
                          "contention between them)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one seed's runs, no report
     ap.add_argument("--report-only", action="store_true", help="redraw the report from the work folder's evidence.json")
+    ap.add_argument("--ablation", action="store_true",
+                    help="issue 22's ablation instead: GrADS's core and each addition alone, at several warm-up lengths "
+                         "(one budget, --budgets' first; default 5)")
+    ap.add_argument("--warmups", default="0.1,0.5,1.0", help="ablation: warm-up fractions of one epoch")
+    ap.add_argument("--full-at", type=float, default=0.1,
+                    help="ablation: the warm-up fraction at which random and every variant run (the others: "
+                         f"{', '.join(WARMUP_VARIANTS)})")
     a = ap.parse_args()
     if a.report_only:
         scale_name = a.scale or ("quick" if a.quick else "cpu")
@@ -431,7 +566,7 @@ def main() -> None:
     scale_name = a.scale or ("quick" if a.quick else ("gpu" if torch.cuda.is_available() else "cpu"))
     scale = SCALES[scale_name]
     seeds = [int(x) for x in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
-    budgets = [x.strip() for x in (a.budgets or ("5" if a.quick else "5,10,50")).split(",")]
+    budgets = [x.strip() for x in (a.budgets or ("5" if a.quick or a.ablation else "5,10,50")).split(",")]
     methods = (a.methods or ("random,grads,fisher" if a.quick else ",".join(METHODS))).split(",")
     views = (a.views or ("epochs" if a.quick else "epochs,steps")).split(",")
     strategies = ["full"] + [f"{m}:{b}%" for b in budgets for m in methods]
@@ -451,6 +586,11 @@ def main() -> None:
     print(f"data: {json.dumps({k: v for k, v in data.items() if not isinstance(v, str)})}", flush=True)
     base = pretrain(work, data, scale, use_gpu)
     print(f"base model: {json.dumps(base)}", flush=True)
+    if a.ablation:
+        run_ablation(a, work, data, base, scale_name, seeds, budgets[0], [float(x) for x in a.warmups.split(",")],
+                     use_gpu, clock)
+        ray.shutdown()
+        return
     noisy = set(json.loads(Path(data["noise"]).read_text()))
     if a.jobs > 1 and not a.worker and len(seeds) > 1:
         run_workers(a, scale_name, seeds, budgets, methods, views)  # the seeds' runs, a.jobs at a time; the pass below then only gathers them

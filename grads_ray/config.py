@@ -6,6 +6,7 @@ and wrong types are errors that name the key, never something found later inside
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -224,16 +225,23 @@ class EvalConfig:
     batch_size: int = 16
     block_size: int = 256  # tokens per general-text block
     max_general_blocks: int = 256
-    generate: int = 64  # held-out prompts continued greedily and scored (BLEU, chrF, ROUGE-L); 0: off
+    generate: int = 64  # held-out prompts continued greedily and scored (BLEU, chrF, ROUGE-L, METEOR); 0: off
     max_new_tokens: int = 64
+    # METEOR's WordNet 3.0 (grads_ray/evaluation/meteor.py): auto (/usr/share/wordnet, Debian's
+    # wordnet-base, then NLTK's data path), a folder of its dictionary files, or none (no METEOR)
+    wordnet: str = "auto"
 
 
 @dataclass
 class CompareConfig:
-    """``grads-ray compare``: strategies (METHOD:BUDGET or full) and seeds (empty: the config's seed)."""
+    """``grads-ray compare``: strategies (METHOD:BUDGET, METHOD:VARIANT:BUDGET or full) and seeds
+    (empty: the config's seed). A VARIANT is an expression of named switches (grads:core:5%,
+    grads:core+dedup:5%; grads_ray/selection/variants.py) and of the user's own ``variants``: a name
+    -> select.* overrides, e.g. ``{k5: ["select.grads.k=5"]}``."""
 
     strategies: list[str] = field(default_factory=lambda: ["full", "random:5%", "grads:5%", "grads:50%", "fisher:5%"])
     seeds: list[int] = field(default_factory=list)
+    variants: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -367,6 +375,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = absolute_paths(_build(Config, tree))
     validate(cfg)
     return cfg
+
+
+def with_settings(cfg: Config, settings: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted-key settings (``{"select.grads.k": "5"}``) applied, each typed
+    and checked as an override would be, then validated."""
+    tree = cfg.to_dict()
+    for key, value in settings.items():  # the leaf is replaced, not merged: {} clears a mapping
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {key}")
+            node = node[part]
+        node[parts[-1]] = copy.deepcopy(value)
+    out = _build(Config, tree)
+    validate(out)
+    return out
 
 
 def _absolute(path: str) -> str:

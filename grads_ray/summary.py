@@ -113,8 +113,10 @@ def summary(runner) -> str:
             if key in b and key in a:
                 lines.append(f"  {label}    {b[key]:.4f} -> {a[key]:.4f}  ({ev.get(key + '_rel_change', 0):+.1%}; {what})")
         if "bleu" in b and "bleu" in a:
-            lines.append("  generation      " + ", ".join(f"{name} {b[k]:.1f} -> {a[k]:.1f}" for k, name in
-                                                          (("chrf", "chrF"), ("bleu", "BLEU"), ("rougeL", "ROUGE-L")))
+            names = (("chrf", "chrF"), ("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("meteor", "METEOR"))
+            lines.append("  generation      " + ", ".join(f"{name} {b[k]:.1f} -> {a[k]:.1f}" for k, name in names
+                                                          if k in b and k in a)
+                         + ("" if "meteor" in a else ", METEOR absent")
                          + f"  (0-100: greedy answers to {a['generated_examples']} held-out prompts against their "
                          "reference answers)")
     timing = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in st.items() if "seconds" in v)

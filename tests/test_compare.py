@@ -6,17 +6,74 @@ import math
 
 import pytest
 
-from grads_ray.compare import parse_strategy, report_markdown, summarize, write_plots
-from grads_ray.config import ConfigError
+from grads_ray.compare import parse_strategy, report_markdown, strategy_config, summarize, write_plots
+from grads_ray.config import Config, ConfigError, GradsConfig, load_config, with_settings
+from grads_ray.selection.variants import variant_settings
 
 
 def test_parse_strategy():
-    assert parse_strategy("full") == ("full", "random", "100%")
-    assert parse_strategy(" grads:5% ") == ("grads-5pct", "grads", "5%")
-    assert parse_strategy("fisher:20000 tokens") == ("fisher-20000tokens", "fisher", "20000 tokens")
-    for bad in ("grads", "grads:", ":5%", "5%"):
+    assert parse_strategy("full") == ("full", "random", "", "100%")
+    assert parse_strategy(" grads:5% ") == ("grads-5pct", "grads", "", "5%")
+    assert parse_strategy("fisher:20000 tokens") == ("fisher-20000tokens", "fisher", "", "20000 tokens")
+    assert parse_strategy("grads:core+dedup:5%") == ("grads-core+dedup-5pct", "grads", "core+dedup", "5%")
+    for bad in ("grads", "grads:", ":5%", "5%", "grads::5%", "grads:a:b:5%"):
         with pytest.raises(ConfigError):
             parse_strategy(bad)
+
+
+def test_variants_switch_exactly_the_named_parts():
+    sc = Config().select
+    core = variant_settings("grads", "core", sc)
+    cfg = with_settings(Config(), core)
+    g = cfg.select.grads
+    assert (g.direction, g.w_diversity, g.w_redundancy, g.cluster_alpha, cfg.select.dedup) == ("none", 0, 0, -1, "false")
+    assert g.stats == GradsConfig().stats  # the signal is untouched
+    full = with_settings(Config(), variant_settings("grads", "all", sc))
+    d = GradsConfig()
+    assert (full.select.grads.direction, full.select.grads.w_diversity, full.select.grads.w_redundancy,
+            full.select.grads.cluster_alpha, full.select.dedup) == (d.direction, d.w_diversity, d.w_redundancy,
+                                                                    d.cluster_alpha, "true")
+    one = with_settings(Config(), variant_settings("grads", "core+dedup+norm", sc)).select
+    assert one.dedup == "true" and one.grads.w_diversity == 0 and one.grads.stats == ["grad_norm"]
+    minus = with_settings(Config(), variant_settings("grads", "all-clusters", sc)).select.grads
+    assert minus.cluster_alpha == -1 and minus.w_diversity == d.w_diversity and minus.direction == "both"
+
+
+def test_variants_keep_a_tuned_setting_and_clear_mappings():
+    cfg = load_config(None, ["select.grads.w_diversity=0.2", "select.grads.directions={grad_norm: upper}",
+                             "select.grads.cluster_alpha=-1"])
+    on = with_settings(cfg, variant_settings("grads", "all", cfg.select)).select.grads
+    assert on.w_diversity == 0.2 and on.directions == {"grad_norm": "upper"} and on.cluster_alpha == 0.5
+    off = with_settings(cfg, variant_settings("grads", "core", cfg.select)).select.grads
+    assert off.directions == {} and off.direction == "none"  # a cleared mapping, not merged with the old
+
+
+def test_user_variants_and_errors():
+    sc = Config().select
+    user = {"k5": ["select.grads.k=5", "select.grads.region=hdr"]}
+    s = variant_settings("grads", "core+k5", sc, user)
+    cfg = with_settings(Config(), s)
+    assert cfg.select.grads.k == "5" and cfg.select.grads.region == "hdr" and cfg.select.grads.w_diversity == 0
+    assert variant_settings("fisher", "+dedup", sc) == {"select.dedup": "true"}
+    assert variant_settings("grads", "k5", sc, user) == {"select.grads.k": 5, "select.grads.region": "hdr"}
+    for method, bad in (("grads", "core+bogus"), ("grads", "dedup+core"), ("grads", "core dedup"),
+                        ("grads", "core+-dedup"), ("fisher", "core"), ("fisher", "+norm"), ("random", "+clusters"),
+                        ("grads", "-k5"), ("grads", "core+dedupdiversity")):
+        with pytest.raises(ConfigError):
+            variant_settings(method, bad, sc, user)
+    with pytest.raises(ConfigError, match="select"):
+        variant_settings("grads", "core+w", sc, {"w": ["warmup.fraction=1.0"]})
+    with pytest.raises(ConfigError, match="must be one of"):  # a bad value is refused as an override would be
+        with_settings(Config(), variant_settings("grads", "x", sc, {"x": ["select.grads.region=everywhere"]}))
+
+
+def test_strategy_config_applies_the_variant(tmp_path):
+    base = load_config(None, [f"output={tmp_path}", "compare.variants={nodiv: [select.grads.w_diversity=0]}"])
+    sub = strategy_config(base, "grads-core-5pct", "grads", "5%", "core")
+    assert sub.select.budget == "5%" and sub.select.grads.direction == "none"
+    assert sub.output.endswith("grads-core-5pct")
+    assert strategy_config(base, "g", "grads", "5%", "nodiv").select.grads.w_diversity == 0
+    assert strategy_config(base, "g", "grads", "5%").select.grads.w_diversity == GradsConfig().w_diversity
 
 
 def _row(seed, strategy, method, share, dl, forget, bleu):
@@ -43,3 +100,14 @@ def test_summary_mean_and_sample_sd_over_seeds(tmp_path):
     md = report_markdown(result, plots)
     assert "| grads-5pct | 5.0% | 8.0000 ± 0.0000 | 6.1000 ± 0.1414 | 0.0200 ± 0.0141 | 2.00 ± 1.41 |" in md
     assert "![domain_vs_budget.png](domain_vs_budget.png)" in md
+
+
+def test_report_names_each_variants_settings():
+    rows = [{**_row(0, "grads-core-5pct", "grads", 0.05, 6.0, 0.01, 1.0), "variant": "core"},
+            _row(0, "grads-5pct", "grads", 0.05, 6.1, 0.01, 1.0)]
+    summary = summarize(rows)
+    assert [s["variant"] for s in summary] == ["core", ""]
+    settings = {"grads-core-5pct": variant_settings("grads", "core", Config().select), "grads-5pct": {}}
+    md = report_markdown({"seeds": [0], "summary": summary, "settings": settings}, [])
+    assert "- grads-core-5pct: `select.grads.direction=none`, `select.grads.directions={}`" in md
+    assert "- grads-5pct" not in md

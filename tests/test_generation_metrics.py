@@ -1,4 +1,5 @@
-"""Generation metrics: BLEU / chrF / ROUGE-L against plain re-computations on known strings, and
+"""Generation metrics: BLEU / chrF / ROUGE-L against plain re-computations on known strings, METEOR
+(WordNet from disk, or absent), and
 batched left-padded greedy generation against one prompt at a time without padding."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from grads_ray.data.formats import IGNORE_INDEX
+from grads_ray.evaluation import meteor as meteor_mod
 from grads_ray.evaluation.generation import greedy_continuations, split_prompt, text_scores
 
 pytest.importorskip("sacrebleu")
@@ -119,3 +121,52 @@ def test_batched_greedy_equals_one_at_a_time(kind, tmp_path):
         assert out == ref
         total += len(ref)
     assert n_tok == total
+
+
+# --------------------------------------------------------------------------------------------- METEOR
+WORDNET, _ = meteor_mod.find_wordnet("auto")
+needs_wordnet = pytest.mark.skipif(WORDNET is None, reason="no WordNet on this machine (apt-get install wordnet-base)")
+
+
+def test_meteor_absent_not_zero_without_wordnet(tmp_path, monkeypatch):
+    scores = text_scores(["a b c"], ["a b c"], wordnet=str(tmp_path))
+    assert "meteor" not in scores and str(tmp_path) in scores["meteor_absent"]
+    assert "meteor" not in text_scores(["a"], ["a"]) and "meteor_absent" not in text_scores(["a"], ["a"])  # none: off
+    import nltk.data
+
+    monkeypatch.setattr(meteor_mod, "DEBIAN_WORDNET", tmp_path / "nowhere")
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    folder, why = meteor_mod.find_wordnet("auto")
+    assert folder is None and "wordnet-base" in why
+    assert text_scores(["a"], ["a"], wordnet="auto")["meteor_absent"] == why
+
+
+def test_lexnames_table_matches_wordnets_own():
+    """The table served for Debian's missing lexnames file, against lexnames(5WN) where installed."""
+    import gzip
+    import re
+    from pathlib import Path
+
+    page = Path("/usr/share/man/man5/lexnames.5WN.gz")
+    if not page.is_file():
+        pytest.skip("no lexnames(5WN) manual page here")
+    rows = re.findall(r"^(\d\d)\t([a-z]+\.[A-Za-z]+)\s", gzip.decompress(page.read_bytes()).decode(), re.M)
+    assert [name for _, name in rows] == list(meteor_mod.LEXNAMES)
+    assert [int(i) for i, _ in rows] == list(range(len(meteor_mod.LEXNAMES)))
+
+
+@needs_wordnet
+def test_meteor_reads_wordnet_from_disk():
+    wn = meteor_mod.wordnet_reader(str(WORDNET))
+    assert wn.synset("dog.n.01").lexname() == "noun.animal"  # the lexnames table's order
+    assert "fast" in {lemma.name() for s in wn.synsets("quick") for lemma in s.lemmas()}
+    same = text_scores(["the quick brown fox jumps"], ["the quick brown fox jumps"], wordnet="auto")["meteor"]
+    synonym = text_scores(["the fast brown fox leaps"], ["the quick brown fox jumps"], wordnet="auto")["meteor"]
+    other = text_scores(["the slow brown fox rests"], ["the quick brown fox jumps"], wordnet="auto")["meteor"]
+    assert 95 < same <= 100 and other < synonym <= same
+    from nltk.translate.meteor_score import meteor_score
+
+    # the mean of NLTK's sentence scores, on lower-cased word tokens
+    preds, refs = ["A cat sat.", "hello there"], ["the cat sat on the mat", "Hello world"]
+    want = 50 * sum(meteor_score([meteor_mod.tokens(r)], meteor_mod.tokens(p), wordnet=wn) for p, r in zip(preds, refs, strict=True))
+    assert text_scores(preds, refs, wordnet=str(WORDNET))["meteor"] == pytest.approx(want)

@@ -618,3 +618,53 @@ def test_source_codes_name_only_the_sources_present():
     assert names == ["a.jsonl", "c.jsonl"] and code.tolist() == [0, 1, 1, 0]
     code, names = source_codes(np.array(["x", "y", "x"], dtype=object))
     assert [names[c] for c in code] == ["x", "y", "x"]
+
+
+# ------------------------------------------------------------------------------- GrADS's variants (issue 22)
+def _variant(name: str) -> SelectConfig:
+    from grads_ray.config import Config, with_settings
+    from grads_ray.selection.variants import variant_settings
+
+    base = Config()
+    return with_settings(base, variant_settings("grads", name, base.select)).select
+
+
+def test_grads_core_is_the_densest_signal_and_nothing_else():
+    """core: the budget's highest KDE densities of the signal, ties by the seeded hash; no band, no
+    duplicate cap, no diversity, redundancy or cluster quotas (a plain reference, not select's path)."""
+    inp = _inputs(400, seed=2)
+    res = _run(inp, Budget("fraction", 0.1), _variant("core"))
+    cfg = GradsConfig()
+    signal, _ = gradient_signal(inp["cols"], cfg.stats, cfg.groups, cfg.normalize)
+    dens = kde_density(signal, bandwidth(signal, "scott"), at=signal)
+    want = order_desc(dens, id_hash(inp["ids"], 3))[:40]
+    assert np.flatnonzero(res["selected"]).tolist() == sorted(want.tolist())
+    assert set(res["reason"][~res["selected"]]) == {"over_budget"}
+    np.testing.assert_array_equal(res["score"], res["region"])  # diversity is reported, weighted 0
+    assert not res["redundancy"].any()
+
+
+def test_each_grads_switch_adds_its_own_part():
+    inp = _inputs(400, seed=2)
+    budget = Budget("fraction", 0.1)
+    core = _run(inp, budget, _variant("core"))
+    band = _run(inp, budget, _variant("core+band"))
+    assert "outside_band" in set(band["reason"]) and "outside_band" not in set(core["reason"])
+    dedup = _run(inp, budget, _variant("core+dedup"))
+    groups = inp["similarity"]["dup_group"][dedup["selected"]]
+    assert "duplicate" in set(dedup["reason"]) and len(set(groups)) == len(groups)
+    div = _run(inp, budget, _variant("core+diversity"))
+    np.testing.assert_allclose(div["score"], core["region"] + 0.5 * rank01(inp["similarity"]["diversity"]))
+    red = _run(inp, budget, _variant("core+redundancy"))
+    assert red["redundancy"].any() and not core["redundancy"].any()
+    np.testing.assert_allclose(red["score"], core["region"] - 0.5 * red["redundancy"])
+    clusters = _run(inp, budget, _variant("core+clusters"))
+    np.testing.assert_allclose(clusters["score"], core["score"])  # same scores, another order
+    assert not np.array_equal(clusters["selected"], core["selected"])
+    per_cluster = np.bincount(inp["similarity"]["cluster"][clusters["selected"]], minlength=12)
+    assert per_cluster.min() >= 1  # quotas ∝ |c|^0.5 give every cluster a share at 40 picks
+    norm = _run(inp, budget, _variant("core+norm"))
+    assert {k for k in norm if k.startswith("signal.")} == {"signal.embedding.grad_norm", "signal.head.grad_norm"}
+    full = _run(inp, budget, _variant("all"))
+    default = _run(inp, budget, SelectConfig())
+    assert np.array_equal(full["rank"], default["rank"])  # all = the defaults (dedup auto is on for grads)

@@ -1,4 +1,4 @@
-"""Greedy generation on held-out prompts and its text metrics (BLEU, chrF, ROUGE-L).
+"""Greedy generation on held-out prompts and its text metrics (BLEU, chrF, ROUGE-L, METEOR).
 
 A held-out example (input_ids, labels) splits at its first labelled token: the tokens before it are
 the prompt, the labelled tokens are the reference response (for chats, the first assistant turn and
@@ -7,7 +7,9 @@ what follows it, as labelled). The model continues the prompt greedily for up to
 
 Metrics come from the libraries people cite, not re-implementations: sacrebleu's corpus BLEU and chrF
 (default settings: 13a tokenisation, chrF with character order 6, beta 2), and rouge-score's ROUGE-L
-F-measure averaged over examples. METEOR is left out: NLTK's needs the WordNet corpus, a download.
+F-measure averaged over examples, and NLTK's METEOR with WordNet read from disk
+(grads_ray/evaluation/meteor.py): where no WordNet is found, ``meteor`` is absent and
+``meteor_absent`` says why.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ def split_prompt(input_ids: list[int], labels: list[int]) -> tuple[list[int], li
     return list(input_ids[:first]), [t for t, lab in zip(input_ids, labels, strict=True) if lab != IGNORE_INDEX]
 
 
-def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus BLEU and chrF (sacrebleu) and mean ROUGE-L F1 (rouge-score) of predictions against one
-    reference each. -> {"bleu", "chrf", "rougeL"} on a 0-100 scale."""
+def text_scores(predictions: list[str], references: list[str], wordnet: str = "none") -> dict[str, Any]:
+    """Corpus BLEU and chrF (sacrebleu), mean ROUGE-L F1 (rouge-score) and, unless ``wordnet`` is
+    ``none``, mean METEOR (NLTK) of predictions against one reference each. -> {"bleu", "chrf",
+    "rougeL", "meteor"} on a 0-100 scale; "meteor" is replaced by "meteor_absent" (why) when no
+    WordNet is found."""
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU, CHRF
 
@@ -41,7 +45,13 @@ def text_scores(predictions: list[str], references: list[str]) -> dict[str, floa
     chrf = CHRF().corpus_score(predictions, [references]).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = sum(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True))
-    return {"bleu": float(bleu), "chrf": float(chrf), "rougeL": 100.0 * rouge / len(predictions)}
+    out: dict[str, Any] = {"bleu": float(bleu), "chrf": float(chrf), "rougeL": 100.0 * rouge / len(predictions)}
+    if wordnet != "none":
+        from grads_ray.evaluation.meteor import meteor
+
+        score, why = meteor(predictions, references, wordnet)
+        out.update({"meteor": score} if score is not None else {"meteor_absent": why})
+    return out
 
 
 @torch.no_grad()
@@ -72,7 +82,8 @@ def greedy_continuations(model: torch.nn.Module, prompts: list[list[int]], max_n
 
 
 def generation_metrics(model: torch.nn.Module, tokenizer: Any, examples: list[tuple[list[int], list[int]]],
-                       max_new_tokens: int, batch_size: int, device: torch.device | str = "cpu") -> dict[str, float]:
+                       max_new_tokens: int, batch_size: int, device: torch.device | str = "cpu",
+                       wordnet: str = "none") -> dict[str, Any]:
     """Generate for held-out examples and score against their responses. -> text_scores plus
     ``generated_examples``, ``generated_tokens`` and ``generation_tokens_per_s``."""
     pairs = [split_prompt(ids, labels) for ids, labels in examples]
@@ -86,5 +97,5 @@ def generation_metrics(model: torch.nn.Module, tokenizer: Any, examples: list[tu
     secs = time.perf_counter() - t0
     preds = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
     refs = [tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in pairs]
-    return {**text_scores(preds, refs), "generated_examples": len(pairs), "generated_tokens": n_tok,
+    return {**text_scores(preds, refs, wordnet), "generated_examples": len(pairs), "generated_tokens": n_tok,
             "generation_tokens_per_s": round(n_tok / max(secs, 1e-9), 1)}

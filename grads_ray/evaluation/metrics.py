@@ -46,10 +46,10 @@ def text_blocks(token_ids: list[int], block_size: int, max_blocks: int) -> list[
 
 def evaluate_model(model_path: str, domain: list[tuple[list[int], list[int]]], general_text: str | None,
                    block_size: int, max_blocks: int, batch_size: int, use_gpu: bool = False,
-                   generate: int = 0, max_new_tokens: int = 64) -> dict[str, float]:
+                   generate: int = 0, max_new_tokens: int = 64, wordnet: str = "none") -> dict[str, float]:
     """Domain and general-text loss (and perplexity) of one checkpoint; with ``generate`` > 0, greedy
     continuations of the first ``generate`` held-out prompts scored against their responses (BLEU,
-    chrF, ROUGE-L; grads_ray/evaluation/generation.py)."""
+    chrF, ROUGE-L, and METEOR with WordNet from ``wordnet``; grads_ray/evaluation/generation.py)."""
     from transformers import AutoModelForCausalLM
 
     from grads_ray.data.tokenize import load_tokenizer
@@ -71,7 +71,7 @@ def evaluate_model(model_path: str, domain: list[tuple[list[int], list[int]]], g
     if generate > 0 and domain and tok is not None:
         from grads_ray.evaluation.generation import generation_metrics
 
-        out.update(generation_metrics(model, tok, domain[:generate], max_new_tokens, batch_size, device))
+        out.update(generation_metrics(model, tok, domain[:generate], max_new_tokens, batch_size, device, wordnet))
     return out
 
 
@@ -81,7 +81,7 @@ def forgetting(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     for key in ("domain_loss", "general_loss"):
         if key in before and key in after and before[key]:
             out[f"{key}_rel_change"] = (after[key] - before[key]) / before[key]
-    for key in ("bleu", "chrf", "rougeL"):  # generation scores: the change in points (positive = learned)
+    for key in ("bleu", "chrf", "rougeL", "meteor"):  # generation scores: the change in points (positive = learned)
         if key in before and key in after:
             out[f"{key}_change"] = after[key] - before[key]
     if "general_loss_rel_change" in out:

@@ -51,7 +51,8 @@ def evaluation(ctx) -> Evaluation:
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(evaluate_model)
     return Evaluation(task, held.examples, general, held.rejected,
                       {"block_size": e.block_size, "max_blocks": e.max_general_blocks, "batch_size": e.batch_size,
-                       "use_gpu": use_gpu, "generate": e.generate, "max_new_tokens": e.max_new_tokens})
+                       "use_gpu": use_gpu, "generate": e.generate, "max_new_tokens": e.max_new_tokens,
+                       "wordnet": e.wordnet})
 
 
 class Baseline(Stage):
