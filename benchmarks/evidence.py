@@ -41,13 +41,13 @@ SCALES = {
     # pre-training corpus (characters of man pages), model, steps; domain rows; evaluation sizes
     "quick": {"general_chars": 1_500_000, "hidden": 64, "layers": 2, "heads": 4, "vocab": 2048, "block": 128,
               "pretrain_epochs": 1, "pretrain_batch": 16, "domain_rows": 1500, "max_length": 192,
-              "general_blocks": 48, "generate": 16, "max_new_tokens": 24},
+              "general_blocks": 48, "generate": 16, "max_new_tokens": 24, "code_rows": 1500},
     "cpu": {"general_chars": 8_000_000, "hidden": 128, "layers": 4, "heads": 4, "vocab": 4096, "block": 128,
             "pretrain_epochs": 1, "pretrain_batch": 16, "domain_rows": 1500, "max_length": 256,
-            "general_blocks": 128, "generate": 32, "max_new_tokens": 32},
+            "general_blocks": 128, "generate": 32, "max_new_tokens": 32, "code_rows": 0},
     "gpu": {"general_chars": 29_000_000, "hidden": 512, "layers": 8, "heads": 8, "vocab": 8192, "block": 256,
             "pretrain_epochs": 2, "pretrain_batch": 32, "domain_rows": 0, "max_length": 512,
-            "general_blocks": 256, "generate": 128, "max_new_tokens": 64},
+            "general_blocks": 256, "generate": 128, "max_new_tokens": 64, "code_rows": 0},
 }
 NOISE = {"swapped": 0.10, "truncated": 0.10}  # shares of the training split, planted on disjoint rows
 METHODS = ("random", "grads", "fisher", "loss", "ifd", "less")
@@ -58,8 +58,12 @@ def _hash(text: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ data
-def build_data(work: Path, scale: dict, seed: int = 0) -> dict:
-    """The corpora on disk under ``work/data`` (skipped when there). -> paths and counts."""
+def build_data(work: Path, scale: dict, seed: int = 0, domain: str = "docs") -> dict:
+    """The corpora on disk under ``work/data`` (skipped when there). -> paths and counts.
+    ``domain``: ``docs`` (docstring and reference pairs, grads_ray/demo/corpus.py) or ``code`` (the
+    library's functions and classes as instruction -> code, grads_ray/demo/code_corpus.py, with the
+    library's documentation added to the pre-training text)."""
+    from grads_ray.demo.code_corpus import code_rows, documentation_text
     from grads_ray.demo.corpus import general_split, sft_rows
     from grads_ray.demo.noise import plant_noise
 
@@ -70,12 +74,14 @@ def build_data(work: Path, scale: dict, seed: int = 0) -> dict:
     data.mkdir(parents=True, exist_ok=True)
     # man pages (else the licence texts): pre-training pages, and other pages for the forgetting test
     general = general_split(scale["general_chars"], seed=seed)
-    (data / "pretrain.txt").write_text(general["train"])
+    docs = documentation_text() if domain == "code" else ""
+    (data / "pretrain.txt").write_text(general["train"] + (f"\n\n{docs}" if docs else ""))
     (data / "general_test.txt").write_text(general["test"])  # seeded order: the first blocks span pages
 
-    rows = sft_rows()
-    if scale["domain_rows"]:
-        rows = sorted(rows, key=lambda r: _hash(f"pick:{r['id']}"))[: scale["domain_rows"]]
+    rows = code_rows()[0] if domain == "code" else sft_rows()
+    limit = scale["code_rows" if domain == "code" else "domain_rows"]
+    if limit:
+        rows = sorted(rows, key=lambda r: _hash(f"pick:{r['id']}"))[:limit]
         rows.sort(key=lambda r: r["id"])
     # 5% held out (the test set), 2.5% as LESS-style's target set (never the test set), the rest trains
     split = {r["id"]: _hash("heldout:" + r["id"]) % 40 for r in rows}
@@ -88,7 +94,8 @@ def build_data(work: Path, scale: dict, seed: int = 0) -> dict:
     (data / "heldout.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
     (data / "target.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in target))
     (data / "noise.json").write_text(json.dumps(kinds, indent=0))
-    info = {"general_source": general["source"], "pages_train": general["pages_train"],
+    info = {"domain": domain, "general_source": general["source"], "pages_train": general["pages_train"],
+            "documentation_chars": len(docs),
             "pages_test": general["pages_test"], "pretrain_chars": general["train_chars"],
             "general_test_chars": general["test_chars"],
             "domain_train": len(train), "domain_heldout": len(held), "domain_target": len(target),
@@ -322,7 +329,9 @@ def write_report(path: Path, label: str, meta: dict, views: dict[str, list[dict]
              "first blocks measure forgetting)",
              f"- base model: Llama-style, {b['params']:,} parameters, pre-trained here on {b['tokens']:,} tokens "
              f"(train loss {b['first_loss']} -> {b['last_loss']}, {b['seconds']:.0f} s)",
-             f"- domain: {d['domain_train']} training pairs from Python's documentation, of which "
+             f"- domain: {d['domain_train']} training pairs "
+             + ("of the standard library's functions and classes (instruction -> code), "
+                if d.get("domain") == "code" else "from Python's documentation, ") + "of which "
              f"{d['noisy']['swapped']} with swapped answers and {d['noisy']['truncated']} with truncated answers "
              f"(planted); {d['domain_heldout']} held-out pairs (the test set); {d['domain_target']} pairs as "
              "LESS-style's target set",
@@ -497,9 +506,9 @@ def run_workers(a, scale: str, seeds: list[int], budgets: list[str], methods: li
     import subprocess
 
     argv = [f"--scale={scale}", f"--budgets={','.join(budgets)}", f"--methods={','.join(methods)}",
-            f"--views={','.join(views)}", f"--work={a.work}"]
+            f"--views={','.join(views)}", f"--work={a.work}", f"--domain={a.domain}"]
     pending, running = list(seeds), []
-    logs = Path(a.work).resolve() / scale / "logs"
+    logs = work_folder(a, scale) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     while pending or running:
         while pending and len(running) < a.jobs:
@@ -519,6 +528,11 @@ def run_workers(a, scale: str, seeds: list[int], budgets: list[str], methods: li
                 print(f"seed {seed}: worker done", flush=True)
 
 
+def work_folder(a, scale_name: str) -> Path:
+    """``--work``/<scale> for the docs domain, ``--work``/<scale>-code for the code domain."""
+    return Path(a.work).resolve() / (scale_name + ("-code" if a.domain == "code" else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few CPU minutes: 1 seed, 5%%, 4 strategies, epochs view")
@@ -535,6 +549,9 @@ def main() -> None:
                          "contention between them)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one seed's runs, no report
     ap.add_argument("--report-only", action="store_true", help="redraw the report from the work folder's evidence.json")
+    ap.add_argument("--domain", choices=("docs", "code"), default="docs",
+                    help="docs: docstring/reference pairs; code: the library's functions and classes as "
+                         "instruction -> code (work folder <scale>-code)")
     ap.add_argument("--ablation", action="store_true",
                     help="issue 22's ablation instead: GrADS's core and each addition alone, at several warm-up lengths "
                          "(one budget, --budgets' first; default 5)")
@@ -545,13 +562,13 @@ def main() -> None:
     a = ap.parse_args()
     if a.report_only:
         scale_name = a.scale or ("quick" if a.quick else "cpu")
-        saved = json.loads((Path(a.work).resolve() / scale_name / "evidence.json").read_text())
+        saved = json.loads((work_folder(a, scale_name) / "evidence.json").read_text())
         meta, summaries = saved["meta"], saved["summary"]
         for summary in summaries.values():  # JSON gave lists for the (mean, sd) pairs
             for entry in summary:
                 entry.update({k: tuple(v) for k, v in entry.items() if isinstance(v, list)})
         meta["stage_seconds"] = {k: tuple(v) for k, v in meta["stage_seconds"].items()}
-        doc = Path(a.doc) if a.doc else Path(a.work).resolve() / scale_name
+        doc = Path(a.doc) if a.doc else work_folder(a, scale_name)
         write_report(doc / f"{meta['label']}.md", meta["label"], meta, summaries, plots(summaries, doc, meta["label"]))
         print(json.dumps({"label": meta["label"], "minutes": round(meta["seconds"] / 60, 1), **meta["headline"]}))
         return
@@ -571,7 +588,7 @@ def main() -> None:
     views = (a.views or ("epochs" if a.quick else "epochs,steps")).split(",")
     strategies = ["full"] + [f"{m}:{b}%" for b in budgets for m in methods]
     use_gpu = torch.cuda.is_available()
-    work = Path(a.work).resolve() / scale_name
+    work = work_folder(a, scale_name)
     work.mkdir(parents=True, exist_ok=True)
     clock = None if a.worker else Clock(work / "clock.json")
     t0 = time.time()
@@ -582,7 +599,7 @@ def main() -> None:
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
 
-    data = build_data(work, scale)
+    data = build_data(work, scale, domain=a.domain)
     print(f"data: {json.dumps({k: v for k, v in data.items() if not isinstance(v, str)})}", flush=True)
     base = pretrain(work, data, scale, use_gpu)
     print(f"base model: {json.dumps(base)}", flush=True)
