@@ -369,16 +369,22 @@ def metric(row: dict, key: str) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def paired_deltas(rows: list[dict], versus: str, key: str) -> dict[tuple[float, str], tuple[float, float, int]]:
+def paired_deltas(rows: list[dict], versus: str, key: str,
+                  by_warmup: bool = True) -> dict[tuple[float, str], tuple[float, float, int]]:
     """For each (warm-up, strategy) other than ``versus``: the mean and sample sd over seeds of the
-    paired difference metric(strategy, seed) - metric(versus, seed), at the same warm-up and seed, and
-    how many seeds paired. Pairing removes what a seed shares (warm-up, fine-tune order) from the spread."""
-    ref = {(r["warmup"], r["seed"]): metric(r, key) for r in rows if r["strategy"] == versus}
+    paired difference metric(strategy, seed) - metric(versus, seed), at the same seed and (with
+    ``by_warmup``) the same warm-up, and how many seeds paired. Pairing removes what a seed shares
+    (warm-up, fine-tune order) from the spread. ``by_warmup=False`` is for a reference that does not
+    depend on the warm-up (random: the fine-tune starts from the base model), run at one length only."""
+    def where(r: dict) -> tuple:
+        return (r["warmup"], r["seed"]) if by_warmup else (r["seed"],)
+
+    ref = {where(r): metric(r, key) for r in rows if r["strategy"] == versus}
     diffs: dict[tuple[float, str], list[float]] = {}
     for r in rows:
         if r["strategy"] == versus:
             continue
-        a, b = metric(r, key), ref.get((r["warmup"], r["seed"]))
+        a, b = metric(r, key), ref.get(where(r))
         if a is not None and b is not None:
             diffs.setdefault((r["warmup"], r["strategy"]), []).append(a - b)
     return {k: (*_ms(v), len(v)) for k, v in diffs.items()}
@@ -398,11 +404,11 @@ def ablation_tables(rows: list[dict]) -> dict[str, str]:
             lines.append(f"| {f:.0%} | {label} | " + " | ".join(cells) + " |")
     out["runs"] = "\n".join(lines)
 
-    def delta_table(versus: str, which) -> str:
+    def delta_table(versus: str, which, by_warmup: bool = True) -> str:
         cols = [m for m in ABLATION_METRICS if m[0] != "bleu"]
         lines = ["| warm-up | strategy | " + " | ".join(f"Δ {m[1]}" for m in cols) + " |",
                  "| --- | --- |" + " --- |" * len(cols)]
-        deltas = {k: paired_deltas(rows, versus, k) for k, _, _ in cols}
+        deltas = {k: paired_deltas(rows, versus, k, by_warmup) for k, _, _ in cols}
         for f, label in dict.fromkeys((r["warmup"], r["strategy"]) for r in rows):
             if label == versus or not which(f, label):
                 continue
@@ -418,7 +424,7 @@ def ablation_tables(rows: list[dict]) -> dict[str, str]:
     if core:
         out["versus_core"] = delta_table(core, lambda f, label: label.startswith("grads-"))
     if rnd:
-        out["versus_random"] = delta_table(rnd, lambda f, label: True)
+        out["versus_random"] = delta_table(rnd, lambda f, label: True, by_warmup=False)
     return out
 
 
@@ -430,7 +436,7 @@ def ablation_strategies(budget: str, first: bool) -> list[str]:
 
 
 def run_ablation(a, work: Path, data: dict, base: dict, scale_name: str, seeds: list[int], budget: str,
-                 warmups: list[float], use_gpu: bool, clock: Clock | None) -> None:
+                 warmups: list[float], use_gpu: bool) -> None:
     """The ablation's runs (each warm-up length its own compare, ``work/ablation-wNN``), then its report."""
     from grads_ray.compare import run_compare
 
@@ -450,8 +456,7 @@ def run_ablation(a, work: Path, data: dict, base: dict, scale_name: str, seeds: 
     tables = ablation_tables(rows)
     label = a.label or f"ablation-{scale_name}-{time.strftime('%Y-%m-%d')}"
     warm_steps = {f: _ms([(r.get("warmup_steps")) for r in rows if r["warmup"] == f]) for f in warmups}
-    meta = {"label": label, "date": time.strftime("%Y-%m-%d"), "seconds": clock.seconds() if clock else None,
-            "seeds": seeds, "budget": budget, "warmups": warmups, "data": data, "base": base,
+    meta = {"label": label, "date": time.strftime("%Y-%m-%d"), "seeds": seeds, "budget": budget, "warmups": warmups, "data": data, "base": base,
             "warmup_steps": warm_steps}
     (work / f"{label}.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1, default=str))
     doc = Path(a.doc) if a.doc else work
@@ -459,9 +464,13 @@ def run_ablation(a, work: Path, data: dict, base: dict, scale_name: str, seeds: 
     lines = [f"# Ablation `{label}`", "",
              f"{meta['date']}; seeds {seeds}; budget {budget}% of {data['domain_train']} training pairs "
              f"({data['noisy']['swapped'] + data['noisy']['truncated']} planted noisy); warm-up "
-             + ", ".join(f"{f:.0%}" for f in warmups) + " of one epoch; 2 epochs over each subset (at the "
-             "smallest budget the epochs and equal-steps views are the same runs). Mean ± sample sd over "
-             "seeds; Δ: paired over seeds (same warm-up, same seed).", "",
+             + ", ".join(f"{f:.0%}" for f in warmups) + f" of one epoch (random and every variant at "
+             f"{a.full_at:.0%}; {', '.join(WARMUP_VARIANTS)} at the others); 2 epochs over each subset (at "
+             "this budget the same optimizer steps for every run: the equal-steps view is the same runs). "
+             "Mean ± sample sd over seeds; Δ: paired over seeds (same seed and warm-up; against random, "
+             "same seed: random does not depend on the warm-up, the fine-tune starts from the base model).",
+             "", "Warm-up optimizer steps (batch 16): " + ", ".join(
+                 f"{f:.0%}: {m:.0f}" for f, (m, _) in warm_steps.items() if not math.isnan(m)) + ".", "",
              "## Every run", "", tables["runs"], ""]
     if "versus_core" in tables:
         lines += ["## What each switch adds to GrADS's core (Δ = variant − core)", "", tables["versus_core"], ""]
@@ -473,7 +482,7 @@ def run_ablation(a, work: Path, data: dict, base: dict, scale_name: str, seeds: 
     head = {}
     rnd = next(r["strategy"] for r in rows if r["method"] == "random")
     for k in ("domain_loss", "chrf", "noisy_share"):
-        for (f, lab), (m, *_) in paired_deltas(rows, rnd, k).items():
+        for (f, lab), (m, *_) in paired_deltas(rows, rnd, k, by_warmup=False).items():
             head[f"{lab}_w{round(100 * f)}_vs_random_{k}"] = round(m, 4)
     print(json.dumps({"label": label, **head}))
 
@@ -590,7 +599,7 @@ def main() -> None:
     use_gpu = torch.cuda.is_available()
     work = work_folder(a, scale_name)
     work.mkdir(parents=True, exist_ok=True)
-    clock = None if a.worker else Clock(work / "clock.json")
+    clock = None if a.worker or a.ablation else Clock(work / "clock.json")  # the ablation's runs are timed per stage
     t0 = time.time()
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -604,8 +613,10 @@ def main() -> None:
     base = pretrain(work, data, scale, use_gpu)
     print(f"base model: {json.dumps(base)}", flush=True)
     if a.ablation:
+        if not any(math.isclose(float(x), a.full_at) for x in a.warmups.split(",")) and not a.worker:
+            raise SystemExit(f"--full-at {a.full_at} is not among --warmups {a.warmups}")
         run_ablation(a, work, data, base, scale_name, seeds, budgets[0], [float(x) for x in a.warmups.split(",")],
-                     use_gpu, clock)
+                     use_gpu)
         ray.shutdown()
         return
     noisy = set(json.loads(Path(data["noise"]).read_text()))

@@ -24,7 +24,7 @@ from typing import Any
 from grads_ray import storage
 from grads_ray.config import Config, ConfigError, validate, with_settings
 from grads_ray.rundir import write_json, write_text
-from grads_ray.selection.variants import variant_settings
+from grads_ray.selection.variants import check_user_variants, variant_settings
 from grads_ray.stages import STAGES, Stage, closure, job_end, per_strategy
 
 METRICS = ("domain_loss", "general_loss", "bleu", "chrf", "rougeL", "meteor")
@@ -58,10 +58,18 @@ def shared_folders(cfg: Config) -> list[str]:
 
 
 def strategy_settings(base_cfg: Config, method: str, variant: str) -> dict[str, Any]:
-    """The select-stage overrides a strategy's variant stands for ({} without one)."""
+    """The select-stage overrides a strategy's variant stands for ({} without one); a ConfigError
+    names the strategy."""
     if not variant:
         return {}
-    return variant_settings(method, variant, base_cfg.select, base_cfg.compare.variants)
+    try:
+        settings = variant_settings(method, variant, base_cfg.select, base_cfg.compare.variants)
+    except ConfigError as exc:
+        raise ConfigError(f"compare.strategies: {method}:{variant}: {exc}") from None
+    if settings.get("select.grads.cluster_alpha", -1.0) >= 0 and base_cfg.similarity.clusters == 0:
+        raise ConfigError(f"compare.strategies: {method}:{variant} turns the cluster quotas on, but "
+                          "similarity.clusters=0 computes no clusters")
+    return settings
 
 
 def strategy_config(base_cfg: Config, label: str, method: str, budget: str, variant: str = "") -> Config:
@@ -73,7 +81,10 @@ def strategy_config(base_cfg: Config, label: str, method: str, budget: str, vari
         sub.select.dedup = "false"
     settings = strategy_settings(base_cfg, method, variant)
     if settings:
-        sub = with_settings(sub, settings)
+        try:
+            sub = with_settings(sub, settings)
+        except ConfigError as exc:
+            raise ConfigError(f"compare.strategies: {method}:{variant}: {exc}") from None
     validate(sub)
     return sub
 
@@ -86,6 +97,7 @@ def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     labels = [s[0] for s in strategies]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"compare.strategies: two strategies share a label: {labels}")
+    check_user_variants(cfg.compare.variants, cfg)  # every one, used or not, before anything runs
     settings = {label: strategy_settings(cfg, method, variant) for label, method, variant, _ in strategies}
     out = storage.location(cfg.output)
     rows = []

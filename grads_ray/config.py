@@ -378,18 +378,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def with_settings(cfg: Config, settings: dict[str, Any]) -> Config:
-    """A copy of ``cfg`` with dotted-key settings (``{"select.grads.k": "5"}``) applied, each typed
-    and checked as an override would be, then validated."""
+    """A copy of ``cfg`` with dotted-key settings (``{"select.grads.k": "5"}``) applied in order, each
+    typed and checked as an override would be; paths made absolute; then validated. A mapping given
+    for a config section (``select.grads={k: 5}``) sets those keys and keeps the section's others, as
+    an override does; one given for a mapping setting (``select.grads.directions={}``) replaces it."""
     tree = cfg.to_dict()
-    for key, value in settings.items():  # the leaf is replaced, not merged: {} clears a mapping
-        node = tree
+    for key, value in settings.items():
+        node, obj = tree, cfg
         parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"unknown config key {key}")
-            node = node[part]
-        node[parts[-1]] = copy.deepcopy(value)
-    out = _build(Config, tree)
+            node, obj = node[part], getattr(obj, part, None)
+        value = copy.deepcopy(value)
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(obj, parts[-1], None)):
+            value = _merge(node[parts[-1]], value)
+        node[parts[-1]] = value
+    out = absolute_paths(_build(Config, tree))
     validate(out)
     return out
 
@@ -439,6 +444,8 @@ def absolute_paths(cfg: Config) -> Config:
         obj, name = _owner(cfg, key)
         value = getattr(obj, name)
         setattr(obj, name, [_absolute(p) for p in value] if isinstance(value, list) else _absolute(value))
+    if cfg.eval.wordnet not in ("auto", "none"):  # a folder: read by Ray workers, anywhere
+        cfg.eval.wordnet = _absolute(cfg.eval.wordnet)
     for key, p in path_settings(cfg):
         if "://" not in p:
             continue
@@ -475,6 +482,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.on_long must be truncate or reject, got {cfg.data.on_long!r}")
     if cfg.data.max_length < 8:
         raise ConfigError("data.max_length must be at least 8")
+    if cfg.eval.wordnet not in ("auto", "none") and not (Path(cfg.eval.wordnet) / "index.noun").is_file():
+        raise ConfigError(f"eval.wordnet: {cfg.eval.wordnet}: no WordNet dictionary files there (index.noun); "
+                          "auto finds Debian's wordnet-base, none turns METEOR off")
     _validate_select(cfg)
     for key, val in (("select.fisher.use_gpu", cfg.select.fisher.use_gpu), ("warmup.use_gpu", cfg.warmup.use_gpu), ("finetune.use_gpu", cfg.finetune.use_gpu),
                      ("score.use_gpu", cfg.score.use_gpu), ("similarity.use_gpu", cfg.similarity.use_gpu)):

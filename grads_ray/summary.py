@@ -116,7 +116,7 @@ def summary(runner) -> str:
             names = (("chrf", "chrF"), ("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("meteor", "METEOR"))
             lines.append("  generation      " + ", ".join(f"{name} {b[k]:.1f} -> {a[k]:.1f}" for k, name in names
                                                           if k in b and k in a)
-                         + ("" if "meteor" in a else ", METEOR absent")
+                         + (", METEOR absent (eval.json says why)" if "meteor_absent" in a else "")
                          + f"  (0-100: greedy answers to {a['generated_examples']} held-out prompts against their "
                          "reference answers)")
     timing = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in st.items() if "seconds" in v)

@@ -8,7 +8,7 @@ import pytest
 
 from grads_ray.compare import parse_strategy, report_markdown, strategy_config, summarize, write_plots
 from grads_ray.config import Config, ConfigError, GradsConfig, load_config, with_settings
-from grads_ray.selection.variants import variant_settings
+from grads_ray.selection.variants import check_user_variants, variant_settings
 
 
 def test_parse_strategy():
@@ -111,3 +111,56 @@ def test_report_names_each_variants_settings():
     md = report_markdown({"seeds": [0], "summary": summary, "settings": settings}, [])
     assert "- grads-core-5pct: `select.grads.direction=none`, `select.grads.directions={}`" in md
     assert "- grads-5pct" not in md
+
+
+def test_variant_settings_later_entries_win():
+    """A switch after a user variant that set part of the same mapping replaces it whole."""
+    sc = Config().select
+    user = {"up": ["select.grads.directions.grad_norm=upper"]}
+    off = with_settings(Config(), variant_settings("grads", "core+up-band", sc, user)).select.grads
+    assert off.directions == {} and off.direction == "none"
+    on = with_settings(Config(), variant_settings("grads", "core-band+up", sc, user)).select.grads
+    assert on.directions == {"grad_norm": "upper"}
+
+
+def test_core_turns_off_what_is_not_a_switch_and_all_keeps_it():
+    cfg = load_config(None, ["select.grads.w_loss=0.3", "select.max_similarity=0.9", "select.grads.region=sparse"])
+    core = with_settings(cfg, variant_settings("grads", "core", cfg.select)).select
+    assert core.grads.w_loss == 0 and core.max_similarity == 0 and core.grads.region == "sparse"
+    full = with_settings(cfg, variant_settings("grads", "all", cfg.select)).select
+    assert full.grads.w_loss == 0.3 and full.max_similarity == 0.9
+
+
+def test_a_section_given_whole_keeps_its_other_keys(tmp_path):
+    cfg = load_config(None, ["select.grads.w_diversity=0.2", "select.grads.region=sparse"])
+    s = variant_settings("grads", "k5", cfg.select, {"k5": ["select.grads={k: 5}"]})
+    g = with_settings(cfg, s).select.grads
+    assert (g.k, g.w_diversity, g.region) == ("5", 0.2, "sparse")
+    rel = with_settings(cfg, {"eval.wordnet": "none", "select.less.target_paths": ["t.jsonl"]})
+    assert rel.select.less.target_paths[0].startswith("/")  # paths made absolute, as load_config does
+
+
+def test_user_variant_names_and_keys_are_checked(tmp_path):
+    sc = Config().select
+    for bad in ({"dedup": ["select.grads.k=5"]}, {"no-div": ["select.grads.w_diversity=0"]},
+                {"t": ["select.less.target_paths=[x.jsonl]"]}):
+        with pytest.raises(ConfigError, match="compare.variants"):
+            variant_settings("grads", "core", sc, bad)
+    base = load_config(None, [f"output={tmp_path}", "compare.variants={typo: [select.grads.nope=1]}"])
+    with pytest.raises(ConfigError, match="compare.variants.typo: unknown config key"):
+        check_user_variants(base.compare.variants, base)
+    no_clusters = load_config(None, [f"output={tmp_path}", "similarity.clusters=0"])
+    with pytest.raises(ConfigError, match="similarity.clusters=0"):
+        strategy_config(no_clusters, "g", "grads", "5%", "core+clusters")
+    assert strategy_config(no_clusters, "g", "grads", "5%", "core").select.grads.cluster_alpha == -1
+    with pytest.raises(ConfigError, match="grads:core\\+bogus"):
+        strategy_config(base, "g", "grads", "5%", "core+bogus")
+
+
+def test_eval_wordnet_folder_is_checked_and_made_absolute(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="eval.wordnet"):
+        load_config(None, [f"eval.wordnet={tmp_path}"])
+    (tmp_path / "wn").mkdir()
+    (tmp_path / "wn" / "index.noun").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["eval.wordnet=wn"]).eval.wordnet == str(tmp_path / "wn")

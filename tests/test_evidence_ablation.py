@@ -30,6 +30,8 @@ def test_paired_deltas_pair_by_seed_and_warmup():
     m, sd, n = d[(0.1, "grads-core-5pct")]
     assert n == 3 and m == pytest.approx(-0.09) and sd == pytest.approx(0.01)  # not the 0.5 seed spread
     assert (1.0, "grads-core-5pct") not in d  # no random run at that warm-up to pair with
+    any_warmup = ev.paired_deltas(rows, "random-5pct", "domain_loss", by_warmup=False)
+    assert any_warmup[(1.0, "grads-core-5pct")] == pytest.approx((-1.0, 0.0, 3))  # random paired by seed only
     noisy = ev.paired_deltas(rows, "random-5pct", "noisy_share")[(0.1, "grads-core-5pct")]
     assert noisy[0] == pytest.approx(-0.05)
 
@@ -58,6 +60,7 @@ def test_ablation_tables():
     assert "-0.100 ± 0.000 |" in t["versus_core"].splitlines()[2]
     assert "random" not in t["versus_core"]
     assert "| 10% | grads-core-5pct | -0.050 ± 0.071 |" in t["versus_random"]
+    assert "| 100% | grads-core-5pct | -0.500 ± 0.000 |" in t["versus_random"]
     assert ev.ablation_strategies("5", True)[0] == "random:5%"
     assert "grads:core+norm:5%" in ev.ablation_strategies("5", False)
     assert not any(s.startswith("random") for s in ev.ablation_strategies("5", False))

@@ -130,19 +130,22 @@ class Box(object):
 
 def join_all(parts):
     return "a second definition of the same name: counted, not kept, but long enough"
+
 '''
 
 
 def test_code_pairs_from_a_small_library(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text(SOURCE)
+    (tmp_path / "pkg" / "again.py").write_text(SOURCE.split("class Box")[0])  # the same code in another module
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "test_x.py").write_text(SOURCE)  # skipped: a test folder
     (tmp_path / "broken.py").write_text("def f(:\n")
     rows, counts = cc.code_rows(tmp_path)
     ids = [r["id"] for r in rows]
     assert ids == ["code:pkg:join_all", "code:pkg:Box", "code:pkg:Box.put", "code:pkg:Box._helper"]
-    assert counts == {"files": 1, "unreadable_files": 1, "pairs": 4, "out_of_size": 1, "repeated_names": 1}
+    assert counts == {"files": 2, "unreadable_files": 1, "pairs": 4, "out_of_size": 2, "repeated_names": 1,
+                      "repeated_code": 1}
     first = rows[0]
     assert first["prompt"] == ("Write the Python function `pkg.join_all`, whose signature is "
                                "`join_all(parts, sep='/', *rest, strict=False, **kw)`.\n\nJoin the parts with sep.")

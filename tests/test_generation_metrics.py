@@ -170,3 +170,19 @@ def test_meteor_reads_wordnet_from_disk():
     preds, refs = ["A cat sat.", "hello there"], ["the cat sat on the mat", "Hello world"]
     want = 50 * sum(meteor_score([meteor_mod.tokens(r)], meteor_mod.tokens(p), wordnet=wn) for p, r in zip(preds, refs, strict=True))
     assert text_scores(preds, refs, wordnet=str(WORDNET))["meteor"] == pytest.approx(want)
+
+
+def test_evaluation_fingerprint_names_the_wordnet_found(monkeypatch, tmp_path):
+    """An evaluation made without WordNet is recomputed once WordNet is installed: its fingerprint
+    names the folder found, not the setting ``auto``."""
+    from grads_ray.config import Config
+    from grads_ray.stages import evaluate
+
+    cfg = Config()
+    monkeypatch.setattr(meteor_mod, "find_wordnet", lambda s: (None, "none here"))
+    before = evaluate.eval_settings(cfg)
+    monkeypatch.setattr(meteor_mod, "find_wordnet", lambda s: (tmp_path, ""))
+    after = evaluate.eval_settings(cfg)
+    assert before["wordnet"] == "auto" and after["wordnet"] == str(tmp_path)
+    cfg.eval.generate = 0  # no generation, no METEOR: the setting alone
+    assert evaluate.eval_settings(cfg)["wordnet"] == "auto"

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from grads_ray.cli import main
 from grads_ray.rundir import read_parts
@@ -285,10 +286,15 @@ def test_compare_writes_every_file_of_the_report(finished, tmp_path):
     out = tmp_path / "cmp"
     shutil.copytree(finished["out"], out / "seed-1", ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
     stats_before = {p: p.stat().st_mtime_ns for p in (out / "seed-1" / "stats").glob("part-*.parquet")}
-    assert main(["compare", str(finished["config"]), "compare.strategies=[random:20%,grads:20%]",
+    assert main(["compare", str(finished["config"]), "compare.strategies=[random:20%,grads:core+dedup:20%]",
                  "finetune.epochs=1", "eval.generate=4", "eval.max_new_tokens=8", "--output", str(out)]) == 0
     result = json.loads((out / "comparison.json").read_text())
-    assert [r["strategy"] for r in result["runs"]] == ["random-20pct", "grads-20pct"] and result["seeds"] == [1]
+    assert [r["strategy"] for r in result["runs"]] == ["random-20pct", "grads-core+dedup-20pct"] and result["seeds"] == [1]
+    assert result["runs"][0]["settings"] == {} and result["runs"][1]["settings"]["select.grads.w_diversity"] == 0
+    assert result["runs"][1]["settings"]["select.dedup"] == "true" and result["runs"][1]["variant"] == "core+dedup"
+    ran = yaml.safe_load((out / "seed-1" / "grads-core+dedup-20pct" / "config.yaml").read_text())["select"]
+    assert ran["grads"]["direction"] == "none" and ran["grads"]["cluster_alpha"] == -1 and ran["dedup"] == "true"
+    assert "- grads-core+dedup-20pct: `select.grads.direction=none`" in (out / "report.md").read_text()
     for r in result["runs"]:
         assert r["selected"] == round(0.2 * r["scored"]) and r["after"]["domain_loss"] < r["before"]["domain_loss"]
         assert {"bleu", "chrf", "rougeL", "generation_tokens_per_s"} <= set(r["after"])
@@ -301,7 +307,7 @@ def test_compare_writes_every_file_of_the_report(finished, tmp_path):
         assert (out / "seed-1" / r["strategy"] / "baseline" / ".ledger" / "SUCCESS.json").stat().st_ino == marker.st_ino
     assert result["runs"][0]["before"] == result["runs"][1]["before"]
     report = (out / "report.md").read_text()
-    assert "| random-20pct |" in report and "| grads-20pct |" in report
+    assert "| random-20pct |" in report and "| grads-core+dedup-20pct |" in report
     for png in ("domain_vs_budget.png", "forgetting_vs_budget.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
 

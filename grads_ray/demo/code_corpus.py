@@ -1,8 +1,8 @@
 """A larger real domain for the evidence benchmark (issue 22): the installed Python standard
 library's own functions, methods and classes as instruction -> code pairs.
 
-Every ``.py`` file under the standard library's folder (tests, IDLE, lib2to3, turtledemo, ensurepip
-and site-packages left out) is parsed with :mod:`ast`; each function, method and class defined at a
+Every ``.py`` file under the standard library's folder (tests, IDLE, lib2to3, turtledemo, ensurepip,
+site-packages and the ``encodings`` codecs, a hundred copies of the same few classes, left out) is parsed with :mod:`ast`; each function, method and class defined at a
 module's top level or in a top-level class (not inside a function) whose code is
 ``MIN_CODE``..``MAX_CODE`` characters becomes one pair:
 
@@ -12,9 +12,12 @@ module's top level or in a top-level class (not inside a function) whose code is
 - response: its code as :func:`ast.unparse` writes it (comments dropped, formatting normalised),
   without the docstring: the answer is the code.
 
-Ids are ``code:<module>:<qualified name>``; a name defined twice in a module (platform branches)
-keeps its first definition. The order is the files' sorted order, so the corpus is the same on every
-machine with the same Python. Nothing is downloaded; nobody here wrote the text.
+Ids are ``code:<module>:<qualified name>``: a name defined twice at a module's top level keeps its
+first definition of the right size (definitions inside ``if``/``try`` blocks are not read). A
+response already given by an earlier pair (the same code under another name) is left out too, so the
+same answer never lands on both sides of the held-out split. The order is the files' sorted order,
+so the corpus is the same on every machine with the same Python. Nothing is downloaded; nobody here
+wrote the text.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages",
-                       "dist-packages", "__pycache__", "pydoc_data"})
+                       "dist-packages", "__pycache__", "pydoc_data", "encodings"})
 MIN_CODE, MAX_CODE = 60, 2000
 MAX_DOC = 600  # characters of the docstring's first paragraph kept in the instruction
 
@@ -106,10 +109,12 @@ def pair(module: str, qual: str, kind: str, node: ast.AST) -> dict | None:
 
 def code_rows(root: Path | None = None, limit: int | None = None) -> tuple[list[dict], dict[str, int]]:
     """Every pair, in a stable order, and counts (files read, files skipped, pairs, too short or
-    long, repeated names)."""
+    long, repeated names, repeated code)."""
     rows: list[dict] = []
     seen: set[str] = set()
-    counts = {"files": 0, "unreadable_files": 0, "pairs": 0, "out_of_size": 0, "repeated_names": 0}
+    answers: set[str] = set()
+    counts = {"files": 0, "unreadable_files": 0, "pairs": 0, "out_of_size": 0, "repeated_names": 0,
+              "repeated_code": 0}
     for module, path in source_files(root):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -123,8 +128,11 @@ def code_rows(root: Path | None = None, limit: int | None = None) -> tuple[list[
                 counts["out_of_size"] += 1
             elif row["id"] in seen:
                 counts["repeated_names"] += 1
+            elif row["response"] in answers:
+                counts["repeated_code"] += 1
             else:
                 seen.add(row["id"])
+                answers.add(row["response"])
                 rows.append(row)
                 if limit is not None and len(rows) >= limit:
                     counts["pairs"] = len(rows)

@@ -5,7 +5,9 @@ A variant is a ``+``/``-`` expression over named switches; each resolves to sele
 (dotted key -> value) applied on top of the run's config. For GrADS (docs/grads.md, "Variants"):
 
 - ``core``: the method as the paper's abstract states it: the gradient-statistic signal and the KDE
-  region taken from, nothing else. Every switch below is off.
+  region taken from. Every switch below is off, and so are the loss term (``w_loss``) and the greedy
+  similarity pass (``select.max_similarity``); the signal's and the region's own settings (stats,
+  groups, normalize, region, bandwidth) and per-source quotas stay as configured.
 - ``all``: every switch on (at the config's setting where the config has it on, else the default).
 - the switches (our additions to the paper's core, each one documented setting):
   ``band`` (the ±k criteria: ``select.grads.direction``), ``diversity`` (``w_diversity``),
@@ -25,12 +27,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from grads_ray.config import ConfigError, GradsConfig, SelectConfig, parse_override
+from grads_ray.config import ConfigError, GradsConfig, SelectConfig, parse_override, with_settings
 
 GRADS_SWITCHES = ("band", "diversity", "redundancy", "clusters", "dedup")
 OTHER_SWITCHES = ("dedup",)  # what the other methods take
 MODIFIERS = {"norm": {"select.grads.stats": ["grad_norm"]}}
+CORE_OFF = {"select.grads.w_loss": 0.0, "select.max_similarity": 0.0}  # not switches: off in core, kept in all
 TOKEN = re.compile(r"([+-]?)([A-Za-z0-9_.]+)")
+NAME = re.compile(r"[A-Za-z0-9_.]+")
+BUILT_IN = frozenset({"core", "all", *GRADS_SWITCHES, *MODIFIERS})
 
 
 def switch_settings(name: str, on: bool, sc: SelectConfig) -> dict[str, Any]:
@@ -59,6 +64,7 @@ def variant_settings(method: str, variant: str, sc: SelectConfig,
     """A variant expression -> the ordered select-stage overrides it stands for (dotted key ->
     value; later entries win). ``user``: ``compare.variants``. Raises ConfigError naming what is wrong."""
     user = user or {}
+    check_user_variants(user)
     text = variant.strip()
     tokens = TOKEN.findall(text)
     if not text or "".join(s + n for s, n in tokens) != text:
@@ -66,6 +72,13 @@ def variant_settings(method: str, variant: str, sc: SelectConfig,
                           f"(e.g. core+dedup, all-clusters)")
     switches = GRADS_SWITCHES if method == "grads" else OTHER_SWITCHES
     out: dict[str, Any] = {}
+
+    def put(settings: dict[str, Any]) -> None:  # later entries win: a key set again moves to the end
+        for key, value in settings.items():
+            for old in [k for k in out if k == key or k.startswith(key + ".")]:
+                del out[old]
+            out[key] = value
+
     for i, (sign, name) in enumerate(tokens):
         if name in ("core", "all"):
             if i or sign:
@@ -73,34 +86,54 @@ def variant_settings(method: str, variant: str, sc: SelectConfig,
             if method != "grads":
                 raise ConfigError(f"strategy variant {variant!r}: {name} is a grads variant, not {method}'s")
             for s in GRADS_SWITCHES:
-                out.update(switch_settings(s, name == "all", sc))
+                put(switch_settings(s, name == "all", sc))
+            if name == "core":
+                put(CORE_OFF)
         elif name in switches:
             if not sign and i:
                 raise ConfigError(f"strategy variant {variant!r}: join names with + or -")
-            out.update(switch_settings(name, sign != "-", sc))
+            put(switch_settings(name, sign != "-", sc))
         elif name in MODIFIERS or name in user:
             if sign == "-":
                 raise ConfigError(f"strategy variant {variant!r}: {name} can be added (+), not removed")
             if name in MODIFIERS and method != "grads":
                 raise ConfigError(f"strategy variant {variant!r}: {name} is a grads modifier, not {method}'s")
-            out.update(MODIFIERS.get(name) or user_settings(name, user[name]))
+            put(MODIFIERS.get(name) or user_settings(name, user[name]))
         else:
-            known = ["core", "all", *switches, *(MODIFIERS if method == "grads" else ()), *sorted(user)]
+            known = [*(("core", "all", *switches, *MODIFIERS) if method == "grads" else switches), *sorted(user)]
             raise ConfigError(f"strategy variant {variant!r}: unknown name {name!r} for {method} "
                               f"(known: {', '.join(known)}; your own go under compare.variants)")
     return out
 
 
+def check_user_variants(user: dict[str, list[str]], cfg: Any = None) -> None:
+    """``compare.variants``' names must be usable in an expression and not shadow a built-in name;
+    every entry's overrides must be select-stage ones (:func:`user_settings`) and, given the run's
+    ``cfg``, valid settings of it."""
+    for name, overrides in user.items():
+        if not NAME.fullmatch(name) or name in BUILT_IN:
+            raise ConfigError(f"compare.variants.{name}: a variant's name is letters, digits, _ and . and not one "
+                              f"of the built-in names ({', '.join(sorted(BUILT_IN))})")
+        settings = user_settings(name, overrides)
+        if cfg is not None:
+            try:
+                with_settings(cfg, settings)
+            except ConfigError as exc:
+                raise ConfigError(f"compare.variants.{name}: {exc}") from None
+
+
 def user_settings(name: str, overrides: list[str]) -> dict[str, Any]:
     """A ``compare.variants`` entry (``["select.grads.k=5", ...]``) -> dotted overrides. Only the
-    select stage may change: the stages before it are shared by every strategy of a seed."""
+    select stage may change: the stages before it are shared by every strategy of a seed (LESS's
+    target set is scored by a stage of its own, so ``select.less`` is refused too)."""
     out: dict[str, Any] = {}
     for text in overrides:
         tree = parse_override(text)
         key = text.split("=", 1)[0].strip()
-        if not key.startswith("select.") or key.startswith(("select.method", "select.budget")):
+        if not key.startswith("select.") or key.startswith(("select.method", "select.budget", "select.less")):
             raise ConfigError(f"compare.variants.{name}: {text!r} must set a select.* key other than the "
-                              "method and budget (the stages before select are shared by every strategy)")
+                              "method, budget and less settings (the stages before select are shared by every "
+                              "strategy)")
         node = tree
         for part in key.split("."):
             node = node[part]

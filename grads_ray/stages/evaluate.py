@@ -52,7 +52,25 @@ def evaluation(ctx) -> Evaluation:
     return Evaluation(task, held.examples, general, held.rejected,
                       {"block_size": e.block_size, "max_blocks": e.max_general_blocks, "batch_size": e.batch_size,
                        "use_gpu": use_gpu, "generate": e.generate, "max_new_tokens": e.max_new_tokens,
-                       "wordnet": e.wordnet})
+                       "wordnet": wordnet_for(e.wordnet)})
+
+
+def wordnet_for(setting: str) -> str:
+    """The WordNet folder the driver finds for ``eval.wordnet`` (a worker elsewhere gets the folder
+    if found here, else the setting to look for itself), and so what the evaluation's fingerprint
+    names: installing WordNet later recomputes the evaluations that had none."""
+    from grads_ray.evaluation.meteor import find_wordnet
+
+    folder, _ = find_wordnet(setting)
+    return str(folder) if folder is not None else setting
+
+
+def eval_settings(cfg) -> dict[str, Any]:
+    """What an evaluation's result depends on among the eval settings: all of them, with the
+    WordNet setting resolved (:func:`wordnet_for`)."""
+    if cfg.eval.generate <= 0:
+        return asdict(cfg.eval)
+    return {**asdict(cfg.eval), "wordnet": wordnet_for(cfg.eval.wordnet)}
 
 
 class Baseline(Stage):
@@ -61,7 +79,7 @@ class Baseline(Stage):
 
     def fingerprint(self, ctx) -> str:
         cfg = ctx.cfg
-        return fingerprint("baseline", cfg.model.path, asdict(cfg.eval), cfg.data.max_length)
+        return fingerprint("baseline", cfg.model.path, eval_settings(cfg), cfg.data.max_length)
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         import ray
@@ -81,7 +99,7 @@ class Evaluate(Stage):
         return ["finetune", "baseline"]
 
     def fingerprint(self, ctx) -> str:
-        return fingerprint("evaluate", ctx.need("finetune").fingerprint, asdict(ctx.cfg.eval))
+        return fingerprint("evaluate", ctx.need("finetune").fingerprint, eval_settings(ctx.cfg))
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         import ray
