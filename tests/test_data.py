@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -384,3 +385,19 @@ def test_a_packed_unit_round_trips():
     for c in ("input_ids", "labels"):
         assert [x.dtype for x in back[c]] == [np.int64] * 5
         assert all(np.array_equal(a, b) for a, b in zip(back[c], tok[c], strict=True)), c
+
+
+def test_stable_fraction_whole_none_and_half():
+    """The warm-up's seeded share of rows: a whole epoch (1.0, the GrADS paper's preliminary epoch)
+    takes every row (it overflowed a uint64 once), 0 none, 0.5 about half, the same for a seed."""
+    from grads_ray.stages.train import pick_rows, stable_fraction
+
+    ids = [f"row{i}" for i in range(4000)]
+    assert stable_fraction(ids, 3, 1.0).all() and not stable_fraction(ids, 3, 0.0).any()
+    assert stable_fraction(ids, 3, 1 - 2**-53).sum() >= 3999
+    half = stable_fraction(ids, 3, 0.5)
+    assert 1800 < half.sum() < 2200 and (half == stable_fraction(ids, 3, 0.5)).all()
+    assert not (half == stable_fraction(ids, 4, 0.5)).all()
+    assert (stable_fraction(ids, 3, 0.25) <= half).all()  # nested: a longer warm-up adds rows
+    batch = {"id": np.array(ids, dtype=object), "n": np.arange(4000)}
+    assert len(pick_rows(batch, 3, 1.0)["n"]) == 4000 and (pick_rows(batch, 3, 0.5)["n"] == np.flatnonzero(half)).all()

@@ -27,14 +27,17 @@ log = logging.getLogger("grads_ray")
 
 
 def stable_fraction(ids: list[str], seed: int, fraction: float) -> np.ndarray:
-    """Deterministic per-id coin flips: True for about ``fraction`` of ids, the same for a seed."""
+    """Deterministic per-id coin flips: True for about ``fraction`` of ids, the same for a seed;
+    every id at ``fraction`` >= 1 (a whole epoch), none at 0."""
+    if fraction >= 1.0:  # fraction * 2**64 rounds to 2**64, which no uint64 holds
+        return np.ones(len(ids), bool)
     keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") for i in ids]
-    return np.asarray(keys, dtype=np.uint64) < np.uint64(int(fraction * (2**64 - 1)))
+    return np.asarray(keys, dtype=np.uint64) < np.uint64(int(max(fraction, 0.0) * 2**64))
 
 
 def pick_rows(batch: dict[str, np.ndarray], seed: int = 0, fraction: float = 1.0) -> dict[str, np.ndarray]:
     """Ray Data filter on raw rows, before tokenizing: a seeded fraction of ids."""
-    keep = stable_fraction(list(batch["id"]), seed, fraction) if fraction < 1.0 else np.ones(len(batch["id"]), bool)
+    keep = stable_fraction(list(batch["id"]), seed, fraction)
     return {k: v[keep] for k, v in batch.items()}
 
 
