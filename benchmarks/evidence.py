@@ -239,6 +239,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "share": statistics.fmean(r["selected_share"] for r in rs),
             "domain_loss": _ms(get("domain_loss")), "domain_loss_before": _ms(get("domain_loss", "before")),
             "bleu": _ms(get("bleu")), "chrf": _ms(get("chrf")), "rougeL": _ms(get("rougeL")),
+            "meteor": _ms(get("meteor")),
             "general_loss": _ms(get("general_loss")), "general_loss_before": _ms(get("general_loss", "before")),
             "forgetting": _ms([r.get("forgetting") for r in rs]),
             "noisy_share": _ms([r["noisy_share"] for r in rs]),
@@ -253,11 +254,12 @@ def _fmt(pair: tuple[float, float], digits: int = 3) -> str:
 
 
 def table(summary: list[dict]) -> str:
-    lines = ["| strategy | share | domain loss | BLEU | chrF | ROUGE-L | general loss | forgetting | noisy share | fine-tune s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| strategy | share | domain loss | BLEU | chrF | ROUGE-L | METEOR | general loss | forgetting | noisy share "
+             "| fine-tune s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         lines.append(f"| {s['strategy']} | {s['share']:.1%} | {_fmt(s['domain_loss'])} | {_fmt(s['bleu'], 2)} | "
-                     f"{_fmt(s['chrf'], 2)} | {_fmt(s['rougeL'], 2)} | {_fmt(s['general_loss'])} | "
+                     f"{_fmt(s['chrf'], 2)} | {_fmt(s['rougeL'], 2)} | {_fmt(s.get('meteor', (math.nan, math.nan)), 2)} | "
+                     f"{_fmt(s['general_loss'])} | "
                      f"{_fmt(s['forgetting'], 4)} | {_fmt(s['noisy_share'], 3)} | {_fmt(s['finetune_s'], 0)} |")
     return "\n".join(lines)
 
@@ -356,7 +358,7 @@ def write_report(path: Path, label: str, meta: dict, views: dict[str, list[dict]
 # issue 22: GrADS's core (the paper's signal + KDE) with each of our additions switched on alone, and
 # the warm-up's length; variants are grads_ray/selection/variants.py's expressions.
 ABLATION_VARIANTS = ("all", "core", "core+band", "core+diversity", "core+redundancy", "core+clusters",
-                     "core+dedup", "core+norm", "all+norm")
+                     "core+dedup", "core+norm", "all+norm", "all-diversity", "all-diversity-clusters")
 WARMUP_VARIANTS = ("all", "core", "core+norm")  # at the other warm-up lengths
 ABLATION_METRICS = (("domain_loss", "domain loss", 3), ("chrf", "chrF", 2), ("bleu", "BLEU", 2),
                     ("rougeL", "ROUGE-L", 2), ("meteor", "METEOR", 2), ("forgetting", "forgetting", 4),
@@ -369,108 +371,146 @@ def metric(row: dict, key: str) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def paired_deltas(rows: list[dict], versus: str, key: str,
-                  by_warmup: bool = True) -> dict[tuple[float, str], tuple[float, float, int]]:
-    """For each (warm-up, strategy) other than ``versus``: the mean and sample sd over seeds of the
-    paired difference metric(strategy, seed) - metric(versus, seed), at the same seed and (with
-    ``by_warmup``) the same warm-up, and how many seeds paired. Pairing removes what a seed shares
-    (warm-up, fine-tune order) from the spread. ``by_warmup=False`` is for a reference that does not
-    depend on the warm-up (random: the fine-tune starts from the base model), run at one length only."""
+def paired_deltas(rows: list[dict], reference, key: str,
+                  match: tuple[str, ...] = ("warmup", "budget", "view")) -> dict[tuple, tuple[float, float, int]]:
+    """For each (warm-up, budget, view, strategy) of a row that is not a reference row
+    (``reference(row)`` true): the mean and sample sd over seeds of the paired difference
+    metric(row) - metric(reference row), the reference row being the one of the same seed that agrees
+    on the ``match`` fields, and how many seeds paired. Pairing removes what a seed shares (warm-up,
+    fine-tune order) from the spread. Random does not depend on the warm-up (the fine-tune starts
+    from the base model): against it, ``match=("budget", "view")``."""
     def where(r: dict) -> tuple:
-        return (r["warmup"], r["seed"]) if by_warmup else (r["seed"],)
+        return (*(r.get(f) for f in match), r["seed"])
 
-    ref = {where(r): metric(r, key) for r in rows if r["strategy"] == versus}
-    diffs: dict[tuple[float, str], list[float]] = {}
+    ref = {where(r): metric(r, key) for r in rows if reference(r)}
+    diffs: dict[tuple, list[float]] = {}
     for r in rows:
-        if r["strategy"] == versus:
+        if reference(r):
             continue
         a, b = metric(r, key), ref.get(where(r))
         if a is not None and b is not None:
-            diffs.setdefault((r["warmup"], r["strategy"]), []).append(a - b)
+            diffs.setdefault(group(r), []).append(a - b)
     return {k: (*_ms(v), len(v)) for k, v in diffs.items()}
 
 
+def group(r: dict) -> tuple:
+    """A run's place in the ablation's tables: (warm-up, budget, view, strategy)."""
+    return r["warmup"], r.get("budget", ""), r.get("view", "epochs"), r["strategy"]
+
+
+def is_random(r: dict) -> bool:
+    return r["method"] == "random"
+
+
+def is_core(r: dict) -> bool:
+    return r.get("variant") == "core"
+
+
 def ablation_tables(rows: list[dict]) -> dict[str, str]:
-    """The report's markdown tables: every run's means by warm-up; what each switch adds to the core
-    (paired over seeds); the warm-up's effect; the variants against random."""
+    """The report's markdown tables: every run's means; what each switch adds to the core (paired
+    over seeds, same warm-up, budget and view); every strategy against random (same budget and view)."""
     out = {}
-    fracs = sorted({r["warmup"] for r in rows})
-    head = "| warm-up | strategy | " + " | ".join(m[1] for m in ABLATION_METRICS) + " |"
-    lines = [head, "| --- | --- |" + " --- |" * len(ABLATION_METRICS)]
-    for f in fracs:
-        for label in dict.fromkeys(r["strategy"] for r in rows if r["warmup"] == f):
-            rs = [r for r in rows if r["warmup"] == f and r["strategy"] == label]
-            cells = [_fmt(_ms([metric(r, k) for r in rs]), d) for k, _, d in ABLATION_METRICS]
-            lines.append(f"| {f:.0%} | {label} | " + " | ".join(cells) + " |")
+    head = "| warm-up | budget | view | strategy | "
+    lines = [head + " | ".join(m[1] for m in ABLATION_METRICS) + " |", "| --- | --- | --- | --- |"
+             + " --- |" * len(ABLATION_METRICS)]
+    for g in dict.fromkeys(group(r) for r in rows):
+        rs = [r for r in rows if group(r) == g]
+        cells = [_fmt(_ms([metric(r, k) for r in rs]), d) for k, _, d in ABLATION_METRICS]
+        lines.append(f"| {g[0]:.0%} | {g[1]} | {g[2]} | {g[3]} | " + " | ".join(cells) + " |")
     out["runs"] = "\n".join(lines)
 
-    def delta_table(versus: str, which, by_warmup: bool = True) -> str:
+    def delta_table(reference, match, which) -> str:
         cols = [m for m in ABLATION_METRICS if m[0] != "bleu"]
-        lines = ["| warm-up | strategy | " + " | ".join(f"Δ {m[1]}" for m in cols) + " |",
-                 "| --- | --- |" + " --- |" * len(cols)]
-        deltas = {k: paired_deltas(rows, versus, k, by_warmup) for k, _, _ in cols}
-        for f, label in dict.fromkeys((r["warmup"], r["strategy"]) for r in rows):
-            if label == versus or not which(f, label):
-                continue
+        lines = [head + " | ".join(f"Δ {m[1]}" for m in cols) + " |", "| --- | --- | --- | --- |" + " --- |" * len(cols)]
+        deltas = {k: paired_deltas(rows, reference, k, match) for k, _, _ in cols}
+        for g in dict.fromkeys(group(r) for r in rows if not reference(r) and which(r)):
             cells = []
             for k, _, d in cols:
-                m, sd, n = deltas[k].get((f, label), (math.nan, math.nan, 0))
+                m, sd, n = deltas[k].get(g, (math.nan, math.nan, 0))
                 cells.append("–" if math.isnan(m) else f"{m:+.{d}f} ± {sd:.{d}f}")
-            lines.append(f"| {f:.0%} | {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {g[0]:.0%} | {g[1]} | {g[2]} | {g[3]} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    core = next((r["strategy"] for r in rows if r.get("variant") == "core"), None)
-    rnd = next((r["strategy"] for r in rows if r["method"] == "random"), None)
-    if core:
-        out["versus_core"] = delta_table(core, lambda f, label: label.startswith("grads-"))
-    if rnd:
-        out["versus_random"] = delta_table(rnd, lambda f, label: True, by_warmup=False)
+    if any(map(is_core, rows)):
+        out["versus_core"] = delta_table(is_core, ("warmup", "budget", "view"), lambda r: r["method"] == "grads")
+    if any(map(is_random, rows)):
+        out["versus_random"] = delta_table(is_random, ("budget", "view"), lambda r: True)
     return out
 
 
-def ablation_strategies(budget: str, first: bool) -> list[str]:
-    """The runs at one warm-up length: random and every variant at the first, fewer at the others
-    (random does not depend on the warm-up: the fine-tune starts from the base model)."""
-    variants = ABLATION_VARIANTS if first else WARMUP_VARIANTS
-    return ([f"random:{budget}%"] if first else []) + [f"grads:{v}:{budget}%" for v in variants]
+LARGER_BUDGET_VARIANTS = ("all", "core", "core+diversity", "core+redundancy", "all-diversity",
+                          "all-diversity-clusters")  # and random, both views
 
 
-def run_ablation(a, work: Path, data: dict, base: dict, scale_name: str, seeds: list[int], budget: str,
+def ablation_strategies(budget: str, first: bool, larger: bool = False) -> list[str]:
+    """The runs of one compare: at the first budget, random and every variant at the ``--full-at``
+    warm-up and fewer at the others (random does not depend on the warm-up: the fine-tune starts
+    from the base model); at a larger budget, random and the variants that moved something at the first."""
+    variants = LARGER_BUDGET_VARIANTS if larger else ABLATION_VARIANTS if first else WARMUP_VARIANTS
+    return ([f"random:{budget}%"] if first or larger else []) + [f"grads:{v}:{budget}%" for v in variants]
+
+
+def run_ablation(a, work: Path, data: dict, base: dict, scale_name: str, seeds: list[int], budgets: list[str],
                  warmups: list[float], use_gpu: bool) -> None:
-    """The ablation's runs (each warm-up length its own compare, ``work/ablation-wNN``), then its report."""
+    """The ablation's runs, then its report. The first budget at every warm-up length
+    (``work/ablation-wNN``, 2 epochs: at the smallest budget both views are the same runs); each larger
+    budget at the ``--full-at`` warm-up in both views (``work/ablation-wNN-bBB-<view>``, its shared
+    stages linked from the first budget's), the steps view taking the first budget's optimizer steps."""
     from grads_ray.compare import run_compare
 
     noisy = set(json.loads(Path(data["noise"]).read_text()))
     scale = SCALES[scale_name]
     rows: list[dict] = []
+    first_budget, larger = budgets[0], budgets[1:]
     for f in warmups:
         folder = f"ablation-w{round(100 * f)}"
         first = math.isclose(f, a.full_at)
-        cfg = compare_config(work, data, base, scale, "epochs", ablation_strategies(budget, first), seeds, None,
-                             use_gpu, warmup=f, folder=folder)
-        result = run_compare(cfg)
-        rows += [{**r, "warmup": f} for r in collect(work / folder, result, noisy)]
-        print(f"warm-up {f:.0%} done", flush=True)
+        if a.larger_only and not (first and larger):
+            continue
+        if not a.larger_only:
+            cfg = compare_config(work, data, base, scale, "epochs", ablation_strategies(first_budget, first), seeds,
+                                 None, use_gpu, warmup=f, folder=folder)
+            rows += [{**r, "warmup": f, "view": "epochs"} for r in collect(work / folder, run_compare(cfg), noisy)]
+            print(f"warm-up {f:.0%} done", flush=True)
+        if not (first and larger):
+            continue
+        done = [r["finetune_steps"] for r in rows if r["budget"] == f"{first_budget}%" and r.get("finetune_steps")]
+        steps = max(done) if done else max(1, math.ceil(float(first_budget) / 100 * data["domain_train"] / 16) * 2)
+        for budget in larger:
+            for view in ("epochs", "steps"):
+                sub = f"{folder}-b{budget}-{view}"
+                share_upstream(work / folder, work / sub, seeds)
+                cfg = compare_config(work, data, base, scale, view, ablation_strategies(budget, False, larger=True),
+                                     seeds, steps, use_gpu, warmup=f, folder=sub)
+                rows += [{**r, "warmup": f, "view": view} for r in collect(work / sub, run_compare(cfg), noisy)]
+                print(f"budget {budget}% {view} view done", flush=True)
     if a.worker:
         return
     tables = ablation_tables(rows)
     label = a.label or f"ablation-{scale_name}-{time.strftime('%Y-%m-%d')}"
     warm_steps = {f: _ms([(r.get("warmup_steps")) for r in rows if r["warmup"] == f]) for f in warmups}
-    meta = {"label": label, "date": time.strftime("%Y-%m-%d"), "seeds": seeds, "budget": budget, "warmups": warmups, "data": data, "base": base,
-            "warmup_steps": warm_steps}
+    tune_steps = {g[1:3]: _ms([r.get("finetune_steps") for r in rows if group(r)[1:3] == g[1:3]])
+                  for g in dict.fromkeys(group(r) for r in rows)}
+    meta = {"label": label, "date": time.strftime("%Y-%m-%d"), "seeds": seeds, "budgets": budgets, "warmups": warmups,
+            "data": data, "base": base, "warmup_steps": warm_steps}
     (work / f"{label}.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1, default=str))
     doc = Path(a.doc) if a.doc else work
     doc.mkdir(parents=True, exist_ok=True)
     lines = [f"# Ablation `{label}`", "",
-             f"{meta['date']}; seeds {seeds}; budget {budget}% of {data['domain_train']} training pairs "
-             f"({data['noisy']['swapped'] + data['noisy']['truncated']} planted noisy); warm-up "
+             f"{meta['date']}; seeds {seeds}; {data['domain_train']} training pairs "
+             f"({data['noisy']['swapped'] + data['noisy']['truncated']} planted noisy). Budget {first_budget}%: warm-up "
              + ", ".join(f"{f:.0%}" for f in warmups) + f" of one epoch (random and every variant at "
-             f"{a.full_at:.0%}; {', '.join(WARMUP_VARIANTS)} at the others); 2 epochs over each subset (at "
-             "this budget the same optimizer steps for every run: the equal-steps view is the same runs). "
-             "Mean ± sample sd over seeds; Δ: paired over seeds (same seed and warm-up; against random, "
-             "same seed: random does not depend on the warm-up, the fine-tune starts from the base model).",
-             "", "Warm-up optimizer steps (batch 16): " + ", ".join(
-                 f"{f:.0%}: {m:.0f}" for f, (m, _) in warm_steps.items() if not math.isnan(m)) + ".", "",
+             f"{a.full_at:.0%}; {', '.join(WARMUP_VARIANTS)} at the others), 2 epochs over each subset (at the "
+             "smallest budget both views are the same runs)."
+             + (f" Budgets {', '.join(b + '%' for b in larger)}: random and {', '.join(LARGER_BUDGET_VARIANTS)} at "
+                f"{a.full_at:.0%} warm-up, in both views (epochs: 2 epochs over each subset; steps: the "
+                f"{first_budget}% runs' optimizer steps, the subset cycled)." if larger else "")
+             + " Mean ± sample sd over seeds; Δ: paired over seeds (same seed, warm-up, budget and view; against "
+             "random, same seed, budget and view: random does not depend on the warm-up, the fine-tune starts from "
+             "the base model).", "",
+             "Warm-up optimizer steps (batch 16): " + ", ".join(
+                 f"{f:.0%}: {m:.0f}" for f, (m, _) in warm_steps.items() if not math.isnan(m)) + ". Fine-tune steps: "
+             + ", ".join(f"{b} {v}: {m:.0f}" for (b, v), (m, _) in tune_steps.items() if not math.isnan(m)) + ".", "",
              "## Every run", "", tables["runs"], ""]
     if "versus_core" in tables:
         lines += ["## What each switch adds to GrADS's core (Δ = variant − core)", "", tables["versus_core"], ""]
@@ -480,10 +520,9 @@ def run_ablation(a, work: Path, data: dict, base: dict, scale_name: str, seeds: 
     print(f"\nreport: {doc / (label + '.md')}")
     print(tables["runs"])
     head = {}
-    rnd = next(r["strategy"] for r in rows if r["method"] == "random")
     for k in ("domain_loss", "chrf", "noisy_share"):
-        for (f, lab), (m, *_) in paired_deltas(rows, rnd, k, by_warmup=False).items():
-            head[f"{lab}_w{round(100 * f)}_vs_random_{k}"] = round(m, 4)
+        for (f, _b, view, lab), (m, *_) in paired_deltas(rows, is_random, k, ("budget", "view")).items():
+            head[f"{lab}_w{round(100 * f)}{'' if view == 'epochs' else '_' + view}_vs_random_{k}"] = round(m, 4)
     print(json.dumps({"label": label, **head}))
 
 
@@ -562,9 +601,11 @@ def main() -> None:
                     help="docs: docstring/reference pairs; code: the library's functions and classes as "
                          "instruction -> code (work folder <scale>-code)")
     ap.add_argument("--ablation", action="store_true",
-                    help="issue 22's ablation instead: GrADS's core and each addition alone, at several warm-up lengths "
-                         "(one budget, --budgets' first; default 5)")
+                    help="issue 22's ablation instead: GrADS's core and each addition alone at several warm-up lengths "
+                         "(--budgets' first, default 5), and the main parts at the larger budgets in both views "
+                         "(default 5,50)")
     ap.add_argument("--warmups", default="0.1,0.5,1.0", help="ablation: warm-up fractions of one epoch")
+    ap.add_argument("--larger-only", action="store_true", help="ablation: only the budgets after the first")
     ap.add_argument("--full-at", type=float, default=0.1,
                     help="ablation: the warm-up fraction at which random and every variant run (the others: "
                          f"{', '.join(WARMUP_VARIANTS)})")
@@ -592,7 +633,7 @@ def main() -> None:
     scale_name = a.scale or ("quick" if a.quick else ("gpu" if torch.cuda.is_available() else "cpu"))
     scale = SCALES[scale_name]
     seeds = [int(x) for x in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
-    budgets = [x.strip() for x in (a.budgets or ("5" if a.quick or a.ablation else "5,10,50")).split(",")]
+    budgets = [x.strip() for x in (a.budgets or ("5" if a.quick else "5,50" if a.ablation else "5,10,50")).split(",")]
     methods = (a.methods or ("random,grads,fisher" if a.quick else ",".join(METHODS))).split(",")
     views = (a.views or ("epochs" if a.quick else "epochs,steps")).split(",")
     strategies = ["full"] + [f"{m}:{b}%" for b in budgets for m in methods]
@@ -615,7 +656,7 @@ def main() -> None:
     if a.ablation:
         if not any(math.isclose(float(x), a.full_at) for x in a.warmups.split(",")) and not a.worker:
             raise SystemExit(f"--full-at {a.full_at} is not among --warmups {a.warmups}")
-        run_ablation(a, work, data, base, scale_name, seeds, budgets[0], [float(x) for x in a.warmups.split(",")],
+        run_ablation(a, work, data, base, scale_name, seeds, budgets, [float(x) for x in a.warmups.split(",")],
                      use_gpu)
         ray.shutdown()
         return

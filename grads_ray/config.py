@@ -166,10 +166,12 @@ class GradsConfig:
     region_mass: float = 0.9  # hdr: share of the corpus in the highest-density region
     strata: int = 20  # match: equal-count signal strata taken in proportion
     w_region: float = 1.0
-    w_diversity: float = 0.5
+    # off by default since 2026-11-26: the ablation (docs/evidence.md) found the k-NN diversity term and
+    # the cluster quotas make GrADS level with random (more planted noise, higher held-out loss at 50%)
+    w_diversity: float = 0.0
     w_loss: float = 0.0
     w_redundancy: float = 0.5
-    cluster_alpha: float = 0.5  # cluster quotas ∝ size^alpha (0 equal, 1 proportional); < 0: off
+    cluster_alpha: float = -1.0  # cluster quotas ∝ size^alpha (0 equal, 1 proportional, 0.5 before); < 0: off
 
 
 @dataclass

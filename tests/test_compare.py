@@ -31,12 +31,11 @@ def test_variants_switch_exactly_the_named_parts():
     full = with_settings(Config(), variant_settings("grads", "all", sc))
     d = GradsConfig()
     assert (full.select.grads.direction, full.select.grads.w_diversity, full.select.grads.w_redundancy,
-            full.select.grads.cluster_alpha, full.select.dedup) == (d.direction, d.w_diversity, d.w_redundancy,
-                                                                    d.cluster_alpha, "true")
+            full.select.grads.cluster_alpha, full.select.dedup) == (d.direction, 0.5, d.w_redundancy, 0.5, "true")
     one = with_settings(Config(), variant_settings("grads", "core+dedup+norm", sc)).select
     assert one.dedup == "true" and one.grads.w_diversity == 0 and one.grads.stats == ["grad_norm"]
     minus = with_settings(Config(), variant_settings("grads", "all-clusters", sc)).select.grads
-    assert minus.cluster_alpha == -1 and minus.w_diversity == d.w_diversity and minus.direction == "both"
+    assert minus.cluster_alpha == -1 and minus.w_diversity == 0.5 and minus.direction == "both"
 
 
 def test_variants_keep_a_tuned_setting_and_clear_mappings():
@@ -73,7 +72,7 @@ def test_strategy_config_applies_the_variant(tmp_path):
     assert sub.select.budget == "5%" and sub.select.grads.direction == "none"
     assert sub.output.endswith("grads-core-5pct")
     assert strategy_config(base, "g", "grads", "5%", "nodiv").select.grads.w_diversity == 0
-    assert strategy_config(base, "g", "grads", "5%").select.grads.w_diversity == GradsConfig().w_diversity
+    assert strategy_config(base, "g", "grads", "5%").select.grads.w_diversity == GradsConfig().w_diversity == 0
 
 
 def _row(seed, strategy, method, share, dl, forget, bleu):

@@ -665,6 +665,6 @@ def test_each_grads_switch_adds_its_own_part():
     assert per_cluster.min() >= 1  # quotas ∝ |c|^0.5 give every cluster a share at 40 picks
     norm = _run(inp, budget, _variant("core+norm"))
     assert {k for k in norm if k.startswith("signal.")} == {"signal.embedding.grad_norm", "signal.head.grad_norm"}
-    full = _run(inp, budget, _variant("all"))
-    default = _run(inp, budget, SelectConfig())
-    assert np.array_equal(full["rank"], default["rank"])  # all = the defaults (dedup auto is on for grads)
+    default = _run(inp, budget, SelectConfig())  # the defaults since the ablation: all but diversity and clusters
+    assert np.array_equal(_run(inp, budget, _variant("all-diversity-clusters"))["rank"], default["rank"])
+    assert not np.array_equal(_run(inp, budget, _variant("all"))["rank"], default["rank"])

@@ -27,12 +27,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from grads_ray.config import ConfigError, GradsConfig, SelectConfig, parse_override, with_settings
+from grads_ray.config import ConfigError, SelectConfig, parse_override, with_settings
 
 GRADS_SWITCHES = ("band", "diversity", "redundancy", "clusters", "dedup")
 OTHER_SWITCHES = ("dedup",)  # what the other methods take
 MODIFIERS = {"norm": {"select.grads.stats": ["grad_norm"]}}
 CORE_OFF = {"select.grads.w_loss": 0.0, "select.max_similarity": 0.0}  # not switches: off in core, kept in all
+ON = {"w_diversity": 0.5, "w_redundancy": 0.5, "cluster_alpha": 0.5}  # a switch's setting when the config has it off
 TOKEN = re.compile(r"([+-]?)([A-Za-z0-9_.]+)")
 NAME = re.compile(r"[A-Za-z0-9_.]+")
 BUILT_IN = frozenset({"core", "all", *GRADS_SWITCHES, *MODIFIERS})
@@ -40,8 +41,8 @@ BUILT_IN = frozenset({"core", "all", *GRADS_SWITCHES, *MODIFIERS})
 
 def switch_settings(name: str, on: bool, sc: SelectConfig) -> dict[str, Any]:
     """One switch on or off -> its overrides. "On" keeps the config's own setting where it is on,
-    else takes the default, so ``all`` on a tuned config keeps the tuning."""
-    g, default = sc.grads, GradsConfig()
+    else takes :data:`ON`, so ``all`` on a tuned config keeps the tuning."""
+    g = sc.grads
     if name == "band":
         if not on:
             return {"select.grads.direction": "none", "select.grads.directions": {}}
@@ -50,9 +51,9 @@ def switch_settings(name: str, on: bool, sc: SelectConfig) -> dict[str, Any]:
     if name in ("diversity", "redundancy"):
         key = f"w_{name}"
         mine = getattr(g, key)
-        return {f"select.grads.{key}": (mine if mine > 0 else getattr(default, key)) if on else 0.0}
+        return {f"select.grads.{key}": (mine if mine > 0 else ON[key]) if on else 0.0}
     if name == "clusters":
-        alpha = g.cluster_alpha if g.cluster_alpha >= 0 else default.cluster_alpha
+        alpha = g.cluster_alpha if g.cluster_alpha >= 0 else ON["cluster_alpha"]
         return {"select.grads.cluster_alpha": alpha if on else -1.0}
     if name == "dedup":
         return {"select.dedup": "true" if on else "false"}
