@@ -132,13 +132,26 @@ def test_meteor_absent_not_zero_without_wordnet(tmp_path, monkeypatch):
     scores = text_scores(["a b c"], ["a b c"], wordnet=str(tmp_path))
     assert "meteor" not in scores and str(tmp_path) in scores["meteor_absent"]
     assert "meteor" not in text_scores(["a"], ["a"]) and "meteor_absent" not in text_scores(["a"], ["a"])  # none: off
-    import nltk.data
-
     monkeypatch.setattr(meteor_mod, "DEBIAN_WORDNET", tmp_path / "nowhere")
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(meteor_mod, "nltk_data_dirs", lambda: [tmp_path])
     folder, why = meteor_mod.find_wordnet("auto")
     assert folder is None and "wordnet-base" in why
     assert text_scores(["a"], ["a"], wordnet="auto")["meteor_absent"] == why
+
+
+def test_finding_wordnet_does_not_import_nltk(tmp_path):
+    """The driver resolves eval.wordnet for every evaluation's fingerprint: that must not import nltk
+    (~2 s, ~190 MB); its default folders are NLTK's own."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from grads_ray.evaluation.meteor import find_wordnet, nltk_data_dirs; find_wordnet('auto'); "
+            "print('nltk' in sys.modules); import nltk.data; "
+            "print(sorted(map(str, nltk_data_dirs())) == sorted({str(p) for p in nltk.data.path}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NLTK_DATA": str(tmp_path)}).stdout.split()
+    assert out == ["False", "True"]
 
 
 def test_lexnames_table_matches_wordnets_own():
