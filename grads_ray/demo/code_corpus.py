@@ -23,6 +23,7 @@ wrote the text.
 from __future__ import annotations
 
 import ast
+import copy
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,8 +66,6 @@ def first_paragraph(doc: str | None) -> str:
 def without_docstring(node: ast.AST) -> ast.AST:
     """A copy of a def/class node with its docstring statement removed (a body left empty gets
     ``pass``), and the same done to the methods of a class."""
-    import copy
-
     node = copy.deepcopy(node)
     for n in ast.walk(node):
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and ast.get_docstring(n) is not None:
