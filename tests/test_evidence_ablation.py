@@ -69,3 +69,11 @@ def test_ablation_tables():
     assert "grads:core+norm:5%" in ev.ablation_strategies("5", False)
     assert ev.ablation_strategies("50", False, larger=True)[:2] == ["random:50%", "grads:all:50%"]
     assert not any(s.startswith("random") for s in ev.ablation_strategies("5", False))
+
+
+def test_default_scale_follows_flags_domain_and_device():
+    assert ev.default_scale(True, "code", True) == "quick"
+    assert ev.default_scale(False, "code", True) == "gpu"
+    assert ev.default_scale(False, "code", False) == "code"
+    assert ev.default_scale(False, "docs", False) == "cpu"
+    assert ev.SCALES["code"]["code_rows"] > ev.SCALES["cpu"]["domain_rows"]  # the larger domain
