@@ -83,6 +83,10 @@ class TrainConfig:
     checkpoint_every: int = 500  # optimizer steps between Ray Train checkpoints (resume point); 0: at the end only
     parallel: str = "ddp"  # ddp | fsdp (ray.train.torch.prepare_model's parallel_strategy)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Rows of at most this many MB (Parquet on local disk) are read by the driver and tokenized once,
+    # before training starts; larger ones, or rows in an object store, stream from Parquet every epoch.
+    # Ray Data's read of even a few small files costs seconds, paid while the workers wait. 0: always stream.
+    preload_mb: float = 64.0
 
 
 @dataclass

@@ -401,3 +401,49 @@ def test_stable_fraction_whole_none_and_half():
     assert (stable_fraction(ids, 3, 0.25) <= half).all()  # nested: a longer warm-up adds rows
     batch = {"id": np.array(ids, dtype=object), "n": np.arange(4000)}
     assert len(pick_rows(batch, 3, 1.0)["n"]) == 4000 and (pick_rows(batch, 3, 0.5)["n"] == np.flatnonzero(half)).all()
+
+
+def test_training_rows_preloaded_or_streamed_are_the_same_rows_in_order(tmp_path, ray_local, tiny_tokenizer):
+    """Small training sets are read by the driver and tokenized once (``preload_mb``); they must be
+    the rows, in the order, that streaming them from Parquet gives: picked by the seeded coin, an
+    empty part and extra columns included. Too large, off (0) or in an object store: streamed."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from grads_ray.config import load_config
+    from grads_ray.stages.train import preload_rows, stable_fraction, training_dataset
+
+    model = tmp_path / "model"
+    tiny_tokenizer.save_pretrained(model)
+    files, every_id = [], []
+    for i, n in enumerate((7, 0, 23, 11)):
+        ids = [f"{i}-{j}" for j in range(n)]
+        recs = [json.dumps({"prompt": f"What is item {i}-{j}?", "response": "It is " + "more " * (j % 5 + 1)})
+                for j in range(n)]
+        path = tmp_path / f"part-{i}.parquet"
+        pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "record": pa.array(recs, pa.string()),
+                                 "line": pa.array(range(n), pa.int64())}), path)
+        files.append(str(path))
+        every_id += ids
+    pick = {"seed": 1, "fraction": 0.5}
+    tables = preload_rows(files, pick, 64)
+    picked = [i for i, keep in zip(every_id, stable_fraction(every_id, 1, 0.5), strict=True) if keep]
+    assert [i for t in tables for i in t["id"].to_pylist()] == picked and 5 < len(picked) < 36
+    assert [t.column_names for t in tables] == [["id", "record"]] * 4
+    assert preload_rows(files, None, 64)[2].num_rows == 23
+    assert preload_rows(files, pick, 1e-6) is None and preload_rows(files, pick, 0) is None
+    assert preload_rows(["s3://bucket/part-0.parquet"], None, 64) is None
+
+    cfg = load_config(None, [f"model.path={model}", "data.max_length=64", "score.tokenize_batch_size=8"])
+    ctx = ray.data.DataContext.get_current()
+    kept = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # as the job sets it (grads_ray/resources.py)
+    try:
+        got = {mb: [tuple(x) for b in training_dataset(files, pick, cfg, mb).iter_batches(batch_format="numpy")
+                    for x in b["input_ids"]] for mb in (0, 64)}
+    finally:
+        ctx.execution_options.preserve_order = kept
+    assert len(got[0]) == len(picked) and got[0] == got[64]

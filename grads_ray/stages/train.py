@@ -5,7 +5,8 @@ gradients the score stage measures reflect the task. finetune: the base model tr
 the select stage chose. Both:
 1. read their rows: the warm-up's, the corpus with a seeded coin per id; the fine-tune's, the
    subset the select stage wrote (shuffled once, seeded), so its data path is O(selected rows);
-2. tokenize them in Ray Data tasks, dropping rows the tokenizer rejects;
+2. tokenize them in Ray Data tasks, dropping rows the tokenizer rejects: once, before training, when
+   they are small (``preload_mb``), else afresh each epoch;
 3. train (grads_ray/training/): a rerun of the same stage and config resumes from its latest checkpoint;
 4. save a Hugging Face folder, ``<stage>/model``, which later stages receive.
 """
@@ -47,20 +48,49 @@ def training_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": batch["input_ids"][keep], "labels": batch["labels"][keep]}
 
 
-def training_dataset(files: list[str], pick: dict[str, Any] | None, cfg):
+def preload_rows(files: list[str], pick: dict[str, Any] | None, limit_mb: float):
+    """The ``id``/``record`` columns of ``files``, read here and filtered by ``pick``, one table a
+    file in order: the rows :func:`training_dataset` would stream, when the files are on local disk
+    and ``limit_mb`` holds them all. -> the tables, or None (stream them)."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if limit_mb <= 0 or any("://" in f for f in files):
+        return None
+    if sum(os.path.getsize(f) for f in files) > limit_mb * 2**20:
+        return None
+    tables = []
+    for f in files:
+        t = pq.read_table(f, columns=["id", "record"])
+        if pick:
+            t = t.filter(pa.array(stable_fraction(t["id"].to_pylist(), pick["seed"], pick["fraction"])))
+        tables.append(t)
+    return tables
+
+
+def training_dataset(files: list[str], pick: dict[str, Any] | None, cfg, preload_mb: float = 0.0):
     """Ray Data dataset of ``input_ids``/``labels`` for training: the rows of ``files`` (Parquet with
     ``id`` and ``record``), filtered by ``pick`` when given, tokenized in CPU tasks as the scorers do
-    (``cfg``: the job's config), rejected rows dropped. Read afresh each epoch."""
+    (``cfg``: the job's config), rejected rows dropped. Rows that :func:`preload_rows` reads within
+    ``preload_mb`` are tokenized once, here (a materialized dataset); others are read afresh each epoch.
+    Either way the rows come in the same order."""
     import ray
 
     from grads_ray.scoring import tokenize
 
-    ds = ray.data.read_parquet(files).select_columns(["id", "record"])
-    if pick:
-        ds = ds.map_batches(pick_rows, batch_format="numpy", fn_kwargs=pick)
+    tables = preload_rows(files, pick, preload_mb)
+    if tables is not None:
+        ds = ray.data.from_arrow(tables)
+    else:
+        ds = ray.data.read_parquet(files).select_columns(["id", "record"])
+        if pick:
+            ds = ds.map_batches(pick_rows, batch_format="numpy", fn_kwargs=pick)
     ds = tokenize(ds, model_path=cfg.model.path, max_length=cfg.data.max_length, on_long=cfg.data.on_long,
                   batch_size=cfg.score.tokenize_batch_size, trust_remote_code=cfg.model.trust_remote_code)
-    return ds.map_batches(training_columns, batch_format="numpy")
+    ds = ds.map_batches(training_columns, batch_format="numpy")
+    return ds.materialize() if tables is not None else ds
 
 
 def train_on(ctx, stage: str, fp: str, out_model: Location, n_rows: int, files: list[str], pick: dict[str, Any] | None,
@@ -73,7 +103,7 @@ def train_on(ctx, stage: str, fp: str, out_model: Location, n_rows: int, files: 
 
     cfg, res = ctx.cfg, ctx.ray()
     base = cfg.model.path
-    ds = training_dataset(files, pick, cfg)
+    ds = training_dataset(files, pick, cfg, tcfg.preload_mb)
     return train(ds, n_rows, base, out_model, tcfg, name=f"{stage}-{fp[:16]}",
                  storage_path=ctx.out / "ray_train", seed=cfg.seed, use_gpu=res.gpu(tcfg.use_gpu),
                  nodes=res.node_cpus, trust_remote_code=cfg.model.trust_remote_code)

@@ -183,6 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     collate_fn = _pad_collate(pad_id)
     step, losses, tokens, loop_start = progress["step"], [], 0, time.time()
+    waited, first_batch = 0.0, None  # seconds blocked on the data shard; until the first batch came
     first_loss = progress.get("first_loss")
     every = 0 if t.parallel == "fsdp" else t.checkpoint_every  # FSDP: final model only
 
@@ -204,8 +205,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate_fn,
                                            local_shuffle_buffer_size=4 * t.batch_size,
                                            local_shuffle_seed=s.seed + epoch)
-        seen = 0
-        for batch in batches:
+        seen, batch_iter = 0, iter(batches)
+        while True:
+            asked = time.time()
+            batch = next(batch_iter, None)
+            waited += time.time() - asked
+            first_batch = time.time() - loop_start if first_batch is None else first_batch
+            if batch is None:
+                break
             seen += 1
             if seen <= skip:  # used before the restart
                 continue
@@ -244,6 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loop = time.time() - loop_start  # data wait included: what the stage pays, Ray start-up excluded
         metrics = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses[-per_epoch:] or [math.nan])),
                    "loop_seconds": round(loop, 2), "tokens_per_s": round(tokens * world / max(loop, 1e-9), 1),
+                   "data_wait_seconds": round(waited, 2), "first_batch_seconds": round(first_batch or 0.0, 2),
                    "first_loss": first_loss if first_loss is not None else math.nan, "total_steps": total,
                    "resumed_from_step": resumed_from, "torch_threads": torch.get_num_threads()}
         if epoch == t.epochs - 1 or step >= total:
