@@ -264,6 +264,7 @@ def test_the_sentence_encoder_feature(finished, tmp_path, monkeypatch):
     manifest = json.loads((out / "manifest.json").read_text())
     emb, sim = manifest["stages"]["embed"], manifest["stages"]["similarity"]
     scored = manifest["stages"]["score"]["scored"]
+    assert manifest["stages"]["score"]["device"] == "cpu"  # where the scorers ran (no GPU in the tests)
     assert emb["rows"] == scored and emb["no_text"] == 0 and emb["shards_this_run"] >= 3
     assert sum(n for stage, unit, n in updates if stage == "embed" and unit == "rows") == scored  # rows, not shards
     assert sim["feature"] == "encoder" and sim["dim"] == 384 and sim["vectors"] == scored

@@ -162,6 +162,9 @@ def test_two_cpu_workers_learn(tmp_path, ray_local):
     metrics, out = _train(tmp_path, ray_local, "ddp2", cfg)
     assert metrics["total_steps"] == 18 and metrics["step"] == 18  # 24 rows a worker: 6 batches, 3 steps an epoch
     assert metrics["torch_threads"] == 1  # auto: 2 CPUs, 2 workers on one node
+    assert metrics["device"] == "cpu"
+    # where the loop's time went: waiting on Ray Data (most of it for the first batch) is part of it
+    assert 0 < metrics["first_batch_seconds"] <= metrics["data_wait_seconds"] <= metrics["loop_seconds"]
     assert metrics["train_loss"] < 0.7 * metrics["first_loss"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
 

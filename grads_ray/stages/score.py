@@ -100,10 +100,11 @@ class Score(Stage):
                        done=sum(n for i, n in expected.items() if stats.is_done(i))
                        + rows_written(stats, expected, unit_rows))
         t0 = time.time()
+        use_gpu = res.gpu(cfg.score.use_gpu)
         ran = run_scoring(
             corpus.rows, expected, stats, features, model_path=model.path, max_length=cfg.data.max_length,
             on_long=cfg.data.on_long, batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors,
-            use_gpu=res.gpu(cfg.score.use_gpu), cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
+            use_gpu=use_gpu, cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
             settings=engine_settings(cfg.score, cfg.seed), progress=bar.update, max_restarts=cfg.score.max_restarts)
         bar.close()
         for i, key in keys.items():  # every shard of this run, for the next corpus version
@@ -117,7 +118,7 @@ class Score(Stage):
                 "model": model.path, "shards_this_run": len(ran["shards"]), "shards_reused": reused,
                 "units_scored": ran["units_scored"], "units_resumed": ran["units_resumed"], "unit_rows": unit_rows,
                 "first_unit_seconds": ran["first_unit_seconds"],
-                "engine": cfg.score.engine,
+                "engine": cfg.score.engine, "device": "gpu" if use_gpu else "cpu",
                 "examples_per_s": round(ran["rows_scored"] / max(time.time() - t0, 1e-9), 2)}
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]) -> ModelRef:

@@ -253,7 +253,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "loop_seconds": round(loop, 2), "tokens_per_s": round(tokens * world / max(loop, 1e-9), 1),
                    "data_wait_seconds": round(waited, 2), "first_batch_seconds": round(first_batch or 0.0, 2),
                    "first_loss": first_loss if first_loss is not None else math.nan, "total_steps": total,
-                   "resumed_from_step": resumed_from, "torch_threads": torch.get_num_threads()}
+                   "resumed_from_step": resumed_from, "torch_threads": torch.get_num_threads(),
+                   "device": device.type}
         if epoch == t.epochs - 1 or step >= total:
             report(metrics, final=True)
             break
