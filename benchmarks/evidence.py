@@ -587,8 +587,10 @@ def default_scale(quick: bool, domain: str, gpu: bool) -> str:
 
 
 def work_folder(a, scale_name: str) -> Path:
-    """``--work``/<scale> for the docs domain, ``--work``/<scale>-code for the code domain."""
-    return Path(a.work).resolve() / (scale_name + ("-code" if a.domain == "code" else ""))
+    """``--work``/<scale> for the docs domain, ``--work``/<scale>-code for the code domain (the code
+    scale's own folder is ``code``)."""
+    code = a.domain == "code" and scale_name != "code"
+    return Path(a.work).resolve() / (scale_name + ("-code" if code else ""))
 
 
 def main() -> None:
@@ -609,7 +611,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="redraw the report from the work folder's evidence.json")
     ap.add_argument("--domain", choices=("docs", "code"), default="docs",
                     help="docs: docstring/reference pairs; code: the library's functions and classes as "
-                         "instruction -> code (work folder <scale>-code)")
+                         "instruction -> code (work folder <scale>-code, or code at the code scale)")
     ap.add_argument("--ablation", action="store_true",
                     help="issue 22's ablation instead: GrADS's core and each addition alone at several warm-up lengths "
                          "(--budgets' first, default 5), and the main parts at the larger budgets in both views "

@@ -77,3 +77,7 @@ def test_default_scale_follows_flags_domain_and_device():
     assert ev.default_scale(False, "code", False) == "code"
     assert ev.default_scale(False, "docs", False) == "cpu"
     assert ev.SCALES["code"]["code_rows"] > ev.SCALES["cpu"]["domain_rows"]  # the larger domain
+    args = type("A", (), {"work": "/w", "domain": "code"})
+    assert [ev.work_folder(args, s).name for s in ("code", "quick", "cpu")] == ["code", "quick-code", "cpu-code"]
+    args.domain = "docs"
+    assert ev.work_folder(args, "cpu").name == "cpu"
