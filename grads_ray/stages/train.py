@@ -57,7 +57,7 @@ def preload_rows(files: list[str], pick: dict[str, Any] | None, limit_mb: float)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if limit_mb <= 0 or any("://" in f for f in files):
+    if limit_mb <= 0 or not files or any("://" in f for f in files):
         return None
     if sum(os.path.getsize(f) for f in files) > limit_mb * 2**20:
         return None
