@@ -83,9 +83,12 @@ class TrainConfig:
     checkpoint_every: int = 500  # optimizer steps between Ray Train checkpoints (resume point); 0: at the end only
     parallel: str = "ddp"  # ddp | fsdp (ray.train.torch.prepare_model's parallel_strategy)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # Rows of at most this many MB (Parquet on local disk) are read by the driver and tokenized once,
-    # before training starts; larger ones, or rows in an object store, stream from Parquet every epoch.
-    # Ray Data's read of even a few small files costs seconds, paid while the workers wait. 0: always stream.
+    # Training files of at most this many MB (their columns uncompressed, on local disk; the warm-up's are
+    # the whole corpus) are read by the driver and tokenized once, before training starts; larger ones, or
+    # files in an object store, stream from Parquet every epoch. Ray Data's read of even a few small files
+    # costs seconds, paid while the workers wait. 0: always stream. A resource, like cpus_per_worker: the
+    # rows and their order are the same either way; the local shuffle's batches follow Ray Data's block
+    # sizes, as they may follow the cluster's CPUs, so the stage fingerprints leave it out.
     preload_mb: float = 64.0
 
 
@@ -467,7 +470,7 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-RESOURCE_FIELDS = ("cpus_per_worker",)  # TrainConfig fields that change where it runs, not what it learns
+RESOURCE_FIELDS = ("cpus_per_worker", "preload_mb")  # TrainConfig fields that change where it runs, not what it learns
 
 
 def recipe(t: TrainConfig) -> dict[str, Any]:

@@ -405,15 +405,16 @@ def test_stable_fraction_whole_none_and_half():
 
 def test_training_rows_preloaded_or_streamed_are_the_same_rows_in_order(tmp_path, ray_local, tiny_tokenizer):
     """Small training sets are read by the driver and tokenized once (``preload_mb``); they must be
-    the rows, in the order, that streaming them from Parquet gives: picked by the seeded coin, an
-    empty part and extra columns included. Too large, off (0) or in an object store: streamed."""
+    the rows, in the order, that streaming them from Parquet gives: picked by the seeded coin, a
+    rejected row dropped, an empty part (as the job writes one: no row group) and extra columns
+    included. Too large (uncompressed), off (0), no file or in an object store: streamed."""
     import json
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray
 
     from grads_ray.config import load_config
+    from grads_ray.rundir import write_parquet
     from grads_ray.stages.train import preload_rows, stable_fraction, training_dataset
 
     model = tmp_path / "model"
@@ -423,27 +424,34 @@ def test_training_rows_preloaded_or_streamed_are_the_same_rows_in_order(tmp_path
         ids = [f"{i}-{j}" for j in range(n)]
         recs = [json.dumps({"prompt": f"What is item {i}-{j}?", "response": "It is " + "more " * (j % 5 + 1)})
                 for j in range(n)]
+        if n == 23:
+            recs[4] = json.dumps({"prompt": "What is nothing?", "response": ""})  # rejected: empty_response
         path = tmp_path / f"part-{i}.parquet"
-        pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "record": pa.array(recs, pa.string()),
-                                 "line": pa.array(range(n), pa.int64())}), path)
+        write_parquet(path, pa.table({"id": pa.array(ids, pa.string()), "record": pa.array(recs, pa.string()),
+                                      "line": pa.array(range(n), pa.int64())}))
         files.append(str(path))
         every_id += ids
-    pick = {"seed": 1, "fraction": 0.5}
-    tables = preload_rows(files, pick, 64)
-    picked = [i for i, keep in zip(every_id, stable_fraction(every_id, 1, 0.5), strict=True) if keep]
-    assert [i for t in tables for i in t["id"].to_pylist()] == picked and 5 < len(picked) < 36
-    assert [t.column_names for t in tables] == [["id", "record"]] * 4
-    assert preload_rows(files, None, 64)[2].num_rows == 23
+    pick = {"seed": 1, "fraction": 0.6}
+    tables = preload_rows(files, pick, 64, block_rows=4)
+    picked = [i for i, keep in zip(every_id, stable_fraction(every_id, 1, 0.6), strict=True) if keep]
+    assert "2-4" in picked and 10 < len(picked) < 36
+    assert [i for t in tables for i in t["id"].to_pylist()] == picked
+    assert all(t.column_names == ["id", "record"] and 0 < t.num_rows <= 4 for t in tables)
+    assert sum(t.num_rows for t in preload_rows(files, None, 64)) == 41
     assert preload_rows(files, pick, 1e-6) is None and preload_rows(files, pick, 0) is None
-    assert preload_rows(["s3://bucket/part-0.parquet"], None, 64) is None
+    assert preload_rows([], None, 64) is None and preload_rows(["s3://bucket/part-0.parquet"], None, 64) is None
+    assert preload_rows(files, {"seed": 1, "fraction": 0.0}, 64) is None  # nothing picked: streamed as before
 
     cfg = load_config(None, [f"model.path={model}", "data.max_length=64", "score.tokenize_batch_size=8"])
     ctx = ray.data.DataContext.get_current()
     kept = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # as the job sets it (grads_ray/resources.py)
     try:
-        got = {mb: [tuple(x) for b in training_dataset(files, pick, cfg, mb).iter_batches(batch_format="numpy")
-                    for x in b["input_ids"]] for mb in (0, 64)}
+        got = {}
+        for mb in (0, 64):
+            ds = training_dataset(files, pick, cfg, mb)
+            assert (type(ds).__name__ == "MaterializedDataset") == (mb > 0)
+            got[mb] = [tuple(x) for b in ds.iter_batches(batch_format="numpy") for x in b["input_ids"]]
     finally:
         ctx.execution_options.preserve_order = kept
-    assert len(got[0]) == len(picked) and got[0] == got[64]
+    assert len(got[0]) == len(picked) - 1 and got[0] == got[64]  # the empty answer dropped by both

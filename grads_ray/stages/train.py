@@ -48,10 +48,12 @@ def training_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": batch["input_ids"][keep], "labels": batch["labels"][keep]}
 
 
-def preload_rows(files: list[str], pick: dict[str, Any] | None, limit_mb: float):
-    """The ``id``/``record`` columns of ``files``, read here and filtered by ``pick``, one table a
-    file in order: the rows :func:`training_dataset` would stream, when the files are on local disk
-    and ``limit_mb`` holds them all. -> the tables, or None (stream them)."""
+def preload_rows(files: list[str], pick: dict[str, Any] | None, limit_mb: float, block_rows: int = 256):
+    """The ``id``/``record`` columns of ``files``, read here and filtered by ``pick``, in order, cut
+    into tables of ``block_rows`` (one tokenizing task each): the rows :func:`training_dataset` would
+    stream, when the files are on local disk and ``limit_mb`` holds their columns uncompressed (all
+    of them: the warm-up's files are the whole corpus, before its seeded share). -> the tables, or
+    None (stream them)."""
     import os
 
     import pyarrow as pa
@@ -59,15 +61,21 @@ def preload_rows(files: list[str], pick: dict[str, Any] | None, limit_mb: float)
 
     if limit_mb <= 0 or not files or any("://" in f for f in files):
         return None
-    if sum(os.path.getsize(f) for f in files) > limit_mb * 2**20:
-        return None
+    size = 0
+    for f in files:
+        if os.path.getsize(f) > limit_mb * 2**20:  # compressed already too large: no need to look inside
+            return None
+        meta = pq.ParquetFile(f).metadata
+        size += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+        if size > limit_mb * 2**20:
+            return None
     tables = []
     for f in files:
         t = pq.read_table(f, columns=["id", "record"])
         if pick:
             t = t.filter(pa.array(stable_fraction(t["id"].to_pylist(), pick["seed"], pick["fraction"])))
-        tables.append(t)
-    return tables
+        tables += [t.slice(i, block_rows) for i in range(0, t.num_rows, max(1, block_rows))]
+    return tables or None  # no row at all: the streamed path, as before
 
 
 def training_dataset(files: list[str], pick: dict[str, Any] | None, cfg, preload_mb: float = 0.0):
@@ -80,7 +88,7 @@ def training_dataset(files: list[str], pick: dict[str, Any] | None, cfg, preload
 
     from grads_ray.scoring import tokenize
 
-    tables = preload_rows(files, pick, preload_mb)
+    tables = preload_rows(files, pick, preload_mb, cfg.score.tokenize_batch_size)
     if tables is not None:
         ds = ray.data.from_arrow(tables)
     else:
