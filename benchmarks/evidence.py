@@ -308,7 +308,7 @@ def headline(views: dict[str, list[dict]]) -> dict:
     for view, summary in views.items():
         by = {s["strategy"]: s for s in summary}
         full = by.get("full")
-        tag = "" if view == "epochs" else "_steps"
+        tag = "" if view == "epochs" else f"_{view}"
         for label in by:
             if not label.startswith("grads-"):
                 continue
@@ -347,7 +347,8 @@ def write_report(path: Path, label: str, meta: dict, views: dict[str, list[dict]
                 "include their contention for the cores." if meta.get("jobs", 1) > 1 else ""), ""]
     for view, summary in views.items():
         recipe = ("2 epochs over each subset" if view == "epochs"
-                  else f"{meta['steps']} optimizer steps for every run (the subset cycled; the smallest budget's "
+                  else "budgets in training tokens, the same for every method, 2 epochs over each subset"
+                  if view == "tokens" else f"{meta['steps']} optimizer steps for every run (the subset cycled; the smallest budget's "
                        "runs are the epochs view's, whose 2 epochs are these steps)")
         lines += [f"## {view} view: {recipe}", "", table(summary), ""]
     lines += ["## Stage wall times (seconds, mean ± sd over the runs that ran the stage)", "",
@@ -553,13 +554,19 @@ class Clock:
             self.seconds()
 
 
+def token_strategies(a, methods: list[str]) -> list[str]:
+    """``--token-budgets``' strategies: each method at each number of tokens (e.g. ``grads:34000tok``)."""
+    return [f"{m}:{int(n)}tok" for n in (a.token_budgets or "").split(",") if n.strip() for m in methods]
+
+
 def run_workers(a, scale: str, seeds: list[int], budgets: list[str], methods: list[str], views: list[str]) -> None:
     """Each seed's runs in its own ``--worker`` process (own local Ray), ``a.jobs`` at a time. Their
     stages are then found finished by the gathering pass."""
     import subprocess
 
     argv = [f"--scale={scale}", f"--budgets={','.join(budgets)}", f"--methods={','.join(methods)}",
-            f"--views={','.join(views)}", f"--work={a.work}", f"--domain={a.domain}"]
+            f"--views={','.join(views)}", f"--work={a.work}", f"--domain={a.domain}",
+            f"--token-budgets={a.token_budgets or ''}"]
     pending, running = list(seeds), []
     logs = work_folder(a, scale) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -612,6 +619,10 @@ def main() -> None:
     ap.add_argument("--domain", choices=("docs", "code"), default="docs",
                     help="docs: docstring/reference pairs; code: the library's functions and classes as "
                          "instruction -> code (work folder <scale>-code, or code at the code scale)")
+    ap.add_argument("--token-budgets", default=None,
+                    help="comma-separated token counts (e.g. 34000,340000): a third view, tokens, in which every "
+                         "method trains on the same number of tokens (the epochs view's recipe), since selections "
+                         "of the same number of pairs can differ in length")
     ap.add_argument("--ablation", action="store_true",
                     help="issue 22's ablation instead: GrADS's core and each addition alone at several warm-up lengths "
                          "(--budgets' first, default 5), and the main parts at the larger budgets in both views "
@@ -696,6 +707,12 @@ def main() -> None:
         elif "epochs" in results:
             results[view] += [{**r, "reused": "epochs"} for r in results["epochs"] if r["budget"] == f"{smallest}%"]
         print(f"{view} view done ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    if token_strategies(a, methods):
+        cfg = compare_config(work, data, base, scale, "epochs", token_strategies(a, methods), seeds, None, use_gpu,
+                             folder="compare-tokens")
+        share_upstream(work / f"compare-{views[0]}", work / "compare-tokens", seeds)
+        results["tokens"] = collect(work / "compare-tokens", run_compare(cfg), noisy)
+        print(f"tokens view done ({(time.time() - t0) / 60:.1f} min)", flush=True)
     ray.shutdown()
     if a.worker:
         return
