@@ -607,7 +607,7 @@ def main() -> None:
     ap.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
     ap.add_argument("--budgets", default=None, help="percent, comma-separated (default 5,10,50; quick: 5)")
     ap.add_argument("--methods", default=None, help=f"default {','.join(METHODS)} (quick: random,grads,fisher)")
-    ap.add_argument("--views", default=None, help="epochs,steps (quick: epochs)")
+    ap.add_argument("--views", default=None, help="epochs,steps (quick: epochs); tokens with --token-budgets")
     ap.add_argument("--work", default="runs/evidence", help="working folder (kept: a rerun resumes)")
     ap.add_argument("--doc", default=None, help="folder for <label>.md and the plots (e.g. docs/evidence)")
     ap.add_argument("--label", default=None, help="the run's name in the doc (default: scale-date)")
@@ -620,9 +620,9 @@ def main() -> None:
                     help="docs: docstring/reference pairs; code: the library's functions and classes as "
                          "instruction -> code (work folder <scale>-code, or code at the code scale)")
     ap.add_argument("--token-budgets", default=None,
-                    help="comma-separated token counts (e.g. 34000,340000): a third view, tokens, in which every "
-                         "method trains on the same number of tokens (the epochs view's recipe), since selections "
-                         "of the same number of pairs can differ in length")
+                    help="comma-separated token counts (e.g. 34000,340000) for the view tokens (--views "
+                         "epochs,tokens): every method trains on the same number of tokens (the epochs view's recipe), "
+                         "since selections of the same number of pairs can differ in length")
     ap.add_argument("--ablation", action="store_true",
                     help="issue 22's ablation instead: GrADS's core and each addition alone at several warm-up lengths "
                          "(--budgets' first, default 5), and the main parts at the larger budgets in both views "
@@ -691,6 +691,16 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for view in views:
         runs = strategies
+        if view == "tokens":  # the epochs view's recipe, with budgets in tokens and no full-corpus run
+            if not token_strategies(a, methods):
+                raise SystemExit("--views tokens needs --token-budgets")
+            cfg = compare_config(work, data, base, scale, "epochs", token_strategies(a, methods), seeds, None,
+                                 use_gpu, folder="compare-tokens")
+            if view != views[0]:
+                share_upstream(work / f"compare-{views[0]}", work / "compare-tokens", seeds)
+            results[view] = collect(work / "compare-tokens", run_compare(cfg), noisy)
+            print(f"{view} view done ({(time.time() - t0) / 60:.1f} min)", flush=True)
+            continue
         if view != "epochs":
             # the same optimizer steps for every run: those of the smallest budget in the epochs view, whose
             # runs then serve both views unchanged (without the epochs view: the same count, computed)
@@ -707,12 +717,6 @@ def main() -> None:
         elif "epochs" in results:
             results[view] += [{**r, "reused": "epochs"} for r in results["epochs"] if r["budget"] == f"{smallest}%"]
         print(f"{view} view done ({(time.time() - t0) / 60:.1f} min)", flush=True)
-    if token_strategies(a, methods):
-        cfg = compare_config(work, data, base, scale, "epochs", token_strategies(a, methods), seeds, None, use_gpu,
-                             folder="compare-tokens")
-        share_upstream(work / f"compare-{views[0]}", work / "compare-tokens", seeds)
-        results["tokens"] = collect(work / "compare-tokens", run_compare(cfg), noisy)
-        print(f"tokens view done ({(time.time() - t0) / 60:.1f} min)", flush=True)
     ray.shutdown()
     if a.worker:
         return
