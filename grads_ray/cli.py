@@ -18,6 +18,7 @@ from pathlib import Path
 from grads_ray import storage
 from grads_ray.config import INPUT_PATH_LISTS, Config, ConfigError, load_config, path_settings
 from grads_ray.data.readers import InputError
+from grads_ray.gradients.rules import UnsupportedModel
 from grads_ray.stages import STAGES
 
 STAGE_COMMANDS = tuple(s.name for s in STAGES)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         runner = Runner(cfg, verbose=args.verbose)
         runner.run(end)
-    except (ConfigError, InputError) as exc:
+    except (ConfigError, InputError, UnsupportedModel) as exc:
         print(f"grads-ray: error: {exc}", file=sys.stderr)
         return 2
     except EmptyStage as exc:  # --allow-empty: what ran is summarised, nothing follows

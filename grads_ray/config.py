@@ -105,7 +105,11 @@ class ScoreConfig:
     cache_dir: str = ""  # scored shards by content hash, reused across corpus versions ("" = OUTPUT/score_cache)
     use_gpu: str = "auto"
     tokenize_batch_size: int = 256  # rows per tokenizing task for the training stages (scoring tokenizes whole units)
-    engine: str = "batched"  # batched (one pass per batch) | loop (one example at a time: any model)
+    # auto: the batched engine (one pass per batch) once its self-check on this model passes, else one
+    # example at a time | batched: the same, but a model it is not exact on stops the run (exit 2) |
+    # loop: one example at a time, no check (any model)
+    engine: str = "auto"
+    check_rows: int = 4  # corpus rows each scorer's self-check scores both ways before any other row
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float64
     extrema: bool = True  # grad_max / grad_min (exact; without them the ghost norm is used where cheaper)
     proj_dim: int = 512  # projected-gradient feature size (0: off)
@@ -503,8 +507,11 @@ def validate(cfg: Config) -> None:
         if not 0 < frac <= 1:
             raise ConfigError(f"{key} must be in (0, 1], got {frac}")
     sc = cfg.score
-    if sc.engine not in ("batched", "loop"):
-        raise ConfigError(f"score.engine must be batched or loop, got {sc.engine!r}")
+    if sc.engine not in ("auto", "batched", "loop"):
+        raise ConfigError(f"score.engine must be auto, batched or loop, got {sc.engine!r}")
+    if sc.check_rows < 2:
+        raise ConfigError(f"score.check_rows must be >= 2 (the self-check needs rows of different lengths), "
+                          f"got {sc.check_rows}")
     if sc.dtype not in ("auto", "float32", "bfloat16", "float64"):
         raise ConfigError(f"score.dtype must be auto, float32, bfloat16 or float64, got {sc.dtype!r}")
     for key in ("proj_dim", "fisher_dim", "fisher_rank"):

@@ -124,12 +124,11 @@ class Scorer:
 
     def __init__(self, model_path: str, use_gpu: bool = False, threads: int | None = None,
                  trust_remote_code: bool = False, settings: dict[str, Any] | None = None, batch_size: int = 16,
-                 hooks: dict[str, Any] | None = None):
+                 hooks: dict[str, Any] | None = None, check: list[tuple[list[int], list[int]]] | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from grads_ray.gradients.engine import BatchedGradStats
-        from grads_ray.gradients.stats import LoopGradStats
+        from grads_ray.gradients.selfcheck import ModelRefused, build_engine, synthetic_examples
         from grads_ray.storage import local_model
 
         settings = dict(settings or {})
@@ -147,9 +146,23 @@ class Scorer:
         self.node = node_id()
         self.hooks, self.calls = hooks or {}, 0
         self.model.eval()  # no dropout: the gradient of the loss as the model stands
-        engine = LoopGradStats if settings.pop("engine", "batched") == "loop" else BatchedGradStats
-        self.engine = engine(self.model, **settings)
         self.pad_id = self.model.config.pad_token_id or 0
+        if isinstance(self.pad_id, list):
+            self.pad_id = self.pad_id[0]
+        # The engine, decided on this model on this device before any corpus row (gradients/selfcheck.py):
+        # batched after its self-check on ``check`` (a few corpus rows), else the per-example loop
+        # (score.engine=auto) or a refusal handed to the driver with the first receipt (batched).
+        self.mode = settings.get("engine", "auto")
+        self.refusal = ""
+        vocab_size = self.model.get_input_embeddings().num_embeddings
+        examples = [(list(x), list(y)) for x, y in (check or [])] or synthetic_examples(vocab_size)
+        try:
+            self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id)
+        except ModelRefused as exc:
+            self.refusal = str(exc)
+            settings["engine"] = "loop"  # (shapes below only; nothing is scored)
+            self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id)
+            self.check.reason = self.refusal
         cfg = self.model.config
         vocab = self.model.get_input_embeddings().num_embeddings
         starts = [t[0] if isinstance(t, list) else t for t in (cfg.bos_token_id, cfg.eos_token_id, self.pad_id)]
@@ -172,7 +185,7 @@ class Scorer:
                 _test_hooks(self.hooks, self.calls, b)
             ids, lab, mask = pad_batch([batch["input_ids"][i] for i in rows], [batch["labels"][i] for i in rows],
                                        self.pad_id)
-            got = self.engine(ids.to(self.device), lab.to(self.device), mask.to(self.device))
+            got = self._score(ids.to(self.device), lab.to(self.device), mask.to(self.device))
             for c, values in got.columns.items():
                 columns.setdefault(c, np.full(n, math.nan))[rows] = values
             if self.response_only_loss:  # IFD's denominator: the response without its prompt
@@ -192,6 +205,29 @@ class Scorer:
             out[c] = columns.get(c, np.full(n, math.nan))
         out.update({k: (v[:, 0] if k == "fisher_energy" else v) for k, v in feats.items()})
         return out
+
+    def _score(self, ids, lab, mask):
+        """One engine batch. A batch the batched engine cannot place (a layout its self-check did not
+        meet) is scored one example at a time, and so is every batch after it (``auto``); under
+        ``batched`` it is a refusal."""
+        from grads_ray.gradients.rules import UnsupportedModel
+        from grads_ray.gradients.selfcheck import ModelRefused
+        from grads_ray.gradients.stats import LoopGradStats
+
+        try:
+            return self.engine(ids, lab, mask)
+        except UnsupportedModel as exc:
+            if self.mode == "batched":
+                raise ModelRefused(f"score.engine=batched: {exc}") from None
+            log.warning("[grads-ray] score: %s; scoring one example at a time from here on (score.engine=auto)", exc)
+            engine = self.engine
+            self.engine = LoopGradStats(self.model, proj_dim=engine.projector.dim if engine.projector else 0,
+                                        proj_rank=engine.projector.rank if engine.projector else 8,
+                                        seed=engine.projector.seed if engine.projector else 0,
+                                        fisher_dim=engine.fisher_proj.shape[0] if engine.fisher_rank else 0,
+                                        fisher_rank=engine.fisher_rank)
+            self.check.engine, self.check.reason = "loop", f"{self.check.reason}; then on a corpus batch: {exc}"
+            return self.engine(ids, lab, mask)
 
     def batches(self, batch: dict[str, np.ndarray]) -> list[list[int]]:
         """Row positions of each engine batch: per (shard, unit), the rows to score sorted by
@@ -228,8 +264,14 @@ def score_examples(model_path: str, examples: list[tuple[list[int], list[int]]],
                    batch_size: int, use_gpu: bool = False, trust_remote_code: bool = False) -> dict[str, np.ndarray]:
     """Score a small, already tokenized set in one process with the corpus's scorer (same model,
     engine, projection and seeds): LESS's target set. -> {``loss`` (M,), ``grad_proj`` (M, k)}."""
+    from grads_ray.gradients.selfcheck import pick_rows
+
     scorer = Scorer(model_path, use_gpu=use_gpu, trust_remote_code=trust_remote_code, settings=settings,
-                    batch_size=batch_size)
+                    batch_size=batch_size, check=pick_rows(examples))
+    if scorer.refusal:
+        from grads_ray.gradients.selfcheck import ModelRefused
+
+        raise ModelRefused(scorer.refusal)
     m = len(examples)
     batch = {"id": np.array([str(i) for i in range(m)], dtype=object), "shard": np.zeros(m, np.int64),
              "source": np.array(["target"] * m, dtype=object), "line": np.arange(m), "pos": np.arange(m),
@@ -352,13 +394,26 @@ class UnitScorer:
         self.scorer = Scorer(**scorer_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = []
+        from grads_ray.gradients.selfcheck import ModelRefused
+
+        rows, error = [], self.scorer.refusal
         for shard, start, data in zip(batch["shard"], batch["start"], batch["unit"], strict=True):
-            out = self.scorer(unpack_unit(data, int(shard)))
+            if error:  # nothing is written: the driver stops the run with this message
+                rows.append(0)
+                continue
+            try:
+                out = self.scorer(unpack_unit(data, int(shard)))
+            except ModelRefused as exc:
+                error = str(exc)
+                rows.append(0)
+                continue
             write_parquet(unit_file(self.units, int(shard), int(start)), scored_table(out, self.scorer.shapes))
             rows.append(len(out["id"]))
+        n = len(rows)
         return {"shard": np.asarray(batch["shard"], np.int64), "start": np.asarray(batch["start"], np.int64),
-                "rows": np.asarray(rows, np.int64), "node": np.full(len(rows), self.scorer.node, dtype=object)}
+                "rows": np.asarray(rows, np.int64), "node": np.full(n, self.scorer.node, dtype=object),
+                "error": np.full(n, error, dtype=object),
+                "check": np.full(n, json.dumps(self.scorer.check.to_dict()), dtype=object)}
 
 
 def finish_shard(shard: int, stats: StageDir, features: StageDir) -> dict[str, Any]:
@@ -420,8 +475,8 @@ def rows_written(stats: StageDir, expected: dict[int, int], unit_rows: int) -> i
 def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, *,
                 model_path: str, max_length: int, on_long: str, batch_size: int, num_actors: int,
                 use_gpu: bool, cpus: float, trust_remote_code: bool = False,
-                settings: dict[str, Any] | None = None, progress=None, max_restarts: int = 3
-                ) -> dict[str, Any]:
+                settings: dict[str, Any] | None = None, progress=None, max_restarts: int = 3,
+                check: list[tuple[list[int], list[int]]] | None = None) -> dict[str, Any]:
     """Score every row of the shards in ``expected`` (shard -> row count) not yet marked done, unit
     by unit; ``progress(rows)`` as units are written. ``cpus``: the cluster's, shared among CPU
     scorers (one each left for tokenizing). -> ``shards`` (the ledger entries of the shards finished
@@ -442,7 +497,7 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     t0 = time.time()
     kw = {"model_path": model_path, "max_length": max_length, "on_long": on_long, "batch_size": batch_size,
           "num_actors": num_actors, "use_gpu": use_gpu, "cpus": cpus, "trust_remote_code": trust_remote_code,
-          "settings": settings}
+          "settings": settings, "check": check}
     fruitless = 0  # passes that died without writing a unit
     while pending := {s: expected[s] for s in sorted(expected) if not stats.is_done(s)}:
         before = result["units_scored"]
@@ -457,6 +512,39 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
                         "most %d)", type(exc).__name__, sum(not stats.is_done(s) for s in pending), fruitless,
                         max_restarts)
     return result
+
+
+def note_check(result: dict[str, Any], receipt: dict[str, Any]) -> None:
+    """Each scorer's self-check (gradients/selfcheck.py), once per node and verdict, into
+    ``result["checks"]``; a scorer that scores one example at a time though the configuration let it
+    batch (``auto``) is logged by the driver too."""
+    check = {"node": str(receipt["node"]), **json.loads(receipt["check"])}
+    checks = result.setdefault("checks", [])
+    if any((c["node"], c["engine"], c["reason"]) == (check["node"], check["engine"], check["reason"]) for c in checks):
+        return
+    checks.append(check)
+    if check["engine"] == "loop" and check["reason"] != "score.engine=loop":
+        log.warning("[grads-ray] score: %s; this scorer scores one example at a time (score.engine=auto)",
+                    check["reason"])
+
+
+def check_examples(rows: StageDir, expected: dict[int, int], *, model_path: str, max_length: int, on_long: str,
+                   trust_remote_code: bool = False, n: int = 4, head: int = 64) -> list[tuple[list[int], list[int]]]:
+    """The rows every scorer's self-check scores (gradients/selfcheck.py): up to ``n`` of different
+    lengths among the first ``head`` rows of the first shard that has any, tokenized as the job
+    tokenizes them (in the driver, before Ray Data starts). Empty when no row tokenizes (the scorers
+    then check on random tokens)."""
+    from grads_ray.gradients.selfcheck import pick_rows
+
+    shard = next((s for s in sorted(expected) if expected[s] > 0), None)
+    if shard is None:
+        return []
+    t = read_slice(str(rows.part(shard)), 0, head)
+    cols = {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
+    got = tokenize_batch(cols, model_path, max_length, on_long, trust_remote_code)
+    pairs = [(x.tolist(), y.tolist()) for x, y, r in zip(got["input_ids"], got["labels"], got["reason"], strict=True)
+             if not r]
+    return pick_rows(pairs, n)
 
 
 def scorer_died(exc: BaseException) -> bool:
@@ -479,7 +567,7 @@ def scorer_died(exc: BaseException) -> bool:
 def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, progress,
                 result: dict[str, Any], t0: float, *, unit_rows: int, model_path: str, max_length: int, on_long: str,
                 batch_size: int, num_actors: int, use_gpu: bool, cpus: float, trust_remote_code: bool,
-                settings: dict[str, Any] | None) -> None:
+                settings: dict[str, Any] | None, check: list | None = None) -> None:
     """One Ray Data pass over the unwritten units of ``expected``'s shards (none done). A shard whose
     units are all written is merged by a Ray task (:func:`finish_shard`, :data:`FINISH_IN_FLIGHT` at
     a time) while scoring goes on; the pass returns only once every shard it finished is merged,
@@ -499,7 +587,12 @@ def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
         for receipt in _stream_receipts(items, rows, expected, units, unit_rows=unit_rows, model_path=model_path,
                                         max_length=max_length, on_long=on_long, batch_size=batch_size,
                                         num_actors=num_actors, use_gpu=use_gpu, cpus=cpus,
-                                        trust_remote_code=trust_remote_code, settings=settings):
+                                        trust_remote_code=trust_remote_code, settings=settings, check=check):
+            if receipt["error"]:  # a scorer refused the model (score.engine=batched): one line, exit 2
+                from grads_ray.gradients.selfcheck import ModelRefused
+
+                raise ModelRefused(str(receipt["error"]))
+            note_check(result, receipt)
             s = int(receipt["shard"])
             left[s] -= 1
             result["units_scored"] += 1
@@ -562,7 +655,7 @@ class _Finisher:
 def _stream_receipts(items: list[dict[str, int]], rows: StageDir, expected: dict[int, int], units, *,
                      unit_rows: int, model_path: str, max_length: int, on_long: str, batch_size: int,
                      num_actors: int, use_gpu: bool, cpus: float, trust_remote_code: bool,
-                     settings: dict[str, Any] | None):
+                     settings: dict[str, Any] | None, check: list | None = None):
     """The Ray Data pipeline over ``items`` (units): read and tokenize in CPU tasks, score and write
     in the actor pool. Yields a receipt (``shard, start, rows, node``) per unit written."""
     import ray
@@ -588,14 +681,15 @@ def _stream_receipts(items: list[dict[str, int]], rows: StageDir, expected: dict
             num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1), max_restarts=0,
             fn_constructor_kwargs={"units": str(units), "model_path": model_path, "use_gpu": use_gpu,
                                    "threads": threads, "trust_remote_code": trust_remote_code,
-                                   "settings": settings, "batch_size": batch_size, "hooks": hooks},
+                                   "settings": settings, "batch_size": batch_size, "hooks": hooks,
+                                   "check": check},
         )
     # Receipts in any order: a slow unit must not hold back those of the units behind it (the job
     # keeps order elsewhere, for training's sake: grads_ray/resources.py).
     ds.context.execution_options.preserve_order = False
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["shard"])):
-            yield {k: batch[k][i] for k in ("shard", "start", "rows", "node")}
+            yield {k: batch[k][i] for k in ("shard", "start", "rows", "node", "error", "check")}
 
 
 def _empty_scored() -> pa.Table:

@@ -41,13 +41,18 @@ def pad(examples, side: str, pad_id: int = 0, extra: int = 3):
 
 def reference(model64, ids: list[int], labels: list[int]) -> dict:
     """One unpadded example in float64 -> {stat columns (overall and ``<group>.<stat>``), ``loss``,
-    ``grads`` (name -> whole gradient), ``hidden`` (all last hidden states (T, d))}."""
+    ``grads`` (name -> whole gradient), ``hidden`` (the LM head's input (T, d))}."""
     params = [(n, p) for n, p in model64.named_parameters() if p.requires_grad]
-    out = model64(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    seen = []  # the LM head's input: the last hidden state, whatever the model's hidden_states tuple holds
+    handle = model64.get_output_embeddings().register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    try:
+        out = model64(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
     logits = out.logits[0, :-1]
     target = torch.tensor(labels[1:])
     loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
-    grads = torch.autograd.grad(loss, [p for _, p in params])
+    grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True, materialize_grads=True)
     row: dict = {"loss": loss.item(), "grads": {n: g for (n, _), g in zip(params, grads, strict=True)}}
     groups: dict[str, list[torch.Tensor]] = {}
     for (name, _), g in zip(params, grads, strict=True):
@@ -58,7 +63,7 @@ def reference(model64, ids: list[int], labels: list[int]) -> dict:
                 "grad_max": flat.max(), "grad_min": flat.min()}
         row.update({prefix + k: v.item() for k, v in vals.items()})
         row[prefix + "n"] = flat.numel()
-    row["hidden"] = out.hidden_states[-1][0].detach()
+    row["hidden"] = seen[-1].reshape(len(ids), -1).detach()
     return row
 
 

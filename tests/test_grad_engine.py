@@ -133,11 +133,38 @@ def test_partly_frozen_model_and_state_restored(tmp_path):
     np.testing.assert_array_equal(again.grad_proj, out.grad_proj)
 
 
-def test_unsupported_module_is_refused_by_name(tmp_path):
+def test_unsupported_module_is_refused_by_name(tmp_path, monkeypatch):
+    """A parameter no specific rule covers and too big to replay is refused by name, with the key that
+    scores it anyway."""
+    from grads_ray.gradients import rules
+
     model = save_tiny_model("llama", tmp_path / "m")
     model.model.layers[0].self_attn.register_parameter("gate", torch.nn.Parameter(torch.ones(3)))
-    with pytest.raises(UnsupportedModel, match=r"layers\.0\.self_attn\.gate.*scoring\.engine=loop"):
+    monkeypatch.setattr(rules, "REPLAY_MAX", 2)
+    with pytest.raises(UnsupportedModel, match=r"layers\.0\.self_attn\.gate \(LlamaAttention, 3 entries\).*"
+                                               r"score\.engine=loop \(or auto\)"):
         BatchedGradStats(model)
+
+
+def test_unused_and_replayed_parameters(tmp_path):
+    """A parameter the forward never uses has a zero gradient, in the engine as in autograd; a small
+    parameter of a module with no specific rule (here a per-head gate on attention's output) goes
+    through the replay rule, exactly."""
+    model64 = save_tiny_model("llama", tmp_path / "m").double()
+    attn = model64.model.layers[1].self_attn
+    attn.register_parameter("unused", torch.nn.Parameter(torch.ones(5, dtype=torch.float64)))
+    attn.register_parameter("head_gate", torch.nn.Parameter(torch.linspace(0.5, 1.5, 16, dtype=torch.float64)))
+    real = type(attn).forward
+
+    def gated(self, *args, **kwargs):
+        out, weights = real(self, *args, **kwargs)
+        return out * self.head_gate, weights
+
+    attn.forward = gated.__get__(attn)
+    engine = BatchedGradStats(model64, proj_dim=24, proj_rank=4, fisher_dim=0)
+    rules = {e.name: e.rule for use in engine.uses for e in use.entries}
+    assert rules["model.layers.1.self_attn.head_gate"] == "replay"
+    check_against_reference(engine, model64, random_examples(4, seed=3, vocab=VOCAB), "right", 1e-5)
 
 
 # -- the pure functions --------------------------------------------------------------------------
@@ -233,10 +260,10 @@ class _GemmaStyleRMSNorm(torch.nn.Module):
 def test_norm_jacobian_closed_form_or_forward_ad(module, closed):
     """Per-example Σ_t δ_t ⊙ ∂y_t/∂w equals each example's autograd weight gradient, whichever way
     the engine found ∂y/∂w (closed form only where it checked out against forward-mode AD)."""
-    from grads_ray.gradients.engine import _elementwise_jacobian, norm_jacobian
+    from grads_ray.gradients.rules import elementwise_jacobian, norm_jacobian
 
     fn = norm_jacobian(module, "weight")
-    assert (fn is not _elementwise_jacobian) == closed
+    assert (fn is not elementwise_jacobian) == closed
     g = torch.Generator().manual_seed(1)
     x = torch.randn((3, 5, 6), generator=g, dtype=torch.float64)
     delta = torch.randn((3, 5, 6), generator=g, dtype=torch.float64)

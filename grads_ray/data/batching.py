@@ -21,3 +21,13 @@ def pad_batch(input_ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int
         lab[i, : len(y)] = torch.as_tensor(np.asarray(y, dtype=np.int64))
         mask[i, : len(x)] = 1
     return ids, lab, mask
+
+
+def left_padded_positions(attention_mask):
+    """Position ids counted from each row's first real token, (B, T), when some row is left-padded;
+    None when every row starts at position 0 (right padding, as the job pads): the model's own
+    default positions then apply, which for most models are 0..T-1 and for some are not (RoBERTa
+    starts after its padding index), exactly as when the row is run alone."""
+    if not bool((attention_mask[:, 0] == 0).any()):
+        return None
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)

@@ -63,10 +63,13 @@ def response_only(input_ids: list[np.ndarray], labels: list[np.ndarray], start_i
 @torch.no_grad()
 def mean_token_losses(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                       attention_mask: torch.Tensor) -> np.ndarray:
-    """Each example's mean next-token loss over its labelled tokens (right padding; position ids
-    from the mask). (B, T) x3 -> (B,) float64; NaN where an example has no labelled token."""
-    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    """Each example's mean next-token loss over its labelled tokens (position ids from the mask
+    where a row is left-padded). (B, T) x3 -> (B,) float64; NaN where an example has no labelled token."""
+    from grads_ray.data.batching import left_padded_positions
+
+    positions = left_padded_positions(attention_mask)
+    extra = {} if positions is None else {"position_ids": positions}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
     target = labels[:, 1:]
     tok = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp(min=0),
                                             reduction="none")  # (B, T-1)

@@ -2,7 +2,7 @@
 
 Two stages, both linear, so the projection of g_i is one fixed matrix M (dim × P) applied to it:
 1. per parameter, a Gaussian sketch small enough to apply inside its layer: a matrix parameter
-   (rows × cols) gets the Kronecker form P_r G P_cᵀ with P_r (k_r × rows), P_c (k_c × cols),
+   (rows × cols; a stack of E matrices, as a MoE layer's experts, counts as one (E·rows) × cols) gets the Kronecker form P_r G P_cᵀ with P_r (k_r × rows), P_c (k_c × cols),
    k = min(size, ``rank``) (LoGra, arXiv 2405.13954: never forms G); a vector parameter (n,) gets a
    dense P_v (min(n, rank²) × n). Entries N(0, 1/k) so E‖sketch‖² = ‖g‖².
 2. the per-parameter sketches, side by side (``inner`` numbers), go through a count sketch to
@@ -41,6 +41,8 @@ class Projector:
         self.offsets: dict[str, slice] = {}
         start = 0
         for name, shape in shapes.items():
+            if len(shape) > 2:  # stacked matrices (a MoE layer's experts): one (E·R) × C matrix
+                shape = (_prod(shape[:-1]), shape[-1])
             if len(shape) == 2:
                 kr, kc = min(shape[0], rank), min(shape[1], rank)
                 self.blocks[name] = (_gaussian((kr, shape[0]), seed, name + ":rows", kr),
@@ -74,12 +76,28 @@ class Projector:
         out = torch.zeros((inner.shape[0], self.dim), dtype=inner.dtype, device=inner.device)
         return out.index_add_(1, bucket, inner * sign)
 
+    def project_param(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        """One parameter's whole gradient of one example -> its stage-1 sketch (its ``offsets`` slice of
+        ``inner``), float64, on g's device."""
+        blocks = self.on(g.device, torch.float64)[0][name]
+        g = g.to(torch.float64)
+        g = g.reshape(-1, g.shape[-1]) if g.dim() > 2 else g
+        return (blocks[0] @ g @ blocks[1].T if len(blocks) == 2 else blocks[0] @ g).reshape(-1)
+
     def project_full(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference form: whole per-parameter gradients of one example -> (dim,) float64.
         The engine must agree with this without ever forming the gradients."""
         inner = torch.zeros(self.inner, dtype=torch.float64)
         for name, block in self.blocks.items():
             g = grads[name].to(torch.float64)
+            g = g.reshape(-1, g.shape[-1]) if g.dim() > 2 else g
             part = block[0] @ g @ block[1].T if len(block) == 2 else block[0] @ g
             inner[self.offsets[name]] = part.reshape(-1)
         return self.sketch(inner[None])[0]
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out

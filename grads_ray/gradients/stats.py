@@ -73,15 +73,27 @@ def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of (1, T) ids -> (logits (1, T, V), the LM head's input (1, T, d)): the hidden state
+    the batched engine keeps too, whatever the model's ``hidden_states`` tuple holds."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    try:
+        logits = model(input_ids=input_ids).logits
+    finally:
+        handle.remove()
+    return logits, seen[-1].reshape(input_ids.shape[0], input_ids.shape[1], -1)
+
+
 def example_stats(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                   params: list[tuple[str, torch.nn.Parameter]] | None = None,
                   ) -> tuple[dict[str, float], torch.Tensor, dict[str, torch.Tensor]]:
     """One example (unpadded) -> (stats dict (overall and ``<group>.<stat>``), its last hidden states
     (T, d), its whole gradient per parameter name). input_ids, labels (T,)."""
     params = params if params is not None else trainable(model)
-    out = model(input_ids=input_ids[None], output_hidden_states=True)
-    loss = response_loss(out.logits[0], labels)
-    grads = torch.autograd.grad(loss, [p for _, p in params])
+    logits, hidden = forward_hidden(model, input_ids[None])
+    loss = response_loss(logits[0], labels)
+    grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True, materialize_grads=True)
     total, groups = _Acc(), {}
     for (name, _), g in zip(params, grads, strict=True):
         acc = groups.setdefault(group_of(name), _Acc())
@@ -93,7 +105,7 @@ def example_stats(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch
     for group, acc in groups.items():
         for stat, value in acc.finish().items():
             row[f"{group}.{stat}"] = value
-    return row, out.hidden_states[-1][0].detach(), {n: g for (n, _), g in zip(params, grads, strict=True)}
+    return row, hidden[0].detach(), {n: g for (n, _), g in zip(params, grads, strict=True)}
 
 
 class LoopGradStats:
@@ -138,4 +150,4 @@ class LoopGradStats:
         return out
 
 
-__all__ = ["GRAD_STATS", "LoopGradStats", "example_stats", "response_loss", "trainable"]
+__all__ = ["GRAD_STATS", "LoopGradStats", "example_stats", "forward_hidden", "response_loss", "trainable"]

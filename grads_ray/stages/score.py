@@ -84,7 +84,13 @@ class Score(Stage):
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.progress import Progress
-        from grads_ray.scoring import ROWS_PER_BLOCK_BATCHES, engine_settings, rows_written, run_scoring
+        from grads_ray.scoring import (
+            ROWS_PER_BLOCK_BATCHES,
+            check_examples,
+            engine_settings,
+            rows_written,
+            run_scoring,
+        )
 
         cfg, corpus, res = ctx.cfg, ctx.need("ingest").value, ctx.ray()
         stats, features = out["stats"], out["features"]
@@ -101,11 +107,16 @@ class Score(Stage):
                        + rows_written(stats, expected, unit_rows))
         t0 = time.time()
         use_gpu = res.gpu(cfg.score.use_gpu)
+        todo = {s: n for s, n in expected.items() if not stats.is_done(s)}
+        check = check_examples(corpus.rows, todo, model_path=model.path, max_length=cfg.data.max_length,
+                               on_long=cfg.data.on_long, trust_remote_code=cfg.model.trust_remote_code,
+                               n=cfg.score.check_rows) if todo else []
         ran = run_scoring(
             corpus.rows, expected, stats, features, model_path=model.path, max_length=cfg.data.max_length,
             on_long=cfg.data.on_long, batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors,
             use_gpu=use_gpu, cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
-            settings=engine_settings(cfg.score, cfg.seed), progress=bar.update, max_restarts=cfg.score.max_restarts)
+            settings=engine_settings(cfg.score, cfg.seed), progress=bar.update, max_restarts=cfg.score.max_restarts,
+            check=check)
         bar.close()
         for i, key in keys.items():  # every shard of this run, for the next corpus version
             if cache.get(key) is None:
@@ -118,7 +129,8 @@ class Score(Stage):
                 "model": model.path, "shards_this_run": len(ran["shards"]), "shards_reused": reused,
                 "units_scored": ran["units_scored"], "units_resumed": ran["units_resumed"], "unit_rows": unit_rows,
                 "first_unit_seconds": ran["first_unit_seconds"],
-                "engine": cfg.score.engine, "device": "gpu" if use_gpu else "cpu",
+                "engine": cfg.score.engine, "engine_used": sorted({c["engine"] for c in ran.get("checks", [])}),
+                "self_check": ran.get("checks", []), "device": "gpu" if use_gpu else "cpu",
                 "examples_per_s": round(ran["rows_scored"] / max(time.time() - t0, 1e-9), 2)}
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]) -> ModelRef:

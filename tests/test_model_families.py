@@ -1,0 +1,138 @@
+"""The batched engine on every model family of tests/families.py: exact against the float64
+one-example-at-a-time reference (every statistic, overall and per group, the projection, the hidden
+features), with masked prompts, odd lengths, padding on either side; the self-check passes on each in
+float32; and a rule perturbed by 1% is caught by the self-check on each, which then falls back to the
+loop (``auto``) or refuses (``batched``)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from grads_ray.gradients.engine import BatchedGradStats
+from grads_ray.gradients.selfcheck import ModelRefused, build_engine, run_check, synthetic_examples
+from grads_ray.gradients.stats import LoopGradStats
+from tests.families import FAMILIES, MOE, VOCAB, build_family, eager_experts
+from tests.reference import check_against_reference, random_examples
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+_BUILT: dict[str, torch.nn.Module] = {}
+
+
+def _model(family: str, root):
+    """The family's tiny model, built and loaded from its folder once per test session."""
+    if family not in _BUILT:
+        _BUILT[family] = build_family(family, root / family)
+    return copy.deepcopy(_BUILT[family])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_exact_against_float64_reference(family, family_dir):
+    model64 = eager_experts(_model(family, family_dir)).double()
+    engine = BatchedGradStats(model64, proj_dim=40, proj_rank=4, seed=2, fisher_dim=8, fisher_rank=2)
+    side = "left" if family in ("llama", "qwen3", "gemma3_text", "mixtral", "gpt2") else "right"
+    examples = random_examples(4, seed=sum(map(ord, family)), vocab=VOCAB - 7, lo=4, hi=21)
+    out = check_against_reference(engine, model64, examples, side, 1e-5)
+    assert np.isfinite(out.grad_proj).all()
+    if family in MOE:
+        assert "experts" in {e.rule for use in engine.uses for e in use.entries}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_self_check_passes_in_float32(family, family_dir):
+    model = _model(family, family_dir)
+    engine, result = build_engine(model, {"engine": "batched", "proj_dim": 32, "proj_rank": 4, "fisher_dim": 0},
+                                  synthetic_examples(VOCAB, n=4, seed=1), pad_id=0)
+    assert isinstance(engine, BatchedGradStats), result.reason
+    assert result.passed, result.reason
+    # what is written (loss, every statistic, the features) within 1e-5; a parameter's own moments are
+    # rounding noise where its exact gradient is zero (a key bias under softmax), floored, <= 2e-3
+    assert max(v for k, v in result.errors.items() if k != "parameters") <= 1e-5, result.errors
+    assert result.rows == 4 and len(set(result.tokens)) == 4
+
+
+def _rule_kinds(engine: BatchedGradStats) -> dict[str, str]:
+    """rule -> the first parameter it covers."""
+    kinds: dict[str, str] = {}
+    for use in engine.uses:
+        for e in use.entries:
+            kinds.setdefault(e.rule, e.name)
+    return kinds
+
+
+def _perturb(monkeypatch, name: str, factor: float = 1.01) -> None:
+    """Every term of one parameter scaled by ``factor``: that rule, wrong by 1%."""
+    from grads_ray.gradients import factored
+
+    real = BatchedGradStats._add
+
+    def scaled(term):
+        if isinstance(term, torch.Tensor):
+            return term * factor
+        if isinstance(term, factored.Dense):
+            return factored.Dense(term.left * factor, term.right)
+        if isinstance(term, factored.Rows):
+            return factored.Rows(term.index, term.right * factor)
+        return factored.Slice(term.index, factored.Dense(term.term.left * factor, term.term.right))
+
+    monkeypatch.setattr(BatchedGradStats, "_add",
+                        lambda self, state, n, term: real(self, state, n, scaled(term) if n == name else term))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_rule_off_by_one_percent_is_caught(family, family_dir, monkeypatch):
+    """Each rule the family uses, perturbed in turn: the check names that parameter, ``auto`` falls back
+    to the per-example loop and ``batched`` refuses; nothing is scored by the broken engine."""
+    model = _model(family, family_dir)
+    examples = synthetic_examples(VOCAB, n=3, seed=2)
+    settings = {"proj_dim": 0, "fisher_dim": 0}
+    kinds = _rule_kinds(BatchedGradStats(model, **settings))
+    assert {"linear", "embedding"} <= set(kinds) or family == "gpt2"
+    for rule, name in kinds.items():
+        with monkeypatch.context() as m:
+            _perturb(m, name)
+            result = run_check(BatchedGradStats(model, **settings), model, examples, pad_id=0)
+            assert not result.passed and result.engine == "loop", (rule, name, result.max_rel_error)
+            assert result.failures and result.failures[0].startswith(f"{name}: batched grad differs"), result.failures
+            engine, got = build_engine(model, {"engine": "auto", **settings}, examples, pad_id=0)
+            assert isinstance(engine, LoopGradStats) and got.engine == "loop" and name in got.reason
+            with pytest.raises(ModelRefused, match=rf"score\.engine=batched: .*{name}: batched grad differs"):
+                build_engine(model, {"engine": "batched", **settings}, examples, pad_id=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mixtral"])
+def test_bfloat16_model_checked_in_its_dtype_and_in_float32(family, family_dir):
+    """A bfloat16 model: the check runs in bfloat16 (within its rounding) and again with the parameters
+    cast to float32 and back, exactly: the model is bit-identical afterwards."""
+    model = _model(family, family_dir).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine, result = build_engine(model, {"engine": "batched", "proj_dim": 16, "fisher_dim": 0},
+                                  synthetic_examples(VOCAB, n=3), pad_id=0)
+    assert result.passed and result.dtype == "bfloat16" and result.float32["passed"], result
+    assert result.max_rel_error < 0.1 and result.float32["max_rel_error"] < 1e-4
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_loop_engine_covers_what_the_batched_engine_refuses(family_dir):
+    """A model with no batched rule for one parameter: ``auto`` scores it with the loop and says why."""
+    from grads_ray.gradients import rules
+
+    model = _model("llama", family_dir)
+    model.model.layers[0].mlp.register_parameter("scale", torch.nn.Parameter(torch.ones(40)))
+    old = rules.REPLAY_MAX
+    rules.REPLAY_MAX = 8
+    try:
+        engine, result = build_engine(copy.deepcopy(model), {"engine": "auto", "proj_dim": 0, "fisher_dim": 0},
+                                      synthetic_examples(VOCAB, n=2), pad_id=0)
+    finally:
+        rules.REPLAY_MAX = old
+    assert isinstance(engine, LoopGradStats) and result.passed is None
+    assert "model.layers.0.mlp.scale (LlamaMLP, 40 entries)" in result.reason
