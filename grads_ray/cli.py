@@ -4,6 +4,7 @@
     grads-ray demo [--output DIR] [key.sub=value ...]
     grads-ray compare CONFIG.yaml [key.sub=value ...]   (strategies x seeds -> report.md, comparison.json)
     grads-ray STAGE [--config CONFIG.yaml] [--model DIR] [--data PATH ...] [--output DIR] [key=value ...]
+    grads-ray check-model --model DIR [--data PATH] [score.dtype=...] [--json]   (which score engine it gets)
 STAGE is any stage of the job (listed below, in the job's order): it runs with every stage it needs.
 """
 
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(compare)
     demo = sub.add_parser("demo", help="build the offline demo corpus and model, then run every stage")
     _common(demo)
+    check = sub.add_parser("check-model", help="which score engine a model folder gets (the batched engine's "
+                           "self-check, without scoring a corpus); exit 2 where score.engine=batched refuses it")
+    check.add_argument("--config", help="YAML config (score.*, model.* keys)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    _common(check)
     for stage in STAGES:
         p = sub.add_parser(stage.name, help=f"{stage.about} (and the stages it needs)")
         p.add_argument("--config", help="YAML config (defaults for any key not given)")
@@ -161,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("grads_ray").setLevel(logging.INFO)  # stage progress always; Ray's logs with -v
     runner = None
+    if args.command == "check-model":
+        return _check_model(args)
     try:
         cfg = resolve(args)
         end = args.command if args.command in STAGE_COMMANDS else None  # None: the whole job
@@ -187,6 +195,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(summary(runner))
     return 0
+
+
+def _check_model(args: argparse.Namespace) -> int:
+    from grads_ray.check_model import check_model, render, to_json
+
+    try:
+        cfg = load_config(args.config, _overrides(args))
+        if not cfg.model.path or not (storage.location(cfg.model.path) / "config.json").is_file():
+            raise ConfigError(f"check-model needs --model DIR, a Hugging Face model folder (got {cfg.model.path!r})")
+        report, code = check_model(cfg, list(args.data or []))
+    except (ConfigError, InputError, UnsupportedModel) as exc:
+        print(f"grads-ray: error: {exc}", file=sys.stderr)
+        return 2
+    print(to_json(report) if args.json else render(report))
+    if code:
+        print(f"grads-ray: error: {report['refused']}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -156,6 +156,8 @@ class Scorer:
         self.refusal = ""
         vocab_size = self.model.get_input_embeddings().num_embeddings
         examples = [(list(x), list(y)) for x, y in (check or [])] or synthetic_examples(vocab_size)
+        if self.hooks.get("perturb"):
+            _perturb_rule(self.hooks["perturb"], self.hooks.get("factor", 1.3))
         try:
             self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id)
         except ModelRefused as exc:
@@ -246,10 +248,35 @@ class Scorer:
 TEST_HOOKS_ENV = "GRADS_RAY_TEST_SCORER_HOOKS"
 
 
+def _perturb_rule(name: str, factor: float) -> None:
+    """For the tests (hook ``perturb``): the batched engine's terms of parameter ``name`` scaled by
+    ``factor`` in this process, a rule made wrong on purpose for the self-check to find."""
+    import torch
+
+    from grads_ray.gradients import factored
+    from grads_ray.gradients.engine import BatchedGradStats
+
+    real = BatchedGradStats._add
+
+    def add(self, state, n, term):
+        if n == name:
+            if isinstance(term, torch.Tensor):
+                term = term * factor
+            elif isinstance(term, factored.Dense):
+                term = factored.Dense(term.left * factor, term.right)
+            elif isinstance(term, factored.Rows):
+                term = factored.Rows(term.index, term.right * factor)
+        return real(self, state, n, term)
+
+    BatchedGradStats._add = add
+
+
 def _test_hooks(hooks: dict[str, Any], call: int, batch: int) -> None:
     """Faults on demand, for the tests (JSON in ``GRADS_RAY_TEST_SCORER_HOOKS``, read by the driver):
     ``sleep`` seconds before each engine batch; ``crash_once`` (a flag file) with ``crash_at_call``:
-    the actor process kills itself (SIGKILL) half-way through that block, once per flag file."""
+    the actor process kills itself (SIGKILL) half-way through that block, once per flag file;
+    ``perturb`` (a parameter name) with ``factor``: the batched engine's rule for it made wrong
+    (:func:`_perturb_rule`), before the scorer's self-check."""
     import signal
     import time
 
