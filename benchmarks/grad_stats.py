@@ -17,6 +17,7 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
 
     python benchmarks/grad_stats.py --quick                      # a few CPU minutes
     python benchmarks/grad_stats.py --model qwen0.5b --batches 1,4,16,64 --lengths 512   # on a GPU
+    python benchmarks/grad_stats.py --quick --model moe-small        # the MoE rules beside "small" (Llama)
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -41,15 +42,31 @@ MODELS = {  # randomly initialised from configs: nothing is downloaded
     # the shapes of Qwen2.5-0.5B (tied embedding, grouped-query attention, q/k/v biases)
     "qwen0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                      num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    # "small" with Qwen3's per-head q/k norms: the norm rule on (B, T, heads, head_dim), beside Llama's
+    "qwen3-small": dict(arch="qwen3", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4, head_dim=64, vocab_size=8192),
+    # the shapes of Qwen3-0.6B (tied embedding, GQA 16/8, head_dim 128, q/k norms)
+    "qwen3-0.6b": dict(arch="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       tie_word_embeddings=True),
+    # a mixture of experts at "small"'s width: Qwen3-MoE, 16 experts, 4 per token (the experts and router rules)
+    "moe-small": dict(arch="qwen3_moe", hidden_size=256, moe_intermediate_size=176, intermediate_size=688,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
+                      num_experts=16, num_experts_per_tok=4, vocab_size=8192),
+    # Qwen3-30B-A3B's layer shape (128 experts, 8 per token, 768 wide, hidden 2048), 8 layers instead of 48
+    "qwen3moe-a3b-8l": dict(arch="qwen3_moe", hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
+                            num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                            num_experts=128, num_experts_per_tok=8, vocab_size=151936),
 }
 IGNORE_INDEX = -100
 
 
 def build_model(name: str, dtype: torch.dtype, device: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     spec = dict(MODELS[name])
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
+    cls = CONFIG_MAPPING[spec.pop("arch")]
     torch.manual_seed(0)
     cfg = cls(max_position_embeddings=4096, **spec)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
@@ -223,6 +240,9 @@ def main() -> None:
     model = build_model(args.model, dtype, device)
     n_params = sum(p.numel() for p in model.parameters())
     flop_params = n_params - (0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)  # MoE: only k of E experts per token
+    if experts:
+        flop_params -= experts * (1 - model.config.num_experts_per_tok / model.config.num_experts)
     peak = matmul_tflops(device, dtype)
     engine = BatchedGradStats(model, **engine_kwargs(args))
     loop = LoopGradStats(model, **engine_kwargs(args))

@@ -83,10 +83,10 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"self-check: {report['rows']} rows of {report['check_rows']} ({', '.join(map(str, report['tokens']))} "
                      f"tokens), {report['seconds']:.1f} s; largest relative error: "
                      + ", ".join(f"{k} {v:.1e}" for k, v in report.get("errors", {}).items())
-                     + f" (tolerance {report['tolerance']:g} in {report['dtype']})")
+                     + f" (tolerance {_tol(report['tolerance'])} in {report['dtype']})")
         if report.get("float32"):
             f32 = report["float32"]
-            lines.append(f"  and in float32: {f32['max_rel_error']:.1e} (tolerance {f32['tolerance']:g})")
+            lines.append(f"  and in float32: {f32['max_rel_error']:.1e} (tolerance {_tol(f32['tolerance'])})")
     if report["engine"] == "batched":
         lines.append("verdict: batched (exact on this model)")
     elif report["engine"] == "refused":
@@ -96,6 +96,10 @@ def render(report: dict[str, Any]) -> str:
     for failure in report.get("failures", [])[:10]:
         lines.append(f"  {failure}")
     return "\n".join(lines)
+
+
+def _tol(tol: dict[str, float]) -> str:
+    return f"{tol['written']:g} on the numbers written, {tol['parameters']:g} on each parameter"
 
 
 def to_json(report: dict[str, Any]) -> str:

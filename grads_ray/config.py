@@ -110,6 +110,9 @@ class ScoreConfig:
     # loop: one example at a time, no check (any model)
     engine: str = "auto"
     check_rows: int = 4  # corpus rows each scorer's self-check scores both ways before any other row
+    # largest relative error the self-check lets through in the model's own dtype; null: by dtype
+    # (docs/score_engine.md). A half-precision model's float32 pass keeps float32's.
+    check_tolerance: float | None = None
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float64
     extrema: bool = True  # grad_max / grad_min (exact; without them the ghost norm is used where cheaper)
     proj_dim: int = 512  # projected-gradient feature size (0: off)
@@ -509,6 +512,8 @@ def validate(cfg: Config) -> None:
     sc = cfg.score
     if sc.engine not in ("auto", "batched", "loop"):
         raise ConfigError(f"score.engine must be auto, batched or loop, got {sc.engine!r}")
+    if sc.check_tolerance is not None and not sc.check_tolerance > 0:
+        raise ConfigError(f"score.check_tolerance must be > 0 or null, got {sc.check_tolerance}")
     if sc.check_rows < 2:
         raise ConfigError(f"score.check_rows must be >= 2 (the self-check needs rows of different lengths), "
                           f"got {sc.check_rows}")

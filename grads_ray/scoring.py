@@ -109,7 +109,7 @@ FEATURE_COLUMNS = ("hidden_mean", "grad_proj", "fisher_factor", "fisher_energy")
 def engine_settings(score_cfg: Any, seed: int) -> dict[str, Any]:
     """The score config keys the engine reads (these, with the model, decide every number written)."""
     keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fisher_dim", "fisher_rank",
-            "response_only_loss")
+            "response_only_loss", "check_tolerance")
     return {**{k: getattr(score_cfg, k) for k in keys}, "seed": seed}
 
 
@@ -153,13 +153,14 @@ class Scorer:
         # batched after its self-check on ``check`` (a few corpus rows), else the per-example loop
         # (score.engine=auto) or a refusal handed to the driver with the first receipt (batched).
         self.mode = settings.get("engine", "auto")
+        tolerance = settings.pop("check_tolerance", None)
         self.refusal = ""
         vocab_size = self.model.get_input_embeddings().num_embeddings
         examples = [(list(x), list(y)) for x, y in (check or [])] or synthetic_examples(vocab_size)
         if self.hooks.get("perturb"):
             _perturb_rule(self.hooks["perturb"], self.hooks.get("factor", 1.3))
         try:
-            self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id)
+            self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id, tolerance)
         except ModelRefused as exc:
             self.refusal = str(exc)
             settings["engine"] = "loop"  # (shapes below only; nothing is scored)
@@ -248,27 +249,30 @@ class Scorer:
 TEST_HOOKS_ENV = "GRADS_RAY_TEST_SCORER_HOOKS"
 
 
-def _perturb_rule(name: str, factor: float) -> None:
-    """For the tests (hook ``perturb``): the batched engine's terms of parameter ``name`` scaled by
-    ``factor`` in this process, a rule made wrong on purpose for the self-check to find."""
+def perturbed_add(real, name: str, factor: float):
+    """For the tests: ``BatchedGradStats._add`` with every term of parameter ``name`` scaled by
+    ``factor``, a rule made wrong on purpose for the self-check to find."""
     import torch
 
     from grads_ray.gradients import factored
+
+    def scaled(term):
+        if isinstance(term, torch.Tensor):
+            return term * factor
+        if isinstance(term, factored.Dense):
+            return factored.Dense(term.left * factor, term.right)
+        if isinstance(term, factored.Rows):
+            return factored.Rows(term.index, term.right * factor)
+        return factored.Slice(term.index, factored.Dense(term.term.left * factor, term.term.right))
+
+    return lambda self, state, n, term: real(self, state, n, scaled(term) if n == name else term)
+
+
+def _perturb_rule(name: str, factor: float) -> None:
+    """Test hook ``perturb``: :func:`perturbed_add` in this (scorer) process."""
     from grads_ray.gradients.engine import BatchedGradStats
 
-    real = BatchedGradStats._add
-
-    def add(self, state, n, term):
-        if n == name:
-            if isinstance(term, torch.Tensor):
-                term = term * factor
-            elif isinstance(term, factored.Dense):
-                term = factored.Dense(term.left * factor, term.right)
-            elif isinstance(term, factored.Rows):
-                term = factored.Rows(term.index, term.right * factor)
-        return real(self, state, n, term)
-
-    BatchedGradStats._add = add
+    BatchedGradStats._add = perturbed_add(BatchedGradStats._add, name, factor)
 
 
 def _test_hooks(hooks: dict[str, Any], call: int, batch: int) -> None:
@@ -290,15 +294,14 @@ def _test_hooks(hooks: dict[str, Any], call: int, batch: int) -> None:
 def score_examples(model_path: str, examples: list[tuple[list[int], list[int]]], *, settings: dict[str, Any],
                    batch_size: int, use_gpu: bool = False, trust_remote_code: bool = False) -> dict[str, np.ndarray]:
     """Score a small, already tokenized set in one process with the corpus's scorer (same model,
-    engine, projection and seeds): LESS's target set. -> {``loss`` (M,), ``grad_proj`` (M, k)}."""
+    engine, projection and seeds): LESS's target set. -> {``loss`` (M,), ``grad_proj`` (M, k)}, or
+    {``error``} when ``score.engine=batched`` refuses the model."""
     from grads_ray.gradients.selfcheck import pick_rows
 
     scorer = Scorer(model_path, use_gpu=use_gpu, trust_remote_code=trust_remote_code, settings=settings,
                     batch_size=batch_size, check=pick_rows(examples))
-    if scorer.refusal:
-        from grads_ray.gradients.selfcheck import ModelRefused
-
-        raise ModelRefused(scorer.refusal)
+    if scorer.refusal:  # the driver raises it (a Ray task's exception would carry its traceback)
+        return {"error": scorer.refusal}
     m = len(examples)
     batch = {"id": np.array([str(i) for i in range(m)], dtype=object), "shard": np.zeros(m, np.int64),
              "source": np.array(["target"] * m, dtype=object), "line": np.arange(m), "pos": np.arange(m),

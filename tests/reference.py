@@ -46,7 +46,8 @@ def reference(model64, ids: list[int], labels: list[int]) -> dict:
     seen = []  # the LM head's input: the last hidden state, whatever the model's hidden_states tuple holds
     handle = model64.get_output_embeddings().register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
     try:
-        out = model64(input_ids=torch.tensor([ids]))
+        out = model64(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                      use_cache=False)
     finally:
         handle.remove()
     logits = out.logits[0, :-1]

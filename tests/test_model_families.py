@@ -70,21 +70,9 @@ def _rule_kinds(engine: BatchedGradStats) -> dict[str, str]:
 
 def _perturb(monkeypatch, name: str, factor: float = 1.01) -> None:
     """Every term of one parameter scaled by ``factor``: that rule, wrong by 1%."""
-    from grads_ray.gradients import factored
+    from grads_ray.scoring import perturbed_add
 
-    real = BatchedGradStats._add
-
-    def scaled(term):
-        if isinstance(term, torch.Tensor):
-            return term * factor
-        if isinstance(term, factored.Dense):
-            return factored.Dense(term.left * factor, term.right)
-        if isinstance(term, factored.Rows):
-            return factored.Rows(term.index, term.right * factor)
-        return factored.Slice(term.index, factored.Dense(term.term.left * factor, term.term.right))
-
-    monkeypatch.setattr(BatchedGradStats, "_add",
-                        lambda self, state, n, term: real(self, state, n, scaled(term) if n == name else term))
+    monkeypatch.setattr(BatchedGradStats, "_add", perturbed_add(BatchedGradStats._add, name, factor))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -79,10 +79,20 @@ def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[tor
     seen: list[torch.Tensor] = []
     handle = model.get_output_embeddings().register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
     try:
-        logits = model(input_ids=input_ids).logits
+        # every token real, said as the batched pass says it (a model that reads padding off the token
+        # ids when given no mask, as XLM does, would otherwise mask a real token that equals its pad id)
+        extra = {"use_cache": False} if _takes(model, "use_cache") else {}
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **extra).logits
     finally:
         handle.remove()
     return logits, seen[-1].reshape(input_ids.shape[0], input_ids.shape[1], -1)
+
+
+def _takes(model: torch.nn.Module, key: str) -> bool:
+    import inspect
+
+    accepted = inspect.signature(model.forward).parameters
+    return key in accepted or any(p.kind == p.VAR_KEYWORD for p in accepted.values())
 
 
 def example_stats(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -210,6 +210,10 @@ class Target(Stage):
         got = ray.get(task.remote(model.path, target.examples, settings=engine_settings(cfg.score, cfg.seed),
                                   batch_size=cfg.score.batch_size, use_gpu=use_gpu,
                                   trust_remote_code=cfg.model.trust_remote_code))
+        if "error" in got:
+            from grads_ray.gradients.selfcheck import ModelRefused
+
+            raise ModelRefused(got["error"])
         write_parquet(out["target"].part(0), pa.table({
             "id": pa.array(target.ids, pa.string()), "loss": pa.array(got["loss"]),
             "grad_proj": pa.array(list(got["grad_proj"].astype(np.float32)), pa.list_(pa.float32()))}))
