@@ -93,8 +93,13 @@ def summary(runner) -> str:
         flags = ", ".join(f"{sc[k]} {label}" for k, label in (("truncated", "truncated to max_length"),
                                                               ("nonfinite", "not finite, never selected"))
                           if sc.get(k))
-        lines.append(f"  scored          {acc['scored']}  ({sc.get('examples_per_s', '?')} examples/s"
+        used = "+".join(sc.get("engine_used") or []) or sc.get("engine", "?")
+        lines.append(f"  scored          {acc['scored']}  ({sc.get('examples_per_s', '?')} examples/s, {used} engine"
                      + (f"; {flags}" if flags else "") + ")")
+        for c in sc.get("self_check", []):
+            if c.get("engine") == "loop" and c.get("reason") != "score.engine=loop":
+                lines.append(f"  one at a time   {c['reason'][:160]}")
+                break
         if st.get("ingest", {}).get("empty_inputs"):
             lines.append(f"  empty inputs    {', '.join(st['ingest']['empty_inputs'][:5])}")
     if "similarity" in st:

@@ -124,3 +124,24 @@ def test_loop_engine_covers_what_the_batched_engine_refuses(family_dir):
         rules.REPLAY_MAX = old
     assert isinstance(engine, LoopGradStats) and result.passed is None
     assert "model.layers.0.mlp.scale (LlamaMLP, 40 entries)" in result.reason
+
+
+def test_a_float32_pass_that_does_not_fit_leaves_the_bfloat16_verdict(family_dir, monkeypatch):
+    """A half-precision model too large for its float32 copy on the device: the check in its own dtype
+    stands (said in the log and the result), and the model is cast back."""
+    from grads_ray.gradients import selfcheck
+
+    model = _model("llama", family_dir).to(torch.bfloat16)
+    real = selfcheck.compare
+
+    def compare(engine, model, *args):
+        if next(model.parameters()).dtype == torch.float32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB")
+        return real(engine, model, *args)
+
+    monkeypatch.setattr(selfcheck, "compare", compare)
+    engine, result = build_engine(model, {"engine": "batched", "proj_dim": 0, "fisher_dim": 0},
+                                  synthetic_examples(VOCAB, n=2), pad_id=0)
+    assert isinstance(engine, BatchedGradStats) and result.passed
+    assert "out of memory" in result.float32["reason"]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())

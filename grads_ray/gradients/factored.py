@@ -17,8 +17,8 @@ Per example i this yields the parameter's ``Moments``: entry sum, sum of squares
 sum is Σ_t (Σ l_t)(Σ r_t): no per-example gradient needed. The sum of squares is either the ghost
 norm Σ_{t,s} (l_t·l_s)(r_t·r_s) (cost ~ T²(R+C)) or read off the formed G_i (cost ~ T·R·C); max and
 min need the entries, so G_i is formed a block of rows at a time and reduced on the fly.
-Reductions run in ``acc`` dtype (float32, or float64 for a float64 model); per-example results are
-float64.
+Reductions run in ``acc`` dtype (float32, or float64 for a float64 model) along a row, and in float64
+across rows; per-example results are float64.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def vector_moments(g: torch.Tensor, extrema: bool = True) -> Moments:
     """Per-example gradient of a vector parameter, g (B, n), formed already."""
     acc = g.to(_acc_dtype(g))
     nan = torch.full((g.shape[0],), torch.nan, dtype=torch.float64, device=g.device)
-    return Moments(g.shape[1], _f64(acc.sum(1)), _f64((acc * acc).sum(1)),
+    return Moments(g.shape[1], acc.sum(1, dtype=torch.float64), (acc * acc).sum(1, dtype=torch.float64),
                    _f64(g.amax(1)) if extrema else nan, _f64(g.amin(1)) if extrema else nan)
 
 
@@ -106,7 +106,7 @@ def ghost_sumsq(terms: list[Dense]) -> torch.Tensor:
     acc = _acc_dtype(right)
     gl = torch.bmm(left.to(acc), left.to(acc).transpose(1, 2))  # (B, T, T)
     gr = torch.bmm(right.to(acc), right.to(acc).transpose(1, 2))
-    return _f64((gl * gr).sum((1, 2)))
+    return _f64((gl * gr).sum(2)).sum(1)  # rows in acc, then float64 across them
 
 
 def ghost_cheaper(tokens: int, rows: int, cols: int) -> bool:
@@ -141,7 +141,9 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
                     hit = (term.index >= r0) & (term.index < r1)  # (B, T)
                     ex, pos = hit.nonzero(as_tuple=True)
                     flat.index_add_(0, ex * (r1 - r0) + term.index[ex, pos] - r0, term.right[ex, pos])
-        ss += _f64(torch.linalg.vector_norm(block, dim=(1, 2), dtype=acc).square())
+        # each row's squares in acc, then float64 across rows: one float32 sum over millions of entries
+        # (a vocabulary-sized head) drifts by 1e-4 relative, which the self-check would see
+        ss += _f64(torch.linalg.vector_norm(block, dim=2, dtype=acc)).square().sum(1)
         if extrema:
             lo, hi = torch.aminmax(block.flatten(1), dim=1)  # one pass for both
             mx = torch.maximum(mx, _f64(hi))
