@@ -58,6 +58,12 @@ def measure(family: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - a family whose tiny config does not build here
         return {**row, "verdict": "no tiny model", "reason": f"{type(exc).__name__}: {str(exc)[:160]}"}
     row["arch"] = type(model).__name__
+    try:  # the model's own forward at this size, before the engine is asked anything
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 5, 7, 11, 13]]), attention_mask=torch.ones((1, 5), dtype=torch.long),
+                  use_cache=False)
+    except Exception as exc:  # noqa: BLE001 - a tiny config this family does not run with
+        return {**row, "verdict": "no tiny model", "reason": f"its own forward: {type(exc).__name__}: {str(exc)[:140]}"}
     t0 = time.perf_counter()
     engine, check = build_engine(model, {"engine": "auto", "proj_dim": 32, "proj_rank": 4, "fisher_dim": 0},
                                  synthetic_examples(VOCAB - 7, n=4, seed=1), pad_id=0)

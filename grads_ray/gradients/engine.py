@@ -227,7 +227,7 @@ class BatchedGradStats:
                                        f"no tensor; {LOOP_HINT}")
             if not y.requires_grad:  # nothing upstream of it carries a gradient: its own is zero
                 return None
-            x = args[0] if args else None
+            x = args[0] if args else first_tensor(kwargs)  # its input, passed by position or by name
             layouts = self._layouts(state, use, x, y)
             call = (args, kwargs, x, layouts)
             for e in use.entries:
