@@ -283,3 +283,25 @@ def test_a_vocabulary_sized_block_sums_its_squares_without_drift():
     m = factored.matrix_moments([factored.Dense(left, right)], 8192, 512)
     want = torch.einsum("btr,btc->brc", left.double(), right.double()).square().sum((1, 2))
     assert ((m.ss - want).abs() / want).max().item() < 1e-6
+
+
+def test_token_layouts_and_what_cannot_be_placed():
+    """Every layout a module may see a batch of B=3 examples of T=5 tokens in -> (B, P, F) positions
+    of each example, the mask laid out the same way; rows a module gathered itself -> None."""
+    from grads_ray.gradients.layout import index_layout, token_layout
+
+    b, t = 3, 5
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    for lead, positions in [((b, t), t), ((b, t, 4), t * 4), ((b, 4, t), 4 * t), ((b * t,), t), ((1, b * t), t),
+                            ((b * t * 2,), t * 2), ((b * t, 4), t * 4), ((b * 4, t), 4 * t), ((b,), 1)]:
+        lay = token_layout(lead, b, t)
+        assert lay is not None and lay.positions == positions, lead
+        x = torch.arange(int(np.prod(lead)) * 2, dtype=torch.float64).reshape(*lead, 2)
+        assert lay.view(x).shape == (b, positions, 2)
+        m = lay.mask(mask)  # each real token counted once per position it has
+        assert m.shape == (b, positions)
+        assert m.sum(1).tolist() == ([1, 1, 1] if lead == (b,) else (mask.sum(1) * (positions // t)).tolist()), lead
+    for lead in [(7,), (b * t - 1, 4), (t, b), (2, b, t)]:
+        assert token_layout(lead, b, t) is None, lead
+    assert index_layout((b, t), b, t) == "bt" and index_layout((t,), b, t) == "shared"
+    assert index_layout((t, b), b, t) is None

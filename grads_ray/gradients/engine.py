@@ -251,7 +251,7 @@ class BatchedGradStats:
             if lx is None or lx.positions != ly.positions:
                 raise UnsupportedModel(f"{use.path} ({type(use.module).__name__}) saw input {tuple(x.shape)}: "
                                        f"its examples cannot be told apart in a batch of {b} x {t} tokens; {LOOP_HINT}")
-            if ly.kind in ("flat", "flat1") and ".experts." in f".{use.path}.":
+            if ly.kind in ("flat", "flat1", "flat*") and ".experts." in f".{use.path}.":
                 raise UnsupportedModel(f"{use.path}: an expert of a module list sees gathered rows; {LOOP_HINT}")
         return lx, ly
 

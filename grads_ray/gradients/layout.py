@@ -6,14 +6,17 @@ axis, always last):
 - (B, T, F): the usual one;
 - (B, T, H, F): per-head norms applied before the heads are moved (Qwen3's q/k norms);
 - (B, H, T, F): per-head norms applied after (Gemma3's);
-- (B·T, F) or (1, B·T, F): tokens flattened (OPT's MLP and final norm, every MoE router).
+- (B·T, F) or (1, B·T, F): tokens flattened (OPT's MLP and final norm, every MoE router);
+- (B·T·k, F), (B·T, k, F): flattened with k positions a token (per-head gated norms of linear
+  attention, Qwen3-Next and Qwen3.5); (B·H, T, F): heads merged into the batch axis.
 
 :func:`token_layout` maps such a shape to a view (B, P, F), P positions per example, and the mask of
 the real tokens among them. Every per-example gradient rule sums over an example's positions, so
 which position is which never matters, only which example and whether the token is real.
 (B, T, H, F) and (B, H, T, F) look alike when H == T; the (B, T, …) reading is taken, and the mask
 is then a safeguard only: the output gradient is exactly zero at padded positions (no loss there,
-and attention never reads a masked key), so the sums are the same either way.
+and attention never reads a masked key), so the sums are the same either way. A flattened layout is read example-major, as any reshape of a batch-first
+tensor is; a model that keeps its sequence axis first would be misread, and its self-check fails.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Layout:
 
     b: int
     positions: int  # P: positions per example
-    kind: str  # "btf" | "bt*f" | "bh*tf" | "flat" | "flat1" | "b"
+    kind: str  # "btf" | "bt*f" | "bh*tf" | "flat" | "flat1" | "flat*" | "b"
     lead: tuple[int, ...]
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +46,7 @@ class Layout:
             return mask
         if self.kind == "b":
             return mask.any(1, keepdim=True)
-        if self.kind == "bt*f":
+        if self.kind in ("bt*f", "flat*"):  # each token's mask repeated for its positions, token-major
             rest = self.positions // t
             return mask[:, :, None].expand(b, t, rest).reshape(b, self.positions)
         rest = self.positions // t  # bh*tf
@@ -65,6 +68,12 @@ def token_layout(lead: tuple[int, ...], b: int, t: int) -> Layout | None:
         return Layout(b, t, "flat", lead)
     if lead == (1, b * t):
         return Layout(b, t, "flat1", lead)
+    if lead and lead[0] % (b * t) == 0 and (lead[0] > b * t or len(lead) > 1):
+        # tokens flattened with more per token: (B·T·k,) for k slots a token (a MoE's token-major
+        # pairs), (B·T, heads) or (B·T·heads,) for a per-head norm after flattening (gated linear attention)
+        return Layout(b, t * (lead[0] // (b * t)) * _prod(lead[1:]), "flat*", lead)
+    if len(lead) == 2 and lead[1] == t and lead[0] % b == 0 and lead[0] > b:
+        return Layout(b, lead[0] // b * t, "bh*tf", lead)  # heads merged into the batch axis: (B·H, T)
     if lead == (b,):  # one vector per example (a pooler): its one position counts
         return Layout(b, 1, "b", lead)
     return None
