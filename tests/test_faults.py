@@ -176,27 +176,27 @@ def test_progress_counts_rows_as_they_come_back_from_a_one_shard_corpus(job, ray
 
 
 def test_a_shard_longer_than_ray_datas_no_progress_timeout_completes(job, ray_local, tmp_path, monkeypatch):
-    """One shard of three units whose scoring (~60 s) outlasts Ray Data's no-progress timeout
-    (lowered here to 45 s; 30 min by default). Each scorer call is one unit (~20 s), so the pass
+    """One shard of six units whose scoring (~60 s) outlasts Ray Data's no-progress timeout
+    (lowered here to 45 s; 30 min by default). Each scorer call is one unit (~10 s), so the pass
     makes progress unit by unit and completes; with the shard in one call it fails with
     ExecutionTimeoutError. (Ray Data counts a scorer's start as no progress too: the timeout leaves
-    room for a cold start on a loaded machine.)"""
+    ~35 s for a cold start on a loaded machine, the scorer's self-check included.)"""
     import ray
 
     corpus = tmp_path / "one.jsonl"
     src = Path(job["args"][job["args"].index("--data") + 1])
     lines = "".join(f.read_text() for f in sorted(src.glob("*.jsonl"))).splitlines()
-    corpus.write_text("\n".join(lines[:96]) + "\n")  # 3 units of 8 batches of 4
+    corpus.write_text("\n".join(lines[:192]) + "\n")  # 6 units of 8 batches of 4
     args = [a if a != str(src) else str(corpus) for a in job["args"]]
     args = [a for a in args if not a.startswith("data.shard_bytes=")]
     monkeypatch.setattr(ray.data.DataContext.get_current(), "execution_no_progress_timeout_s", 45.0)
-    monkeypatch.setenv("GRADS_RAY_TEST_SCORER_HOOKS", json.dumps({"sleep": 2.5}))  # 8 batches: ~20 s a unit
+    monkeypatch.setenv("GRADS_RAY_TEST_SCORER_HOOKS", json.dumps({"sleep": 1.25}))  # 8 batches: ~10 s a unit
     out = tmp_path / "out"
     t0 = time.time()
     assert main(["score", *args, "--output", str(out)]) == 0
     took = time.time() - t0
     info = read_json(out / "stats" / ".ledger" / "SUCCESS.json")
     assert read_json(out / "rows" / ".ledger" / "SUCCESS.json")["shards"] == 1
-    assert info["unit_rows"] == 32 and info["units_scored"] == 3 and took > 45.0
+    assert info["unit_rows"] == 32 and info["units_scored"] == 6 and took > 45.0
     units = out / "stats" / ".ledger" / "units"
     assert not units.exists() or not any(units.iterdir())  # merged into the shard's parts, then deleted
