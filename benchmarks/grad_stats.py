@@ -45,6 +45,10 @@ MODELS = {  # randomly initialised from configs: nothing is downloaded
     # "small" with Qwen3's per-head q/k norms: the norm rule on (B, T, heads, head_dim), beside Llama's
     "qwen3-small": dict(arch="qwen3", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=4, head_dim=64, vocab_size=8192),
+    # Qwen2.5-0.5B's structure (24 layers, tied 151,936-token vocabulary, GQA, q/k/v biases) at width 64: the CPU
+    # proxy for counting the work a batch dispatches (a GPU at these shapes is bound by launches, not FLOPs)
+    "qwen0.5b-proxy": dict(arch="qwen2", hidden_size=64, intermediate_size=352, num_hidden_layers=24,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     # the shapes of Qwen3-0.6B (tied embedding, GQA 16/8, head_dim 128, q/k norms)
     "qwen3-0.6b": dict(arch="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
@@ -122,7 +126,8 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
 
 
 def engine_kwargs(args) -> dict:
-    return {"proj_dim": args.proj_dim, "proj_rank": args.proj_rank, "fisher_dim": 64, "fisher_rank": 4}
+    extra = {"hold_bytes": int(args.hold_mib * 2**20)} if getattr(args, "hold_mib", None) is not None else {}
+    return {"proj_dim": args.proj_dim, "proj_rank": args.proj_rank, "fisher_dim": 64, "fisher_rank": 4, **extra}
 
 
 def run_pass(which: str, model, batch, args) -> None:
@@ -132,6 +137,72 @@ def run_pass(which: str, model, batch, args) -> None:
         plain_step(model, *batch)
     else:
         BatchedGradStats(model, **engine_kwargs(args))(*batch)
+
+
+HOST_SYNC_OPS = ("aten::nonzero", "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_consecutive",
+                 "aten::unique_dim", "aten::item", "aten::_local_scalar_dense", "aten::masked_select",
+                 "aten::bincount", "aten::repeat_interleave")
+TO_HOST_CALLS = ("cpu", "numpy", "tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+
+
+def dispatch_counts(which: str, model, batch, args) -> dict:
+    """What one pass dispatches (one warm-up pass first), with the engine's GPU default ``hold_bytes``
+    unless ``--hold-mib`` says otherwise: aten events in all and top-level (torch's profiler, CPU activity), the ops among them that wait for the device (``HOST_SYNC_OPS``), and
+    the tensor-to-host calls (``.cpu()``, ``.item()``, a tensor read as a Python number) seen by a
+    torch-function mode. On a GPU each top-level event is at least one kernel launch. The model's own
+    forward has a few of both (transformers' mask checks): the plain step's count is that floor."""
+    from torch.overrides import TorchFunctionMode
+    from torch.profiler import ProfilerActivity, profile
+
+    from grads_ray.gradients.engine import BatchedGradStats
+
+    class ToHost(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in TO_HOST_CALLS:
+                ToHost.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    from grads_ray.gradients.engine import HOLD_BYTES
+
+    kwargs = {"hold_bytes": HOLD_BYTES["cuda"], **engine_kwargs(args)}  # the GPU's stacks: what this count stands for
+    engine = BatchedGradStats(model, **kwargs) if which == "engine" else None
+    # the job's batches are right-padded and say so (left_padded=False): the mask is not read on the host
+    run = (lambda: engine(*batch, left_padded=False)) if engine else (lambda: plain_step(model, *batch))
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with ToHost():
+            run()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    model.zero_grad(set_to_none=True)
+    return {"aten_events": len(events), "top_level": len(top),
+            "host_sync_ops": sum(e.name in HOST_SYNC_OPS for e in events), "to_host_calls": ToHost.calls}
+
+
+def dispatch_report(args, device: str) -> dict:
+    """Engine against a plain step on the launch-count proxy (``--dispatch-model``, B = 4, T = 64)."""
+    model = build_model(args.dispatch_model, getattr(torch, args.dtype), device)
+    batch = make_batch(4, 64, model.config.vocab_size, 0, device)
+    engine = dispatch_counts("engine", model, batch, args)
+    plain = dispatch_counts("plain", model, batch, args)
+    out = {"engine": engine, "plain": plain,
+           "events_ratio": engine["aten_events"] / plain["aten_events"],
+           "top_level_ratio": engine["top_level"] / plain["top_level"]}
+    print(f"# dispatch on {args.dispatch_model} B=4 T=64: engine {engine['aten_events']} aten events "
+          f"({engine['top_level']} top-level), plain step {plain['aten_events']} ({plain['top_level']}): "
+          f"{out['events_ratio']:.2f}x ({out['top_level_ratio']:.2f}x top-level); host-sync ops "
+          f"{engine['host_sync_ops']} (plain {plain['host_sync_ops']}), to-host calls {engine['to_host_calls']} "
+          f"(plain {plain['to_host_calls']})")
+    return out
+
+
+def dispatch_summary(d: dict) -> dict:
+    return {"dispatch_events_ratio": round(d["events_ratio"], 2), "dispatch_top_level_ratio": round(d["top_level_ratio"], 2),
+            "engine_aten_events": d["engine"]["aten_events"], "plain_aten_events": d["plain"]["aten_events"],
+            "host_sync_ops": d["engine"]["host_sync_ops"], "host_sync_ops_plain": d["plain"]["host_sync_ops"],
+            "to_host_calls": d["engine"]["to_host_calls"], "to_host_calls_plain": d["plain"]["to_host_calls"]}
 
 
 def child_memory(args) -> None:
@@ -168,7 +239,8 @@ def memory_ratio(args, batch: int, length: int, device: str, model=None) -> dict
         for which in ("plain", "engine"):  # median of three fresh processes: RSS peaks are noisy
             cmd = [sys.executable, __file__, "--child", which, "--child-batch", str(batch), "--child-length",
                    str(length), "--model", args.model, "--dtype", args.dtype, "--threads", str(args.threads),
-                   "--proj-dim", str(args.proj_dim), "--proj-rank", str(args.proj_rank)]
+                   "--proj-dim", str(args.proj_dim), "--proj-rank", str(args.proj_rank)] + (
+                       ["--hold-mib", str(args.hold_mib)] if args.hold_mib is not None else [])
             peaks = []
             for _ in range(3):
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -210,11 +282,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--proj-dim", type=int, default=512)
     ap.add_argument("--proj-rank", type=int, default=8)
+    ap.add_argument("--hold-mib", type=float, default=None, help="the engine's hold_bytes in MiB (default: its own)")
     ap.add_argument("--memory-at", default="16,512", help="B,T of the memory comparison ('' to skip)")
     ap.add_argument("--only", default=None, choices=["engine", "loop", "plain"],
                     help="run just this method --passes times on one batch (--batches, --lengths: first "
                          "values) and print nothing: for timing whole processes against each other")
     ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--dispatch-model", default="qwen0.5b-proxy", choices=sorted(MODELS),
+                    help="model of the dispatch count (aten events, host syncs)")
+    ap.add_argument("--no-dispatch", action="store_true", help="skip the dispatch count")
+    ap.add_argument("--dispatch-only", action="store_true", help="print the dispatch count and stop")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child-length", type=int, default=0, help=argparse.SUPPRESS)
@@ -231,6 +308,10 @@ def main() -> None:
     from grads_ray.gradients.stats import LoopGradStats
 
     torch.set_num_threads(args.threads)
+    if args.dispatch_only:
+        d = dispatch_report(args, device)
+        print(json.dumps(dispatch_summary(d)))
+        return
     quick = args.quick
     batches = [int(x) for x in (args.batches or ("1,4,16" if quick else "1,4,16,64")).split(",")]
     lengths = [int(x) for x in (args.lengths or ("128,512" if quick else "128,512,2048")).split(",")]
@@ -299,6 +380,8 @@ def main() -> None:
     summary["best_fraction_of_matmul"] = round(best["fraction_of_matmul"], 3)
     if mem:
         summary["peak_mem_vs_plain"] = round(mem["ratio"], 2)
+    if not args.no_dispatch and device == "cpu":  # on a GPU the same count runs with --dispatch-only --device cpu
+        summary.update(dispatch_summary(dispatch_report(args, "cpu")))
     print(json.dumps(summary))
 
 

@@ -218,7 +218,7 @@ class Scorer:
         from grads_ray.gradients.stats import LoopGradStats
 
         try:
-            return self.engine(ids, lab, mask)
+            return self.engine(ids, lab, mask, left_padded=False)  # pad_batch pads on the right
         except UnsupportedModel as exc:
             if self.mode == "batched":
                 raise ModelRefused(f"score.engine=batched: {exc}") from None
@@ -230,7 +230,7 @@ class Scorer:
                                         fisher_dim=engine.fisher_proj.shape[0] if engine.fisher_rank else 0,
                                         fisher_rank=engine.fisher_rank)
             self.check.engine, self.check.reason = "loop", f"{self.check.reason}; then on a corpus batch: {exc}"
-            return self.engine(ids, lab, mask)
+            return self.engine(ids, lab, mask, left_padded=False)
 
     def batches(self, batch: dict[str, np.ndarray]) -> list[list[int]]:
         """Row positions of each engine batch: per (shard, unit), the rows to score sorted by
@@ -252,11 +252,13 @@ TEST_HOOKS_ENV = "GRADS_RAY_TEST_SCORER_HOOKS"
 def perturbed_add(real, name: str, factor: float):
     """For the tests: ``BatchedGradStats._add`` with every term of parameter ``name`` scaled by
     ``factor``, a rule made wrong on purpose for the self-check to find."""
+    import dataclasses
+
     import torch
 
     from grads_ray.gradients import factored
 
-    def scaled(term):
+    def scaled_term(term):
         if isinstance(term, torch.Tensor):
             return term * factor
         if isinstance(term, factored.Dense):
@@ -264,6 +266,11 @@ def perturbed_add(real, name: str, factor: float):
         if isinstance(term, factored.Rows):
             return factored.Rows(term.index, term.right * factor)
         return factored.Slice(term.index, factored.Dense(term.term.left * factor, term.term.right))
+
+    def scaled(held):  # the engine's held use: its left factor (δ or the input), or its formed value
+        if held.left is not None:
+            return dataclasses.replace(held, left=held.left * factor)
+        return dataclasses.replace(held, value=scaled_term(held.value))
 
     return lambda self, state, n, term: real(self, state, n, scaled(term) if n == name else term)
 

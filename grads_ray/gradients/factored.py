@@ -125,6 +125,9 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
     ss = torch.zeros(b, dtype=torch.float64, device=dev)
     mx = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
     mn = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
+    rows_terms = [(t.index.reshape(-1), t.right.reshape(-1, cols),  # (B·T,) index, (B·T, C), example of each
+                   torch.arange(b, device=dev)[:, None].expand(t.index.shape).reshape(-1))
+                  for t in terms if isinstance(t, Rows)]
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         block = None  # (B, r1 - r0, C)
@@ -132,15 +135,14 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
             if isinstance(term, Dense):
                 part = torch.bmm(term.left[:, :, r0:r1].transpose(1, 2), term.right)
                 block = part if block is None else block.add_(part)
-        if any(isinstance(t, Rows) for t in terms):
+        if rows_terms:
             if block is None:
                 block = torch.zeros((b, r1 - r0, cols), dtype=dt, device=dev)
             flat = block.view(b * (r1 - r0), cols)
-            for term in terms:
-                if isinstance(term, Rows):
-                    hit = (term.index >= r0) & (term.index < r1)  # (B, T)
-                    ex, pos = hit.nonzero(as_tuple=True)
-                    flat.index_add_(0, ex * (r1 - r0) + term.index[ex, pos] - r0, term.right[ex, pos])
+            for index, right, owner in rows_terms:  # fixed shapes, no host sync: a miss adds zeros to row 0
+                hit = (index >= r0) & (index < r1)  # (B·T,)
+                target = torch.where(hit, owner * (r1 - r0) + index - r0, 0)
+                flat.index_add_(0, target, torch.where(hit[:, None], right, 0.0).to(dt))
         # each row's squares in acc, then float64 across rows: one float32 sum over millions of entries
         # (a vocabulary-sized head) drifts by 1e-4 relative, which the self-check would see
         ss += _f64(torch.linalg.vector_norm(block, dim=2, dtype=acc)).square().sum(1)
@@ -156,23 +158,28 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
 def rows_moments(terms: list[Rows], rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of squares, max and min of a sparse-row gradient (an embedding not tied to the head):
     G_i has a non-zero row only for each distinct index of example i, so aggregate those rows
-    (O(T·C)) and count the untouched rows as zeros. (B,) float64 each."""
+    (O(T·C)) and count the untouched rows as zeros. (B,) float64 each.
+
+    Fixed shapes throughout (no ``nonzero``/``unique``: nothing waits for the device): each example's
+    indices are sorted, runs of one index are its distinct rows, and their sums land in a (B, T, C)
+    buffer of which the first ``distinct`` slots are used."""
     index = torch.cat([t.index for t in terms], dim=1)  # (B, T')
     right = torch.cat([t.right for t in terms], dim=1)  # (B, T', C)
-    b, dev = index.shape[0], index.device
+    b, t, c = right.shape
     acc = _acc_dtype(right)
-    ex, pos = (index >= 0).nonzero(as_tuple=True)
-    keys, inverse = torch.unique(ex * rows + index[ex, pos], return_inverse=True)
-    agg = torch.zeros((keys.shape[0], right.shape[-1]), dtype=acc, device=dev)
-    agg.index_add_(0, inverse, right[ex, pos].to(acc))  # (U, C): the touched rows of every G_i
-    owner = keys // rows  # (U,) which example each row belongs to
-    ss = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, owner, _f64(agg.square().sum(1)))
-    mx = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
-    mn = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
-    if keys.numel():
-        mx = mx.scatter_reduce(0, owner, _f64(agg.amax(1)), "amax")
-        mn = mn.scatter_reduce(0, owner, _f64(agg.amin(1)), "amin")
-    untouched = torch.bincount(owner, minlength=b) < rows  # some rows of G_i are all zeros
+    key = torch.where(index >= 0, index, rows)  # no contribution: one sentinel run at the end
+    ordered, order = key.sort(dim=1, stable=True)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run = starts.cumsum(1) - 1  # (B, T'): the run (distinct index) of each sorted position
+    real = ordered < rows  # (B, T'): sorted positions that count (a padding_idx row's δ does not)
+    values = torch.where(real[..., None], right.gather(1, order[..., None].expand(b, t, c)), 0.0).to(acc)
+    agg = torch.zeros((b, t, c), dtype=acc, device=right.device).scatter_add_(1, run[..., None].expand(b, t, c), values)
+    used = torch.zeros((b, t), dtype=torch.bool, device=right.device).scatter_(1, run, real)  # runs of real rows
+    ss = _f64(agg.square().sum(2)).sum(1)  # along a row in acc, across rows in float64
+    mx = _f64(torch.where(used[..., None], agg, -torch.inf).amax((1, 2)))
+    mn = _f64(torch.where(used[..., None], agg, torch.inf).amin((1, 2)))
+    untouched = used.sum(1) < rows  # some rows of G_i are all zeros
     zero = torch.zeros_like(mx)
     return ss, torch.where(untouched, torch.maximum(mx, zero), mx), torch.where(untouched, torch.minimum(mn, zero), mn)
 

@@ -35,15 +35,27 @@ def fisher_summary(hidden: torch.Tensor, target: torch.Tensor, proj: torch.Tenso
     """FisherSFT's per-example information: the last layer linearised, example i contributes
     Σ_t z_t z_tᵀ over the positions t that predict a response token, z_t = proj · h_t (d').
     Kept as its top-``rank`` factor F_i (r, d') with F_iᵀF_i the best rank-r approximation, and the
-    share of the trace it keeps. hidden (B, T, d), target (B, T) bool -> ((B, r, d'), (B,))."""
+    share of the trace it keeps. hidden (B, T, d), target (B, T) bool -> ((B, r, d') float32, (B,))."""
+    return fisher_from_gram(fisher_gram(hidden, target, proj).cpu().numpy(), rank)
+
+
+def fisher_gram(hidden: torch.Tensor, target: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Σ_t z_t z_tᵀ per example, z = proj · h over the positions where ``target`` holds.
+    hidden (B, T, d), target (B, T) bool, proj (d', d) -> (B, d', d') float64 on hidden's device."""
     z = (hidden @ proj.T) * target[..., None]  # (B, T, d')
-    gram = torch.bmm(z.transpose(1, 2), z).double()  # (B, d', d')
-    vals, vecs = torch.linalg.eigh(gram)  # ascending
-    vals = vals.clamp(min=0.0)
-    top, topv = vals[:, -rank:].flip(1), vecs[:, :, -rank:].flip(2)  # (B, r), (B, d', r)
-    factor = (topv * top.sqrt()[:, None, :]).transpose(1, 2)  # (B, r, d')
-    energy = top.sum(1) / vals.sum(1).clamp(min=1e-300)
-    return factor.float().cpu().numpy(), energy.cpu().numpy()
+    return torch.bmm(z.transpose(1, 2), z).double()
+
+
+def fisher_from_gram(gram: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``rank`` factor of each Gram matrix, on the host (a small eigenproblem per example; on a GPU
+    the solver would wait for the device): gram (B, d', d') float64 -> (factor (B, r, d') float32,
+    energy (B,) float64, the share of the trace the factor keeps)."""
+    vals, vecs = np.linalg.eigh(gram)  # ascending
+    vals = np.clip(vals, 0.0, None)
+    top, topv = vals[:, -rank:][:, ::-1], vecs[:, :, -rank:][:, :, ::-1]  # (B, r), (B, d', r)
+    factor = np.transpose(topv * np.sqrt(top)[:, None, :], (0, 2, 1))  # (B, r, d')
+    energy = top.sum(1) / np.clip(vals.sum(1), 1e-300, None)
+    return factor.astype(np.float32), energy
 
 
 def response_only(input_ids: list[np.ndarray], labels: list[np.ndarray], start_id: int

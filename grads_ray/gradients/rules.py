@@ -218,15 +218,24 @@ def elementwise_jacobian(module: nn.Module, attr: str, x: torch.Tensor) -> torch
     return tangent
 
 
-def _layer_norm_hat(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+@dataclass(frozen=True)
+class NormHat:
+    """∂y/∂w of a norm's elementwise weight in closed form: the normalised input x̂ (``layer``: LayerNorm
+    over the last ``shape``; ``rms32``: x / rms(x) computed in float32, as transformers' RMSNorms do;
+    ``rms``: in x's dtype), or ∂y/∂b = 1 (``ones``). Any leading dims: norms of one kind and ``eps`` are
+    evaluated on a stack of their inputs at once."""
 
+    kind: str
+    eps: float = 0.0
+    shape: tuple[int, ...] = ()
 
-def _rms_norm_hat(module: nn.Module, x: torch.Tensor, compute: torch.dtype | None) -> torch.Tensor:
-    """x / rms(x), computed in ``compute`` (float32 as transformers' RMSNorms do; None: x's dtype)."""
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-    xf = x.to(compute) if compute is not None else x
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    def __call__(self, module: nn.Module | None, attr: str | None, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "ones":
+            return torch.ones_like(x)
+        if self.kind == "layer":
+            return nn.functional.layer_norm(x, self.shape, None, None, self.eps)
+        xf = x.float() if self.kind == "rms32" else x
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def norm_jacobian(module: nn.Module, attr: str):
@@ -255,13 +264,13 @@ def norm_jacobian(module: nn.Module, attr: str):
                                                            rtol=max(10 * tol, 1e-4), atol=max(10 * tol, 1e-4)):
             return None
         if attr == "bias":
-            return (lambda m, a, x: torch.ones_like(x)) if torch.allclose(want, torch.ones_like(want)) else None
+            return NormHat("ones") if torch.allclose(want, torch.ones_like(want)) else None
         candidates = []
         if isinstance(module, nn.LayerNorm) and attr == "weight":
-            candidates.append(lambda m, a, x: _layer_norm_hat(m, x))
+            candidates.append(NormHat("layer", float(module.eps), tuple(module.normalized_shape)))
         elif attr == "weight" and "rms" in type(module).__name__.lower():
-            candidates.append(lambda m, a, x: _rms_norm_hat(m, x, torch.float32))
-            candidates.append(lambda m, a, x: _rms_norm_hat(m, x, None))
+            eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+            candidates += [NormHat("rms32", eps), NormHat("rms", eps)]
         for fn in candidates:
             got = fn(module, attr, probe).double()
             if got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol):

@@ -132,9 +132,10 @@ class LoopGradStats:
         self.fisher_proj, self.fisher_rank = fisher_projection(
             model.get_input_embeddings().embedding_dim, fisher_dim, fisher_rank, seed)
 
-    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> BatchScores:
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                 left_padded: bool | None = None) -> BatchScores:
         """input_ids, labels, attention_mask (B, T), any padding -> ``BatchScores``. Padding positions
-        are dropped before each example's own forward and backward."""
+        are dropped before each example's own forward and backward (``left_padded`` is not needed)."""
         rows, hidden, proj, factors, energy = [], [], [], [], []
         for i in range(input_ids.shape[0]):
             keep = attention_mask[i].bool()  # (T,)

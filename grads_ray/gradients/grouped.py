@@ -1,0 +1,93 @@
+"""Per-example gradient moments and sketches of N same-shaped parameters at once, and the per-group
+statistics of a whole model from one table: pure functions on stacked tensors.
+
+A model's layers repeat: every layer's q projection has the same shape, and so do its norms. Their
+per-example gradients are reduced as one stack with a leading N axis, so a batch dispatches a few
+kernels per distinct shape instead of per module (on a GPU the pass is bound by those launches).
+Each function is the batched form of its one-parameter counterpart in ``factored``: stacking N
+parameters of B examples is the same arithmetic as one parameter of N·B examples.
+
+Shapes: N parameters, B examples, P positions per example, R × C a matrix parameter, n a vector's size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grads_ray.gradients.factored import Dense, matrix_moments, vector_moments
+
+__all__ = ["dense_moments", "dense_project", "masked", "stacked", "table_rows", "vector_moments_stack", "vector_project",
+           "group_statistics"]
+
+
+def masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero the positions of padding: x (N, B, P, F), keep (B, P) bool -> (N, B, P, F)."""
+    return torch.where(keep[None, :, :, None], x, 0.0)
+
+
+def stacked(parts: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """N tensors (B, P, F) -> one (N, B, P, F) with the positions of padding zeroed, each part read
+    once and written once into its slot (a stack is the largest allocation of the reduction)."""
+    out = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, device=parts[0].device)
+    k = keep[..., None]
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    for j, part in enumerate(parts):
+        torch.where(k, part, zero, out=out[j])
+    return out
+
+
+def table_rows(s: torch.Tensor, ss: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor, n: int) -> torch.Tensor:
+    """Moments over N·B rows (parameter-major) -> (N, 4, B): entry sum, sum of squares, max, min."""
+    return torch.stack([s, ss, mx, mn]).view(4, n, -1).transpose(0, 1)
+
+
+def dense_moments(left: torch.Tensor, right: torch.Tensor, *, extrema: bool, chunk_elements: int) -> torch.Tensor:
+    """G_{j,i} = Σ_p left[j,i,p] ⊗ right[j,i,p] for N matrices: left (N, B, P, R), right (N, B, P, C),
+    padding zero in both -> (N, 4, B) float64 moments."""
+    n, b, p, r = left.shape
+    m = matrix_moments([Dense(left.reshape(n * b, p, r), right.reshape(n * b, p, -1))], r, right.shape[-1],
+                       extrema=extrema, chunk_elements=chunk_elements)
+    return table_rows(m.s, m.ss, m.mx, m.mn, n)
+
+
+def dense_project(left: torch.Tensor, right: torch.Tensor, p_rows: torch.Tensor, p_cols: torch.Tensor) -> torch.Tensor:
+    """Kronecker sketches P_r G P_cᵀ of N matrices without forming G: left (N, B, P, R), right
+    (N, B, P, C), p_rows (N, k_r, R), p_cols (N, k_c, C) in the accumulation dtype -> (N, B, k_r·k_c)."""
+    n, b, p, r = left.shape
+    c = right.shape[-1]
+    acc = p_rows.dtype
+    lp = torch.bmm(left.reshape(n, b * p, r).to(acc), p_rows.transpose(1, 2)).view(n * b, p, -1)
+    rp = torch.bmm(right.reshape(n, b * p, c).to(acc), p_cols.transpose(1, 2)).view(n * b, p, -1)
+    return torch.bmm(lp.transpose(1, 2), rp).view(n, b, -1)
+
+
+def vector_moments_stack(g: torch.Tensor, *, extrema: bool) -> torch.Tensor:
+    """N vector parameters' per-example gradients g (N, B, n), formed -> (N, 4, B) float64 moments."""
+    n, b, k = g.shape
+    m = vector_moments(g.reshape(n * b, k), extrema)
+    return table_rows(m.s, m.ss, m.mx, m.mn, n)
+
+
+def vector_project(g: torch.Tensor, p_vec: torch.Tensor) -> torch.Tensor:
+    """Dense sketches of N vectors: g (N, B, n), p_vec (N, k, n) -> (N, B, k) in p_vec's dtype."""
+    return torch.bmm(g.to(p_vec.dtype), p_vec.transpose(1, 2))
+
+
+def group_statistics(table: torch.Tensor, member: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+    """The whole model's and each group's gradient statistics from every parameter's moments.
+
+    table (P, 4, B) float64 (entry sum, sum of squares, max, min per parameter and example), member
+    (G, P) bool (parameter p is in group g), numel (P,) float64 entries per parameter ->
+    (1 + G, 5, B): the overall statistics first, then each group's, each ``grad_norm, grad_mean,
+    grad_std`` (population), ``grad_max, grad_min``. Sums are matrix products and extrema masked
+    reductions: deterministic, whatever the device."""
+    s, ss, mx, mn = table.unbind(1)  # (P, B) each
+    weight = member.to(table.dtype)
+    counts = torch.cat([numel.sum()[None], weight @ numel])  # (1 + G,)
+    sums = torch.cat([s.sum(0, keepdim=True), weight @ s])
+    squares = torch.cat([ss.sum(0, keepdim=True), weight @ ss])
+    top = torch.cat([mx.amax(0, keepdim=True), torch.where(member[:, :, None], mx[None], -torch.inf).amax(1)])
+    low = torch.cat([mn.amin(0, keepdim=True), torch.where(member[:, :, None], mn[None], torch.inf).amin(1)])
+    mean = sums / counts[:, None]
+    var = (squares / counts[:, None] - mean * mean).clamp(min=0.0)
+    return torch.stack([squares.sqrt(), mean, var.sqrt(), top, low], dim=1)

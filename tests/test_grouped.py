@@ -1,0 +1,160 @@
+"""Same-shaped parameters reduced as one stack (``gradients.grouped``), the moment table's per-group
+statistics, the sync-free sparse rows, and the engine's pass: the same numbers whatever the stacks
+(one flush or one per parameter), and nothing in the pass that waits for the device."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from grads_ray.gradients import factored, grouped
+from grads_ray.gradients.engine import BatchedGradStats
+from tests.conftest import VOCAB, save_tiny_model
+from tests.reference import pad, random_examples
+
+
+def _stack(seed: int, n=3, b=4, p=5, r=6, c=7):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand((b, p), generator=g) > 0.3
+    left = torch.randn((n, b, p, r), generator=g, dtype=torch.float64)
+    right = torch.randn((n, b, p, c), generator=g, dtype=torch.float64)
+    return left, right, keep
+
+
+@pytest.mark.parametrize("extrema", [True, False])
+def test_a_stack_of_matrices_equals_each_matrix_alone(extrema):
+    left, right, keep = _stack(0)
+    ml, mr = grouped.masked(left, keep), grouped.masked(right, keep)
+    got = grouped.dense_moments(ml, mr, extrema=extrema, chunk_elements=40)  # several row blocks
+    p_rows = torch.randn((3, 2, 6), dtype=torch.float64)
+    p_cols = torch.randn((3, 3, 7), dtype=torch.float64)
+    sketch = grouped.dense_project(ml, mr, p_rows, p_cols)
+    for j in range(3):
+        g = torch.einsum("bpr,bpc->brc", ml[j], mr[j]).flatten(1)  # each example's whole gradient
+        torch.testing.assert_close(got[j, 0], g.sum(1))
+        torch.testing.assert_close(got[j, 1], g.square().sum(1))
+        if extrema:
+            torch.testing.assert_close(got[j, 2], g.amax(1))
+            torch.testing.assert_close(got[j, 3], g.amin(1))
+        else:
+            assert got[j, 2:].isnan().all()
+        want = torch.einsum("kr,brc,jc->bkj", p_rows[j], g.view(-1, 6, 7), p_cols[j]).flatten(1)
+        torch.testing.assert_close(sketch[j], want)
+
+
+def test_a_stack_of_vectors_equals_each_vector_alone():
+    g = torch.randn((4, 3, 9), dtype=torch.float64)
+    got = grouped.vector_moments_stack(g, extrema=True)
+    p_vec = torch.randn((4, 5, 9), dtype=torch.float64)
+    sketch = grouped.vector_project(g, p_vec)
+    for j in range(4):
+        m = factored.vector_moments(g[j])
+        for k, v in enumerate((m.s, m.ss, m.mx, m.mn)):
+            torch.testing.assert_close(got[j, k], v)
+        torch.testing.assert_close(sketch[j], g[j] @ p_vec[j].T)
+
+
+def test_group_statistics_equal_merged_moments():
+    """The table's per-group and overall statistics against ``Moments.merge``/``finish`` of each
+    parameter's moments, groups interleaved."""
+    gen = torch.Generator().manual_seed(3)
+    p, b = 7, 5
+    table = torch.randn((p, 4, b), generator=gen, dtype=torch.float64)
+    table[:, 1] = table[:, 1].abs() * 10  # sums of squares
+    group = [0, 1, 0, 2, 1, 1, 2]
+    member = torch.tensor([[g == k for g in group] for k in range(3)])
+    numel = torch.tensor([3.0, 5, 7, 11, 2, 4, 6], dtype=torch.float64)
+    got = grouped.group_statistics(table, member, numel)
+
+    def moments(i):
+        return factored.Moments(int(numel[i]), *table[i].unbind(0))
+
+    merged = {k: None for k in range(3)}
+    total = None
+    for i, k in enumerate(group):
+        merged[k] = moments(i) if merged[k] is None else merged[k].merge(moments(i))
+        total = moments(i) if total is None else total.merge(moments(i))
+    for row, m in enumerate([total, merged[0], merged[1], merged[2]]):
+        for col, v in enumerate(m.finish().values()):
+            torch.testing.assert_close(got[row, col], v)
+
+
+def test_sparse_rows_ignore_uncounted_positions_and_see_every_row_touched():
+    """A position with index -1 (padding, a padding_idx row) adds nothing even where its δ is not zero;
+    an example that touches every row has no zero row for max/min. Against the formed gradient."""
+    gen = torch.Generator().manual_seed(5)
+    rows, b, t, c = 4, 3, 9, 2
+    index = torch.randint(0, rows, (b, t), generator=gen)
+    index[0, :3] = -1
+    index[1] = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3])  # every row touched
+    right = torch.randn((b, t, c), generator=gen, dtype=torch.float64) + 3.0  # positive: min is a real entry
+    ss, mx, mn = factored.rows_moments([factored.Rows(index, right)], rows)
+    for i in range(b):
+        g = torch.zeros((rows, c), dtype=torch.float64)
+        for j in range(t):
+            if index[i, j] >= 0:
+                g[index[i, j]] += right[i, j]
+        torch.testing.assert_close(ss[i], g.square().sum())
+        torch.testing.assert_close(mx[i], g.max())
+        torch.testing.assert_close(mn[i], g.min())
+    assert mn[1] > 0 and mn[0] == 0.0  # example 1 has no untouched row
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_stacks_change_nothing(arch, tmp_path):
+    """Stacks of every layer's same-shaped parameters, or each parameter reduced alone (``hold_bytes=0``,
+    the per-parameter path of ``factored``): the same numbers, float64, to rounding."""
+    model = save_tiny_model(arch, tmp_path / arch).eval().double()
+    batch = pad(random_examples(5, seed=2, vocab=VOCAB), "right")
+    one = BatchedGradStats(model, proj_dim=32, proj_rank=4, fisher_dim=8, fisher_rank=2, keep_params=True)(*batch)
+    each = BatchedGradStats(copy.deepcopy(model), proj_dim=32, proj_rank=4, fisher_dim=8, fisher_rank=2,
+                            keep_params=True, hold_bytes=0)(*batch)
+    for key, value in one.columns.items():
+        np.testing.assert_allclose(each.columns[key], value, rtol=1e-12, atol=0, err_msg=key)
+    np.testing.assert_allclose(each.grad_proj, one.grad_proj, rtol=1e-5, atol=1e-6)  # float32 out
+    for name, m in one.params.items():
+        for k in ("s", "ss", "mx", "mn"):
+            np.testing.assert_allclose(each.params[name][k], m[k], rtol=1e-12, atol=1e-300, err_msg=name)
+
+
+SYNCS = ("nonzero", "unique", "unique_consecutive", "bincount", "masked_select", "item", "tolist", "cpu", "numpy",
+         "__bool__", "__int__", "__float__", "__index__")
+
+
+class _Reads(TorchFunctionMode):
+    """Counts the calls that read a tensor on the host (on a GPU each waits for the device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in SYNCS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_the_pass_reads_the_device_once(arch, tmp_path):
+    """The engine's pass on the job's right-padded batches reads nothing on the host but its one copy
+    out (``cpu`` then ``numpy``) beyond what the model's own forward reads (a plain training step of
+    the same batch is that floor)."""
+    model = save_tiny_model(arch, tmp_path / arch).eval()
+    ids, labels, mask = pad(random_examples(4, seed=1, vocab=VOCAB), "right")
+    engine = BatchedGradStats(model, proj_dim=32, proj_rank=4, fisher_dim=8, fisher_rank=2)
+    engine(ids, labels, mask, left_padded=False)
+    with _Reads() as plain:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).backward()
+    model.zero_grad(set_to_none=True)
+    with _Reads() as ours:
+        engine(ids, labels, mask, left_padded=False)
+    extra = list(ours.seen)
+    for name in plain.seen:
+        extra.remove(name)
+    assert sorted(extra) == ["cpu", "numpy"], extra
