@@ -27,7 +27,8 @@ STAGE_COMMANDS = tuple(s.name for s in STAGES)
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. select.budget=10%%")
-    p.add_argument("--model", help="local Hugging Face causal-LM folder (model.path)")
+    p.add_argument("--model", help="Hugging Face causal-LM: a folder, an object-store URL or a Hub id "
+                                   "org/name[@revision] (model.path)")
     p.add_argument("--data", action="append", help="corpus file or folder (data.paths); repeatable")
     p.add_argument("--output", help="run directory (output)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")

@@ -453,9 +453,19 @@ def path_settings(cfg: Config, keys: tuple[str, ...] = PATH_KEYS + INPUT_PATH_LI
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Every local path in the config made absolute, in place; an object-store URL where only local
-    files are read (the inputs), or one whose protocol has no fsspec package installed, is an error
-    before Ray starts. -> the same config."""
+    """Every local path in the config made absolute, in place, and every Hub model id pinned to its
+    commit (``grads_ray.hub``); an object-store URL where only local files are read (the inputs), or
+    one whose protocol has no fsspec package installed, is an error before Ray starts. -> the same config."""
+    from grads_ray import hub
+
+    for key in hub.MODEL_KEYS:  # a Hub id (org/name[@rev]) pinned to the commit it names now
+        obj, name = _owner(cfg, key)
+        value = getattr(obj, name)
+        if isinstance(value, str) and hub.is_hub_id(value):
+            try:
+                setattr(obj, name, hub.pin(value))
+            except hub.HubError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
     for key in PATH_KEYS + INPUT_PATH_LISTS:
         obj, name = _owner(cfg, key)
         value = getattr(obj, name)
@@ -463,7 +473,7 @@ def absolute_paths(cfg: Config) -> Config:
     if cfg.eval.wordnet not in ("auto", "none"):  # a folder: read by Ray workers, anywhere
         cfg.eval.wordnet = _absolute(cfg.eval.wordnet)
     for key, p in path_settings(cfg):
-        if "://" not in p:
+        if "://" not in p or (p.startswith(hub.PREFIX) and key in hub.MODEL_KEYS):
             continue
         if key not in URL_KEYS:
             raise ConfigError(f"{key}: {p}: input files are read from local paths (or file:// URLs); mount "

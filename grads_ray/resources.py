@@ -17,22 +17,29 @@ RUNTIME_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENI
                "HF_DATASETS_OFFLINE": "1"}
 
 
-def start_ray(rc: RayConfig, verbose: bool = False) -> bool:
+def start_ray(rc: RayConfig, verbose: bool = False, hub_models: bool = False) -> bool:
     """Connect to ``ray.address`` (else ``RAY_ADDRESS``), or start a local cluster of our own — never
     one that ``ray start`` left running on this machine. Ray Data keeps row order (a seed then fixes
     the warm-up and everything downstream) and prints no bars of its own (grads_ray/progress.py does).
+    Workers run offline (``HF_HUB_OFFLINE=1``) unless the run names Hub models (``hub_models``) and
+    the user has not asked for offline; the user's Hub settings (token, cache) are passed on.
     -> whether this call started or connected (False: Ray was up already)."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        os.environ.update(RUNTIME_ENV)
+        from grads_ray import hub
+
+        env = {**RUNTIME_ENV, **hub.worker_env()}
+        if hub_models and not hub.offline():  # each node fetches the pinned Hub models it loads
+            env["HF_HUB_OFFLINE"] = "0"
+        os.environ.update(env)
         address = rc.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, runtime_env={"env_vars": RUNTIME_ENV}, log_to_driver=verbose)
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose)
         else:
             ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
-                     dashboard_host=rc.dashboard_host, runtime_env={"env_vars": RUNTIME_ENV},
+                     dashboard_host=rc.dashboard_host, runtime_env={"env_vars": env},
                      log_to_driver=verbose)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

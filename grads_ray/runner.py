@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from grads_ray import storage
-from grads_ray.config import Config, absolute_paths
+from grads_ray.config import Config, absolute_paths, path_settings
 from grads_ray.resources import Resources, start_ray
 from grads_ray.rundir import StageDir, read_json, unify_parts, write_json, write_text
 from grads_ray.stages import STAGES, Done, Outputs, Stage, job_end
@@ -86,7 +86,10 @@ class Runner:
 
     def _start_ray(self) -> None:
         t0 = time.time()
-        if start_ray(self.cfg.ray, self.verbose):
+        from grads_ray.hub import MODEL_KEYS, PREFIX
+
+        hub_models = any(str(path).startswith(PREFIX) for _, path in path_settings(self.cfg, MODEL_KEYS))
+        if start_ray(self.cfg.ray, self.verbose, hub_models=hub_models):
             self._ray_seconds += time.time() - t0
             self.manifest["ray_start_seconds"] = round(self._ray_seconds, 2)
 

@@ -46,12 +46,17 @@ def check_url(url: str) -> None:
 
 
 def location(text: str | os.PathLike) -> Location:
-    """A local path as ``Path``; a URL as ``UPath`` (listing cache off). Remote locations stay as they
-    are; local ones as given (callers make them absolute)."""
+    """A local path as ``Path``; a URL as ``UPath`` (listing cache off); a pinned Hub model
+    (``hf://org/name@commit``) as its folder in this node's Hugging Face cache, fetched if needed.
+    Remote locations stay as they are; local ones as given (callers make them absolute)."""
     if isinstance(text, Path):
         return text
     if not is_url(text):
         return Path(text)
+    if str(text).startswith("hf://"):  # a pinned Hub model: its snapshot in this node's cache
+        from grads_ray import hub
+
+        return hub.snapshot(str(text))[0]
     if str(text).startswith("file://"):
         return Path(str(text)[len("file://"):])
     from upath import UPath
@@ -214,7 +219,7 @@ def local_model(path: str) -> str:
     """A model folder ``from_pretrained`` can read: a local path as it is; a URL fetched into
     ``cache_root()/models/<hash of URL and listing>`` once per node (a rewritten model gets a new
     entry; concurrent fetches on one node are safe: each fills its own folder, the first rename wins)."""
-    if not is_url(path) or path.startswith("file://"):
+    if not is_url(path) or path.startswith(("file://", "hf://")):
         return str(location(path))
     loc = location(path)
     files = listing(loc)
