@@ -20,6 +20,7 @@ from grads_ray import storage
 from grads_ray.config import INPUT_PATH_LISTS, Config, ConfigError, load_config, path_settings
 from grads_ray.data.readers import InputError
 from grads_ray.gradients.rules import UnsupportedModel
+from grads_ray.scoring import ScorerFailed
 from grads_ray.stages import STAGES
 
 STAGE_COMMANDS = tuple(s.name for s in STAGES)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         runner = Runner(cfg, verbose=args.verbose)
         runner.run(end)
-    except (ConfigError, InputError, UnsupportedModel) as exc:
+    except (ConfigError, InputError, UnsupportedModel, ScorerFailed) as exc:
         print(f"grads-ray: error: {exc}", file=sys.stderr)
         return 2
     except EmptyStage as exc:  # --allow-empty: what ran is summarised, nothing follows

@@ -287,11 +287,16 @@ def _test_hooks(hooks: dict[str, Any], call: int, batch: int) -> None:
     ``sleep`` seconds before each engine batch; ``crash_once`` (a flag file) with ``crash_at_call``:
     the actor process kills itself (SIGKILL) half-way through that block, once per flag file;
     ``perturb`` (a parameter name) with ``factor``: the batched engine's rule for it made wrong
-    (:func:`_perturb_rule`), before the scorer's self-check."""
+    (:func:`_perturb_rule`), before the scorer's self-check; ``oom_at_call``: that call's first
+    batch raises ``torch.OutOfMemoryError``, as a GPU does at a batch size that cannot fit."""
     import signal
     import time
 
     time.sleep(hooks.get("sleep", 0))
+    if hooks.get("oom_at_call") == call and batch == 0:
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by a test)")
     flag = hooks.get("crash_once")
     if flag and call == hooks.get("crash_at_call", 1) and batch == 1 and not os.path.exists(flag):
         open(flag, "w").close()
@@ -420,22 +425,63 @@ def scored_table(out: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> pa.
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+class ScorerFailed(RuntimeError):
+    """An error of the scorer that would happen again if retried (a model that cannot load, out of
+    memory at this batch size, a bad setting): the run stops with its one line, exit 2."""
+
+
+TRANSIENT = (ConnectionError, TimeoutError)  # may pass: raised, so Ray's and the run's retries apply
+
+
+def failure_line(exc: BaseException, *, when: str, batch_size: int | None = None) -> str:
+    """One line for an error the scorer raised: what it was doing, the exception's type and first
+    line, and for out of memory the setting to lower."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    line = f"score: {when}: {type(exc).__name__}" + (f": {first}" if first else "")
+    if _is_oom(exc):
+        line += (f"; lower score.batch_size (now {batch_size})" if batch_size else "") + \
+            " or score.chunk_elements, or give the scorer more memory"
+    return line
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
 class UnitScorer:
     """Ray Data callable class: packed units in (one a call), each scored by a :class:`Scorer` and
-    written to its unit file, atomically; -> a receipt per unit (``shard, start, rows, node``)."""
+    written to its unit file, atomically; -> a receipt per unit (``shard, start, rows, node``, and
+    ``error``/``failure`` lines).
+
+    A lost process is a fault: the run scores the unwritten units again. An exception the scorer
+    raises is not (it would recur): the scorer stays up, writes nothing more, and hands the error to
+    the driver in its receipts, which stops the run with that line (``failure``; a refusal of the
+    model under ``score.engine=batched`` is ``error``). Only :data:`TRANSIENT` errors are raised."""
 
     def __init__(self, units: str, **scorer_kwargs: Any):
         from grads_ray import storage
 
         self.units = storage.location(units)
-        self.scorer = Scorer(**scorer_kwargs)
+        self.batch_size = scorer_kwargs.get("batch_size")
+        self.failure, self.node = "", node_id()
+        try:
+            self.scorer = Scorer(**scorer_kwargs)
+        except TRANSIENT:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an error that would recur: a receipt, not a dead actor
+            self.scorer = None
+            self.failure = failure_line(exc, when=f"the scorer could not start on {scorer_kwargs.get('model_path')}",
+                                        batch_size=self.batch_size)
+            log.error("[grads-ray] %s", self.failure, exc_info=True)  # the whole traceback in the worker's log
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from grads_ray.gradients.selfcheck import ModelRefused
 
-        rows, error = [], self.scorer.refusal
+        rows, error = [], self.scorer.refusal if self.scorer else ""
         for shard, start, data in zip(batch["shard"], batch["start"], batch["unit"], strict=True):
-            if error:  # nothing is written: the driver stops the run with this message
+            if error or self.failure:  # nothing is written: the driver stops the run with this message
                 rows.append(0)
                 continue
             try:
@@ -444,13 +490,22 @@ class UnitScorer:
                 error = str(exc)
                 rows.append(0)
                 continue
+            except TRANSIENT:
+                raise
+            except Exception as exc:  # noqa: BLE001 - see the class's docstring
+                self.failure = failure_line(exc, when=f"scoring shard {int(shard)} (its rows from {int(start)})",
+                                            batch_size=self.batch_size)
+                log.error("[grads-ray] %s", self.failure, exc_info=True)
+                rows.append(0)
+                continue
             write_parquet(unit_file(self.units, int(shard), int(start)), scored_table(out, self.scorer.shapes))
             rows.append(len(out["id"]))
         n = len(rows)
+        check = json.dumps(self.scorer.check.to_dict()) if self.scorer else "{}"
         return {"shard": np.asarray(batch["shard"], np.int64), "start": np.asarray(batch["start"], np.int64),
-                "rows": np.asarray(rows, np.int64), "node": np.full(n, self.scorer.node, dtype=object),
-                "error": np.full(n, error, dtype=object),
-                "check": np.full(n, json.dumps(self.scorer.check.to_dict()), dtype=object)}
+                "rows": np.asarray(rows, np.int64), "node": np.full(n, self.node, dtype=object),
+                "error": np.full(n, error, dtype=object), "failure": np.full(n, self.failure, dtype=object),
+                "check": np.full(n, check, dtype=object)}
 
 
 def finish_shard(shard: int, stats: StageDir, features: StageDir) -> dict[str, Any]:
@@ -629,6 +684,8 @@ def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
                 from grads_ray.gradients.selfcheck import ModelRefused
 
                 raise ModelRefused(str(receipt["error"]))
+            if receipt["failure"]:  # an error that would recur: one line, exit 2, no retry
+                raise ScorerFailed(str(receipt["failure"]))
             note_check(result, receipt)
             s = int(receipt["shard"])
             left[s] -= 1
@@ -726,7 +783,7 @@ def _stream_receipts(items: list[dict[str, int]], rows: StageDir, expected: dict
     ds.context.execution_options.preserve_order = False
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["shard"])):
-            yield {k: batch[k][i] for k in ("shard", "start", "rows", "node", "error", "check")}
+            yield {k: batch[k][i] for k in ("shard", "start", "rows", "node", "error", "failure", "check")}
 
 
 def _empty_scored() -> pa.Table:

@@ -1,6 +1,7 @@
 """Faults while scoring: the driver killed (SIGKILL, with its local Ray) and run again; a scorer actor
 killed mid-batch (its unfinished shards scored again in a fresh pass). Either way the outputs hold every id
-exactly once and equal those of an uninterrupted run."""
+exactly once and equal those of an uninterrupted run. Errors that would recur (a model that cannot load,
+out of memory) are not faults: one line, exit 2, no retry."""
 
 from __future__ import annotations
 
@@ -200,3 +201,30 @@ def test_a_shard_longer_than_ray_datas_no_progress_timeout_completes(job, ray_lo
     assert info["unit_rows"] == 32 and info["units_scored"] == 6 and took > 45.0
     units = out / "stats" / ".ledger" / "units"
     assert not units.exists() or not any(units.iterdir())  # merged into the shard's parts, then deleted
+
+
+def test_a_model_that_cannot_load_ends_the_run_at_once(job, ray_local, tmp_path, capsys):
+    """A scorer that cannot start (weights cut short) is an error that would recur: one line naming the
+    model and the error, exit 2, no retry, no traceback (before: three fresh passes, then exit 1)."""
+    src = Path(job["args"][job["args"].index("--model") + 1])
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = [a if a != str(src) else str(bad) for a in job["args"]]
+    t0 = time.time()
+    assert main(["score", *args, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"grads-ray: error: score: the scorer could not start on {bad}: SafetensorError"), err
+    assert "Traceback" not in "\n".join(err) and "fresh pass" not in "\n".join(err)
+    assert time.time() - t0 < 120  # one pass (and the other 5 shards' ingest), not four
+
+
+def test_out_of_memory_in_a_batch_names_the_setting_to_lower(job, ray_local, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRADS_RAY_TEST_SCORER_HOOKS", json.dumps({"oom_at_call": 2}))
+    assert main(["score", *job["args"], "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("grads-ray: error: score: scoring shard "), err
+    assert "OutOfMemoryError: CUDA out of memory" in err[-1] and "lower score.batch_size (now 4)" in err[-1]
