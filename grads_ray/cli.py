@@ -16,7 +16,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from grads_ray import storage
+from grads_ray import stopping, storage
 from grads_ray.config import INPUT_PATH_LISTS, Config, ConfigError, load_config, path_settings
 from grads_ray.data.readers import InputError
 from grads_ray.gradients.rules import UnsupportedModel
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = None
     if args.command == "check-model":
         return _check_model(args)
+    stopping.reset()
+    stopping.install()
     try:
         cfg = resolve(args)
         end = args.command if args.command in STAGE_COMMANDS else None  # None: the whole job
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         runner = Runner(cfg, verbose=args.verbose)
         runner.run(end)
+    except stopping.Stopped as stop:
+        return _stopped(stop, runner, args)
     except (ConfigError, InputError, UnsupportedModel, ScorerFailed) as exc:
         print(f"grads-ray: error: {exc}", file=sys.stderr)
         return 2
@@ -197,6 +201,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(summary(runner))
     return 0
+
+
+def _stopped(stop: stopping.Stopped, runner, args: argparse.Namespace) -> int:
+    """After SIGTERM/SIGINT: Ray shut down if this run started it, then one line on what is kept."""
+    from grads_ray.progress import Progress
+
+    stage = runner.stopped_in if runner is not None else None
+    if runner is not None and runner.started_ray:
+        import ray
+
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - stopping: what matters is the line below and the exit code
+            pass
+    where = f" during {stage}" if stage else ""
+    progress = Progress.latest.get(stage) if stage else None
+    kept = (f"{progress.done:,} of {progress.total:,} {progress.unit} kept" if progress and progress.total
+            else "finished work is kept")
+    out = f" in {runner.cfg.output}" if runner is not None else ""
+    print(f"grads-ray: stopped by {stop.name}{where}: {kept}{out}; rerun the same command to go on",
+          file=sys.stderr, flush=True)
+    return stop.exit_code
 
 
 def _check_model(args: argparse.Namespace) -> int:

@@ -18,12 +18,14 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
+    latest: dict[str, Progress] = {}  # the newest progress of each stage in this process
     """``update(n)`` as work finishes. ``done`` may start above 0 (work a resumed run had finished);
     the rate counts only this run's work, from its first update on."""
 
     def __init__(self, stage: str, total: int, unit: str = "rows", done: int = 0, every: float = 10.0,
                  tty: bool | None = None):
         self.stage, self.total, self.unit, self.every = stage, max(int(total), 0), unit, every
+        Progress.latest[stage] = self  # what a stop reports (grads_ray/stopping.py)
         self.done, self.first_done, self.t_first = done, done, None
         self.t0 = self.last = time.time()
         self.tty = sys.stderr.isatty() if tty is None else tty

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from grads_ray import storage
+from grads_ray import stopping, storage
 from grads_ray.config import Config, absolute_paths, path_settings
 from grads_ray.resources import Resources, start_ray
 from grads_ray.rundir import StageDir, read_json, unify_parts, write_json, write_text
@@ -83,6 +83,8 @@ class Runner:
         self._running: list[Stage] = []  # the stages being resolved, innermost last
         self.resources = Resources(start=self._start_ray)  # read once, when first asked
         self._ray_seconds = 0.0  # spent starting Ray: kept out of the stage that happened to start it
+        self.started_ray = False  # this run started (or connected to) Ray: it shuts it down when stopped
+        self.stopped_in: str | None = None  # the stage a signal stopped
 
     def _start_ray(self) -> None:
         t0 = time.time()
@@ -92,6 +94,8 @@ class Runner:
         if start_ray(self.cfg.ray, self.verbose, hub_models=hub_models):
             self._ray_seconds += time.time() - t0
             self.manifest["ray_start_seconds"] = round(self._ray_seconds, 2)
+            self.started_ray = True
+            stopping.install()  # ours again: Ray's own SIGTERM handler prints a C++ stack dump
 
     def ray(self) -> Resources:
         """Ray started (once: connected to ``ray.address``, else a local cluster of its own) and
@@ -123,6 +127,9 @@ class Runner:
         self._running.append(stage)
         try:
             done = self._resolve(stage)
+        except stopping.Stopped:
+            self.stopped_in = self.stopped_in or stage.name  # the innermost stage unwinds first
+            raise
         finally:
             self._running.pop()
         self._done[name] = done

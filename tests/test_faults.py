@@ -228,3 +228,41 @@ def test_out_of_memory_in_a_batch_names_the_setting_to_lower(job, ray_local, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("grads-ray: error: score: scoring shard "), err
     assert "OutOfMemoryError: CUDA out of memory" in err[-1] and "lower score.batch_size (now 4)" in err[-1]
+
+
+def test_sigterm_while_scoring_stops_cleanly_and_the_rerun_completes(job, uninterrupted, tmp_path):
+    """SIGTERM to the driver at a random moment of scoring (``ray job stop``, Kubernetes, a scheduler):
+    exit 143 within 30 s, a last line that says what is kept and how to go on, no C++ stack dump from
+    Ray, no Ray process left behind; the same command then completes with the uninterrupted outputs."""
+    import random
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "grads_ray", "score", *job["args"], "--output", str(out)]
+    env = {**os.environ, "GRADS_RAY_TEST_SCORER_HOOKS": json.dumps({"sleep": 0.5})}
+    env.pop("RAY_ADDRESS", None)
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.time() + 300
+        while "[grads-ray] score ..." not in stderr_path.read_text() and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(random.Random().uniform(3, 25))  # somewhere in the stage: start-up, first units, merging
+        os.kill(proc.pid, signal.SIGTERM)
+        t0 = time.time()
+        code = proc.wait(timeout=60)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = stderr_path.read_text()
+    if code == 0:  # the stage finished before the signal (a fast machine): nothing to stop
+        pytest.skip("scoring finished before the signal")
+    assert code == 143 and took < 30, (code, took, err[-2000:])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("grads-ray: stopped by SIGTERM during score: ") and "rerun the same command" in last, last
+    assert "SIGTERM received" not in err and "Traceback" not in err, err[-2000:]
+    left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the stopped run still alive: {left}"
+    assert main(["score", *job["args"], "--output", str(out)]) == 0
+    _assert_same(out, uninterrupted, job["rows"])

@@ -1,0 +1,61 @@
+"""A clean stop on SIGTERM and SIGINT (``kill``, Ctrl-C, ``ray job stop``, Kubernetes, a scheduler).
+
+The first signal raises :class:`Stopped` in the driver's main thread wherever it is waiting: no new
+work is handed out, the stage unwinds (every part and marker is written atomically, temp file then
+rename, so nothing half-written is left; a unit a scorer was writing is either there whole or not at
+all), the local Ray the job started is shut down, and the CLI's last line says where it stopped and
+that the same command resumes; exit 128 + the signal (143, 130). A second signal ends the process at
+once. Ray installs its own SIGTERM handler when it starts (it prints a C++ stack dump), so the
+handlers are installed again after Ray starts (:func:`install`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(BaseException):  # noqa: N818 - not an error: nothing that catches Exception may swallow it
+    """The job was asked to stop by a signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_state = {"stopping": False}
+
+
+def _handler(signum, frame) -> None:
+    if _state["stopping"]:  # a second signal: now
+        os._exit(128 + signum)
+    _state["stopping"] = True
+    raise Stopped(signum)
+
+
+def install() -> None:
+    """Our handlers for SIGTERM and SIGINT (from the main thread; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+
+
+def stopping() -> bool:
+    return _state["stopping"]
+
+
+def reset() -> None:
+    """For an in-process caller that runs the job again (the tests)."""
+    _state["stopping"] = False
