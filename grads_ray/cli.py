@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*(args.overrides or []), *extra]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("grads_ray").setLevel(logging.INFO)  # stage progress always; Ray's logs with -v
-    runner = None
+    runner, stop = None, None
     if args.command == "check-model":
         return _check_model(args)
     stopping.reset()
@@ -189,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         runner = Runner(cfg, verbose=args.verbose)
         runner.run(end)
-    except stopping.Stopped as stop:
-        return _stopped(stop, runner, args)
+    except KeyboardInterrupt as exc:  # a signal (grads_ray/stopping.py), or Ray's interrupt in its place
+        # handled below: its traceback holds the frames of Ray Data's iterators; once they are gone,
+        # the iterators close and their executor threads stop before Ray does
+        stop = stopping.as_stopped(exc).with_traceback(None)
     except (ConfigError, InputError, UnsupportedModel, ScorerFailed) as exc:
         print(f"grads-ray: error: {exc}", file=sys.stderr)
         return 2
@@ -199,13 +201,21 @@ def main(argv: list[str] | None = None) -> int:
             print(summary(runner))
         print(f"grads-ray: {exc}; stopped there (--allow-empty)")
         return 0
+    if stop is not None:
+        return _stopped(stop, runner, args)
     print(summary(runner))
     return 0
 
 
 def _stopped(stop: stopping.Stopped, runner, args: argparse.Namespace) -> int:
-    """After SIGTERM/SIGINT: Ray shut down if this run started it, then one line on what is kept."""
+    """After SIGTERM/SIGINT: what the stage left running closed, Ray shut down if this run started it,
+    then one line on what is kept."""
+    import gc
+
     from grads_ray.progress import Progress
+
+    gc.collect()  # the stage's generators (Ray Data's iterators among them) closed: their threads end
+    _end_data_executors()
 
     stage = runner.stopped_in if runner is not None else None
     if runner is not None and runner.started_ray:
@@ -217,12 +227,34 @@ def _stopped(stop: stopping.Stopped, runner, args: argparse.Namespace) -> int:
             pass
     where = f" during {stage}" if stage else ""
     progress = Progress.latest.get(stage) if stage else None
-    kept = (f"{progress.done:,} of {progress.total:,} {progress.unit} kept" if progress and progress.total
-            else "finished work is kept")
+    if progress and progress.total and progress.unit == "steps":  # training keeps its checkpoints
+        kept = f"at step {progress.done:,} of {progress.total:,}, checkpoints kept"
+    elif progress and progress.total:
+        kept = f"{progress.done:,} of {progress.total:,} {progress.unit} kept"
+    else:
+        kept = "finished work is kept"
     out = f" in {runner.cfg.output}" if runner is not None else ""
     print(f"grads-ray: stopped by {stop.name}{where}: {kept}{out}; rerun the same command to go on",
           file=sys.stderr, flush=True)
     return stop.exit_code
+
+
+def _end_data_executors(timeout: float = 10.0) -> None:
+    """Ray Data's executor threads still running (a pass stopped mid-way) shut down and joined: one
+    that touches Ray after Ray is shut down makes Ray end the process with exit 1."""
+    import threading
+
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:  # another Ray: nothing to end by name
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, StreamingExecutor) and thread.is_alive():
+            try:
+                thread.shutdown(force=True)
+            except Exception:  # noqa: BLE001 - stopping: best effort
+                pass
+            thread.join(timeout)
 
 
 def _check_model(args: argparse.Namespace) -> int:

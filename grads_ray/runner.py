@@ -127,7 +127,7 @@ class Runner:
         self._running.append(stage)
         try:
             done = self._resolve(stage)
-        except stopping.Stopped:
+        except KeyboardInterrupt:  # a signal (grads_ray/stopping.py)
             self.stopped_in = self.stopped_in or stage.name  # the innermost stage unwinds first
             raise
         finally:

@@ -18,8 +18,11 @@ import threading
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Stopped(BaseException):  # noqa: N818 - not an error: nothing that catches Exception may swallow it
-    """The job was asked to stop by a signal."""
+class Stopped(KeyboardInterrupt):  # noqa: N818 - not an error: nothing that catches Exception may swallow it
+    """The job was asked to stop by a signal. A KeyboardInterrupt, because that is what Ray's blocking
+    calls (``ray.get`` inside Ray Train's ``fit``) check for while they wait and end on at once; any
+    other exception raised by a signal handler there is only seen when the call returns. Ray may raise
+    a plain KeyboardInterrupt in its place: :func:`as_stopped` recovers the signal."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -34,14 +37,21 @@ class Stopped(BaseException):  # noqa: N818 - not an error: nothing that catches
         return 128 + self.signum
 
 
-_state = {"stopping": False}
+_state: dict = {"stopping": False, "signum": None}
 
 
 def _handler(signum, frame) -> None:
     if _state["stopping"]:  # a second signal: now
         os._exit(128 + signum)
-    _state["stopping"] = True
+    _state["stopping"], _state["signum"] = True, signum
     raise Stopped(signum)
+
+
+def as_stopped(exc: KeyboardInterrupt) -> Stopped:
+    """The stop a KeyboardInterrupt stands for: ours, or Ray's in its place (the signal we saw, else SIGINT)."""
+    if isinstance(exc, Stopped):
+        return exc
+    return Stopped(_state["signum"] or signal.SIGINT)
 
 
 def install() -> None:
@@ -58,4 +68,4 @@ def stopping() -> bool:
 
 def reset() -> None:
     """For an in-process caller that runs the job again (the tests)."""
-    _state["stopping"] = False
+    _state["stopping"], _state["signum"] = False, None

@@ -247,7 +247,7 @@ def test_sigterm_while_scoring_stops_cleanly_and_the_rerun_completes(job, uninte
         deadline = time.time() + 300
         while "[grads-ray] score ..." not in stderr_path.read_text() and time.time() < deadline:
             time.sleep(0.1)
-        time.sleep(random.Random().uniform(3, 25))  # somewhere in the stage: start-up, first units, merging
+        time.sleep(random.Random().uniform(0.5, 25))  # somewhere in the stage: start-up, first units, merging
         os.kill(proc.pid, signal.SIGTERM)
         t0 = time.time()
         code = proc.wait(timeout=60)
@@ -266,3 +266,34 @@ def test_sigterm_while_scoring_stops_cleanly_and_the_rerun_completes(job, uninte
     assert not left, f"processes of the stopped run still alive: {left}"
     assert main(["score", *job["args"], "--output", str(out)]) == 0
     _assert_same(out, uninterrupted, job["rows"])
+
+
+def test_sigterm_during_fine_tune_stops_at_once_and_the_rerun_finishes(job, ray_local, tmp_path):
+    """SIGTERM while Ray Train trains (the driver waits inside ``trainer.fit()``): exit 143 within 30 s,
+    not when training ends; the rerun resumes and saves the model. (That a run resumed from its
+    checkpoint equals an uninterrupted one: tests/test_training.py.)"""
+    out = tmp_path / "out"
+    args = [*job["args"], "select.budget=50%", "finetune.epochs=30", "--output", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "grads_ray", "finetune", *args], env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.time() + 400
+        while "finetune: 1 of" not in stderr_path.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGTERM)
+        t0 = time.time()
+        code = proc.wait(timeout=120)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = stderr_path.read_text()
+    assert code == 143 and took < 30, (code, took, err[-2000:])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("grads-ray: stopped by SIGTERM during finetune: at step "), last
+    assert "SIGTERM received" not in err and "Traceback" not in err, err[-2000:]
+    assert main(["finetune", *args]) == 0
+    assert (out / "finetune" / "model" / "config.json").is_file()
