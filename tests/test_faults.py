@@ -230,6 +230,31 @@ def test_out_of_memory_in_a_batch_names_the_setting_to_lower(job, ray_local, tmp
     assert "OutOfMemoryError: CUDA out of memory" in err[-1] and "lower score.batch_size (now 4)" in err[-1]
 
 
+def _sigterm(command: list[str], tmp_path: Path, marker: str, delay: float = 0.0, env_extra: dict | None = None
+             ) -> tuple[int, float, str, int]:
+    """Run ``grads_ray COMMAND`` in its own process (its own local Ray) and send it SIGTERM ``delay``
+    seconds after ``marker`` shows in its stderr. -> (exit code, seconds from the signal to the exit,
+    stderr, its session id: every process it started)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env_extra or {})}
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "grads_ray", *command], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.time() + 400
+        while marker not in stderr_path.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGTERM)
+        t0 = time.time()
+        code = proc.wait(timeout=120)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return code, took, stderr_path.read_text(), proc.pid
+
+
 def test_sigterm_while_scoring_stops_cleanly_and_the_rerun_completes(job, uninterrupted, tmp_path):
     """SIGTERM to the driver at a random moment of scoring (``ray job stop``, Kubernetes, a scheduler):
     exit 143 within 30 s, a last line that says what is kept and how to go on, no C++ stack dump from
@@ -237,32 +262,17 @@ def test_sigterm_while_scoring_stops_cleanly_and_the_rerun_completes(job, uninte
     import random
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "grads_ray", "score", *job["args"], "--output", str(out)]
-    env = {**os.environ, "GRADS_RAY_TEST_SCORER_HOOKS": json.dumps({"sleep": 0.5})}
-    env.pop("RAY_ADDRESS", None)
-    stderr_path = tmp_path / "stderr.txt"
-    with stderr_path.open("w") as stderr:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        deadline = time.time() + 300
-        while "[grads-ray] score ..." not in stderr_path.read_text() and time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(random.Random().uniform(0.5, 25))  # somewhere in the stage: start-up, first units, merging
-        os.kill(proc.pid, signal.SIGTERM)
-        t0 = time.time()
-        code = proc.wait(timeout=60)
-        took = time.time() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    err = stderr_path.read_text()
+    delay = random.Random().uniform(0.5, 25)  # somewhere in the stage: start-up, first units, merging
+    code, took, err, session = _sigterm(["score", *job["args"], "--output", str(out)], tmp_path,
+                                        "[grads-ray] score ...", delay,
+                                        {"GRADS_RAY_TEST_SCORER_HOOKS": json.dumps({"sleep": 0.5})})
     if code == 0:  # the stage finished before the signal (a fast machine): nothing to stop
         pytest.skip("scoring finished before the signal")
-    assert code == 143 and took < 30, (code, took, err[-2000:])
+    assert code == 143 and took < 30, (code, took, delay, err[-2000:])
     last = err.strip().splitlines()[-1]
     assert last.startswith("grads-ray: stopped by SIGTERM during score: ") and "rerun the same command" in last, last
     assert "SIGTERM received" not in err and "Traceback" not in err, err[-2000:]
-    left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the stopped run still alive: {left}"
     assert main(["score", *job["args"], "--output", str(out)]) == 0
     _assert_same(out, uninterrupted, job["rows"])
@@ -274,23 +284,7 @@ def test_sigterm_during_fine_tune_stops_at_once_and_the_rerun_finishes(job, ray_
     checkpoint equals an uninterrupted one: tests/test_training.py.)"""
     out = tmp_path / "out"
     args = [*job["args"], "select.budget=50%", "finetune.epochs=30", "--output", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    stderr_path = tmp_path / "stderr.txt"
-    with stderr_path.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "grads_ray", "finetune", *args], env=env,
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        deadline = time.time() + 400
-        while "finetune: 1 of" not in stderr_path.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGTERM)
-        t0 = time.time()
-        code = proc.wait(timeout=120)
-        took = time.time() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    err = stderr_path.read_text()
+    code, took, err, _ = _sigterm(["finetune", *args], tmp_path, "finetune: 1 of")
     assert code == 143 and took < 30, (code, took, err[-2000:])
     last = err.strip().splitlines()[-1]
     assert last.startswith("grads-ray: stopped by SIGTERM during finetune: at step "), last
