@@ -760,7 +760,10 @@ def _stream_receipts(items: list[dict[str, int]], rows: StageDir, expected: dict
     # One item (and so one block) a unit; batch_size=1 downstream holds each call to one unit
     # whatever blocks Ray Data forms, so output flows unit by unit.
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(prepare_units, batch_size=1, batch_format="numpy",
+    # On a one-CPU cluster the scorer and the tasks that feed it share the CPU (half each): a whole
+    # CPU for the scorer would leave its feeders none, and the pass would wait for ever.
+    small = not use_gpu and cpus < 2
+    ds = ds.map_batches(prepare_units, batch_size=1, batch_format="numpy", num_cpus=0.5 if small else 1,
                         fn_kwargs={"paths": {s: str(rows.part(s)) for s in expected}, "unit_rows": unit_rows,
                                    "model_path": model_path, "max_length": max_length, "on_long": on_long,
                                    "trust_remote_code": trust_remote_code})
@@ -772,7 +775,8 @@ def _stream_receipts(items: list[dict[str, int]], rows: StageDir, expected: dict
         ds = ds.map_batches(
             UnitScorer, batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(num_actors, 1)),
-            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else max(1, threads or 1), max_restarts=0,
+            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else (0.5 if small else max(1, threads or 1)),
+            max_restarts=0,
             fn_constructor_kwargs={"units": str(units), "model_path": model_path, "use_gpu": use_gpu,
                                    "threads": threads, "trust_remote_code": trust_remote_code,
                                    "settings": settings, "batch_size": batch_size, "hooks": hooks,

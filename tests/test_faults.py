@@ -291,3 +291,15 @@ def test_sigterm_during_fine_tune_stops_at_once_and_the_rerun_finishes(job, ray_
     assert "SIGTERM received" not in err and "Traceback" not in err, err[-2000:]
     assert main(["finetune", *args]) == 0
     assert (out / "finetune" / "model" / "config.json").is_file()
+
+
+def test_a_one_cpu_cluster_scores_instead_of_waiting_for_ever(job, tmp_path):
+    """One CPU (a small container): the scorer and the tasks feeding it share it. Before, the scorer
+    reserved the only CPU, its feeders never ran and the job waited without end."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-m", "grads_ray", "score", *job["args"], "--output", str(out),
+                          "ray.num_cpus=1"], env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = read_json(out / "stats" / ".ledger" / "SUCCESS.json")
+    assert info["scored"] + info["rejected"] == job["rows"] and info["scored"] > 0
