@@ -202,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grads-ray: {exc}; stopped there (--allow-empty)")
         return 0
     if stop is not None:
-        return _stopped(stop, runner, args)
+        return _stopped(stop, runner)
     print(summary(runner))
     return 0
 
 
-def _stopped(stop: stopping.Stopped, runner, args: argparse.Namespace) -> int:
+def _stopped(stop: stopping.Stopped, runner) -> int:
     """After SIGTERM/SIGINT: what the stage left running closed, Ray shut down if this run started it,
     then one line on what is kept."""
     import gc

@@ -18,9 +18,10 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    latest: dict[str, Progress] = {}  # the newest progress of each stage in this process
     """``update(n)`` as work finishes. ``done`` may start above 0 (work a resumed run had finished);
     the rate counts only this run's work, from its first update on."""
+
+    latest: dict[str, Progress] = {}  # the newest progress of each stage in this process
 
     def __init__(self, stage: str, total: int, unit: str = "rows", done: int = 0, every: float = 10.0,
                  tty: bool | None = None):

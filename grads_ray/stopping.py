@@ -62,10 +62,6 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
-def stopping() -> bool:
-    return _state["stopping"]
-
-
 def reset() -> None:
     """For an in-process caller that runs the job again (the tests)."""
     _state["stopping"], _state["signum"] = False, None

@@ -28,7 +28,7 @@ def _stack(seed: int, n=3, b=4, p=5, r=6, c=7):
 @pytest.mark.parametrize("extrema", [True, False])
 def test_a_stack_of_matrices_equals_each_matrix_alone(extrema):
     left, right, keep = _stack(0)
-    ml, mr = grouped.masked(left, keep), grouped.masked(right, keep)
+    ml, mr = grouped.zero_padding_(left.clone(), keep), grouped.zero_padding_(right.clone(), keep)
     got = grouped.dense_moments(ml, mr, extrema=extrema, chunk_elements=40)  # several row blocks
     p_rows = torch.randn((3, 2, 6), dtype=torch.float64)
     p_cols = torch.randn((3, 3, 7), dtype=torch.float64)

@@ -53,6 +53,7 @@ from grads_ray.gradients.factored import (
     Dense,
     Rows,
     Slice,
+    acc_dtype,
     matrix_moments,
     project_terms,
     stacked_moments,
@@ -199,9 +200,12 @@ class BatchedGradStats:
         self.group = {n: group_of(n) for n in self.params}
         self.groups = list(dict.fromkeys(self.group.values()))
         self.row = {n: i for i, n in enumerate(self.params)}  # the moment table's row of each parameter
-        self.member = torch.tensor([[self.group[n] == g for n in self.params] for g in self.groups])  # (G, P)
-        self.numel = torch.tensor([float(p.numel()) for p in self.params.values()], dtype=torch.float64)
+        self.columns = ["n_tokens", "loss", "n_response_tokens", *GRAD_STATS,
+                        *(f"{g}.{k}" for g in self.groups for k in GRAD_STATS)]
+        self._member = torch.tensor([[self.group[n] == g for n in self.params] for g in self.groups])  # (G, P)
+        self._numel = torch.tensor([float(p.numel()) for p in self.params.values()], dtype=torch.float64)
         self._stacks: dict[tuple, dict[str, torch.Tensor]] = {}  # per stack of names: its rows, blocks, buckets
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (member, numel) per device
         self.projector = (Projector({n: tuple(p.shape) for n, p in self.params.items()}, proj_dim, proj_rank, seed)
                           if proj_dim else None)
         self.fisher_proj, self.fisher_rank = fisher_projection(
@@ -495,20 +499,18 @@ class BatchedGradStats:
             if state.held > self.hold_bytes:
                 self._flush(state)
             return
-        self._reduce_alone(state, name, [self._materialize(state, h) for h in held])
+        self._reduce_alone(state, name, [self._materialize(h) for h in held])
 
-    def _materialize(self, state: _State, held: _Held):
+    def _materialize(self, held: _Held):
         """One use as a term of ``factored``, padding zeroed (a formed (B, …) tensor for vectors)."""
-        if held.kind == "term":
-            return held.value
-        if held.kind == "vector":
+        if held.kind in ("term", "vector"):
             return held.value
         if held.kind == "dense":
             keep = held.keep[..., None]
             return Dense(*_common(torch.where(keep, held.left, 0.0), torch.where(keep, held.right, 0.0)))
-        return self._vectors(state, held.kind, [held])[0]
+        return self._vectors(held.kind, [held])[0]
 
-    def _vectors(self, state: _State, kind: str, members: list[_Held]) -> torch.Tensor:
+    def _vectors(self, kind: str, members: list[_Held]) -> torch.Tensor:
         """N uses of vector parameters of one kind and shape -> their per-example gradients (N, B, n)."""
         if kind == "vector":
             return torch.stack([h.value for h in members])
@@ -518,7 +520,7 @@ class BatchedGradStats:
             return delta.sum(2)
         x = torch.stack([h.right for h in members])  # norm: (N, *input), its x̂ once for the stack
         hat = first.hat(None, None, x).reshape(delta.shape)
-        return (delta * hat.masked_fill_(~first.keep[None, :, :, None], 0.0)).sum(2)
+        return (delta * grouped.zero_padding_(hat, first.keep)).sum(2)
 
     def _flush(self, state: _State) -> None:
         """Reduce every stack of the uses that are ready: one pass of kernels per distinct shape."""
@@ -536,13 +538,13 @@ class BatchedGradStats:
                 self._store(state, names, grouped.dense_moments(left, right, extrema=self.extrema,
                                                                 chunk_elements=self.chunk_elements))
                 if self.projector:
-                    blocks = self._stack(names, left.device, _acc(left))
+                    blocks = self._stack(names, left.device, acc_dtype(left))
                     self._sketch(state, names, grouped.dense_project(left, right, blocks["p_rows"], blocks["p_cols"]))
             else:
-                g = self._vectors(state, key[0], helds)
+                g = self._vectors(key[0], helds)
                 self._store(state, names, grouped.vector_moments_stack(g, extrema=self.extrema))
                 if self.projector:
-                    self._sketch(state, names, grouped.vector_project(g, self._stack(names, g.device, _acc(g))["p_vec"]))
+                    self._sketch(state, names, grouped.vector_project(g, self._stack(names, g.device, acc_dtype(g))["p_vec"]))
 
     def _stack(self, names: tuple[str, ...], device, acc: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """A stack's table rows (``index``) and count-sketch ``bucket`` and ``sign`` of its columns, and
@@ -620,7 +622,9 @@ class BatchedGradStats:
         dev = table.device
         if not self.extrema:
             table[:, 2:] = torch.nan
-        stats = grouped.group_statistics(table, self.member.to(dev), self.numel.to(dev))  # (1 + G, 5, B)
+        if str(dev) not in self._on_device:
+            self._on_device[str(dev)] = (self._member.to(dev), self._numel.to(dev))
+        stats = grouped.group_statistics(table, *self._on_device[str(dev)])  # (1 + G, 5, B)
         head = torch.stack([mask.sum(1).to(torch.float64), torch.where(n_resp > 0, loss.double(), torch.nan),
                             n_resp.to(torch.float64)])  # (3, B)
         hidden = state.hidden.to(torch.float64 if state.hidden.dtype == torch.float64 else torch.float32)
@@ -635,9 +639,7 @@ class BatchedGradStats:
         if self.keep_params:
             pieces["params"] = table
         host = _to_host(pieces)  # one device-to-host copy
-        names = ["n_tokens", "loss", "n_response_tokens"] + [f"{k}" for k in GRAD_STATS] + [
-            f"{g}.{k}" for g in self.groups for k in GRAD_STATS]
-        out = BatchScores(dict(zip(names, host["columns"], strict=True)), host["hidden_mean"],
+        out = BatchScores(dict(zip(self.columns, host["columns"], strict=True)), host["hidden_mean"],
                           grad_proj=host.get("grad_proj"))
         if self.fisher_rank:
             out.fisher_factor, out.fisher_energy = fisher_from_gram(host["fisher_gram"], self.fisher_rank)
@@ -645,10 +647,6 @@ class BatchedGradStats:
             out.params = {n: {"s": v[0], "ss": v[1], "mx": v[2], "mn": v[3], "n": self.params[n].numel()}
                           for n, v in zip(self.params, host["params"], strict=True)}
         return out
-
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _to_host(pieces: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

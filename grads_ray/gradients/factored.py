@@ -70,7 +70,8 @@ class Moments:
                 "grad_max": self.mx, "grad_min": self.mn}
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype reductions run in: float64 for float64 input, else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -80,7 +81,7 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 
 def vector_moments(g: torch.Tensor, extrema: bool = True) -> Moments:
     """Per-example gradient of a vector parameter, g (B, n), formed already."""
-    acc = g.to(_acc_dtype(g))
+    acc = g.to(acc_dtype(g))
     nan = torch.full((g.shape[0],), torch.nan, dtype=torch.float64, device=g.device)
     return Moments(g.shape[1], acc.sum(1, dtype=torch.float64), (acc * acc).sum(1, dtype=torch.float64),
                    _f64(g.amax(1)) if extrema else nan, _f64(g.amin(1)) if extrema else nan)
@@ -90,7 +91,7 @@ def entry_sum(terms: list[Dense | Rows]) -> torch.Tensor:
     """Σ of G_i's entries, (B,) float64: Σ_t (Σ_r l_t)(Σ_c r_t); a one-hot row sums to 1."""
     total = None
     for term in terms:
-        acc = _acc_dtype(term.right)
+        acc = acc_dtype(term.right)
         rsum = term.right.sum(-1, dtype=acc)  # (B, T)
         lsum = term.left.sum(-1, dtype=acc) if isinstance(term, Dense) else (term.index >= 0).to(acc)
         part = _f64((lsum * rsum).sum(1))
@@ -103,7 +104,7 @@ def ghost_sumsq(terms: list[Dense]) -> torch.Tensor:
     Memory (B, T, T); cost ~ B·T²·(R + C)."""
     left = torch.cat([t.left for t in terms], dim=1)
     right = torch.cat([t.right for t in terms], dim=1)
-    acc = _acc_dtype(right)
+    acc = acc_dtype(right)
     gl = torch.bmm(left.to(acc), left.to(acc).transpose(1, 2))  # (B, T, T)
     gr = torch.bmm(right.to(acc), right.to(acc).transpose(1, 2))
     return _f64((gl * gr).sum(2)).sum(1)  # rows in acc, then float64 across them
@@ -120,7 +121,7 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
     at most ``chunk_elements`` entries (over the whole batch) are alive at once."""
     first = terms[0].right
     b, dev, dt = first.shape[0], first.device, first.dtype
-    acc = _acc_dtype(first)
+    acc = acc_dtype(first)
     step = max(1, min(rows, chunk_elements // max(1, b * cols)))
     ss = torch.zeros(b, dtype=torch.float64, device=dev)
     mx = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
@@ -166,7 +167,7 @@ def rows_moments(terms: list[Rows], rows: int) -> tuple[torch.Tensor, torch.Tens
     index = torch.cat([t.index for t in terms], dim=1)  # (B, T')
     right = torch.cat([t.right for t in terms], dim=1)  # (B, T', C)
     b, t, c = right.shape
-    acc = _acc_dtype(right)
+    acc = acc_dtype(right)
     key = torch.where(index >= 0, index, rows)  # no contribution: one sentinel run at the end
     ordered, order = key.sort(dim=1, stable=True)
     starts = torch.ones_like(ordered, dtype=torch.bool)
@@ -229,7 +230,7 @@ def project_terms(terms: list[Dense | Rows], p_rows: torch.Tensor, p_cols: torch
     p_rows (k_r, R), p_cols (k_c, C) -> (B, k_r * k_c) in ``acc`` dtype."""
     out = None
     for term in terms:
-        acc = _acc_dtype(term.right)
+        acc = acc_dtype(term.right)
         right = term.right.to(acc) @ p_cols.to(acc).T  # (B, T, k_c)
         if isinstance(term, Dense):
             left = term.left.to(acc) @ p_rows.to(acc).T  # (B, T, k_r)

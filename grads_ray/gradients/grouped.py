@@ -16,13 +16,13 @@ import torch
 
 from grads_ray.gradients.factored import Dense, matrix_moments, vector_moments
 
-__all__ = ["dense_moments", "dense_project", "masked", "stacked", "table_rows", "vector_moments_stack", "vector_project",
+__all__ = ["dense_moments", "dense_project", "stacked", "zero_padding_", "table_rows", "vector_moments_stack", "vector_project",
            "group_statistics"]
 
 
-def masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Zero the positions of padding: x (N, B, P, F), keep (B, P) bool -> (N, B, P, F)."""
-    return torch.where(keep[None, :, :, None], x, 0.0)
+def zero_padding_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero the positions of padding in place: x (N, B, P, F), keep (B, P) bool -> x."""
+    return x.masked_fill_(~keep[None, :, :, None], 0.0)
 
 
 def stacked(parts: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
