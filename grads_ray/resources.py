@@ -48,6 +48,23 @@ def start_ray(rc: RayConfig, verbose: bool = False, hub_models: bool = False) ->
     return started
 
 
+def cpus_settled(timeout_s: float = 5.0) -> bool:
+    """Wait (at most ``timeout_s``) until Ray's view of free CPUs shows one. The view lags the
+    cluster by up to a second: just after Ray starts it has no CPU entry yet, and just after a pass
+    that used every CPU it still counts them busy. A Ray Data pass started in that window warns that
+    it "will hang", which it will not. -> whether a free CPU showed in time."""
+    import time
+
+    import ray
+
+    end = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU"):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def node_cpus() -> list[int]:
     """CPUs of each alive node of the connected Ray cluster (nodes without CPUs left out; [1] when
     none has any): training and index workers size their CPU reservations from it."""

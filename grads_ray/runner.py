@@ -87,15 +87,24 @@ class Runner:
         self.stopped_in: str | None = None  # the stage a signal stopped
 
     def _start_ray(self) -> None:
-        t0 = time.time()
         from grads_ray.hub import MODEL_KEYS, PREFIX
 
+        t0 = time.time()
         hub_models = any(str(path).startswith(PREFIX) for _, path in path_settings(self.cfg, MODEL_KEYS))
-        if start_ray(self.cfg.ray, self.verbose, hub_models=hub_models):
+        was_up = True
+        try:
+            with stopping.deferred():  # a signal now stops the job once Ray is up (and can be shut down)
+                import ray  # its first import, stopped half-way, would leave a module nothing can use
+
+                was_up = ray.is_initialized()
+                started = start_ray(self.cfg.ray, self.verbose, hub_models=hub_models)
+        except stopping.Stopped:
+            self.started_ray = self.started_ray or not was_up
+            raise
+        if started:
+            self.started_ray = True
             self._ray_seconds += time.time() - t0
             self.manifest["ray_start_seconds"] = round(self._ray_seconds, 2)
-            self.started_ray = True
-            stopping.install()  # ours again: Ray's own SIGTERM handler prints a C++ stack dump
 
     def ray(self) -> Resources:
         """Ray started (once: connected to ``ray.address``, else a local cluster of its own) and

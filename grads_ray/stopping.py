@@ -6,11 +6,13 @@ rename, so nothing half-written is left; a unit a scorer was writing is either t
 all), the local Ray the job started is shut down, and the CLI's last line says where it stopped and
 that the same command resumes; exit 128 + the signal (143, 130). A second signal ends the process at
 once. Ray installs its own SIGTERM handler when it starts (it prints a C++ stack dump), so the
-handlers are installed again after Ray starts (:func:`install`).
+handlers are installed again after Ray starts (:func:`install`); a signal while Ray starts is held
+until it has (:func:`deferred`), so that nothing Ray began is left running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -52,6 +54,53 @@ def as_stopped(exc: KeyboardInterrupt) -> Stopped:
     if isinstance(exc, Stopped):
         return exc
     return Stopped(_state["signum"] or signal.SIGINT)
+
+
+@contextlib.contextmanager
+def deferred():
+    """A signal that comes while Ray starts is held until it has started, then stops the job.
+
+    Stopped half-way, ``ray.init`` leaves the processes it had begun (the node is not yet known to
+    ``ray.shutdown``), and a half-done first ``import ray`` leaves a module nothing can use. Ray's
+    own SIGTERM handler, which ``ray.init`` puts in place first thing and which exits mid-start, is
+    kept out meanwhile (a Ray without that hook: its exit is taken for the signal). Our handlers
+    are back on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hold(signum, frame) -> None:
+        if _state["signum"] is not None:  # a second signal: now
+            os._exit(128 + signum)
+        _state["signum"] = signum
+
+    for sig in SIGNALS:
+        signal.signal(sig, hold)
+    ray_utils = _ray_utils()
+    ray_sets = getattr(ray_utils, "set_sigterm_handler", None)
+    if ray_sets is not None:  # ray.init puts in its own first thing, which exits mid-start: not now
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    except SystemExit as exc:  # another Ray, whose handler was put in place after all
+        if exc.code != signal.SIGTERM:
+            raise
+        _state["signum"] = signal.SIGTERM
+    finally:
+        if ray_sets is not None:
+            ray_utils.set_sigterm_handler = ray_sets
+        install()
+    if _state["signum"] is not None:
+        _state["stopping"] = True
+        raise Stopped(_state["signum"])
+
+
+def _ray_utils():
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:
+        return None
+    return ray_utils
 
 
 def install() -> None:

@@ -38,8 +38,9 @@ def _alive_nodes(address: str, env: dict[str, str]) -> int:
 
 
 @pytest.fixture
-def two_nodes(tmp_path):
-    """A head (1 CPU, dashboard on 127.0.0.1) and a second node (2 CPUs), both with token auth.
+def two_nodes(tmp_path, request):
+    """A head (1 CPU, or the test's indirect parameter; dashboard on 127.0.0.1) and a second node
+    (2 CPUs, its ``ray start`` process as ``worker``), both with token auth.
     ``--block`` keeps each ``ray start`` in the foreground, so ending it stops only its own node
     (``ray stop`` would stop every Ray on the machine, the test session's included). ``ray start --head``
     records its address in Ray's ``ray_current_cluster`` file, which ending it leaves behind; the file is
@@ -59,7 +60,7 @@ def two_nodes(tmp_path):
     head = subprocess.Popen(
         ["ray", "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--dashboard-agent-listen-port={_free_port()}",
-         "--num-cpus=1", *common], env=env, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT)
+         f"--num-cpus={getattr(request, 'param', 1)}", *common], env=env, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT)
     procs = [head]
     try:
         deadline = time.time() + 180
@@ -77,7 +78,7 @@ def two_nodes(tmp_path):
         while _alive_nodes(f"127.0.0.1:{gcs}", env) < 2:
             assert time.time() < deadline and worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
             time.sleep(2)
-        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "env": env}
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "env": env, "worker": worker}
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -92,12 +93,13 @@ def two_nodes(tmp_path):
             address_file.write_text(address_before)
 
 
-def test_a_job_submitted_to_a_two_node_cluster_uses_both_nodes(two_nodes, tmp_path, tiny_tokenizer):
+def _job_config(tmp_path: Path, tiny_tokenizer, n_rows: int) -> tuple[Path, Path, list[dict]]:
+    """A corpus of ``n_rows`` real rows, a tiny model and a job config scoring on two actors."""
     from grads_ray.demo.corpus import sft_rows
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    rows = sft_rows()[:120]
+    rows = sft_rows()[:n_rows]
     (corpus / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = tmp_path / "model"
     save_tiny_model("llama", model, vocab=len(tiny_tokenizer))
@@ -114,6 +116,20 @@ score: {{batch_size: 8, num_actors: 2}}
 select: {{method: grads, budget: "25%"}}
 finetune: {{enabled: false}}
 """)
+    return cfg, out, rows
+
+
+def _every_row_once(out: Path, n_rows: int) -> dict:
+    manifest = read_json(out / "manifest.json")
+    assert manifest["accounting"]["input_rows"] == n_rows
+    ids = read_parts(sorted((out / "stats").glob("part-*.parquet")), ["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids))
+    assert len(ids) + manifest["accounting"]["rejected_ingest"] + manifest["accounting"]["rejected_score"] == n_rows
+    return manifest
+
+
+def test_a_job_submitted_to_a_two_node_cluster_uses_both_nodes(two_nodes, tmp_path, tiny_tokenizer):
+    cfg, out, rows = _job_config(tmp_path, tiny_tokenizer, 120)
     job = f"grads-ray-test-{secrets.token_hex(4)}"
     got = subprocess.run(
         ["ray", "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(REPO),
@@ -125,11 +141,7 @@ finetune: {{enabled: false}}
                             env=two_nodes["env"], capture_output=True, text=True, timeout=120)
     assert "succeeded" in (status.stdout + status.stderr).lower()
 
-    manifest = read_json(out / "manifest.json")
-    assert manifest["accounting"]["input_rows"] == len(rows)
-    stats = read_parts(sorted((out / "stats").glob("part-*.parquet")), ["id"])
-    assert stats.num_rows + manifest["accounting"]["rejected_ingest"] + manifest["accounting"]["rejected_score"] \
-        == len(rows)
+    manifest = _every_row_once(out, len(rows))
     assert (out / "selected.jsonl").exists() and (out / "selection.parquet").exists()
     nodes = set(manifest["stages"]["ingest"]["nodes"]) | set(manifest["stages"]["score"]["nodes"])
     assert len(nodes) == 2, manifest["stages"]
@@ -142,3 +154,51 @@ finetune: {{enabled: false}}
     refused = subprocess.run(["ray", "job", "list", "--address", two_nodes["dashboard"]],
                              env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
+
+
+def _descendants(pid: int) -> list[int]:
+    table = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for child, parent in zip(table[::2], table[1::2], strict=True):
+        children.setdefault(int(parent), []).append(int(child))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.parametrize("two_nodes", [2], indirect=True)
+def test_a_worker_node_lost_mid_score_costs_only_its_units(two_nodes, tmp_path, tiny_tokenizer):
+    """Preemption: the second node, with a scorer on it, killed outright mid-score (every process of
+    it, SIGKILL, as a spot node disappears). The job finishes on the head alone, every id once, and
+    only the lost node's units are scored again (a unit written is never redone)."""
+    import signal
+
+    cfg, out, rows = _job_config(tmp_path, tiny_tokenizer, 240)
+    env_vars = {"GRADS_RAY_TEST_SCORER_HOOKS": json.dumps({"sleep": 0.3})}  # a stage long enough to cut
+    log = tmp_path / "job.log"
+    submit = subprocess.Popen(
+        ["ray", "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "python", "jobs/run.py", str(cfg)],
+        env=two_nodes["env"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while "[grads-ray] score: " not in log.read_text():  # the first units are written
+            assert submit.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+        node = two_nodes["worker"]
+        for pid in [node.pid, *_descendants(node.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert submit.wait(timeout=900) == 0, log.read_text()[-6000:]
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert "again in a fresh pass" in log.read_text(), log.read_text()[-4000:]  # the loss hit a scorer mid-score
+    manifest = _every_row_once(out, len(rows))
+    assert len(manifest["stages"]["score"]["nodes"]) == 2, manifest["stages"]["score"]  # both scored
+    assert (out / "selected.jsonl").exists()

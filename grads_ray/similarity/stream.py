@@ -213,6 +213,7 @@ class StreamSettings:
     workers: int = 1
     use_gpu: bool = False
     seed: int = 0
+    chunk_rows: int = 0  # rows per chunk and output part; 0: from memory_mb (the tests set it small)
 
 
 def _positions(parts: list[Path]) -> np.ndarray:
@@ -261,7 +262,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     n = len(pos)
     first = next(iter_chunks(parts, [st.column], 1), None)
     d = len(first.column(0)[0]) if first is not None else 1
-    rows = min(chunk_rows(d, st.k, st.memory_mb), max(PROGRESS_MIN_ROWS, -(-n // PROGRESS_STEPS)))
+    rows = st.chunk_rows or min(chunk_rows(d, st.k, st.memory_mb), max(PROGRESS_MIN_ROWS, -(-n // PROGRESS_STEPS)))
     kk = max(0, min(st.k, n - 1))
     spec = st.spec or IndexSpec(kind="flat", seed=st.seed)
     kind = spec.resolve(max(n, 1), d)[0]

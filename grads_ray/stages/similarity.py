@@ -108,9 +108,32 @@ class Similarity(Stage):
         score = ctx.need("score")
         source = ctx.need("embed")["embeddings"] if s.feature == "encoder" else score["features"]
         bar = Progress("similarity", score.info["scored"], "rows")
-        info = similarity_over_parts(source.parts(), out["similarity"].part, st, progress=bar.update,
+        st, progress = _test_hooks(st, bar.update)
+        info = similarity_over_parts(source.parts(), out["similarity"].part, st, progress=progress,
                                      pool_cls=functools.partial(RayPool, node_cpus=res.node_cpus))
         bar.close()
         if s.use_gpu != "false" and res.gpus > 0 and not use_gpu and res.faiss_gpu_problem:
             info["faiss_gpu_fallback"] = res.faiss_gpu_problem  # GPUs there, FAISS unable: the CPU index
         return {**info, "feature": s.feature, "seconds": round(time.time() - t0, 2)}
+
+
+TEST_HOOKS_ENV = "GRADS_RAY_TEST_SIMILARITY_HOOKS"
+
+
+def _test_hooks(st, progress):
+    """For the tests (JSON in ``GRADS_RAY_TEST_SIMILARITY_HOOKS``): ``chunk_rows`` per chunk and
+    ``sleep`` seconds after each chunk is written, so a small corpus gives a stage long enough to stop
+    in the middle. -> (settings, progress callback), unchanged when the variable is unset."""
+    import dataclasses
+    import json
+    import os
+
+    hooks = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
+    if not hooks:
+        return st, progress
+
+    def slowed(rows: int) -> None:
+        progress(rows)
+        time.sleep(hooks.get("sleep", 0))
+
+    return dataclasses.replace(st, chunk_rows=hooks.get("chunk_rows", st.chunk_rows)), slowed

@@ -86,6 +86,7 @@ def training_dataset(files: list[str], pick: dict[str, Any] | None, cfg, preload
     Either way the rows come in the same order."""
     import ray
 
+    from grads_ray.resources import cpus_settled
     from grads_ray.scoring import tokenize
 
     tables = preload_rows(files, pick, preload_mb, cfg.score.tokenize_batch_size)
@@ -98,7 +99,10 @@ def training_dataset(files: list[str], pick: dict[str, Any] | None, cfg, preload
     ds = tokenize(ds, model_path=cfg.model.path, max_length=cfg.data.max_length, on_long=cfg.data.on_long,
                   batch_size=cfg.score.tokenize_batch_size, trust_remote_code=cfg.model.trust_remote_code)
     ds = ds.map_batches(training_columns, batch_format="numpy")
-    return ds.materialize() if tables is not None else ds
+    if tables is None:
+        return ds
+    cpus_settled()  # a pass started while Ray still counts the last stage's CPUs busy warns it "will hang"
+    return ds.materialize()
 
 
 def train_on(ctx, stage: str, fp: str, out_model: Location, n_rows: int, files: list[str], pick: dict[str, Any] | None,
