@@ -44,16 +44,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grads-ray", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from grads_ray.selection.methods import help_text
+
+    methods = "selection methods (select.method=NAME):\n" + help_text()
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="grads-ray", description=__doc__, epilog=methods, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="every stage, from a YAML config")
+    run = sub.add_parser("run", help="every stage, from a YAML config", epilog=methods, formatter_class=raw)
     run.add_argument("config")
     _common(run)
-    compare = sub.add_parser("compare", help="several strategies and budgets, each fine-tuned and evaluated: a report")
+    compare = sub.add_parser("compare", help="several strategies and budgets, each fine-tuned and evaluated: a report",
+                             epilog=methods, formatter_class=raw)
     compare.add_argument("config")
     _common(compare)
-    demo = sub.add_parser("demo", help="build the offline demo corpus and model, then run every stage")
+    demo = sub.add_parser("demo", help="build the offline demo corpus and model, then run every stage",
+                          epilog=methods, formatter_class=raw)
     _common(demo)
     check = sub.add_parser("check-model", help="which score engine a model folder gets (the batched engine's "
                            "self-check, without scoring a corpus); exit 2 where score.engine=batched refuses it")
@@ -61,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     _common(check)
     for stage in STAGES:
-        p = sub.add_parser(stage.name, help=f"{stage.about} (and the stages it needs)")
+        p = sub.add_parser(stage.name, help=f"{stage.about} (and the stages it needs)", formatter_class=raw,
+                           epilog=methods if stage.name == "select" else None)
         p.add_argument("--config", help="YAML config (defaults for any key not given)")
         _common(p)
     return parser

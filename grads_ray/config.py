@@ -218,7 +218,7 @@ class LessConfig:
 
 @dataclass
 class SelectConfig:
-    method: str = "grads"  # grads | fisher | random | loss | grad_norm | ifd | less
+    method: str = "grads"  # a name in grads_ray/selection/methods.py's METHODS (grads-ray --help lists them)
     budget: str = "25%"  # "5%", "0.05", "500" (examples) or "20000 tokens"
     dedup: str = "auto"  # cap near-duplicate groups: auto (grads only) | true | false
     max_per_dup_group: int = 1
@@ -564,9 +564,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"select.budget: {exc}") from None
 
 
-METHODS = ("grads", "fisher", "random", "loss", "grad_norm", "ifd", "less")
-
-
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -585,7 +582,9 @@ def _number_or(key: str, value: str, word: str, positive: bool = False) -> None:
 
 def _validate_select(cfg: Config) -> None:
     sc, g = cfg.select, cfg.select.grads
-    _one_of("select.method", sc.method, METHODS)
+    from grads_ray.selection.methods import METHODS
+
+    _one_of("select.method", sc.method, tuple(METHODS))
     _one_of("select.dedup", sc.dedup, ("auto", "true", "false"))
     _one_of("select.grads.normalize", g.normalize, ("zscore", "robust", "rank"))
     _one_of("select.grads.region", g.region, ("dense", "sparse", "hdr", "match"))
@@ -601,9 +600,6 @@ def _validate_select(cfg: Config) -> None:
         raise ConfigError("select.grads.stats and select.grads.groups must not be empty")
     if not 0.0 <= sc.max_similarity <= 1.0:
         raise ConfigError("select.max_similarity is a cosine in [0, 1] (0: off)")
-    if sc.max_similarity > 0 and sc.method == "fisher":
-        raise ConfigError("select.max_similarity does not apply to fisher (its log-det gain already "
-                          "discounts examples like those chosen)")
     if sc.max_per_dup_group < 1:
         raise ConfigError("select.max_per_dup_group must be >= 1")
     if any(v < 0 for v in sc.quotas.values()) or sum(sc.quotas.values()) <= 0 and sc.quotas:
@@ -618,11 +614,6 @@ def _validate_select(cfg: Config) -> None:
     _one_of("select.baseline.loss_order", b.loss_order, ("highest", "lowest"))
     _one_of("select.baseline.grad_norm_order", b.grad_norm_order, ("highest", "lowest"))
     _one_of("select.less.reduce", sc.less.reduce, ("mean", "max"))
-    if sc.method == "less" and not sc.less.target_paths:
-        raise ConfigError("select.method=less needs select.less.target_paths (the target/validation rows)")
-    if sc.method == "less" and not cfg.score.proj_dim:
-        raise ConfigError("select.method=less needs projected gradients: score.proj_dim > 0")
-    if sc.method == "fisher" and not (cfg.score.fisher_dim and cfg.score.fisher_rank):
-        raise ConfigError("select.method=fisher needs score.fisher_dim and score.fisher_rank > 0")
-    if sc.method == "ifd" and not cfg.score.response_only_loss:
-        raise ConfigError("select.method=ifd needs score.response_only_loss=true")
+    problem = METHODS[sc.method].check(cfg)  # what the method asks of the rest of the config
+    if problem:
+        raise ConfigError(problem)

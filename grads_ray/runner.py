@@ -23,7 +23,7 @@ import yaml
 from grads_ray import stopping, storage
 from grads_ray.config import Config, absolute_paths, path_settings
 from grads_ray.resources import Resources, start_ray
-from grads_ray.rundir import StageDir, read_json, unify_parts, write_json, write_text
+from grads_ray.rundir import StageDir, fingerprint, read_json, unify_parts, write_json, write_text
 from grads_ray.stages import STAGES, Done, Outputs, Stage, job_end
 
 log = logging.getLogger("grads_ray")
@@ -80,6 +80,7 @@ class Runner:
         self.manifest.pop("ray_start_seconds", None)  # this run's, when it starts Ray
         write_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._done: dict[str, Done] = {}
+        self._fingerprints: dict[str, str] = {}
         self._running: list[Stage] = []  # the stages being resolved, innermost last
         self.resources = Resources(start=self._start_ray)  # read once, when first asked
         self._ray_seconds = 0.0  # spent starting Ray: kept out of the stage that happened to start it
@@ -144,8 +145,17 @@ class Runner:
         self._done[name] = done
         return done
 
+    def fingerprint(self, name: str) -> str:
+        """Stage ``name``'s fingerprint, from the config alone (nothing runs): its name, the
+        fingerprints of its needs in their order, its settings (:meth:`Stage.settings`)."""
+        if name not in self._fingerprints:
+            stage = self._table[name]
+            self._fingerprints[name] = fingerprint(name, *(self.fingerprint(n) for n in stage.needs(self.cfg)),
+                                                   *stage.settings(self.cfg))
+        return self._fingerprints[name]
+
     def _resolve(self, stage: Stage) -> Done:
-        fp = stage.fingerprint(self)  # resolves the inputs it is made of first
+        fp = self.fingerprint(stage.name)
         out = Outputs(fp, {f: StageDir(self.out, f) for f in stage.folders})
         main, *others = out.dirs.values()
         start, ray_before = time.time(), self._ray_seconds

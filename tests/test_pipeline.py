@@ -313,6 +313,29 @@ def test_compare_writes_every_file_of_the_report(finished, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
 
 
+def test_a_method_added_in_one_registry_entry_runs_through_compare(finished, tmp_path, monkeypatch):
+    """The walkthrough of docs/design.md, "Adding a selection method": one entry (here made in the
+    test) and the method is a config value, a strategy of compare, selected, fine-tuned and evaluated."""
+    from grads_ray.selection.methods import METHODS, Method, Ranking
+
+    def shortest(p):  # the method's "module": fewest tokens first
+        return Ranking(-np.asarray(p.inputs.columns["n_tokens"], dtype=np.float64))
+
+    monkeypatch.setitem(METHODS, "shortest", Method("shortest", "fewest tokens first", rank=shortest))
+    out = tmp_path / "cmp"
+    shutil.copytree(finished["out"], out / "seed-1", ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
+    assert main(["compare", str(finished["config"]), "compare.strategies=[shortest:20%]", "finetune.epochs=1",
+                 "eval.generate=0", "--output", str(out)]) == 0
+    run = json.loads((out / "comparison.json").read_text())["runs"][0]
+    assert run["method"] == "shortest" and run["selected"] == round(0.2 * run["scored"])
+    sel = pq.read_table(out / "seed-1" / "shortest-20pct" / "selection.parquet").to_pylist()
+    stats = read_parts(sorted((out / "seed-1" / "stats").glob("part-*.parquet")), ["id", "n_tokens"]).to_pylist()
+    tokens = {r["id"]: r["n_tokens"] for r in stats}
+    picked = [tokens[r["id"]] for r in sel if r["selected"]]
+    assert max(picked) <= min(tokens[r["id"]] for r in sel if not r["selected"])  # the shortest, and only them
+    assert run["after"]["domain_loss"] > 0
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(finished, tmp_path, capsys):
     fresh = tmp_path / "fresh"
     assert main(["run", str(finished["config"]), "--dry-run", "--output", str(fresh)]) == 0

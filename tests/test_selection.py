@@ -23,6 +23,7 @@ from grads_ray.selection.fisher import brute_force_greedy, fisher_greedy, log_de
 from grads_ray.selection.grads import criteria, gradient_signal, grads_components, redundancy, region_score
 from grads_ray.selection.inputs import SelectionInputs, method_needs
 from grads_ray.selection.kde import bandwidth, hdr_level, kde_density
+from grads_ray.selection.methods import METHODS as REGISTRY
 from grads_ray.selection.ranking import (
     cap_per_group,
     chauvenet_k,
@@ -38,7 +39,7 @@ from grads_ray.selection.ranking import (
 )
 from grads_ray.selection.select import select
 
-METHODS = ["grads", "fisher", "random", "loss", "grad_norm", "ifd", "less"]
+METHODS = list(REGISTRY)  # every registered method
 
 
 # ------------------------------------------------------------------------------------------ budgets
@@ -281,7 +282,7 @@ def test_fisher_greedy_on_memory_mapped_factors_equals_in_memory(tmp_path):
     """The select stage's spill (factors over select.memory_mb, an np.memmap read a few rows at a
     time) gives the same picks and gains as factors in memory, lazy and stochastic; λ=auto computed
     in blocks equals the formula."""
-    from grads_ray.selection.select import fisher_lambda
+    from grads_ray.selection.fisher import fisher_lambda
 
     rng = np.random.default_rng(11)
     n = 300

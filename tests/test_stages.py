@@ -11,9 +11,9 @@ import time
 import pytest
 
 from grads_ray.cli import STAGE_COMMANDS, main
-from grads_ray.config import METHODS, ConfigError, load_config
-from grads_ray.rundir import fingerprint
+from grads_ray.config import ConfigError, load_config
 from grads_ray.runner import Runner
+from grads_ray.selection.methods import METHODS
 from grads_ray.stages import STAGES, Stage, closure, job_end, per_strategy
 from grads_ray.summary import plan
 from tests.conftest import save_tiny_model
@@ -21,8 +21,8 @@ from tests.conftest import save_tiny_model
 
 class Recorder(Stage):
     """A stand-in with a real stage's name, folders and needs: it reads each declared input through
-    the runner (the first ones for its fingerprint, the last one while it runs, as evaluate reads
-    the baseline) and records that it ran."""
+    the runner while it runs (the last one after the others, as evaluate reads the baseline) and
+    records that it ran."""
 
     def __init__(self, real: Stage, calls: list[str], pause: float = 0.0):
         self.name, self.folders, self.private = real.name, real.folders, real.private
@@ -31,11 +31,11 @@ class Recorder(Stage):
     def needs(self, cfg):
         return self.real.needs(cfg)
 
-    def fingerprint(self, ctx):
-        return fingerprint(self.name, [ctx.need(n).fingerprint for n in self.needs(ctx.cfg)[:-1]])
+    def settings(self, cfg):
+        return ()
 
     def run(self, ctx, out):
-        for name in self.needs(ctx.cfg)[-1:]:
+        for name in self.needs(ctx.cfg):
             ctx.need(name)
         time.sleep(self.pause)
         self.calls.append(self.name)

@@ -267,3 +267,17 @@ def brute_force_greedy(factors: np.ndarray, k: int, lam: float) -> list[int]:
         chosen.append(best)
         a = a + f[best].T @ f[best]
     return chosen
+
+
+def fisher_lambda(factors: np.ndarray, setting: str) -> float:
+    """λ for FisherSFT: a number, or ``auto`` = mean_i tr(F_iᵀF_i) / d' (one average example's
+    information per dimension), so the prior weighs as much as one example whatever the scale."""
+    if setting != "auto":
+        return float(setting)
+    n = len(factors)
+    total = 0.0
+    for s in range(0, n, 1 << 16):  # in blocks: the factors may be a memory-mapped spill
+        f = np.asarray(factors[s:s + (1 << 16)])
+        total += float(np.einsum("nrd,nrd->", f, f, dtype=np.float64))
+    lam = total / (n * factors.shape[-1]) if n else 1.0
+    return lam if lam > 0 else 1.0

@@ -1,7 +1,7 @@
 """What each selection method reads, declared once, and the inputs themselves as one value.
 
-:func:`method_needs` is the one place that says what a method reads besides the ids and the base
-columns (``loss``, ``n_tokens``, ``finite``): which stats columns, whether the similarity stage's
+:func:`method_needs` says what a selection reads (each method declares its own in
+grads_ray/selection/methods.py) besides the ids and the base columns (``loss``, ``n_tokens``, ``finite``): which stats columns, whether the similarity stage's
 neighbour lists, FisherSFT's factors, LESS's projected gradients and target, or the feature vectors
 of the ``max_similarity`` pass. The select stage reads just that; the stage table derives from it
 which stages ``select`` needs; :func:`grads_ray.selection.select.select` checks that it was given.
@@ -36,21 +36,12 @@ class MethodNeeds:
 
 
 def method_needs(cfg: Any) -> MethodNeeds:
-    """What ``cfg`` (a :class:`grads_ray.config.SelectConfig`) makes the selection read."""
-    g = cfg.grads
-    by_method = {
-        "grads": MethodNeeds(columns=(*g.stats, *(f"{grp}.{st}" for grp in g.groups for st in g.stats)),
-                             neighbours=True),
-        "fisher": MethodNeeds(factors=True),
-        "random": MethodNeeds(),
-        "loss": MethodNeeds(),
-        "grad_norm": MethodNeeds(columns=(cfg.baseline.grad_norm_column,)),
-        "ifd": MethodNeeds(columns=("loss_response_only",)),
-        "less": MethodNeeds(grad_proj=True, target=True),
-    }
-    if cfg.method not in by_method:
-        raise ValueError(f"unknown selection method {cfg.method!r}")
-    need = by_method[cfg.method]
+    """What ``cfg`` (a :class:`grads_ray.config.SelectConfig`) makes the selection read: its method's
+    needs (:data:`grads_ray.selection.methods.METHODS`), the neighbours when ``dedup=true``, the
+    vectors for the ``max_similarity`` pass."""
+    from grads_ray.selection.methods import method
+
+    need = method(cfg.method).needs(cfg)
     return replace(need, neighbours=need.neighbours or cfg.dedup == "true", vectors=cfg.max_similarity > 0)
 
 

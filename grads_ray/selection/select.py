@@ -19,29 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from grads_ray.selection.baselines import ifd, less_score, ordered, random_score
 from grads_ray.selection.budget import Budget, group_limits, take_with_quotas
-from grads_ray.selection.fisher import fisher_greedy
-from grads_ray.selection.grads import grads_components
 from grads_ray.selection.inputs import SelectionInputs, method_needs
+from grads_ray.selection.methods import Picking, method
 from grads_ray.selection.ranking import cap_per_group, id_hash, interleave, order_desc
-
-EXACT_FISHER_MAX = 50_000  # fisher.epsilon=auto: exact lazy greedy up to this many examples
-NOT_PREFERRED_REASON = {"grads": "outside_band", "ifd": "ifd_above_max"}
-
-
-def fisher_lambda(factors: np.ndarray, setting: str) -> float:
-    """λ for FisherSFT: a number, or ``auto`` = mean_i tr(F_iᵀF_i) / d' (one average example's
-    information per dimension), so the prior weighs as much as one example whatever the scale."""
-    if setting != "auto":
-        return float(setting)
-    n = len(factors)
-    total = 0.0
-    for s in range(0, n, 1 << 16):  # in blocks: the factors may be a memory-mapped spill
-        f = np.asarray(factors[s:s + (1 << 16)])
-        total += float(np.einsum("nrd,nrd->", f, f, dtype=np.float64))
-    lam = total / (n * factors.shape[-1]) if n else 1.0
-    return lam if lam > 0 else 1.0
 
 
 def source_codes(source: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -95,22 +76,21 @@ def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
     """Choose a subset of N scored examples (``cfg``: a :class:`grads_ray.config.SelectConfig`) from
     ``inputs`` (what :func:`grads_ray.selection.inputs.method_needs` names must be there).
 
+    The method (:data:`grads_ray.selection.methods.METHODS`) ranks the rows, or picks them itself;
+    near-duplicate caps, the similarity pass, quotas and the budget follow, the same for every method.
     ``device``: where FisherSFT's greedy and the similarity pass run (``cpu`` or ``cuda``).
     -> ``out`` (a new dict if None) with (N,) arrays: ``selected``, ``rank`` (-1 if not), ``reason``,
     ``score`` and every component.
     """
+    m = method(cfg.method)
     inputs.require(method_needs(cfg), cfg.method)
-    columns, ids, source = inputs.columns, inputs.ids, inputs.source
-    fisher_factors, vectors = inputs.fisher_factors, inputs.vectors
-    method = cfg.method
-    n = len(columns["loss"])
-    sim = inputs.similarity or {}
-    tiebreak = id_hash(ids, seed)
-    cost = budget.costs(columns["n_tokens"])
+    n = len(inputs)
+    tiebreak = id_hash(inputs.ids, seed)
+    cost = budget.costs(inputs.columns["n_tokens"])
     limit = budget.limit(n)
     limits = code = None
-    if cfg.quotas and source is not None:
-        code, names = source_codes(source)
+    if cfg.quotas and inputs.source is not None:
+        code, names = source_codes(inputs.source)
         unknown = sorted(set(cfg.quotas) - set(names) - {"*"})
         if unknown:
             raise ValueError(f"select.quotas names {unknown[0]!r}, which is no source of the corpus "
@@ -119,81 +99,31 @@ def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
         limits = {c: by_name[name] for c, name in enumerate(names)}
     reason = np.full(n, "", dtype=object)
     out = {} if out is None else out
-    dedup = cfg.dedup == "true" or (cfg.dedup == "auto" and method == "grads")
-    groups = sim.get("dup_group") if dedup else None
+    dedup = cfg.dedup == "true" or (cfg.dedup == "auto" and m.dedup_by_default)
+    groups = (inputs.similarity or {}).get("dup_group") if dedup else None
+    p = Picking(inputs=inputs, cfg=cfg, seed=seed, device=device, tiebreak=tiebreak, cost=cost, limit=limit,
+                code=code, limits=limits, groups=groups, reason=reason, out=out)
+    if m.choose is not None:  # the method spends the budget itself
+        return _verdicts(out, m.choose(p), reason)
 
-    if method == "fisher":
-        eligible = np.ones(n, bool)
-        if groups is not None:  # a duplicate's gain is low anyway; capping keeps the rule uniform
-            kept, dropped = cap_per_group(order_desc(np.zeros(n), tiebreak), groups, cfg.max_per_dup_group)
-            eligible[dropped] = False
-            reason[dropped] = "duplicate"
-        lam = fisher_lambda(fisher_factors, cfg.fisher.lam)
-        eps = cfg.fisher.epsilon
-        eps = (0.0 if n <= EXACT_FISHER_MAX else 0.01) if eps == "auto" else float(eps)
-        chosen, gain, gain0 = fisher_greedy(
-            fisher_factors, cost, limit, lam, order0=np.argsort(tiebreak, kind="stable"), eligible=eligible,
-            group=code, group_limits=limits, epsilon=eps,
-            batch=cfg.fisher.batch, seed=seed, device=device)
-        picked_gain = np.full(n, np.nan)
-        picked_gain[chosen] = gain
-        out.update({"fisher_gain_alone": gain0, "fisher_gain": picked_gain,
-                    "score": np.where(np.isnan(picked_gain), gain0, picked_gain)})
-        if limits is not None:  # sources whose quota cannot pay for even the cheapest example
-            used = np.bincount(code[chosen], weights=cost[chosen], minlength=len(limits))
-            full = [g for g, lim in limits.items() if lim - used[g] < cost.min(initial=1)]
-            reason[(reason == "") & np.isin(code, full)] = "over_source_quota"
-        return _verdicts(out, chosen, reason)
-
-    preferred = np.ones(n, bool)
-    balance = None
-    if method == "grads":
-        grads_components(columns, cfg.grads, tiebreak=tiebreak, diversity=sim.get("diversity"),
-                         nn_idx=sim.get("neighbours", sim.get("nn_idx")), nn_sims=sim.get("nn_sims"), out=out)
-        score, preferred = out["score"], out["in_band"]
-        cluster = sim.get("cluster")
-        out.update({k: sim[k] for k in ("cluster", "dup_group") if k in sim})
-        if cfg.grads.region == "match":
-            strata = out["stratum"].astype(np.int64)
-            balance = (strata, 1.0) if cluster is None or cfg.grads.cluster_alpha < 0 else (
-                strata * (int(cluster.max(initial=0)) + 1) + cluster, max(cfg.grads.cluster_alpha, 0.0))
-        elif cluster is not None and cfg.grads.cluster_alpha >= 0:
-            balance = (cluster, cfg.grads.cluster_alpha)
-    elif method == "random":
-        score = random_score(tiebreak)
-    elif method == "loss":
-        score = ordered(columns["loss"], cfg.baseline.loss_order)
-    elif method == "grad_norm":
-        col = cfg.baseline.grad_norm_column
-        if col not in columns:
-            raise ValueError(f"select.baseline.grad_norm_column={col!r} is not in the stats table")
-        score = ordered(columns[col], cfg.baseline.grad_norm_order)
-    elif method == "ifd":
-        if "loss_response_only" not in columns or np.isnan(columns["loss_response_only"]).all():
-            raise ValueError("IFD needs loss_response_only: rescore with score.response_only_loss=true")
-        score = ifd(columns["loss"], columns["loss_response_only"])
-        out["ifd"] = score
-        if cfg.baseline.ifd_max > 0:
-            preferred = np.nan_to_num(score, nan=np.inf) < cfg.baseline.ifd_max
-    else:  # less
-        score = less_score(inputs.grad_proj, inputs.target_proj, cfg.less.reduce)
+    ranked = m.rank(p)
     if "score" not in out:  # GrADS put its own
-        out["score"] = score
-
-    order = order_desc(score, tiebreak)
+        out["score"] = ranked.score
+    preferred = np.ones(n, bool) if ranked.preferred is None else np.asarray(ranked.preferred, bool)
+    order = order_desc(ranked.score, tiebreak)
     first, rest = order[preferred[order]], order[~preferred[order]]
-    if balance is not None:
-        first = interleave(first, *balance)
-    order = np.concatenate([first, rest]) if (cfg.fill or method != "grads") else first
+    if ranked.balance is not None:
+        first = interleave(first, *ranked.balance)
+    order = first if ranked.preferred_only and not cfg.fill else np.concatenate([first, rest])
     if groups is not None:
         order, dropped = cap_per_group(order, groups, cfg.max_per_dup_group)
         reason[dropped] = "duplicate"
     if cfg.max_similarity > 0:
-        order = _far_apart(order, vectors, cfg.max_similarity, cost, limit, code, limits, reason, device)
+        order = _far_apart(order, inputs.vectors, cfg.max_similarity, cost, limit, code, limits, reason, device)
     chosen, over_quota = take_with_quotas(order, cost, limit, code, limits)
     reason[order[over_quota]] = "over_source_quota"
-    if method in NOT_PREFERRED_REASON:
-        reason[(reason == "") & ~preferred] = NOT_PREFERRED_REASON[method]
+    if m.not_preferred:
+        reason[(reason == "") & ~preferred] = m.not_preferred
     return _verdicts(out, chosen, reason)
 
 

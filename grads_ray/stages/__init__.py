@@ -1,9 +1,10 @@
 """The job's stages, in order: the one table that the runner, ``--dry-run``'s plan, ``grads-ray
 compare`` and the CLI's stage commands read.
 
-Each stage module reads top to bottom: what it reads (``needs``), what identifies its result
-(``fingerprint``), how it computes it (``run``). The order of the job is this table's order; which
-stages a run takes is the closure of what its last stage needs under the config.
+Each stage module reads top to bottom: what it reads (``needs``), which of its settings decide its
+result (``settings``: the runner makes the fingerprint of them and its needs' fingerprints), how it
+computes it (``run``). The order of the job is this table's order; which stages a run takes is the
+closure of what its last stage needs under the config.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """What a stage is, and what the runner hands it.
 
 A stage is a step of the job with a name, its output folders in the run directory and the stages
-whose outputs it reads (``needs``, which may depend on the config). It says how to fingerprint its
-result, how to compute it and what it hands on; the runner (grads_ray/runner.py) does the rest the
-same way for every stage: memo, fingerprint, prepare, finish, manifest (datatrove's executor/step
-split). A stage reaches another's outputs only through ``ctx.need(name)``, and only for the names
+whose outputs it reads (``needs``, which may depend on the config). It says which of its settings
+decide its result, how to compute it and what it hands on; the runner (grads_ray/runner.py) does the
+rest the same way for every stage: fingerprint (the stage's name, its needs' fingerprints, its
+settings), memo, prepare, finish, manifest (datatrove's executor/step split). A stage reaches another's outputs only through ``ctx.need(name)``, and only for the names
 its ``needs`` lists.
 """
 
@@ -64,7 +64,7 @@ class Done:
 
 
 class Stage:
-    """One step of the job. Subclasses set the class attributes and write ``fingerprint`` and ``run``.
+    """One step of the job. Subclasses set the class attributes and write ``needs``, ``settings`` and ``run``.
 
     ``about``: one line for ``--help``; ``folders``: output folders in the run directory, the first
     holding ``.ledger/SUCCESS.json`` (the stage is done when it holds this run's fingerprint);
@@ -81,8 +81,10 @@ class Stage:
         """The stages whose outputs this one reads under ``cfg``, in the table's order."""
         return []
 
-    def fingerprint(self, ctx: Runner) -> str:
-        """The identity of the result: this stage's settings and its inputs' fingerprints."""
+    def settings(self, cfg: Config) -> tuple:
+        """What the result depends on besides the results of ``needs`` (JSON-able values: settings,
+        file sizes and dates, a model folder's listing). The runner makes the stage's fingerprint of
+        its name, its needs' fingerprints and these (:meth:`grads_ray.runner.Runner.fingerprint`)."""
         raise NotImplementedError
 
     def run(self, ctx: Runner, out: Outputs) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from grads_ray.rundir import fingerprint, read_json, write_json
+from grads_ray.rundir import read_json, write_json
 from grads_ray.stages.base import Outputs, Stage
 
 
@@ -77,9 +77,8 @@ class Baseline(Stage):
     name, folders, private = "baseline", ("baseline",), ("before",)
     about = "the base model evaluated, every evaluation's before: baseline/"
 
-    def fingerprint(self, ctx) -> str:
-        cfg = ctx.cfg
-        return fingerprint("baseline", cfg.model.path, eval_settings(cfg), cfg.data.max_length)
+    def settings(self, cfg) -> tuple:
+        return cfg.model.path, eval_settings(cfg), cfg.data.max_length
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         import ray
@@ -98,8 +97,8 @@ class Evaluate(Stage):
     def needs(self, cfg) -> list[str]:
         return ["finetune", "baseline"]
 
-    def fingerprint(self, ctx) -> str:
-        return fingerprint("evaluate", ctx.need("finetune").fingerprint, eval_settings(ctx.cfg))
+    def settings(self, cfg) -> tuple:
+        return (eval_settings(cfg),)
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         import ray

@@ -17,7 +17,7 @@ from typing import Any
 
 from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
 from grads_ray.progress import Progress
-from grads_ray.rundir import StageDir, fingerprint, read_json, write_json
+from grads_ray.rundir import StageDir, read_json, write_json
 from grads_ray.stages.base import Done, Outputs, Stage, no_rows
 
 log = logging.getLogger("grads_ray")
@@ -53,11 +53,11 @@ class Ingest(Stage):
     name, folders, private = "ingest", ("rows",), ("input_sha256",)
     about = "read and validate the corpus: rows/, rejects"
 
-    def fingerprint(self, ctx) -> str:
-        d = ctx.cfg.data
+    def settings(self, cfg) -> tuple:
+        d = cfg.data
         stat = [(p, os.path.getsize(p) if os.path.isfile(p) else None, os.path.getmtime(p))
                 for p in d.paths if os.path.exists(p)]
-        return fingerprint("ingest", d.paths, stat, d.shard_bytes, d.shard_rows, d.limit)
+        return d.paths, stat, d.shard_bytes, d.shard_rows, d.limit
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.data.readers import empty_inputs

@@ -52,24 +52,31 @@ def scoring_model(ctx) -> ModelRef:
     """The checkpoint the scorers read: ``score.model`` when given, else the warm-up's when enabled,
     else the base model."""
     cfg = ctx.cfg
-    if cfg.score.model:
-        return ModelRef(cfg.score.model, fingerprint("model-folder", cfg.score.model,
-                                                     storage.listing(storage.location(cfg.score.model))))
     if warms_up(cfg):
         warm = ctx.need("warmup")
         return ModelRef(warm.value, warm.fingerprint)
-    return ModelRef(cfg.model.path, fingerprint("model", cfg.model.path))
+    return ModelRef(cfg.score.model or cfg.model.path, _model_id(cfg))
+
+
+def _model_id(cfg) -> str:
+    """The fingerprint of a model scored as it is: ``score.model`` by its folder's listing, else the
+    base model by its path (pinned to a commit when it is a Hub id)."""
+    if cfg.score.model:
+        return fingerprint("model-folder", cfg.score.model, storage.listing(storage.location(cfg.score.model)))
+    return fingerprint("model", cfg.model.path)
+
+
+def _engine_numbers(cfg) -> tuple:
+    from grads_ray.scoring import engine_settings
+
+    settings = engine_settings(cfg.score, cfg.seed)
+    return cfg.data.max_length, cfg.data.on_long, {k: v for k, v in settings.items() if k != "chunk_elements"}
 
 
 def _numbers(ctx, model: ModelRef) -> str:
-    """What decides a shard's numbers besides its rows: the model and the engine's settings (the
-    memory bound ``chunk_elements`` changes none)."""
-    from grads_ray.scoring import engine_settings
-
-    cfg = ctx.cfg
-    settings = engine_settings(cfg.score, cfg.seed)
-    return fingerprint("score", model.fingerprint, cfg.data.max_length, cfg.data.on_long,
-                       {k: v for k, v in settings.items() if k != "chunk_elements"})
+    """What decides a shard's numbers besides its rows (the key of the score cache, which outlives
+    run folders): the model and the engine's settings (the memory bound ``chunk_elements`` changes none)."""
+    return fingerprint("score", model.fingerprint, *_engine_numbers(ctx.cfg))
 
 
 class Score(Stage):
@@ -79,8 +86,9 @@ class Score(Stage):
     def needs(self, cfg) -> list[str]:
         return ["ingest", "warmup"] if warms_up(cfg) else ["ingest"]
 
-    def fingerprint(self, ctx) -> str:
-        return fingerprint(ctx.need("ingest").fingerprint, _numbers(ctx, scoring_model(ctx)))
+    def settings(self, cfg) -> tuple:
+        """The engine's settings and the model scored (the warm-up's: its fingerprint is a need's)."""
+        return _engine_numbers(cfg), None if warms_up(cfg) else _model_id(cfg)
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.progress import Progress
@@ -188,10 +196,9 @@ class Target(Stage):
     def needs(self, cfg) -> list[str]:
         return ["score"]
 
-    def fingerprint(self, ctx) -> str:
-        paths = ctx.cfg.select.less.target_paths
-        digests = [file_digest(p) if Path(p).is_file() else p for p in paths]
-        return fingerprint("target", ctx.need("score").fingerprint, digests)
+    def settings(self, cfg) -> tuple:
+        paths = cfg.select.less.target_paths
+        return ([file_digest(p) if Path(p).is_file() else p for p in paths],)
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         import ray

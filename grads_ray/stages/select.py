@@ -31,7 +31,7 @@ from grads_ray import storage
 from grads_ray.columns import SHAPE_KEY, matrix
 from grads_ray.data.readers import InputError
 from grads_ray.evaluation.report import PLOTTED, write_report
-from grads_ray.rundir import StageDir, fingerprint, read_parts, write_parquet
+from grads_ray.rundir import StageDir, read_parts, write_parquet
 from grads_ray.selection.inputs import BASE_COLUMNS, Neighbours, PartColumns, SelectionInputs, method_needs
 from grads_ray.selection.ranking import id_hash
 from grads_ray.selection.spill import ColumnSpill
@@ -52,18 +52,8 @@ class Select(Stage):
         return ["ingest", "score", *(["target"] if need.target else []),
                 *(["embed"] if _vectors_from_embed(cfg) else []), *(["similarity"] if need.neighbours else [])]
 
-    def fingerprint(self, ctx) -> str:
-        need = method_needs(ctx.cfg.select)
-        ups = [ctx.need("score").fingerprint]  # in this order: run directories keep their fingerprints
-        if need.neighbours:
-            ups.append(ctx.need("similarity").fingerprint)
-        if need.target:
-            ups.append(ctx.need("target").fingerprint)
-        if _vectors_from_embed(ctx.cfg):
-            ups.append(ctx.need("embed").fingerprint)
-        # "subset-parts": the stage's folder holds the shuffled subset (older run folders did not)
-        settings = {k: v for k, v in asdict(ctx.cfg.select).items() if k != "memory_mb"}  # changes no pick
-        return fingerprint("select", *ups, settings, ctx.cfg.seed, "subset-parts")
+    def settings(self, cfg) -> tuple:
+        return {k: v for k, v in asdict(cfg.select).items() if k != "memory_mb"}, cfg.seed  # memory picks nothing
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.selection.budget import parse_budget

@@ -16,7 +16,6 @@ from dataclasses import asdict
 from typing import Any
 
 from grads_ray.progress import Progress
-from grads_ray.rundir import fingerprint
 from grads_ray.stages.base import Outputs, Stage
 
 
@@ -27,12 +26,11 @@ class Embed(Stage):
     def needs(self, cfg) -> list[str]:
         return ["ingest", "score"]
 
-    def fingerprint(self, ctx) -> str:
+    def settings(self, cfg) -> tuple:
         from grads_ray.similarity.encoder import default_encoder_path
 
-        s = ctx.cfg.similarity
-        return fingerprint("embed", ctx.need("score").fingerprint, s.encoder_path or default_encoder_path(),
-                           s.encoder_max_length)
+        s = cfg.similarity
+        return s.encoder_path or default_encoder_path(), s.encoder_max_length
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         import ray
@@ -85,10 +83,8 @@ class Similarity(Stage):
     def needs(self, cfg) -> list[str]:
         return ["score", "embed"] if cfg.similarity.feature == "encoder" else ["score"]
 
-    def fingerprint(self, ctx) -> str:
-        s = ctx.cfg.similarity
-        source = ctx.need("embed" if s.feature == "encoder" else "score")
-        return fingerprint("similarity", source.fingerprint, asdict(s), ctx.cfg.seed)
+    def settings(self, cfg) -> tuple:
+        return asdict(cfg.similarity), cfg.seed
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.similarity.index import IndexSpec

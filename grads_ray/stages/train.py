@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from grads_ray.config import TrainConfig, recipe
-from grads_ray.rundir import fingerprint, read_parts
+from grads_ray.rundir import read_parts
 from grads_ray.stages.base import Outputs, Stage
 from grads_ray.storage import Location
 
@@ -128,10 +128,8 @@ class Warmup(Stage):
     def needs(self, cfg) -> list[str]:
         return ["ingest"]
 
-    def fingerprint(self, ctx) -> str:
-        cfg = ctx.cfg
-        return fingerprint("warmup", ctx.need("ingest").fingerprint, cfg.model.path, recipe(cfg.warmup),
-                           cfg.data.max_length, cfg.data.on_long, cfg.seed)
+    def settings(self, cfg) -> tuple:
+        return cfg.model.path, recipe(cfg.warmup), cfg.data.max_length, cfg.data.on_long, cfg.seed
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         cfg = ctx.cfg
@@ -156,9 +154,8 @@ class Finetune(Stage):
     def needs(self, cfg) -> list[str]:
         return ["select"]
 
-    def fingerprint(self, ctx) -> str:
-        cfg = ctx.cfg
-        return fingerprint("finetune", ctx.need("select").fingerprint, cfg.model.path, recipe(cfg.finetune), cfg.seed)
+    def settings(self, cfg) -> tuple:
+        return cfg.model.path, recipe(cfg.finetune), cfg.seed
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.stages.select import selected_rows
