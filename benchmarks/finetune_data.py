@@ -61,7 +61,7 @@ def corpus_dataset(rows_files: list[str], ids_ref, cfg):
     """The whole corpus, filtered per batch by the selected ids (the old path), then as the subset."""
     import ray
 
-    from grads_ray.scoring import tokenize
+    from grads_ray.data.tokenize import tokenize
     from grads_ray.stages.train import training_columns
 
     ds = ray.data.read_parquet(rows_files).select_columns(["id", "record"])
@@ -98,7 +98,7 @@ def main() -> None:
 
     from grads_ray.config import load_config
     from grads_ray.rundir import StageDir
-    from grads_ray.stages.select import selected_rows
+    from grads_ray.selection.writing import selected_rows
     from grads_ray.stages.train import training_dataset
 
     cfg = load_config(str(run / "config.yaml"), [])

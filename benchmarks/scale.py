@@ -30,7 +30,7 @@ user's would. For each stage:
   be asked: the JSON then says why).
 
 Ray's share: the first ``--sample`` rows (1,000; 500 with ``--quick``) tokenized as the job does and
-scored by ``grads_ray.scoring.Scorer`` in this process, with the torch threads one scorer actor gets
+scored by ``grads_ray.gradients.scorer.Scorer`` in this process, with the torch threads one scorer actor gets
 and in the units the job cuts (8 batches); ``score_ray_share`` = the job's score rows/s / this rows/s
 (model loading excluded, tokenizing included on both sides; the job's side also writes what it
 scores, this side keeps it in memory), and ``score_ray_share_cpu`` = this side's CPU time per row /
@@ -395,7 +395,7 @@ def record(stage: str, measured: dict, out: Path, cfg) -> dict:
 
 # ------------------------------------------------------------------------------- Ray's share
 def job_threads(cfg) -> int:
-    """The torch threads one CPU scorer actor gets (grads_ray/scoring.py, ``_score_pass``): the
+    """The torch threads one CPU scorer actor gets (grads_ray/stages/score_pass.py, ``_stream_receipts``): the
     cluster's CPUs shared among the actors, one left for tokenizing."""
     cpus = cfg.ray.num_cpus or os.cpu_count() or 1
     return max(1, int(cpus // max(cfg.score.num_actors, 1)) - 1)
@@ -420,7 +420,7 @@ def score_units(model_path: str, examples: list[tuple[list[int], list[int]]], cf
     """Score ``examples`` with the job's scorer in this process, one call per unit of 8 batches (as
     the job's blocks; batches cut inside a unit by length, as there). -> seconds of the calls
     (model loading excluded). The one place that knows the Scorer's call: adapt here if it changes."""
-    from grads_ray.scoring import ROWS_PER_BLOCK_BATCHES, Scorer, engine_settings
+    from grads_ray.gradients.scorer import ROWS_PER_BLOCK_BATCHES, Scorer, engine_settings
 
     scorer = Scorer(model_path, threads=threads, settings=engine_settings(cfg.score, cfg.seed),
                     batch_size=cfg.score.batch_size, trust_remote_code=cfg.model.trust_remote_code)

@@ -28,11 +28,11 @@ import numpy as np
 import pyarrow as pa
 from timing import timed  # benchmarks/timing.py: scripts run as python benchmarks/NAME.py
 
+from grads_ray.columns import id_hash
 from grads_ray.config import FisherConfig, SelectConfig
 from grads_ray.selection.budget import Budget
 from grads_ray.selection.fisher import fisher_lambda, log_det_objective
 from grads_ray.selection.inputs import SelectionInputs
-from grads_ray.selection.ranking import id_hash
 from grads_ray.selection.select import select
 
 METHODS = ["grads", "random", "loss", "grad_norm", "ifd", "less"]

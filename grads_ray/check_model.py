@@ -43,8 +43,8 @@ def check_model(cfg, data_paths: list[str] | None = None) -> tuple[dict[str, Any
     """-> (the report, the exit code: 0, or 2 when ``score.engine=batched`` refuses the model)."""
     import torch
 
+    from grads_ray.gradients.scorer import Scorer, engine_settings
     from grads_ray.gradients.selfcheck import pick_rows
-    from grads_ray.scoring import Scorer, engine_settings
 
     examples = pick_rows(head_examples(data_paths, cfg.model.path, cfg.data.max_length,
                                        cfg.model.trust_remote_code), cfg.score.check_rows) if data_paths else None

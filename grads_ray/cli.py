@@ -20,8 +20,8 @@ from grads_ray import stopping, storage
 from grads_ray.config import INPUT_PATH_LISTS, Config, ConfigError, load_config, path_settings
 from grads_ray.data.readers import InputError
 from grads_ray.gradients.rules import UnsupportedModel
-from grads_ray.scoring import ScorerFailed
 from grads_ray.stages import STAGES
+from grads_ray.stages.score_pass import ScorerFailed
 
 STAGE_COMMANDS = tuple(s.name for s in STAGES)
 

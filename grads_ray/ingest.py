@@ -17,9 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grads_ray import storage
+from grads_ray.columns import id_hash
 from grads_ray.data.readers import Shard, read_shard, validate_rows
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
-from grads_ray.selection.ranking import id_hash
 
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group of a rows part: the scorer reads its units by group
 ROWS_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("source", pa.string()),

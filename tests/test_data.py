@@ -172,7 +172,7 @@ def test_scorer_batches_depend_only_on_the_unit():
 
     import numpy as np
 
-    from grads_ray.scoring import Scorer
+    from grads_ray.gradients.scorer import Scorer
 
     rng = np.random.default_rng(0)
     rows = [(s, p, int(rng.integers(1, 30)), "too_long" if (s, p) == (1, 2) else "")
@@ -368,7 +368,7 @@ def test_a_packed_unit_round_trips():
     row has none), reasons and flags come back as the tokenizer gave them."""
     import numpy as np
 
-    from grads_ray.scoring import pack_unit, unpack_unit
+    from grads_ray.stages.score_units import pack_unit, unpack_unit
 
     rng = np.random.default_rng(1)
     lengths = [5, 0, 1, 17, 3]

@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 import pytest
 
 from grads_ray.cli import main
+from grads_ray.gradients.scorer import TEST_HOOKS_ENV
 from grads_ray.rundir import read_parts
-from grads_ray.scoring import TEST_HOOKS_ENV
 from tests.conftest import save_tiny_model
 
 pytestmark = pytest.mark.ray

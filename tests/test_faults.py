@@ -115,7 +115,7 @@ def test_the_driver_killed_while_scoring_resumes(job, uninterrupted, tmp_path):
     units = out / "stats" / ".ledger" / "units"  # written units of shards not finished: not scored again
     written = [f for f in units.rglob("*.parquet") if not f.name.startswith(".")
                and not (done / f"{f.parent.name}.json").exists()] if units.is_dir() else []
-    # a plain run greets its user with no error line: Ray's actor restarts are off (grads_ray/scoring.py),
+    # a plain run greets its user with no error line: Ray's actor restarts are off (grads_ray/stages/score_pass.py),
     # so Ray's warning that restarting an actor needs its arguments from the object store is not raised
     assert RAY_RESTART_WARNING not in (tmp_path / "stderr.txt").read_text()
     assert main(["score", *job["args"], "--output", str(out)]) == 0

@@ -72,7 +72,7 @@ def test_statistics_ignore_padding_tokens(tmp_path):
 def test_the_stats_flag_rows_that_are_not_finite():
     import pyarrow as pa
 
-    from grads_ray.scoring import finite_rows
+    from grads_ray.gradients.scorer import finite_rows
 
     table = pa.table({"id": ["a", "b", "c", "d", "e"], "n_tokens": [3, 4, 5, 6, 7],
                       "loss": [1.0, float("nan"), 2.0, 2.0, 2.0], "grad_norm": [1.0, 1.0, float("inf"), 1.0, 1.0],

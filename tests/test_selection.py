@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from grads_ray.columns import id_hash
 from grads_ray.config import GradsConfig, SelectConfig
 from grads_ray.selection.baselines import ifd, less_score, random_score
 from grads_ray.selection.budget import (
@@ -27,7 +28,6 @@ from grads_ray.selection.methods import METHODS as REGISTRY
 from grads_ray.selection.ranking import (
     cap_per_group,
     chauvenet_k,
-    id_hash,
     interleave,
     normal_scores,
     order_desc,
@@ -119,12 +119,12 @@ def _fnv_reference(text: str, seed: int) -> int:
 
 
 def test_id_hash_is_the_specified_hash_of_each_id_alone(monkeypatch):
-    from grads_ray.selection import ranking
+    from grads_ray import columns
 
     ids = ["a", "doc.jsonl:12", "", "ünïcode-id", "x" * 70]
     got = id_hash(ids, 7)
     assert got.tolist() == [_fnv_reference(t, 7) for t in ids]
-    monkeypatch.setattr(ranking, "ID_HASH_BLOCK", 2)  # in blocks of rows: the same hashes
+    monkeypatch.setattr(columns, "ID_HASH_BLOCK", 2)  # in blocks of rows: the same hashes
     assert id_hash(ids, 7).tolist() == got.tolist()
     sliced = pa.chunked_array([pa.array(["zz"] + ids[:2]), pa.array(ids[2:])]).slice(1)
     assert id_hash(sliced, 7).tolist() == got.tolist()  # offsets, chunks and neighbours do not matter

@@ -165,7 +165,7 @@ def test_feature_matrices_are_read_in_id_order_part_by_part_in_memory_or_mapped(
     from grads_ray.columns import shaped_field
     from grads_ray.data.readers import InputError
     from grads_ray.rundir import StageDir, write_parquet
-    from grads_ray.stages.select import aligned_features
+    from grads_ray.selection.reading import aligned_features
 
     rng = np.random.default_rng(0)
     n = 23
@@ -234,7 +234,8 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
     import pyarrow.parquet as pq
 
     from grads_ray.rundir import StageDir, read_parts, write_parquet
-    from grads_ray.stages import select, train
+    from grads_ray.selection import writing
+    from grads_ray.stages import train
     from grads_ray.stages.base import Done, Outputs
 
     rows = StageDir(tmp_path, "rows")
@@ -243,7 +244,7 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
                                                   "record": [f'{{"n": "{shard}-{i}"}}' for i in range(20)]}))
     ranked = pa.array([f"r{s}-{i}" for i in (7, 3, 19, 0) for s in (2, 0)])
     subset = StageDir(tmp_path / "a", "select")
-    select.write_selected(tmp_path / "a", subset, rows, ranked, seed=3, part_rows=3)
+    writing.write_selected(tmp_path / "a", subset, rows, ranked, seed=3, part_rows=3)
     assert (tmp_path / "a" / "selected.jsonl").read_text().splitlines() == [
         json.dumps({"n": i[1:]}) for i in ranked.to_pylist()]
     assert pq.read_table(tmp_path / "a" / "selected.parquet")["id"].to_pylist() == ranked.to_pylist()
@@ -252,12 +253,12 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
     shuffled = read_parts(parts)
     assert sorted(shuffled["id"].to_pylist()) == sorted(ranked.to_pylist()) != shuffled["id"].to_pylist()
     again = StageDir(tmp_path / "b", "select")
-    select.write_selected(tmp_path / "b", again, rows, ranked, seed=3, part_rows=3)
+    writing.write_selected(tmp_path / "b", again, rows, ranked, seed=3, part_rows=3)
     assert read_parts(again.parts()).equals(shuffled)  # the same shuffle for the seed
     for bucket_rows in (3, 4, 6):  # out of core: many spill buckets give the same files as one (4: rounded up to 6)
         spilled = StageDir(tmp_path / f"s{bucket_rows}", "select")
-        select.write_selected(tmp_path / f"s{bucket_rows}", spilled, rows, ranked, seed=3, part_rows=3,
-                              spill=tmp_path / "spill", bucket_rows=bucket_rows)
+        writing.write_selected(tmp_path / f"s{bucket_rows}", spilled, rows, ranked, seed=3, part_rows=3,
+                               spill=tmp_path / "spill", bucket_rows=bucket_rows)
         assert read_parts(spilled.parts()).equals(shuffled)
         assert [pq.read_metadata(str(p)).num_rows for p in spilled.parts()] == [3, 3, 2]
         for name in ("selected.jsonl", "selected.parquet"):
@@ -267,11 +268,11 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
             pq.read_table(tmp_path / "a" / "selected.parquet"))
     assert not any((tmp_path / "spill").iterdir())  # the buckets are removed
     other = StageDir(tmp_path / "c", "select")
-    select.write_selected(tmp_path / "c", other, rows, ranked, seed=4, part_rows=3)
+    writing.write_selected(tmp_path / "c", other, rows, ranked, seed=4, part_rows=3)
     assert read_parts(other.parts())["id"].to_pylist() != shuffled["id"].to_pylist()
     with pytest.raises(RuntimeError, match="1 selected ids have no ingested row"):
-        select.write_selected(tmp_path / "d", StageDir(tmp_path / "d", "select"), rows,
-                              pa.array(["r0-1", "nope"]), seed=3, part_rows=3)
+        writing.write_selected(tmp_path / "d", StageDir(tmp_path / "d", "select"), rows,
+                               pa.array(["r0-1", "nope"]), seed=3, part_rows=3)
 
     seen = {}
     monkeypatch.setattr(train, "train_on", lambda ctx, stage, fp, model, n, files, pick, tcfg:
@@ -297,10 +298,10 @@ def test_selection_parquet_is_written_a_row_group_at_a_time(tmp_path, monkeypatc
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from grads_ray.selection import writing
     from grads_ray.selection.spill import ColumnSpill
-    from grads_ray.stages import select
 
-    monkeypatch.setattr(select, "SELECTION_ROW_GROUP", 7)
+    monkeypatch.setattr(writing, "SELECTION_ROW_GROUP", 7)
     rng = np.random.default_rng(0)
     n = 30
     res = {"score": rng.random(n), "rank": rng.integers(-1, 9, n), "selected": rng.random(n) < 0.3,
@@ -310,7 +311,7 @@ def test_selection_parquet_is_written_a_row_group_at_a_time(tmp_path, monkeypatc
     for k, v in res.items():
         spill[k] = v
     ids = pa.array([f"id{i:03d}" for i in range(n)])
-    select.write_selection(tmp_path / "selection.parquet", ids, spill)
+    writing.write_selection(tmp_path / "selection.parquet", ids, spill)
     got = pq.read_table(tmp_path / "selection.parquet")
     assert pq.read_metadata(tmp_path / "selection.parquet").num_row_groups == 5
     assert got.equals(pa.table({"id": ids, **{k: pa.array(v) for k, v in res.items()}}))
@@ -325,7 +326,7 @@ def test_similarity_inputs_follow_the_position_column_and_refuse_other_ids(tmp_p
 
     from grads_ray.columns import lists
     from grads_ray.rundir import StageDir, write_parquet
-    from grads_ray.stages.select import similarity_inputs
+    from grads_ray.selection.reading import similarity_inputs
 
     rng = np.random.default_rng(1)
     n = 13
@@ -371,7 +372,7 @@ def test_a_column_read_in_id_order_keeps_missing_integers_as_nan():
     """_place: an integer column whose later part has missing values becomes float, NaN there."""
     import numpy as np
 
-    from grads_ray.stages.select import _place
+    from grads_ray.selection.reading import _place
 
     out = _place(None, 4, np.array([3, 0]), np.array([7, 8]))
     out = _place(out, 4, np.array([1, 2]), np.array([np.nan, 5.0]))
@@ -386,8 +387,8 @@ def test_rank_lookup_finds_each_id_whatever_the_hashes_do(hashing, monkeypatch):
     import numpy as np
     import pyarrow as pa
 
-    from grads_ray.selection.ranking import id_hash
-    from grads_ray.stages import select
+    from grads_ray.columns import id_hash
+    from grads_ray.selection import writing
 
     rng = np.random.default_rng(3)
     every = [f"row-{i}" for i in range(300)]
@@ -401,10 +402,10 @@ def test_rank_lookup_finds_each_id_whatever_the_hashes_do(hashing, monkeypatch):
             values = ids.to_pylist() if hasattr(ids, "to_pylist") else list(ids)
             return np.array([code.get(v, int(v.split("-")[1]) % 40) for v in values], np.uint64)
 
-        monkeypatch.setattr(select, "id_hash", weak)
-    rank_of = select.rank_lookup(pa.array(ranked))
+        monkeypatch.setattr(writing, "id_hash", weak)
+    rank_of = writing.rank_lookup(pa.array(ranked))
     where = {r: k for k, r in enumerate(ranked)}
     for chunk in (every[:7], every[7:200], every[200:], []):
         got = rank_of(pa.array(chunk, pa.string()))
         assert got.tolist() == [where.get(i, -1) for i in chunk]
-    assert id_hash is not select.id_hash or hashing == "real"
+    assert id_hash is not writing.id_hash or hashing == "real"

@@ -2,15 +2,20 @@
 
 Labels have the length of ``input_ids``; the model shifts them by one, so a label at position t is
 predicted from tokens < t. Only response tokens (assistant turns for chat) carry loss.
+:func:`tokenize_batch` does it for a batch of ingested rows (scoring and training read the same
+tokens), :func:`tokenize` over a Ray Data dataset of them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from grads_ray.data.formats import IGNORE_INDEX, Example, RowError
+import numpy as np
+
+from grads_ray.data.formats import IGNORE_INDEX, Example, RowError, normalize
 
 # Used where a tokenizer has no chat template of its own; the demo tokenizer ships the same one.
 FALLBACK_CHAT_TEMPLATE = (
@@ -146,3 +151,33 @@ def encode_files(paths: list[str], model_path: str, max_length: int, on_long: st
             except RowError:
                 out.rejected += 1
     return out
+
+
+def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: int, on_long: str,
+                   trust_remote_code: bool = False) -> dict[str, Any]:
+    """Rows -> ``input_ids``/``labels`` (lists) or a reject ``reason``. Stateless; the tokenizer is
+    cached per worker process."""
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    ids_out, labels_out, reasons, details, truncated = [], [], [], [], []
+    for record in batch["record"]:
+        info: dict[str, Any] = {}
+        try:
+            ids, labels = encode(normalize(json.loads(record)), tokenizer, max_length, on_long, info)
+            reason = detail = ""
+        except RowError as err:
+            ids, labels, reason, detail = [], [], err.reason, err.detail
+        truncated.append("truncated_from" in info)
+        ids_out.append(np.asarray(ids, dtype=np.int64))
+        labels_out.append(np.asarray(labels, dtype=np.int64))
+        reasons.append(reason)
+        details.append(detail)
+    keep = {k: batch[k] for k in ("id", "shard", "source", "line", "pos") if k in batch}
+    return {**keep, "input_ids": ids_out, "labels": labels_out, "reason": np.array(reasons, dtype=object),
+            "detail": np.array(details, dtype=object), "truncated": np.array(truncated, dtype=bool)}
+
+
+def tokenize(ds, *, model_path: str, max_length: int, on_long: str, batch_size: int, trust_remote_code: bool = False):
+    """Add ``input_ids``/``labels`` (or a reject ``reason``) to a dataset of rows, in CPU tasks."""
+    return ds.map_batches(tokenize_batch, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs={"model_path": model_path, "max_length": max_length, "on_long": on_long,
+                                     "trust_remote_code": trust_remote_code})

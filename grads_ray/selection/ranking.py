@@ -8,51 +8,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyarrow as pa
-
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
-ID_HASH_BLOCK = 1 << 16  # id_hash: rows hashed at a time
-
-
-def _splitmix(h: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser: every input bit moves every output bit. uint64 -> uint64."""
-    with np.errstate(over="ignore"):
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return h ^ (h >> np.uint64(31))
-
-
-def id_hash(ids: pa.Array | pa.ChunkedArray | list[str], seed: int) -> np.ndarray:
-    """A seeded 64-bit hash of each id (FNV-1a over its UTF-8 bytes, then splitmix64), read straight
-    from Arrow's buffers. It depends on the id and the seed only, never on row order, shards or the
-    other ids, so ties break the same way however the corpus was split. (N,) -> (N,) uint64."""
-    arr = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = arr.cast(pa.string())
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, np.uint64)
-    _, off_buf, data_buf = arr.buffers()  # the offsets as they are (32 or 64 bits): no copy of the ids
-    width = 8 if pa.types.is_large_string(arr.type) else 4
-    offsets = np.frombuffer(off_buf, np.int64 if width == 8 else np.int32, n + 1, arr.offset * width)
-    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    start0 = _FNV_OFFSET ^ _splitmix(np.array([seed & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
-    out = np.empty(n, np.uint64)
-    for a in range(0, n, ID_HASH_BLOCK):  # each id's hash is its own: blocks bound the temporaries
-        b = min(a + ID_HASH_BLOCK, n)
-        off = offsets[a:b + 1].astype(np.int64)
-        start, length = off[:-1], np.diff(off)
-        h = np.full(b - a, start0, np.uint64)
-        longest_first = np.argsort(-length, kind="stable")
-        desc = length[longest_first]
-        with np.errstate(over="ignore"):
-            for j in range(int(length.max(initial=0))):  # byte j of every id longer than j: Σ lengths in all
-                live = longest_first[:int(np.searchsorted(-desc, -j, side="left"))]
-                h[live] = (h[live] ^ data[start[live] + j].astype(np.uint64)) * _FNV_PRIME
-        out[a:b] = _splitmix(h)
-    return out
 
 
 def order_desc(score: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from grads_ray.columns import finite_mask, id_hash
 from grads_ray.selection.budget import Budget, group_limits, take_with_quotas
 from grads_ray.selection.inputs import SelectionInputs, method_needs
 from grads_ray.selection.methods import Picking, method
-from grads_ray.selection.ranking import cap_per_group, id_hash, interleave, order_desc
+from grads_ray.selection.ranking import cap_per_group, interleave, order_desc
 
 
 def source_codes(source: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -33,19 +34,6 @@ def source_codes(source: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.nd
     present, code = np.unique(enc.indices.to_numpy(zero_copy_only=False), return_inverse=True)
     names = enc.dictionary.to_pylist()
     return code.astype(np.int64).reshape(-1), [names[i] for i in present]
-
-
-def finite_mask(columns: dict[str, np.ndarray]) -> np.ndarray:
-    """(N,) True where the row is usable: the score stage's ``finite`` flag when given, and a finite
-    loss and gradient statistics among the columns passed."""
-    ok = np.ones(len(columns["loss"]), dtype=bool)
-    if "finite" in columns:
-        ok &= np.asarray(columns["finite"], dtype=bool)
-    for name in columns:  # by name: columns may be read on demand, only these are
-        stat = name.rsplit(".", 1)[-1]
-        if name == "loss" or stat.startswith("grad_"):
-            ok &= np.isfinite(np.asarray(columns[name], dtype=np.float64))
-    return ok
 
 
 def select(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int, device: str = "cpu",

@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grads_ray import storage
-from grads_ray.columns import lists, matrix
+from grads_ray.columns import id_positions, lists, matrix
 from grads_ray.rundir import LEDGER, write_json, write_parquet
 from grads_ray.similarity.index import (
     IndexSpec,
@@ -216,17 +215,6 @@ class StreamSettings:
     chunk_rows: int = 0  # rows per chunk and output part; 0: from memory_mb (the tests set it small)
 
 
-def _positions(parts: list[Path]) -> np.ndarray:
-    """Pass 0: each row's position in id order, in reading order."""
-    ids = [c for p in parts for c in pq.read_table(str(p), columns=["id"])["id"].chunks]
-    if not sum(len(c) for c in ids):
-        return np.zeros(0, np.int64)
-    order = pc.sort_indices(pa.chunked_array(ids)).to_numpy()
-    pos = np.empty(len(order), np.int64)
-    pos[order] = np.arange(len(order))
-    return pos
-
-
 def _unit(x: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
     """Centred (the mean is float64-accumulated, subtracted in float32: no float64 copy of a chunk)
     and L2-normalised rows."""
@@ -258,7 +246,7 @@ def similarity_over_parts(parts: list[Path], out_part, st: StreamSettings, pool_
     ``progress(rows)`` is called as each chunk's search (the longest pass) is written.
     -> the manifest's figures (index, recall, groups, memory, chunk rows)."""
     faiss = faiss_module()
-    pos = _positions(parts)
+    pos = id_positions(parts)[0]  # pass 0: each row's position in id order, in reading order
     n = len(pos)
     first = next(iter_chunks(parts, [st.column], 1), None)
     d = len(first.column(0)[0]) if first is not None else 1

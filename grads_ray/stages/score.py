@@ -5,7 +5,7 @@ score, for every ingested row:
 2. shards whose rows were scored before by the same model and settings come from the shard cache;
 3. the others stream through Ray Data (read and tokenize units -> scorer actor pool); scorers write
    each unit where they run, and a shard whose units are all written is merged into ``stats/part-*``
-   and ``features/part-*`` by a Ray task; the driver only counts (grads_ray/scoring.py);
+   and ``features/part-*`` by a Ray task; the driver only counts (grads_ray/stages/score_pass.py);
 4. every shard goes into the cache for the next corpus version;
 5. rejects of ingest and score are merged into ``rejected.jsonl``; every input row is checked to be
    scored or rejected exactly once.
@@ -67,7 +67,7 @@ def _model_id(cfg) -> str:
 
 
 def _engine_numbers(cfg) -> tuple:
-    from grads_ray.scoring import engine_settings
+    from grads_ray.gradients.scorer import engine_settings
 
     settings = engine_settings(cfg.score, cfg.seed)
     return cfg.data.max_length, cfg.data.on_long, {k: v for k, v in settings.items() if k != "chunk_elements"}
@@ -91,14 +91,10 @@ class Score(Stage):
         return _engine_numbers(cfg), None if warms_up(cfg) else _model_id(cfg)
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
+        from grads_ray.gradients.scorer import ROWS_PER_BLOCK_BATCHES, engine_settings
         from grads_ray.progress import Progress
-        from grads_ray.scoring import (
-            ROWS_PER_BLOCK_BATCHES,
-            check_examples,
-            engine_settings,
-            rows_written,
-            run_scoring,
-        )
+        from grads_ray.stages.score_pass import ScoringJob, run_scoring
+        from grads_ray.stages.score_units import check_examples, rows_written
 
         cfg, corpus, res = ctx.cfg, ctx.need("ingest").value, ctx.ray()
         stats, features = out["stats"], out["features"]
@@ -119,12 +115,12 @@ class Score(Stage):
         check = check_examples(corpus.rows, todo, model_path=model.path, max_length=cfg.data.max_length,
                                on_long=cfg.data.on_long, trust_remote_code=cfg.model.trust_remote_code,
                                n=cfg.score.check_rows) if todo else []
-        ran = run_scoring(
-            corpus.rows, expected, stats, features, model_path=model.path, max_length=cfg.data.max_length,
-            on_long=cfg.data.on_long, batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors,
-            use_gpu=use_gpu, cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
-            settings=engine_settings(cfg.score, cfg.seed), progress=bar.update, max_restarts=cfg.score.max_restarts,
-            check=check)
+        job = ScoringJob(model_path=model.path, max_length=cfg.data.max_length, on_long=cfg.data.on_long,
+                         batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors, use_gpu=use_gpu,
+                         cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
+                         settings=engine_settings(cfg.score, cfg.seed), check=check)
+        ran = run_scoring(corpus.rows, expected, stats, features, job, progress=bar.update,
+                          max_restarts=cfg.score.max_restarts)
         bar.close()
         for i, key in keys.items():  # every shard of this run, for the next corpus version
             if cache.get(key) is None:
@@ -204,7 +200,7 @@ class Target(Stage):
         import ray
 
         from grads_ray.data.tokenize import encode_files
-        from grads_ray.scoring import engine_settings, score_examples
+        from grads_ray.gradients.scorer import engine_settings, score_examples
 
         cfg, res = ctx.cfg, ctx.ray()
         paths, model = cfg.select.less.target_paths, ctx.need("score").value

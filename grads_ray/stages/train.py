@@ -86,8 +86,8 @@ def training_dataset(files: list[str], pick: dict[str, Any] | None, cfg, preload
     Either way the rows come in the same order."""
     import ray
 
+    from grads_ray.data.tokenize import tokenize
     from grads_ray.resources import cpus_settled
-    from grads_ray.scoring import tokenize
 
     tables = preload_rows(files, pick, preload_mb, cfg.score.tokenize_batch_size)
     if tables is not None:
@@ -158,7 +158,7 @@ class Finetune(Stage):
         return cfg.model.path, recipe(cfg.finetune), cfg.seed
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
-        from grads_ray.stages.select import selected_rows
+        from grads_ray.selection.writing import selected_rows
 
         select = ctx.need("select")
         n = select.info["selected"]
