@@ -156,6 +156,9 @@ class Runner:
 
     def _resolve(self, stage: Stage) -> Done:
         fp = self.fingerprint(stage.name)
+        for name in stage.needs(self.cfg):  # inputs first: the stage's clock and log lines are its own
+            if name not in stage.while_running:
+                self.need(name)
         out = Outputs(fp, {f: StageDir(self.out, f) for f in stage.folders})
         main, *others = out.dirs.values()
         start, ray_before = time.time(), self._ray_seconds

@@ -268,6 +268,20 @@ def _left_running(session: int, grace: float = 10.0) -> list[str]:
         time.sleep(0.5)
 
 
+def _assert_clean_stop(stage: str, code: int, took: float, err: str, session: int, delay: float) -> None:
+    """What a SIGTERM during ``stage`` must give: exit 143 within 30 s, a last line saying what is
+    kept and how to go on, no C++ dump from Ray, no traceback, no process left. A stage that ended
+    before the signal (a fast machine) skips the test."""
+    if code == 0:
+        pytest.skip(f"the {stage} stage finished before the signal")
+    assert code == 143 and took < 30, (code, took, delay, err[-2000:])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"grads-ray: stopped by SIGTERM during {stage}: ") and "rerun the same command" in last, last
+    assert "SIGTERM received" not in err and "Traceback" not in err, err[-2000:]
+    left = _left_running(session)
+    assert not left, f"processes of the stopped run still alive: {left}"
+
+
 def test_sigterm_while_scoring_stops_cleanly_and_the_rerun_completes(job, uninterrupted, tmp_path):
     """SIGTERM to the driver at a random moment of scoring (``ray job stop``, Kubernetes, a scheduler):
     exit 143 within 30 s, a last line that says what is kept and how to go on, no C++ stack dump from
@@ -279,14 +293,7 @@ def test_sigterm_while_scoring_stops_cleanly_and_the_rerun_completes(job, uninte
     code, took, err, session = _sigterm(["score", *job["args"], "--output", str(out)], tmp_path,
                                         "[grads-ray] score ...", delay,
                                         {"GRADS_RAY_TEST_SCORER_HOOKS": json.dumps({"sleep": 0.5})})
-    if code == 0:  # the stage finished before the signal (a fast machine): nothing to stop
-        pytest.skip("scoring finished before the signal")
-    assert code == 143 and took < 30, (code, took, delay, err[-2000:])
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("grads-ray: stopped by SIGTERM during score: ") and "rerun the same command" in last, last
-    assert "SIGTERM received" not in err and "Traceback" not in err, err[-2000:]
-    left = _left_running(session)
-    assert not left, f"processes of the stopped run still alive: {left}"
+    _assert_clean_stop("score", code, took, err, session, delay)
     assert main(["score", *job["args"], "--output", str(out)]) == 0
     _assert_same(out, uninterrupted, job["rows"])
 
@@ -329,14 +336,7 @@ def test_sigterm_during_similarity_stops_cleanly_and_the_rerun_completes(job, un
     code, took, err, session = _sigterm(["similarity", *job["args"], "--output", str(out)], tmp_path,
                                         "[grads-ray] similarity ...", delay,
                                         {"GRADS_RAY_TEST_SIMILARITY_HOOKS": hooks})
-    if code == 0:
-        pytest.skip("the similarity stage finished before the signal")
-    assert code == 143 and took < 30, (code, took, delay, err[-2000:])
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("grads-ray: stopped by SIGTERM during similarity: ") and "rerun the same command" in last, last
-    assert "SIGTERM received" not in err and "Traceback" not in err, err[-2000:]
-    left = _left_running(session)
-    assert not left, f"processes of the stopped run still alive: {left}"
+    _assert_clean_stop("similarity", code, took, err, session, delay)
     assert main(["similarity", *job["args"], "--output", str(out)]) == 0
     want, have = _similarity_tables(clean), _similarity_tables(out)
     assert have.num_rows == want.num_rows == uninterrupted["stats"].num_rows

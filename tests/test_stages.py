@@ -26,6 +26,7 @@ class Recorder(Stage):
 
     def __init__(self, real: Stage, calls: list[str], pause: float = 0.0):
         self.name, self.folders, self.private = real.name, real.folders, real.private
+        self.while_running = real.while_running
         self.real, self.calls, self.pause = real, calls, pause
 
     def needs(self, cfg):
@@ -117,7 +118,7 @@ def test_the_dry_run_cases_that_drifted(inputs, tmp_path, capsys):
 
 def test_each_stage_runs_once_and_keeps_its_own_time(inputs, tmp_path):
     """warmup is read by score and by target (LESS): resolved once, so its manifest entry keeps the
-    time it took, not the ~0 s of a second entry."""
+    time it took, not the ~0 s of a second entry; and before score starts, so score's time is its own."""
     cfg = load_config(None, [f"data.paths=[{inputs / 'data.jsonl'}]", "select.method=less",
                              f"select.less.target_paths=[{inputs / 'target.jsonl'}]", f"output={tmp_path / 'o'}"])
     calls: list[str] = []
@@ -126,6 +127,7 @@ def test_each_stage_runs_once_and_keeps_its_own_time(inputs, tmp_path):
     assert calls == ["ingest", "warmup", "score", "target", "select", "finetune", "baseline", "evaluate"]
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["stages"]["warmup"]["seconds"] >= 0.3 and manifest["stages"]["warmup"]["rows"] == 1
+    assert manifest["stages"]["score"]["seconds"] < 0.3  # its inputs resolved before its clock starts
     assert "fingerprint" not in manifest["stages"]["warmup"] and "total_seconds" in manifest
 
 

@@ -69,13 +69,16 @@ class Stage:
     ``about``: one line for ``--help``; ``folders``: output folders in the run directory, the first
     holding ``.ledger/SUCCESS.json`` (the stage is done when it holds this run's fingerprint);
     ``private``: keys of that file kept out of the manifest (bulky: input hashes, the base model's
-    metrics, which the evaluation shows).
+    metrics, which the evaluation shows); ``while_running``: needs the stage reads only once it runs
+    (the runner finishes every other need first, so the stage's time is its own), for work it
+    overlaps with its own (evaluate computes the baseline while the fine-tuned model is evaluated).
     """
 
     name: str = ""
     about: str = ""
     folders: tuple[str, ...] = ()
     private: tuple[str, ...] = ()
+    while_running: tuple[str, ...] = ()
 
     def needs(self, cfg: Config) -> list[str]:
         """The stages whose outputs this one reads under ``cfg``, in the table's order."""

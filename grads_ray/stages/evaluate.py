@@ -93,6 +93,7 @@ class Baseline(Stage):
 class Evaluate(Stage):
     name, folders = "evaluate", ("evaluate",)
     about = "the fine-tuned model evaluated against the baseline: eval.json"
+    while_running = ("baseline",)  # computed while the fine-tuned model's evaluation runs, when missing
 
     def needs(self, cfg) -> list[str]:
         return ["finetune", "baseline"]
