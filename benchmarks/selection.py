@@ -2,7 +2,7 @@
 measured in the same run.
 
 The floor is one ``np.argsort`` of a float64 column of N rows: any method that ranks the corpus pays
-at least that. Each method runs the whole of ``grads_ray.selection.select.select`` (seeded id hashes,
+at least that. Each method runs the whole of ``grads_ray.selection.choose.select`` (seeded id hashes,
 scores, band, cluster quotas, duplicate caps, per-source quotas, the budget walk) and reports
 seconds, seconds per 10^6 rows, and its ratio to the floor. FisherSFT works on (N, r, d') factors,
 so it is measured on fewer rows (``--fisher-rows``), both exactly (lazy greedy, on ``--exact-rows``)
@@ -31,9 +31,9 @@ from timing import timed  # benchmarks/timing.py: scripts run as python benchmar
 from grads_ray.columns import id_hash
 from grads_ray.config import FisherConfig, SelectConfig
 from grads_ray.selection.budget import Budget
+from grads_ray.selection.choose import select
 from grads_ray.selection.fisher import fisher_lambda, log_det_objective
 from grads_ray.selection.inputs import SelectionInputs
-from grads_ray.selection.select import select
 
 METHODS = ["grads", "random", "loss", "grad_norm", "ifd", "less"]
 

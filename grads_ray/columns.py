@@ -13,6 +13,10 @@ import pyarrow.parquet as pq
 
 SHAPE_KEY = b"shape"  # field metadata: the shape of each row's values, as a JSON list
 
+ROW_GROUP_ROWS = 1024  # rows per Parquet row group of a rows part: the scorer reads its units by group
+ROWS_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("source", pa.string()),
+                         ("line", pa.int64()), ("record", pa.string())])  # ingest's rows table, read by scoring
+
 
 def matrix(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
     """A list column of equal-length rows -> (N, w) array."""

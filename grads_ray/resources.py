@@ -65,6 +65,13 @@ def cpus_settled(timeout_s: float = 5.0) -> bool:
     return True
 
 
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): ledgers record where each shard ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def node_cpus() -> list[int]:
     """CPUs of each alive node of the connected Ray cluster (nodes without CPUs left out; [1] when
     none has any): training and index workers size their CPU reservations from it."""

@@ -204,8 +204,8 @@ def test_scorer_batches_depend_only_on_the_unit():
 
 def test_duplicate_ids_across_shards_keep_the_first_row(tmp_path):
     from grads_ray.data.readers import plan_shards
-    from grads_ray.ingest import drop_duplicate_ids, ingest_shard
     from grads_ray.rundir import StageDir, read_parts
+    from grads_ray.stages.ingest_tasks import drop_duplicate_ids, ingest_shard
 
     ids = ["a", "b", "c", "a", "d", "b", "e", "a"]
     data = tmp_path / "c.jsonl"
@@ -234,8 +234,8 @@ def _dedup_corpus(tmp_path, seed: int):
     none, some no row at all). -> (shards, stage, [(source, line, id, good)] in input order)."""
     import numpy as np
 
-    from grads_ray.ingest import ingest_shard
     from grads_ray.rundir import StageDir
+    from grads_ray.stages.ingest_tasks import ingest_shard
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -267,8 +267,8 @@ def _check_dedup_against_reference(shards, stage, rows) -> int:
     """drop_duplicate_ids against a plain reference (a dict of each id's first good row in input
     order): the same rows moved, with the same reject records, parts and markers; a second run moves
     and rewrites nothing. -> rows moved."""
-    from grads_ray.ingest import drop_duplicate_ids, rows_digest
     from grads_ray.rundir import read_parts
+    from grads_ray.stages.ingest_tasks import drop_duplicate_ids, rows_digest
 
     first, moved = {}, {}
     for source, line, rid, good in rows:
@@ -326,7 +326,7 @@ def test_a_hash_collision_never_makes_a_duplicate_id(tmp_path, monkeypatch, coll
     candidates: a row is dropped for its real id only, and real duplicates still are."""
     import numpy as np
 
-    import grads_ray.ingest as ingest
+    import grads_ray.stages.ingest_tasks as ingest
 
     real, calls = ingest.id_hash, []
 
@@ -348,7 +348,7 @@ def test_hash_collisions_alone_move_no_duplicate(tmp_path, monkeypatch):
     """Distinct ids, every hash equal: every row is a candidate, none is a duplicate."""
     import numpy as np
 
-    import grads_ray.ingest as ingest
+    import grads_ray.stages.ingest_tasks as ingest
     from grads_ray.rundir import StageDir
 
     monkeypatch.setattr(ingest, "id_hash", lambda ids, seed: np.zeros(len(ids), np.uint64))

@@ -390,8 +390,8 @@ def test_warmup_is_deterministic_for_a_seed(finished):
 
 def test_a_file_that_breaks_while_read_is_named(tmp_path, ray_local):
     from grads_ray.data.readers import InputError, plan_shards
-    from grads_ray.ingest import run_ingest
     from grads_ray.rundir import StageDir
+    from grads_ray.stages.ingest_tasks import run_ingest
 
     data = tmp_path / "gone.jsonl"
     data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")

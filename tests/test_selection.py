@@ -20,6 +20,7 @@ from grads_ray.selection.budget import (
     parse_budget,
     take_with_quotas,
 )
+from grads_ray.selection.choose import select
 from grads_ray.selection.fisher import brute_force_greedy, fisher_greedy, log_det_objective
 from grads_ray.selection.grads import criteria, gradient_signal, grads_components, redundancy, region_score
 from grads_ray.selection.inputs import SelectionInputs, method_needs
@@ -37,7 +38,6 @@ from grads_ray.selection.ranking import (
     within_group_rank,
     zscore,
 )
-from grads_ray.selection.select import select
 
 METHODS = list(REGISTRY)  # every registered method
 
@@ -612,7 +612,7 @@ def test_selection_out_of_core_equals_in_memory(method, tmp_path):
 def test_source_codes_name_only_the_sources_present():
     """A dictionary array (the select stage's sources) whose dictionary names a source no row has
     (its rows all dropped as non-finite): that source gets no code, so no quota share."""
-    from grads_ray.selection.select import source_codes
+    from grads_ray.selection.choose import source_codes
 
     code, names = source_codes(pa.DictionaryArray.from_arrays(pa.array([0, 2, 2, 0], pa.int32()),
                                                               pa.array(["a.jsonl", "b.jsonl", "c.jsonl"])))

@@ -9,7 +9,7 @@ formulas, what the paper states and where our choice fills a gap. Arrays in, arr
    taken from: dense (representative, default), sparse, hdr (the highest-density region holding a
    given mass) or match (signal strata, taken in proportion: the subset keeps the distribution).
 4. Content diversity — the k-NN diversity of the similarity stage (as a rank), and cluster-balanced
-   quotas over its k-means clusters (applied to the order by :mod:`grads_ray.selection.select`).
+   quotas over its k-means clusters (applied to the order by :mod:`grads_ray.selection.choose`).
 5. :func:`redundancy` — similarity reduction: each example's highest cosine to a k-NN neighbour
    ranked above it; near-duplicate groups are capped by the selection itself.
 6. :func:`grads_components` — score = w_region·region + w_diversity·diversity + w_loss·rank(loss)

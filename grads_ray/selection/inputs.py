@@ -4,7 +4,7 @@
 grads_ray/selection/methods.py) besides the ids and the base columns (``loss``, ``n_tokens``, ``finite``): which stats columns, whether the similarity stage's
 neighbour lists, FisherSFT's factors, LESS's projected gradients and target, or the feature vectors
 of the ``max_similarity`` pass. The select stage reads just that; the stage table derives from it
-which stages ``select`` needs; :func:`grads_ray.selection.select.select` checks that it was given.
+which stages ``select`` needs; :func:`grads_ray.selection.choose.select` checks that it was given.
 """
 
 from __future__ import annotations

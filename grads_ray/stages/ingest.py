@@ -1,7 +1,7 @@
 """ingest: the corpus files -> validated rows (``rows/part-*.parquet``) and rejects, one Ray task a shard.
 
 1. plan shards (JSONL byte ranges, Parquet/dataset row ranges; each at most ``data.shard_rows`` rows) and keep the plan in ``rows/.ledger/shards.json``;
-2. read and validate each unfinished shard in a Ray task (grads_ray/ingest.py);
+2. read and validate each unfinished shard in a Ray task (grads_ray/stages/ingest_tasks.py);
 3. move rows whose id was seen before to the rejects (``duplicate_id``);
 4. record counts, input hashes and empty input files.
 Later stages receive a :class:`Corpus`: the rows folder and its shards.
@@ -61,7 +61,7 @@ class Ingest(Stage):
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.data.readers import empty_inputs
-        from grads_ray.ingest import drop_duplicate_ids, run_ingest
+        from grads_ray.stages.ingest_tasks import drop_duplicate_ids, run_ingest
 
         d, rows = ctx.cfg.data, out["rows"]
         shards = plan_shards(d.paths, d.shard_bytes, d.shard_rows, d.limit)

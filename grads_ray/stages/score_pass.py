@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from grads_ray.gradients.scorer import ROWS_PER_BLOCK_BATCHES, TEST_HOOKS_ENV, Scorer, scored_table
-from grads_ray.ingest import node_id
+from grads_ray.resources import node_id
 from grads_ray.rundir import StageDir, write_parquet
 from grads_ray.stages.score_units import (
     finish_shard,

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from grads_ray.columns import ROWS_SCHEMA
 from grads_ray.data.tokenize import tokenize_batch
 from grads_ray.gradients.scorer import FEATURE_COLUMNS, STAT_BASE, finite_rows
-from grads_ray.ingest import ROWS_SCHEMA
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
 ROW_COLUMNS = ROWS_SCHEMA.names  # the ingested rows table
@@ -26,7 +26,7 @@ ROW_COLUMNS = ROWS_SCHEMA.names  # the ingested rows table
 
 def read_slice(path: str, start: int, stop: int) -> pa.Table:
     """Rows ``[start, stop)`` of a rows part, decoding only the row groups that hold them (ingest
-    writes groups of ``grads_ray.ingest.ROW_GROUP_ROWS``)."""
+    writes groups of ``grads_ray.columns.ROW_GROUP_ROWS``)."""
     import pyarrow.parquet as pq
 
     f = pq.ParquetFile(path)

@@ -4,7 +4,7 @@
    the similarity stage's neighbours, FisherSFT's factors, LESS's projected gradients and target,
    the similarity feature's vectors — every table sorted by id and checked to hold the scored ids
    (grads_ray/selection/reading.py);
-2. choose (grads_ray/selection/select.py: arrays in, arrays out);
+2. choose (grads_ray/selection/choose.py: arrays in, arrays out);
 3. write ``selection.parquet`` (every scored id, its verdict and each score component),
    ``selection_report.md``, the selected rows in rank order as ``selected.jsonl`` (the original
    records) and ``selected.parquet`` (id, rank, record), and the same rows shuffled (seeded) as
@@ -62,7 +62,7 @@ class Select(Stage):
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.selection.budget import parse_budget
-        from grads_ray.selection.select import select
+        from grads_ray.selection.choose import select
 
         cfg, sc = ctx.cfg, ctx.cfg.select
         t0 = time.time()
@@ -151,7 +151,7 @@ def read_inputs(ctx, spill) -> SelectionInputs:
 
 def count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
     """How many rows under ``mask`` carry each name."""
-    from grads_ray.selection.select import source_codes
+    from grads_ray.selection.choose import source_codes
 
     code, labels = source_codes(names)
     counts = np.bincount(code[mask], minlength=len(labels))

@@ -1,4 +1,4 @@
-"""Ingest: corpus shards -> validated rows (``rows/part-*.parquet``) and rejects, one Ray task a shard.
+"""The ingest stage's Ray tasks: corpus shards -> validated rows (``rows/part-*.parquet``) and rejects, one Ray task a shard.
 
 Each task reads its shard, validates every row and writes, atomically, the rows table
 (``id, shard, source, line, record``: ``record`` is the original row as JSON text) and the shard's
@@ -17,21 +17,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grads_ray import storage
-from grads_ray.columns import id_hash
+from grads_ray.columns import ROW_GROUP_ROWS, ROWS_SCHEMA, id_hash
 from grads_ray.data.readers import Shard, read_shard, validate_rows
+from grads_ray.resources import node_id
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
-ROW_GROUP_ROWS = 1024  # rows per Parquet row group of a rows part: the scorer reads its units by group
-ROWS_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("source", pa.string()),
-                         ("line", pa.int64()), ("record", pa.string())])
 DEDUP_SEED = 0x1D5  # drop_duplicate_ids' id hash: any fixed value (the hash only proposes candidates)
-
-
-def node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray): ledgers record where each shard ran."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def rows_digest(table: pa.Table) -> str:
