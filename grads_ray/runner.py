@@ -95,7 +95,7 @@ class Runner:
         was_up = True
         try:
             with stopping.deferred():  # a signal now stops the job once Ray is up (and can be shut down)
-                import ray  # its first import, stopped half-way, would leave a module nothing can use
+                import ray  # (first imported by deferred(), with signals held: a half-done import is unusable)
 
                 was_up = ray.is_initialized()
                 started = start_ray(self.cfg.ray, self.verbose, hub_models=hub_models)

@@ -4,8 +4,8 @@ A stage is a step of the job with a name, its output folders in the run director
 whose outputs it reads (``needs``, which may depend on the config). It says which of its settings
 decide its result, how to compute it and what it hands on; the runner (grads_ray/runner.py) does the
 rest the same way for every stage: fingerprint (the stage's name, its needs' fingerprints, its
-settings), memo, prepare, finish, manifest (datatrove's executor/step split). A stage reaches another's outputs only through ``ctx.need(name)``, and only for the names
-its ``needs`` lists.
+settings), memo, prepare, finish, manifest (datatrove's executor/step split). A stage reaches
+another's outputs only through ``ctx.need(name)``, and only for the names its ``needs`` lists.
 """
 
 from __future__ import annotations
