@@ -109,8 +109,8 @@ def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
                 for label, method, variant, budget in strategies]
         base = Runner(base_cfg, verbose=verbose)
         first = out / f"seed-{seeds[0]}" / "baseline"  # the base model's evaluation: seed-independent
-        if seed != seeds[0] and first.exists() and not (base.out / "baseline").exists():
-            storage.copy_tree(first, base.out / "baseline")
+        if seed != seeds[0] and first.exists() and not (base.run_dir / "baseline").exists():
+            storage.copy_tree(first, base.run_dir / "baseline")
         shared = {s.name for *_, sub in subs for s in shared_stages(sub)}
         for stage in STAGES:  # every stage some strategy needs and no selection changes, once a seed
             if stage.name in shared:
@@ -120,7 +120,7 @@ def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
             storage.makedirs(sub_out)
             for folder in (f for s in shared_stages(sub_cfg) for f in s.folders):
                 if not (sub_out / folder).exists():  # hard links (or server-side copies): no bytes copied here
-                    storage.copy_tree(base.out / folder, sub_out / folder)
+                    storage.copy_tree(base.run_dir / folder, sub_out / folder)
             run = Runner(sub_cfg, verbose=verbose)
             ev = run.run().value if sub_cfg.finetune.enabled else {}
             sel = run.manifest["stages"]["select"]

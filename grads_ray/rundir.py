@@ -123,6 +123,12 @@ class StageDir:
         self._started = time.time()
         return False
 
+    def reopen(self) -> None:
+        """Unmark a complete folder: the next :meth:`prepare` with its fingerprint keeps its shards
+        and the stage runs again over them (to write what it writes beside its folders)."""
+        if self.success_path.exists():
+            storage.remove(self.success_path)
+
     def finish(self, fp: str, info: dict[str, Any]) -> None:
         """Mark the stage complete. ``computed_seconds`` (from :meth:`prepare`) keeps the time of the run
         that computed it, which a later run that finds the stage done (manifest ``seconds`` ~0) still shows."""

@@ -2,9 +2,10 @@
 
 For every stage the same loop (:meth:`Runner.need`): fingerprint (its settings and its inputs'
 fingerprints, which resolves the inputs first), then either a memo hit (``.ledger/SUCCESS.json`` holds this
-fingerprint: nothing recomputed) or prepare → run → finish, then the manifest entry and the stage's
-checks. A stage reaches another's outputs only through :meth:`Runner.need`, and only for the names
-its ``needs`` lists, so what ``--dry-run`` plans (the same table) is what a run executes.
+fingerprint, and every file it declares is there: nothing recomputed) or prepare → run → finish,
+then the manifest entries (the stage's and its :meth:`Stage.report`) and the stage's checks. A stage
+sees the run through its :class:`StageContext`: another's outputs only for the names its ``needs``
+lists, so what ``--dry-run`` plans (the same table) is what a run executes.
 ``manifest.json`` records config, versions, per-stage counts and timings, and input hashes.
 """
 
@@ -25,6 +26,7 @@ from grads_ray.config import Config, absolute_paths, path_settings
 from grads_ray.resources import Resources, start_ray
 from grads_ray.rundir import StageDir, fingerprint, read_json, unify_parts, write_json, write_text
 from grads_ray.stages import STAGES, Done, Outputs, Stage, job_end
+from grads_ray.stages.base import StageContext
 
 log = logging.getLogger("grads_ray")
 
@@ -61,8 +63,8 @@ def driver_memory_pool() -> None:
 class Runner:
     """One run directory and its configuration: the context every stage runs in.
 
-    ``cfg``: the resolved config (local paths made absolute: Ray workers run elsewhere); ``out``: the
-    run directory (a folder or an object-store URL); ``manifest``: manifest.json's content;
+    ``cfg``: the resolved config (local paths made absolute: Ray workers run elsewhere); ``run_dir``:
+    the run directory (a folder or an object-store URL); ``manifest``: manifest.json's content;
     ``stages``: the stage table (tests pass stand-ins).
     """
 
@@ -72,13 +74,13 @@ class Runner:
         self.verbose = verbose  # Ray workers' logs reach the terminal only when asked for
         self.stages = stages
         self._table = {s.name: s for s in stages}
-        self.out = storage.location(cfg.output)
-        storage.makedirs(self.out)
-        path = self.out / "manifest.json"
+        self.run_dir = storage.location(cfg.output)
+        storage.makedirs(self.run_dir)
+        path = self.run_dir / "manifest.json"
         self.manifest: dict[str, Any] = read_json(path) if path.exists() else {"stages": {}}
         self.manifest.update(config=cfg.to_dict(), versions=versions())
         self.manifest.pop("ray_start_seconds", None)  # this run's, when it starts Ray
-        write_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._done: dict[str, Done] = {}
         self._fingerprints: dict[str, str] = {}
         self._running: list[Stage] = []  # the stages being resolved, innermost last
@@ -125,12 +127,14 @@ class Runner:
             self.save_manifest()
         return done
 
+    def stage(self, name: str) -> Stage:
+        """The table's stage ``name``."""
+        return self._table[name]
+
     def need(self, name: str) -> Done:
         """The finished stage ``name``: memoised for this run, else found complete on disk (same
-        fingerprint), else computed now."""
-        if self._running and name not in self._running[-1].needs(self.cfg):
-            raise RuntimeError(f"stage {self._running[-1].name} reads {name}, which its needs() does not "
-                               "list: declare it, or plan and run will differ")
+        fingerprint), else computed now. (Stages ask through their :class:`StageContext`, which
+        holds them to their ``needs``.)"""
         if name in self._done:
             return self._done[name]
         stage = self._table[name]
@@ -156,17 +160,28 @@ class Runner:
 
     def _resolve(self, stage: Stage) -> Done:
         fp = self.fingerprint(stage.name)
+        ctx = StageContext(self, stage)
         for name in stage.needs(self.cfg):  # inputs first: the stage's clock and log lines are its own
             if name not in stage.while_running:
                 self.need(name)
-        out = Outputs(fp, {f: StageDir(self.out, f) for f in stage.folders})
+        out = Outputs(fp, {f: StageDir(self.run_dir, f) for f in stage.folders})
         main, *others = out.dirs.values()
         start, ray_before = time.time(), self._ray_seconds
         log.info("[grads-ray] %s ...", stage.name)
-        if not main.prepare(fp):
+        finished = main.prepare(fp)
+        missing = [f for f in stage.files if not (self.run_dir / f).exists()] if finished else []
+        if missing:  # finished, but a file the user reads is gone: finish it again (its shards are kept)
+            log.warning("[grads-ray] %s: %s missing from %s: the stage is finished again", stage.name,
+                        ", ".join(missing), self.run_dir)
+            for d in out.dirs.values():
+                d.reopen()
+            finished = main.prepare(fp)
+        if not finished:
             for d in others:
                 d.prepare(fp)
-            info = stage.run(self, out)
+            for f in (*stage.files, *stage.optional_files):  # no output of another run stays beside this one's
+                storage.remove(self.run_dir / f)
+            info = stage.run(ctx, out)
             for d in out.dirs.values():  # each folder one table with one schema, whatever its shards held
                 unify_parts(d)
             for d in (*others, main):  # the first folder's marker last: it says the stage is done
@@ -174,20 +189,21 @@ class Runner:
         for name in stage.needs(self.cfg):  # a declared input this run has not read yet
             self.need(name)
         info = main.success_info()
-        done = Done(stage.name, out, info, stage.value(self, out, info))
+        done = Done(stage.name, out, info, stage.value(ctx, out, info))
         entry = self.manifest["stages"].setdefault(stage.name, {})
         entry.update({k: v for k, v in info.items() if k != "fingerprint" and k not in stage.private})
         entry["seconds"] = round(time.time() - start - (self._ray_seconds - ray_before), 2)
         entry["driver_peak_mb"] = driver_peak_mb()
         try:
-            stage.check(self, done)
+            self.manifest.update(stage.report(ctx, done))
+            stage.check(ctx, done)
         finally:
             self.save_manifest()
         log.info("[grads-ray] %s done in %.1f s", stage.name, entry["seconds"])
         return done
 
     def save_manifest(self) -> None:
-        write_json(self.out / "manifest.json", self.manifest)
+        write_json(self.run_dir / "manifest.json", self.manifest)
 
 
 def driver_peak_mb() -> float:

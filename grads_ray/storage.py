@@ -144,6 +144,17 @@ def rmtree(loc: Location) -> None:
         shutil.rmtree(loc, ignore_errors=True)
 
 
+def remove(loc: Location) -> None:
+    """Remove a file or a folder, if there."""
+    if is_remote(loc):
+        if loc.exists():
+            loc.fs.rm(loc.path, recursive=True)
+    elif loc.is_dir() and not loc.is_symlink():
+        shutil.rmtree(loc, ignore_errors=True)
+    else:
+        loc.unlink(missing_ok=True)
+
+
 def link_or_copy(src: Location, dst: Location) -> None:
     """``dst`` becomes ``src``'s content: a hard link where the file system allows (no copy; every
     writer here replaces files, never edits them, so a shared inode stays right), a server-side copy

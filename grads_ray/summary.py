@@ -84,7 +84,7 @@ def summary(runner) -> str:
     """A short human summary of what the run directory holds (``runner``: a grads_ray.runner.Runner)."""
     m = runner.manifest
     st = m.get("stages", {})
-    lines = [f"grads-ray: output in {_shown(runner.out)}"]
+    lines = [f"grads-ray: output in {_shown(runner.run_dir)}"]
     acc = m.get("accounting")
     if acc:
         reasons = ", ".join(f"{k} {v}" for k, v in m.get("rejected_by_reason", {}).items()) or "none"
@@ -128,6 +128,6 @@ def summary(runner) -> str:
     if m.get("ray_start_seconds"):
         timing += f" (and Ray's start-up {m['ray_start_seconds']:.0f}s)"
     lines.append(f"  stage times     {timing}")
-    if (runner.out / "selected.jsonl").exists():
-        lines.append(f"  selected subset {_shown(runner.out / 'selected.jsonl')}")
+    if (runner.run_dir / "selected.jsonl").exists():
+        lines.append(f"  selected subset {_shown(runner.run_dir / 'selected.jsonl')}")
     return "\n".join(lines)

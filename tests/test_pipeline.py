@@ -231,6 +231,20 @@ def test_every_method_selects_from_the_same_run(finished, method, tmp_path):
         assert_one_table(out / "target", rows=20)
 
 
+def test_a_deleted_output_file_is_written_again_from_the_kept_shards(finished, tmp_path):
+    """The files users open are their stages' declared outputs: deleted by hand, the next run
+    finishes those stages again, the same bytes, without scoring a row."""
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
+    kept = {name: (out / name).read_bytes() for name in ("rejected.jsonl", "selected.jsonl", "selection.parquet")}
+    (out / "rejected.jsonl").unlink()
+    (out / "selected.jsonl").unlink()
+    assert main(["select", "--config", str(finished["config"]), "--output", str(out)]) == 0
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["score"]["units_scored"] == 0 and manifest["rejected_by_reason"]
+
+
 def test_the_greedy_similarity_pass_reads_the_feature_vectors(finished, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))

@@ -20,7 +20,7 @@ def test_report_counts_plots_and_duplicates(tmp_path):
     ids = [f"r{i}" for i in range(n)]
     manifest = {"accounting": {"input_rows": 210, "scored": 200, "rejected_ingest": 10, "rejected_score": 0},
                 "rejected_by_reason": {"bad_json": 10}, "stages": {"select": {"method": "grads", "budget": "10%"}}}
-    path = write_report(tmp_path, cols, ids, selected, reason, groups, manifest)
+    path = write_report(tmp_path / "selection_report.md", cols, ids, selected, reason, groups, manifest)
     text = path.read_text()
     assert "- selected: 20 of 200 by grads, budget 10%" in text
     assert "not selected, outside_band: 100" in text and "not selected, duplicate: 7" in text

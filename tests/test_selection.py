@@ -599,7 +599,7 @@ def test_selection_out_of_core_equals_in_memory(method, tmp_path):
     spill = ColumnSpill(tmp_path / "spill")
     kwargs = {k: v for k, v in inp.items() if k not in ("cols", "ids", "similarity")}
     got = select(SelectionInputs(PartColumns(list(inp["cols"]), lambda c: inp["cols"][c].copy(), cached=("loss",)),
-                                 inp["ids"], similarity=sim, **kwargs), Budget("fraction", 0.3), cfg, 3, out=spill)
+                                 inp["ids"], similarity=sim, **kwargs), Budget("fraction", 0.3), cfg, 3, result=spill)
     assert got is spill and set(got) == set(want_f32)
     for k in want_f32:
         np.testing.assert_array_equal(got[k], want_f32[k], err_msg=k)

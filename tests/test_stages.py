@@ -145,6 +145,52 @@ def test_a_stage_cannot_read_an_input_it_does_not_declare(inputs, tmp_path):
         Runner(cfg, stages=stand_ins).run("select")
 
 
+def test_a_stages_files_are_cleared_before_it_computes_and_required_after(inputs, tmp_path):
+    """Declared files: a stale one (and an optional one) is gone when the stage runs; a finished
+    stage whose file was deleted runs again (once); an undeclared entry is refused; the stage's
+    report reaches the manifest, and its copy of the manifest is only a copy."""
+
+    class Writer(Recorder):
+        files, optional_files = ("note.txt",), ("plots",)
+
+        def run(self, ctx, out):
+            super().run(ctx, out)
+            assert not ctx.path("note.txt").exists() and not ctx.path("plots").exists()
+            ctx.manifest["stages"].clear()  # a copy: the runner's is untouched
+            ctx.path("note.txt").write_text(str(len(self.calls)))
+            return {"rows": 1}
+
+        def report(self, ctx, done):
+            return {"noted": ctx.path("note.txt").read_text()}
+
+    class Sneaky(Recorder):
+        def run(self, ctx, out):
+            ctx.path("note.txt")  # select's, which the fine-tune does not need
+
+    out = tmp_path / "o"
+    cfg = load_config(None, [f"data.paths=[{inputs / 'data.jsonl'}]", "select.method=random", f"output={out}"])
+    calls: list[str] = []
+    stand_ins = tuple(Writer(s, calls) if s.name == "select" else Recorder(s, calls) for s in STAGES)
+    out.mkdir()
+    (out / "note.txt").write_text("stale")
+    (out / "plots").mkdir()
+    Runner(cfg, stages=stand_ins).run("select")
+    assert calls.count("select") == 1 and not (out / "plots").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["noted"] == (out / "note.txt").read_text() == str(len(calls)) and "ingest" in manifest["stages"]
+    Runner(cfg, stages=stand_ins).run("select")
+    assert calls.count("select") == 1  # done, its file there: nothing runs
+    (out / "note.txt").unlink()
+    Runner(cfg, stages=stand_ins).run("select")
+    assert calls.count("select") == 2 and (out / "note.txt").exists()
+    Runner(cfg, stages=stand_ins).run("select")
+    assert calls.count("select") == 2
+    sneaky = tuple(Sneaky(s, calls) if s.name == "warmup" else Recorder(s, calls) for s in STAGES)
+    with pytest.raises(RuntimeError, match="stage warmup uses note.txt in the run folder, which neither it nor"):
+        Runner(load_config(None, [f"data.paths=[{inputs / 'data.jsonl'}]", "warmup.enabled=true",
+                                  f"output={tmp_path / 'w'}"]), stages=sneaky).run("warmup")
+
+
 def test_compare_shares_what_no_selection_changes():
     cfg = load_config(None, [])
     assert per_strategy(cfg) == {"select", "finetune", "evaluate"}
@@ -229,6 +275,10 @@ def test_the_warm_up_says_what_it_does_and_how_to_skip_it(tmp_path, monkeypatch,
     assert "warmup.enabled=false or score.model=/models/M scores it as it is" in caplog.text
 
 
+def _user_files(folder):
+    return folder / "selected.jsonl", folder / "selected.parquet"
+
+
 def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path, monkeypatch):
     """write_selected: rank order for the user (selected.jsonl/.parquet), a seeded shuffle in parts of
     part_rows for the fine-tune; the fine-tune reads those parts and nothing of the corpus."""
@@ -246,7 +296,7 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
                                                   "record": [f'{{"n": "{shard}-{i}"}}' for i in range(20)]}))
     ranked = pa.array([f"r{s}-{i}" for i in (7, 3, 19, 0) for s in (2, 0)])
     subset = StageDir(tmp_path / "a", "select")
-    writing.write_selected(tmp_path / "a", subset, rows, ranked, seed=3, part_rows=3)
+    writing.write_selected(*_user_files(tmp_path / "a"), subset, rows, ranked, seed=3, part_rows=3)
     assert (tmp_path / "a" / "selected.jsonl").read_text().splitlines() == [
         json.dumps({"n": i[1:]}) for i in ranked.to_pylist()]
     assert pq.read_table(tmp_path / "a" / "selected.parquet")["id"].to_pylist() == ranked.to_pylist()
@@ -255,11 +305,11 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
     shuffled = read_parts(parts)
     assert sorted(shuffled["id"].to_pylist()) == sorted(ranked.to_pylist()) != shuffled["id"].to_pylist()
     again = StageDir(tmp_path / "b", "select")
-    writing.write_selected(tmp_path / "b", again, rows, ranked, seed=3, part_rows=3)
+    writing.write_selected(*_user_files(tmp_path / "b"), again, rows, ranked, seed=3, part_rows=3)
     assert read_parts(again.parts()).equals(shuffled)  # the same shuffle for the seed
     for bucket_rows in (3, 4, 6):  # out of core: many spill buckets give the same files as one (4: rounded up to 6)
         spilled = StageDir(tmp_path / f"s{bucket_rows}", "select")
-        writing.write_selected(tmp_path / f"s{bucket_rows}", spilled, rows, ranked, seed=3, part_rows=3,
+        writing.write_selected(*_user_files(tmp_path / f"s{bucket_rows}"), spilled, rows, ranked, seed=3, part_rows=3,
                                spill=tmp_path / "spill", bucket_rows=bucket_rows)
         assert read_parts(spilled.parts()).equals(shuffled)
         assert [pq.read_metadata(str(p)).num_rows for p in spilled.parts()] == [3, 3, 2]
@@ -270,10 +320,10 @@ def test_the_selected_rows_are_written_once_shuffled_for_the_fine_tune(tmp_path,
             pq.read_table(tmp_path / "a" / "selected.parquet"))
     assert not any((tmp_path / "spill").iterdir())  # the buckets are removed
     other = StageDir(tmp_path / "c", "select")
-    writing.write_selected(tmp_path / "c", other, rows, ranked, seed=4, part_rows=3)
+    writing.write_selected(*_user_files(tmp_path / "c"), other, rows, ranked, seed=4, part_rows=3)
     assert read_parts(other.parts())["id"].to_pylist() != shuffled["id"].to_pylist()
     with pytest.raises(RuntimeError, match="1 selected ids have no ingested row"):
-        writing.write_selected(tmp_path / "d", StageDir(tmp_path / "d", "select"), rows,
+        writing.write_selected(*_user_files(tmp_path / "d"), StageDir(tmp_path / "d", "select"), rows,
                                pa.array(["r0-1", "nope"]), seed=3, part_rows=3)
 
     seen = {}

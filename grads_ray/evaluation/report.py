@@ -1,6 +1,6 @@
 """The selection report: what was scored, what was chosen and what was removed, in one Markdown page
-with plots of the gradient-statistic distributions (``OUT/selection_report.md`` and
-``OUT/selection_report/*.png``). Arrays in, files out; no Ray."""
+with plots of the gradient-statistic distributions (``selection_report.md`` and
+``selection_report/*.png`` beside it). Arrays in, files out; no Ray."""
 
 from __future__ import annotations
 
@@ -68,18 +68,18 @@ def _quantiles(values: np.ndarray) -> str:
     return " / ".join(f"{x:.3g}" for x in q)
 
 
-def write_report(out: storage.Location, columns: dict[str, np.ndarray], ids, selected: np.ndarray,
+def write_report(path: storage.Location, columns: dict[str, np.ndarray], ids, selected: np.ndarray,
                  reason: np.ndarray, dup_group: np.ndarray | None, manifest: dict[str, Any]) -> storage.Location:
-    """``out/selection_report.md`` (+ its plot) from the stats columns, the verdicts and the manifest.
+    """The report at ``path`` (``.../selection_report.md``; its plot in the folder of the same stem) from the stats columns, the verdicts and the manifest.
 
     ``columns``: (N,) stats arrays; ``ids`` (N,) (a list or an Arrow array: only a few are read); ``selected`` (N,) bool; ``reason`` (N,) why not; ``dup_group``
     (N,) the near-duplicate group (its smallest position) or None. -> the report's path.
     """
-    out = storage.location(out)
+    path = storage.location(path)
     reason = np.asarray(reason, dtype=object)
     selected = np.asarray(selected, dtype=bool)
     n = len(selected)
-    drawn = distribution_plot(columns, selected, reason, out / "selection_report" / "distributions.png")
+    drawn = distribution_plot(columns, selected, reason, path.parent / path.stem / "distributions.png")
     st = manifest.get("stages", {})
     acc = manifest.get("accounting", {})
     lines = ["# Selection report", ""]
@@ -98,7 +98,7 @@ def write_report(out: storage.Location, columns: dict[str, np.ndarray], ids, sel
     for name in [c for c in columns if c in PLOTTED or c.endswith(".grad_norm")]:
         lines.append(f"| {name} | {_quantiles(columns[name])} | {_quantiles(np.asarray(columns[name])[selected])} |")
     if drawn:
-        lines += ["", "![distributions](selection_report/distributions.png)", "",
+        lines += ["", f"![distributions]({path.stem}/distributions.png)", "",
                   "Grey: every scored example; blue: the selected; red: removed as near-duplicates."]
     if dup_group is not None:
         groups = np.asarray(dup_group)
@@ -111,6 +111,5 @@ def write_report(out: storage.Location, columns: dict[str, np.ndarray], ids, sel
             kept = np.flatnonzero(selected & (groups == groups[i]))
             twin = str(ids[int(kept[0])]) if len(kept) else "(none selected)"
             lines.append(f"| `{ids[int(i)]}` | `{twin}` |")
-    path = out / "selection_report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path

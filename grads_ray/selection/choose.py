@@ -36,38 +36,45 @@ def source_codes(source: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.nd
     return code.astype(np.int64).reshape(-1), [names[i] for i in present]
 
 
+def count_by(names: pa.Array | pa.ChunkedArray | np.ndarray, mask: np.ndarray) -> dict[str, int]:
+    """How many rows under ``mask`` ((N,) bool) carry each name ((N,) names)."""
+    code, labels = source_codes(names)
+    counts = np.bincount(code[mask], minlength=len(labels))
+    return {label: int(c) for label, c in zip(labels, counts, strict=True) if c}
+
+
 def select(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int, device: str = "cpu",
-           out: MutableMapping | None = None) -> MutableMapping:
+           result: MutableMapping | None = None) -> MutableMapping:
     """:func:`select_finite` over the rows with finite statistics (:func:`finite_mask`); the others
     get ``reason`` ``nonfinite``, ``rank`` -1 and empty components. Same arguments and result;
-    ``out`` (a new dict if None) receives the result columns, one at a time (it may spill them:
+    ``result`` (a new dict if None) receives the result columns, one at a time (it may spill them:
     :class:`grads_ray.selection.spill.ColumnSpill`)."""
-    out = {} if out is None else out
+    result = {} if result is None else result
     ok = finite_mask(inputs.columns)
     if ok.all():
-        return select_finite(inputs, budget, cfg, seed, device, out)
+        return select_finite(inputs, budget, cfg, seed, device, result)
     keep = np.flatnonzero(ok)
-    select_finite(inputs.rows(keep), budget, cfg, seed, device, out)
-    for name in list(out):  # each column back to every row, in turn
-        values = np.asarray(out[name])
+    select_finite(inputs.rows(keep), budget, cfg, seed, device, result)
+    for name in list(result):  # each column back to every row, in turn
+        values = np.asarray(result[name])
         fill = {"b": False, "i": -1, "u": 0, "f": np.nan}.get(values.dtype.kind, "")
         full = np.full(len(ok), fill, dtype=values.dtype if values.dtype.kind != "U" else object)
         full[keep] = values
         if name == "reason":
             full[~ok] = "nonfinite"
-        out[name] = full
-    return out
+        result[name] = full
+    return result
 
 
 def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
-                  device: str = "cpu", out: MutableMapping | None = None) -> MutableMapping:
+                  device: str = "cpu", result: MutableMapping | None = None) -> MutableMapping:
     """Choose a subset of N scored examples (``cfg``: a :class:`grads_ray.config.SelectConfig`) from
     ``inputs`` (what :func:`grads_ray.selection.inputs.method_needs` names must be there).
 
     The method (:data:`grads_ray.selection.methods.METHODS`) ranks the rows, or picks them itself;
     near-duplicate caps, the similarity pass, quotas and the budget follow, the same for every method.
     ``device``: where FisherSFT's greedy and the similarity pass run (``cpu`` or ``cuda``).
-    -> ``out`` (a new dict if None) with (N,) arrays: ``selected``, ``rank`` (-1 if not), ``reason``,
+    -> ``result`` (a new dict if None) with (N,) arrays: ``selected``, ``rank`` (-1 if not), ``reason``,
     ``score`` and every component.
     """
     m = method(cfg.method)
@@ -86,17 +93,17 @@ def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
         by_name = group_limits(limit, sorted(names), cfg.quotas)
         limits = {c: by_name[name] for c, name in enumerate(names)}
     reason = np.full(n, "", dtype=object)
-    out = {} if out is None else out
+    result = {} if result is None else result
     dedup = cfg.dedup == "true" or (cfg.dedup == "auto" and m.dedup_by_default)
     groups = (inputs.similarity or {}).get("dup_group") if dedup else None
     p = Picking(inputs=inputs, cfg=cfg, seed=seed, device=device, tiebreak=tiebreak, cost=cost, limit=limit,
-                code=code, limits=limits, groups=groups, reason=reason, out=out)
+                code=code, limits=limits, groups=groups, reason=reason, result=result)
     if m.choose is not None:  # the method spends the budget itself
-        return _verdicts(out, m.choose(p), reason)
+        return _verdicts(result, m.choose(p), reason)
 
     ranked = m.rank(p)
-    if "score" not in out:  # GrADS put its own
-        out["score"] = ranked.score
+    if "score" not in result:  # GrADS put its own
+        result["score"] = ranked.score
     preferred = np.ones(n, bool) if ranked.preferred is None else np.asarray(ranked.preferred, bool)
     order = order_desc(ranked.score, tiebreak)
     first, rest = order[preferred[order]], order[~preferred[order]]
@@ -112,7 +119,7 @@ def select_finite(inputs: SelectionInputs, budget: Budget, cfg: Any, seed: int,
     reason[order[over_quota]] = "over_source_quota"
     if m.not_preferred:
         reason[(reason == "") & ~preferred] = m.not_preferred
-    return _verdicts(out, chosen, reason)
+    return _verdicts(result, chosen, reason)
 
 
 def _far_apart(order, vectors, threshold, cost, limit, code, limits, reason, device) -> np.ndarray:

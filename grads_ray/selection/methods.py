@@ -29,7 +29,7 @@ class Picking:
     the budget and ``limit`` the budget; ``code`` (N,) / ``limits``: source codes and their budget
     shares (None without quotas); ``groups`` (N,): near-duplicate groups when dedup is on, else None;
     ``reason`` (N,) object: verdicts so far, written into by a method that rejects rows itself;
-    ``out``: the result columns (a method adds its components: ``score`` at least)."""
+    ``result``: the result columns (a method adds its components: ``score`` at least)."""
 
     inputs: SelectionInputs
     cfg: Any
@@ -42,7 +42,7 @@ class Picking:
     limits: dict[int, float] | None
     groups: np.ndarray | None
     reason: np.ndarray
-    out: MutableMapping
+    result: MutableMapping
 
     @property
     def n(self) -> int:
@@ -95,7 +95,7 @@ def _grads(p: Picking) -> Ranking:
     from grads_ray.selection.grads import grads_components
 
     g, sim = p.cfg.grads, p.inputs.similarity or {}
-    out = p.out
+    out = p.result
     grads_components(p.inputs.columns, g, tiebreak=p.tiebreak, diversity=sim.get("diversity"),
                      nn_idx=sim.get("neighbours", sim.get("nn_idx")), nn_sims=sim.get("nn_sims"), out=out)
     out.update({k: sim[k] for k in ("cluster", "dup_group") if k in sim})
@@ -142,7 +142,7 @@ def _fisher(p: Picking) -> np.ndarray:
         group=p.code, group_limits=p.limits, epsilon=eps, batch=cfg.fisher.batch, seed=p.seed, device=p.device)
     picked_gain = np.full(n, np.nan)
     picked_gain[chosen] = gain
-    p.out.update({"fisher_gain_alone": gain0, "fisher_gain": picked_gain,
+    p.result.update({"fisher_gain_alone": gain0, "fisher_gain": picked_gain,
                   "score": np.where(np.isnan(picked_gain), gain0, picked_gain)})
     if p.limits is not None:  # sources whose quota cannot pay for even the cheapest example
         used = np.bincount(p.code[chosen], weights=p.cost[chosen], minlength=len(p.limits))
@@ -179,7 +179,7 @@ def _ifd(p: Picking) -> Ranking:
     if "loss_response_only" not in columns or np.isnan(columns["loss_response_only"]).all():
         raise ValueError("IFD needs loss_response_only: rescore with score.response_only_loss=true")
     score = ifd(columns["loss"], columns["loss_response_only"])
-    p.out["ifd"] = score
+    p.result["ifd"] = score
     ceiling = p.cfg.baseline.ifd_max
     return Ranking(score, preferred=np.nan_to_num(score, nan=np.inf) < ceiling if ceiling > 0 else None)
 

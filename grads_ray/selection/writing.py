@@ -51,12 +51,12 @@ def write_selection(path, ids: pa.Array, res) -> None:
     storage.atomic_write(storage.location(path), write)
 
 
-def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, *, seed: int,
+def write_selected(jsonl_path, parquet_path, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, *, seed: int,
                    part_rows: int, spill: Path | None = None, bucket_rows: int | None = None) -> None:
     """The original rows of the selected ids (``ranked_ids``: in rank order):
 
-    - ``selected.jsonl`` (one JSON record a line, as read) and ``selected.parquet`` (id, rank,
-      record), in rank order, for the user;
+    - ``jsonl_path`` (one JSON record a line, as read: ``selected.jsonl``) and ``parquet_path`` (id,
+      rank, record: ``selected.parquet``), in rank order, for the user;
     - ``subset`` (the select stage's folder): the same rows in a seeded random order, in parts of
       ``part_rows``: what the fine-tune reads, so its data path costs O(selected rows) per epoch.
 
@@ -102,8 +102,8 @@ def write_selected(out, subset: StageDir, rows: StageDir, ranked_ids: pa.Array, 
                     if t.num_rows:
                         w.write_table(t)
 
-        storage.atomic_write(storage.location(out / "selected.jsonl"), jsonl)
-        storage.atomic_write(storage.location(out / "selected.parquet"), parquet)
+        storage.atomic_write(storage.location(jsonl_path), jsonl)
+        storage.atomic_write(storage.location(parquet_path), parquet)
         for b in range(n_buckets):  # bucket_rows is a multiple of part_rows: whole parts per bucket
             t = _read_bucket(spill / f"slot-{b:05d}.arrow", schema, with_slot=True)
             t = t.take(pc.sort_indices(t["slot"]))

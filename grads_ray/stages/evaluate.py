@@ -93,6 +93,7 @@ class Baseline(Stage):
 class Evaluate(Stage):
     name, folders = "evaluate", ("evaluate",)
     about = "the fine-tuned model evaluated against the baseline: eval.json"
+    files = ("eval.json",)
     while_running = ("baseline",)  # computed while the fine-tuned model's evaluation runs, when missing
 
     def needs(self, cfg) -> list[str]:
@@ -111,8 +112,8 @@ class Evaluate(Stage):
         before = ctx.need("baseline").value  # computed while the fine-tuned model's task runs, when missing
         after = ray.get(after_ref)
         result = {"before": before, "after": after, **forgetting(before, after), **ev.counts()}
-        write_json(ctx.out / "eval.json", result)
+        write_json(ctx.path("eval.json"), result)
         return result
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]) -> dict[str, Any]:
-        return read_json(ctx.out / "eval.json")
+        return read_json(ctx.path("eval.json"))

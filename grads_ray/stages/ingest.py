@@ -85,8 +85,10 @@ class Ingest(Stage):
         rows = out["rows"]
         return Corpus(rows, [Shard(**s) for s in read_json(rows.ledger / "shards.json")])
 
+    def report(self, ctx, done: Done) -> dict[str, Any]:
+        return {"inputs": done.info["input_sha256"]}
+
     def check(self, ctx, done: Done) -> None:
-        ctx.manifest["inputs"] = done.info["input_sha256"]
         if ctx.cfg.data.strict and done.info["rejected"]:
             raise strict_error(done["rows"])
         if done.info["rows"] == 0:

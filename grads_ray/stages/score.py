@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,9 @@ def _numbers(ctx, model: ModelRef) -> str:
 
 class Score(Stage):
     name, folders = "score", ("stats", "features")
-    about = "every row's loss, gradient statistics and features: stats/, features/"
+    about = "every row's loss, gradient statistics and features: stats/, features/, rejected.jsonl"
+    files, scratch = ("rejected.jsonl",), ("score_cache",)
+    private = ("rejected_by_reason",)  # the manifest's top level has it
 
     def needs(self, cfg) -> list[str]:
         return ["ingest", "warmup"] if warms_up(cfg) else ["ingest"]
@@ -91,7 +93,7 @@ class Score(Stage):
         return _engine_numbers(cfg), None if warms_up(cfg) else _model_id(cfg)
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
-        from grads_ray.gradients.scorer import ROWS_PER_BLOCK_BATCHES, engine_settings
+        from grads_ray.gradients.scorer import engine_settings
         from grads_ray.progress import Progress
         from grads_ray.stages.score_pass import ScoringJob, run_scoring
         from grads_ray.stages.score_units import check_examples, rows_written
@@ -103,22 +105,23 @@ class Score(Stage):
         rows = {s.index: corpus.rows.done_info(s.index) for s in corpus.shards}
         expected = {i: info["rows"] for i, info in rows.items()}
         keys = {i: fingerprint(numbers, info.get("content")) for i, info in rows.items() if info.get("content")}
-        cache = ShardCache(cfg.score.cache_dir or ctx.out / "score_cache")
+        cache = ShardCache(cfg.score.cache_dir or ctx.path("score_cache"))
         reused = _reuse_scored(cache, keys, stats, features)
-        unit_rows = ROWS_PER_BLOCK_BATCHES * cfg.score.batch_size
-        bar = Progress("score", sum(expected.values()), "rows",
-                       done=sum(n for i, n in expected.items() if stats.is_done(i))
-                       + rows_written(stats, expected, unit_rows))
-        t0 = time.time()
         use_gpu = res.gpu(cfg.score.use_gpu)
-        todo = {s: n for s, n in expected.items() if not stats.is_done(s)}
-        check = check_examples(corpus.rows, todo, model_path=model.path, max_length=cfg.data.max_length,
-                               on_long=cfg.data.on_long, trust_remote_code=cfg.model.trust_remote_code,
-                               n=cfg.score.check_rows) if todo else []
         job = ScoringJob(model_path=model.path, max_length=cfg.data.max_length, on_long=cfg.data.on_long,
                          batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors, use_gpu=use_gpu,
                          cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
-                         settings=engine_settings(cfg.score, cfg.seed), check=check)
+                         settings=engine_settings(cfg.score, cfg.seed))
+        bar = Progress("score", sum(expected.values()), "rows",
+                       done=sum(n for i, n in expected.items() if stats.is_done(i))
+                       + rows_written(stats, expected, job.unit_rows))
+        t0 = time.time()
+        todo = {s: n for s, n in expected.items() if not stats.is_done(s)}
+        if todo:  # the rows the scorers check the engine on, before they score any
+            job = replace(job, check=check_examples(corpus.rows, todo, model_path=model.path,
+                                                    max_length=cfg.data.max_length, on_long=cfg.data.on_long,
+                                                    trust_remote_code=cfg.model.trust_remote_code,
+                                                    n=cfg.score.check_rows))
         ran = run_scoring(corpus.rows, expected, stats, features, job, progress=bar.update,
                           max_restarts=cfg.score.max_restarts)
         bar.close()
@@ -126,12 +129,13 @@ class Score(Stage):
             if cache.get(key) is None:
                 cache.put(key, _scored_files(stats, features, i), stats.done_info(i))
         done = [stats.done_info(s) for s in expected]
-        return {"scored": sum(i["scored"] for i in done), "rejected": sum(i["rejected"] for i in done),
+        by_reason = _merge_rejects(ctx.need("ingest")["rows"], stats, ctx.path("rejected.jsonl"))
+        return {"rejected_by_reason": by_reason,"scored": sum(i["scored"] for i in done), "rejected": sum(i["rejected"] for i in done),
                 "nodes": sorted({n for i in done for n in i.get("nodes", [])} - {""}),
                 "truncated": sum(i.get("truncated", 0) for i in done),
                 "nonfinite": sum(i.get("nonfinite", 0) for i in done),
                 "model": model.path, "shards_this_run": len(ran["shards"]), "shards_reused": reused,
-                "units_scored": ran["units_scored"], "units_resumed": ran["units_resumed"], "unit_rows": unit_rows,
+                "units_scored": ran["units_scored"], "units_resumed": ran["units_resumed"], "unit_rows": job.unit_rows,
                 "first_unit_seconds": ran["first_unit_seconds"],
                 "engine": cfg.score.engine, "engine_used": sorted({c["engine"] for c in ran.get("checks", [])}),
                 "self_check": ran.get("checks", []), "device": "gpu" if use_gpu else "cpu",
@@ -141,25 +145,42 @@ class Score(Stage):
         """The model the scores are of (the target set is scored with it too)."""
         return scoring_model(ctx)
 
-    def check(self, ctx, done: Done) -> None:
-        """Rejects merged into ``rejected.jsonl``; every input row scored or rejected exactly once."""
+    def report(self, ctx, done: Done) -> dict[str, Any]:
+        """The rejects by reason and the row accounting."""
         rows = ctx.need("ingest")
-        rejects: list[dict[str, Any]] = []
-        for stage in (rows["rows"], done["stats"]):
-            for part in stage.reject_parts():
-                rejects += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
-        write_jsonl(ctx.out / "rejected.jsonl", rejects)
-        ctx.manifest["rejected_by_reason"] = dict(Counter(r["reason"] for r in rejects).most_common())
-        acc = {"input_rows": rows.info["rows"] + rows.info["rejected"], "rejected_ingest": rows.info["rejected"],
-               "rejected_score": done.info["rejected"], "scored": done.info["scored"]}
-        ctx.manifest["accounting"] = acc
+        by_reason = done.info.get("rejected_by_reason")
+        if by_reason is None:  # a score stage finished before this entry was recorded
+            by_reason = _count_reasons(ctx.path("rejected.jsonl"))
+        return {"rejected_by_reason": by_reason,
+                "accounting": {"input_rows": rows.info["rows"] + rows.info["rejected"],
+                               "rejected_ingest": rows.info["rejected"], "rejected_score": done.info["rejected"],
+                               "scored": done.info["scored"]}}
+
+    def check(self, ctx, done: Done) -> None:
+        """Every input row scored or rejected exactly once; ``--strict``; some row scored."""
+        acc = self.report(ctx, done)["accounting"]
         if acc["scored"] + acc["rejected_ingest"] + acc["rejected_score"] != acc["input_rows"]:
             raise RuntimeError(f"row accounting does not add up: {acc}")
         if ctx.cfg.data.strict and done.info["rejected"]:
             raise strict_error(done["stats"])
         if acc["scored"] == 0:
             reasons = ", ".join(f"{k} {v}" for k, v in ctx.manifest["rejected_by_reason"].items())
-            no_rows(ctx, f"score: no row could be scored ({reasons}; see {ctx.out / 'rejected.jsonl'})")
+            no_rows(ctx, f"score: no row could be scored ({reasons}; see {ctx.path('rejected.jsonl')})")
+
+
+def _merge_rejects(rows: StageDir, stats: StageDir, path: storage.Location) -> dict[str, int]:
+    """Ingest's and score's rejects, in that order, into ``rejected.jsonl``. -> count by reason."""
+    rejects: list[dict[str, Any]] = []
+    for stage in (rows, stats):
+        for part in stage.reject_parts():
+            rejects += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+    write_jsonl(path, rejects)
+    return dict(Counter(r["reason"] for r in rejects).most_common())
+
+
+def _count_reasons(path: storage.Location) -> dict[str, int]:
+    text = path.read_text() if path.exists() else ""
+    return dict(Counter(json.loads(line)["reason"] for line in text.splitlines() if line.strip()).most_common())
 
 
 def _scored_files(stats: StageDir, features: StageDir, shard: int) -> dict[str, storage.Location]:

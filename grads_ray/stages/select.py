@@ -51,6 +51,8 @@ def _vectors_from_embed(cfg) -> bool:
 class Select(Stage):
     name, folders = "select", ("select",)
     about = "the subset under the budget: selection.parquet, selected.jsonl"
+    files = ("selection.parquet", "selection_report.md", "selected.jsonl", "selected.parquet")
+    optional_files = ("selection_report",)  # the report's plots, when there is a statistic to draw
 
     def needs(self, cfg) -> list[str]:
         need = method_needs(cfg.select)
@@ -62,7 +64,7 @@ class Select(Stage):
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
         from grads_ray.selection.budget import parse_budget
-        from grads_ray.selection.choose import select
+        from grads_ray.selection.choose import count_by, select
 
         cfg, sc = ctx.cfg, ctx.cfg.select
         t0 = time.time()
@@ -72,17 +74,17 @@ class Select(Stage):
             try:
                 inputs = read_inputs(ctx, spill)
                 res = select(inputs, parse_budget(sc.budget), sc, cfg.seed, device=device,
-                             out=ColumnSpill(spill / "result"))
+                             result=ColumnSpill(spill / "result"))
             except InputError:
                 raise
             except ValueError as exc:  # a setting that does not fit this corpus: say which
                 raise InputError(f"select: {exc}") from None
             select_s = time.time() - t0
             cols, ids = inputs.columns, inputs.ids
-            write_selection(ctx.out / "selection.parquet", ids, res)
+            write_selection(ctx.path("selection.parquet"), ids, res)
             stages = {**ctx.manifest.get("stages", {}), "select": {"method": sc.method, "budget": sc.budget}}
             selected, reason = res["selected"], res["reason"]
-            write_report(ctx.out, cols, ids, selected, reason, (inputs.similarity or {}).get("dup_group"),
+            write_report(ctx.path("selection_report.md"), cols, ids, selected, reason, (inputs.similarity or {}).get("dup_group"),
                          {**ctx.manifest, "stages": stages})
             info = {"method": sc.method, "budget": sc.budget, "scored": len(selected), "selected": int(selected.sum()),
                     "selected_tokens": int(cols["n_tokens"][selected].sum()),
@@ -94,14 +96,14 @@ class Select(Stage):
             chosen = np.flatnonzero(selected)
             ranked = ids.take(pa.array(chosen[np.argsort(res["rank"][chosen], kind="stable")]))
             del inputs, res, cols, ids, selected, reason, chosen  # the records come next: the per-row arrays go first
-            write_selected(ctx.out, out["select"], ctx.need("ingest").value.rows, ranked, seed=cfg.seed,
+            write_selected(ctx.path("selected.jsonl"), ctx.path("selected.parquet"), out["select"], ctx.need("ingest").value.rows, ranked, seed=cfg.seed,
                            part_rows=cfg.data.shard_rows, spill=spill)
         finally:
             shutil.rmtree(spill, ignore_errors=True)
         return info
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]):
-        return ctx.out / "selection.parquet"
+        return ctx.path("selection.parquet")
 
     def check(self, ctx, done: Done) -> None:
         if done.info["selected"] == 0:
@@ -124,7 +126,7 @@ def read_inputs(ctx, spill) -> SelectionInputs:
     order = IdOrder(score["stats"])
     ids = order.ids
     if len(ids) == 0:
-        raise InputError(f"no row of the corpus could be scored: see {ctx.out / 'rejected.jsonl'}")
+        raise InputError(f"no row of the corpus could be scored: see {ctx.path('rejected.jsonl')}")
     names = [c for c in stats_columns(score["stats"], need.columns) if c != "id"]
     inputs = SelectionInputs(PartColumns(names, order.column, cached=BASE_COLUMNS), ids,
                              source=aligned_sources(ctx.need("ingest").value.rows, order))
@@ -147,15 +149,6 @@ def read_inputs(ctx, spill) -> SelectionInputs:
         inputs.vectors = unit_vectors(aligned_features(src, ids, s.feature, spill, limit, legacy=_row),
                                       center=s.centred())
     return inputs
-
-
-def count_by(names: pa.Array, mask: np.ndarray) -> dict[str, int]:
-    """How many rows under ``mask`` carry each name."""
-    from grads_ray.selection.choose import source_codes
-
-    code, labels = source_codes(names)
-    counts = np.bincount(code[mask], minlength=len(labels))
-    return {label: int(c) for label, c in zip(labels, counts, strict=True) if c}
 
 
 def _row(width: int) -> tuple[int]:

@@ -117,13 +117,14 @@ def train_on(ctx, stage: str, fp: str, out_model: Location, n_rows: int, files: 
     base = cfg.model.path
     ds = training_dataset(files, pick, cfg, tcfg.preload_mb)
     return train(ds, n_rows, base, out_model, tcfg, name=f"{stage}-{fp[:16]}",
-                 storage_path=ctx.out / "ray_train", seed=cfg.seed, use_gpu=res.gpu(tcfg.use_gpu),
+                 storage_path=ctx.path("ray_train"), seed=cfg.seed, use_gpu=res.gpu(tcfg.use_gpu),
                  nodes=res.node_cpus, trust_remote_code=cfg.model.trust_remote_code)
 
 
 class Warmup(Stage):
     name, folders = "warmup", ("warmup",)
     about = "a short preliminary fine-tune on a seeded fraction of the rows: warmup/model"
+    scratch = ("ray_train",)  # Ray Train's runs, one per stage and fingerprint: a rerun resumes from its checkpoint
 
     def needs(self, cfg) -> list[str]:
         return ["ingest"]
@@ -150,6 +151,7 @@ class Warmup(Stage):
 class Finetune(Stage):
     name, folders = "finetune", ("finetune",)
     about = "the base model fine-tuned on the selected rows: finetune/model"
+    scratch = ("ray_train",)  # Ray Train's runs, one per stage and fingerprint: a rerun resumes from its checkpoint
 
     def needs(self, cfg) -> list[str]:
         return ["select"]
