@@ -148,10 +148,21 @@ def test_unsupported_module_is_refused_by_name(tmp_path, monkeypatch):
         BatchedGradStats(model)
 
 
-def test_unused_and_replayed_parameters(tmp_path):
+@pytest.mark.parametrize("vmap", ["batched", "refused"])
+def test_unused_and_replayed_parameters(tmp_path, monkeypatch, vmap):
     """A parameter the forward never uses has a zero gradient, in the engine as in autograd; a small
     parameter of a module with no specific rule (here a per-head gate on attention's output) goes
-    through the replay rule, exactly."""
+    through the replay rule, exactly: its products batched, in chunks of one example or all, or one
+    by one where an op refuses autograd's vmap."""
+    if vmap == "refused":
+        real_grad = torch.autograd.grad
+
+        def no_vmap(*args, is_grads_batched=False, **kwargs):
+            if is_grads_batched:
+                raise RuntimeError("Batching rule not implemented for aten::something")
+            return real_grad(*args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, "grad", no_vmap)
     model64 = save_tiny_model("llama", tmp_path / "m").double()
     attn = model64.model.layers[1].self_attn
     attn.register_parameter("unused", torch.nn.Parameter(torch.ones(5, dtype=torch.float64)))
@@ -167,6 +178,8 @@ def test_unused_and_replayed_parameters(tmp_path):
     rules = {e.name: e.rule for use in engine.uses for e in use.entries}
     assert rules["model.layers.1.self_attn.head_gate"] == "replay"
     check_against_reference(engine, model64, random_examples(4, seed=3, vocab=VOCAB), "right", 1e-5)
+    one_at_a_time = BatchedGradStats(model64, proj_dim=24, proj_rank=4, fisher_dim=0, chunk_elements=1)
+    check_against_reference(one_at_a_time, model64, random_examples(3, seed=4, vocab=VOCAB), "left", 1e-5)
 
 
 # -- the pure functions --------------------------------------------------------------------------

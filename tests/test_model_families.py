@@ -70,9 +70,10 @@ def _rule_kinds(engine: BatchedGradStats) -> dict[str, str]:
 
 def _perturb(monkeypatch, name: str, factor: float = 1.01) -> None:
     """Every term of one parameter scaled by ``factor``: that rule, wrong by 1%."""
+    from grads_ray.gradients.reduce import Reducer
     from grads_ray.gradients.scorer import perturbed_add
 
-    monkeypatch.setattr(BatchedGradStats, "_add", perturbed_add(BatchedGradStats._add, name, factor))
+    monkeypatch.setattr(Reducer, "add", perturbed_add(Reducer.add, name, factor))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -178,7 +178,7 @@ TEST_HOOKS_ENV = "GRADS_RAY_TEST_SCORER_HOOKS"
 
 
 def perturbed_add(real, name: str, factor: float):
-    """For the tests: ``BatchedGradStats._add`` with every term of parameter ``name`` scaled by
+    """For the tests: ``Reducer.add`` with every term of parameter ``name`` scaled by
     ``factor``, a rule made wrong on purpose for the self-check to find."""
     import dataclasses
 
@@ -205,9 +205,9 @@ def perturbed_add(real, name: str, factor: float):
 
 def _perturb_rule(name: str, factor: float) -> None:
     """Test hook ``perturb``: :func:`perturbed_add` in this (scorer) process."""
-    from grads_ray.gradients.engine import BatchedGradStats
+    from grads_ray.gradients.reduce import Reducer
 
-    BatchedGradStats._add = perturbed_add(BatchedGradStats._add, name, factor)
+    Reducer.add = perturbed_add(Reducer.add, name, factor)
 
 
 def _test_hooks(hooks: dict[str, Any], call: int, batch: int) -> None:

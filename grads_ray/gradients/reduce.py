@@ -1,0 +1,268 @@
+"""The engine's reduction: what the pass holds of each parameter's uses until they are reduced, and
+the reduction itself (gradients/engine.py runs the pass; this module turns what it held into numbers).
+
+A parameter whose uses are all in (:meth:`Reducer.add`) either waits for its stack (same kind, shapes,
+dtypes, mask and layout: every layer's q, every layer's k, …) or, when stacking does not apply (a tied
+weight, an embedding, an expert, a replayed matrix, one large head), is reduced alone. A stack is
+reduced by :meth:`Reducer.flush` in one pass of kernels (``gradients.grouped``) when ``hold_bytes`` of
+factors are held, or when backward ends. Every per-example number lands in the pass's moment table
+(params, 4, B) and count sketch (B, dim); nothing here waits for the device.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from grads_ray.gradients import grouped
+from grads_ray.gradients.factored import (
+    Dense,
+    Slice,
+    acc_dtype,
+    matrix_moments,
+    project_terms,
+    stacked_moments,
+    vector_moments,
+)
+from grads_ray.gradients.layout import Layout
+from grads_ray.gradients.projection import Projector
+from grads_ray.gradients.rules import LOOP_HINT, NormHat, UnsupportedModel
+
+
+@dataclass
+class Held:
+    """One use's factors as the pass left them (unmasked views), until its stack is reduced.
+
+    ``dense``: left (B, P, R), right (B, P, C) of a matrix; ``bias``: left δ (B, P, n); ``norm``: left δ
+    (B, P, d), right the norm's input as it came (its x̂ is computed for the stack), ``hat`` and
+    ``layout`` to place it; ``vector``: ``value`` (B, n) formed already; ``term``: ``value`` a term of
+    ``factored`` (masked), reduced on its own."""
+
+    kind: str
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    keep: torch.Tensor | None = None  # (B, P) bool, shared by every use with the same layout
+    hat: NormHat | None = None
+    layout: Layout | None = None
+    value: Any = None
+
+    def key(self) -> tuple:
+        """Uses with equal keys are reduced as one stack."""
+        if self.kind == "vector":
+            return ("vector", tuple(self.value.shape), self.value.dtype)
+        shapes = tuple(tuple(t.shape) for t in (self.left, self.right) if t is not None)
+        dtypes = tuple(t.dtype for t in (self.left, self.right) if t is not None)
+        return (self.kind, shapes, dtypes, id(self.keep), self.hat, self.layout)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.left, self.right, self.value)
+                   if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class PassState:
+    mask: torch.Tensor  # (B, T) bool, real tokens
+    table: torch.Tensor  # (params, 4, B) float64: every parameter's per-example moments (zero: unused)
+    sketch: torch.Tensor | None  # (B, proj_dim) float64, the projected gradient as stacks add to it
+    pending: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    terms: dict[str, list[Held]] = field(default_factory=lambda: defaultdict(list))
+    ready: list[tuple[str, Held]] = field(default_factory=list)  # complete, waiting for their stack
+    held: int = 0  # bytes in ``ready``
+    keeps: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    replaying: bool = False  # the engine's own module calls (replay rule): hooks stand aside
+    modes: list[TorchFunctionMode] = field(default_factory=list)
+
+    @property
+    def b(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def t(self) -> int:
+        return self.mask.shape[1]
+
+    def keep(self, layout: Layout) -> torch.Tensor:
+        """The real-token mask (B, P) of a layout, one tensor per layout for the whole pass."""
+        key = (layout.kind, layout.positions)
+        if key not in self.keeps:
+            self.keeps[key] = layout.mask(self.mask)
+        return self.keeps[key]
+
+
+def common_dtype(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors in their promoted dtype (a bf16 δ against a float32 input: both float32)."""
+    dt = xs[0].dtype
+    for x in xs[1:]:
+        dt = torch.promote_types(dt, x.dtype)
+    return [x.to(dt) for x in xs]
+
+
+
+class Reducer:
+    """Reduces one model's parameters' per-example gradients into a pass's moment table and sketch.
+
+    ``params``: the trainable parameters by name (the table's rows in this order); ``projector``: the
+    count-sketch projection (None: no sketch); ``extrema`` False skips max/min; ``chunk_elements``
+    bounds formed gradient blocks; ``hold_bytes`` bounds the factors held before a flush."""
+
+    def __init__(self, params: dict[str, nn.Parameter], projector: Projector | None, *, extrema: bool,
+                 chunk_elements: int, hold_bytes: int):
+        self.params, self.projector = params, projector
+        self.extrema, self.chunk_elements, self.hold_bytes = extrema, chunk_elements, hold_bytes
+        self.row = {n: i for i, n in enumerate(params)}  # the moment table's row of each parameter
+        self._stacks: dict[tuple, dict[str, torch.Tensor]] = {}  # per stack of names: its rows, blocks, buckets
+
+    def add(self, state: PassState, name: str, held: Held) -> None:
+        state.terms[name].append(held)
+        state.pending[name] -= 1
+        if state.pending[name] == 0:
+            self.complete(state, name)
+
+    def complete(self, state: PassState, name: str) -> None:
+        """All uses of one parameter are in. A parameter with one use of a stackable kind waits for
+        its stack; one used several times (a tied weight, a module called twice), an embedding, an
+        expert, a replayed matrix, or one whose factors alone are a quarter of ``hold_bytes`` (an
+        untied head's δ over the vocabulary: its kernels are large already) is reduced now, on its own."""
+        held = state.terms.pop(name, [])
+        state.pending[name] = 0
+        if not held:  # no δ reached it: its per-example gradient is exactly zero (the table's default)
+            return
+        if len(held) == 1 and held[0].kind != "term" and held[0].nbytes() <= self.hold_bytes // 4:
+            state.ready.append((name, held[0]))
+            state.held += held[0].nbytes()
+            if state.held > self.hold_bytes:
+                self.flush(state)
+            return
+        self._reduce_alone(state, name, [self._materialize(h) for h in held])
+
+    def _materialize(self, held: Held):
+        """One use as a term of ``factored``, padding zeroed (a formed (B, …) tensor for vectors)."""
+        if held.kind in ("term", "vector"):
+            return held.value
+        if held.kind == "dense":
+            keep = held.keep[..., None]
+            return Dense(*common_dtype(torch.where(keep, held.left, 0.0), torch.where(keep, held.right, 0.0)))
+        return self._vectors(held.kind, [held])[0]
+
+    def _vectors(self, kind: str, members: list[Held]) -> torch.Tensor:
+        """N uses of vector parameters of one kind and shape -> their per-example gradients (N, B, n)."""
+        if kind == "vector":
+            return torch.stack([h.value for h in members])
+        first = members[0]
+        delta = grouped.stacked([h.left for h in members], first.keep)  # (N, B, P, n)
+        if kind == "bias":
+            return delta.sum(2)
+        x = torch.stack([h.right for h in members])  # norm: (N, *input), its x̂ once for the stack
+        hat = first.hat(None, None, x).reshape(delta.shape)
+        return (delta * grouped.zero_padding_(hat, first.keep)).sum(2)
+
+    def flush(self, state: PassState) -> None:
+        """Reduce every stack of the uses that are ready: one pass of kernels per distinct shape."""
+        stacks: dict[tuple, list[tuple[str, Held]]] = defaultdict(list)
+        for name, held in state.ready:
+            stacks[held.key()].append((name, held))
+        state.ready, state.held = [], 0
+        for key, members in stacks.items():
+            names = tuple(n for n, _ in members)
+            helds = [h for _, h in members]
+            if key[0] == "dense":
+                keep = helds[0].keep
+                left, right = common_dtype(grouped.stacked([h.left for h in helds], keep),
+                                      grouped.stacked([h.right for h in helds], keep))
+                self._store(state, names, grouped.dense_moments(left, right, extrema=self.extrema,
+                                                                chunk_elements=self.chunk_elements))
+                if self.projector:
+                    blocks = self._stack(names, left.device, acc_dtype(left))
+                    self._sketch(state, names, grouped.dense_project(left, right, blocks["p_rows"], blocks["p_cols"]))
+            else:
+                g = self._vectors(key[0], helds)
+                self._store(state, names, grouped.vector_moments_stack(g, extrema=self.extrema))
+                if self.projector:
+                    self._sketch(state, names, grouped.vector_project(g, self._stack(names, g.device, acc_dtype(g))["p_vec"]))
+
+    def _stack(self, names: tuple[str, ...], device, acc: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """A stack's table rows (``index``) and count-sketch ``bucket`` and ``sign`` of its columns, and
+        with ``acc`` its projection blocks (``p_rows`` (N, k_r, R) and ``p_cols``, or ``p_vec`` (N, k, n));
+        made once per stack."""
+        key = (names, str(device), acc)
+        if key not in self._stacks:
+            out: dict[str, torch.Tensor] = {}
+            if acc is None:
+                out["index"] = torch.tensor([self.row[n] for n in names], device=device)
+                if self.projector:
+                    cols = torch.cat([torch.arange(self.projector.offsets[n].start, self.projector.offsets[n].stop)
+                                      for n in names])
+                    out["bucket"] = self.projector.bucket[cols].to(device)
+                    out["sign"] = self.projector.sign[cols].to(device)
+            else:
+                parts = [self.projector.on(device, acc)[0][n] for n in names]
+                for i, k in enumerate(("p_rows", "p_cols") if len(parts[0]) == 2 else ("p_vec",)):
+                    out[k] = torch.stack([b[i] for b in parts])
+            self._stacks[key] = out
+        return self._stacks[key]
+
+    def _store(self, state: PassState, names: tuple[str, ...], moments: torch.Tensor) -> None:
+        """moments (N, 4, B) float64 -> the table's rows of these parameters."""
+        state.table.index_copy_(0, self._stack(names, state.table.device)["index"], moments)
+
+    def _sketch(self, state: PassState, names: tuple[str, ...], inner: torch.Tensor) -> None:
+        """Stage-1 sketches (N, B, w) of these parameters -> added into the count sketch (B, dim)."""
+        blocks = self._stack(names, state.sketch.device)
+        flat = inner.transpose(0, 1).reshape(inner.shape[1], -1).to(torch.float64)  # (B, N·w), parameter-major
+        state.sketch.index_add_(1, blocks["bucket"], flat * blocks["sign"])
+
+    def _reduce_alone(self, state: PassState, name: str, terms: list) -> None:
+        """One parameter whose uses are not stackable: moments and sketch from its terms."""
+        p = self.params[name]
+        blocks = self.projector.on(p.device, torch.float64 if p.dtype == torch.float64 else torch.float32)[0] \
+            if self.projector else None
+        inner = None
+        formed = [t for t in terms if isinstance(t, torch.Tensor)]
+        if formed:  # vectors, biases, replayed parameters: (B, *shape) each
+            if len(formed) != len(terms):
+                raise UnsupportedModel(f"{name}: used both by a factored and a formed rule; {LOOP_HINT}")
+            g = formed[0] if len(formed) == 1 else torch.stack(formed).sum(0)
+            flat = g.reshape(g.shape[0], -1)
+            m = vector_moments(flat, self.extrema)
+            if blocks:
+                block = blocks[name]
+                acc = block[0].dtype
+                if len(block) == 1:
+                    inner = flat.to(acc) @ block[0].T
+                else:
+                    mat = g.reshape(g.shape[0], -1, g.shape[-1]).to(acc)
+                    inner = torch.einsum("kr,brc,jc->bkj", block[0], mat, block[1]).flatten(1)
+        elif isinstance(terms[0], Slice):
+            slices, rows, cols = p.shape
+            m = stacked_moments(terms, slices, rows, cols, extrema=self.extrema, chunk_elements=self.chunk_elements)
+            if blocks:
+                p_rows, p_cols = blocks[name]
+                for t in terms:
+                    part = project_terms([t.term], p_rows[:, t.index * rows:(t.index + 1) * rows], p_cols)
+                    inner = part if inner is None else inner + part
+        else:
+            rows, cols = p.shape
+            m = matrix_moments(terms, rows, cols, extrema=self.extrema, chunk_elements=self.chunk_elements)
+            if blocks:
+                inner = project_terms(terms, *blocks[name])
+        self._store(state, (name,), grouped.table_rows(m.s, m.ss, m.mx, m.mn, 1))
+        if inner is not None:
+            self._sketch(state, (name,), inner[None])
+
+
+def to_host(pieces: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Tensors on one device -> numpy arrays of the same shapes and dtypes, through one copy: each
+    flattened into float64 (exact for float32, integers below 2^53) side by side."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in pieces.values()]).cpu().numpy()
+    out, at = {}, 0
+    for k, t in pieces.items():
+        n = t.numel()
+        out[k] = flat[at:at + n].reshape(tuple(t.shape)).astype(np.float32 if t.dtype == torch.float32 else np.float64)
+        at += n
+    return out
