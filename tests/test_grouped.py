@@ -158,3 +158,59 @@ def test_the_pass_reads_the_device_once(arch, tmp_path):
     for name in plain.seen:
         extra.remove(name)
     assert sorted(extra) == ["cpu", "numpy"], extra
+
+
+@pytest.mark.parametrize("max_buckets", [1, 2, 3, 8])
+def test_expert_blocks_hold_each_experts_pairs_of_each_example(max_buckets):
+    """block_layout's stacks, pairs in any order and some left out: each (expert, example) block sums to
+    that example's pairs routed to that expert, the padding is zero, no block of a pair-less
+    (expert, example) exists and at most ``max_buckets`` stacks are made."""
+    from grads_ray.gradients import experts as moe
+
+    g = torch.Generator().manual_seed(max_buckets)
+    b, t, n_experts, s = 3, 11, 5, 90
+    expert = torch.randint(0, n_experts, (s,), generator=g)
+    tokens = torch.randint(0, b * t, (s,), generator=g)
+    keep = torch.rand(s, generator=g) > 0.2
+    values = torch.randn((s, 4), generator=g, dtype=torch.float64)
+    lay = moe.block_layout(expert, tokens, keep, b, t, n_experts, max_buckets=max_buckets)
+    assert len(lay.buckets) <= max_buckets
+    want = torch.zeros((n_experts * b, 4), dtype=torch.float64)
+    want.index_add_(0, (expert * b + tokens // t)[keep], values[keep])
+    got = torch.zeros_like(want)
+    seen = []
+    for m, ids, starts in lay.buckets:
+        pairs = slice(int(starts[0]), int(starts[-1]))
+        slot = lay.local[lay.block[pairs]] * m + lay.rank[pairs]
+        stack = moe.stack_pairs(values[lay.order][pairs], slot, len(ids) * m).view(len(ids), m, -1)
+        assert (lay.rank[pairs] < m).all()
+        got[torch.as_tensor(ids)] = stack.sum(1)
+        seen += ids.tolist()
+    torch.testing.assert_close(got, want)
+    assert sorted(seen) == sorted(set((expert * b + tokens // t)[keep].tolist()))
+
+
+def test_a_mixture_of_experts_reads_the_device_once_a_layer_and_weight(tmp_path, monkeypatch):
+    """On a MoE model the pass reads the host once per experts call (the padded stack's size) and
+    once per expert weight (its blocks' counts), not once per expert, beyond what a plain training
+    step reads. (Counted by wrapping ``Tensor.item``/``Tensor.cpu``, which backward hooks call too: a
+    torch-function mode does not see inside autograd's backward.)"""
+    from tests.families import build_family, eager_experts
+
+    model = eager_experts(build_family("mixtral", tmp_path / "mixtral")).eval()
+    ids, labels, mask = pad(random_examples(4, seed=1, vocab=VOCAB - 7, lo=4, hi=21), "right")
+    engine = BatchedGradStats(model, proj_dim=32, proj_rank=4, fisher_dim=0)
+    engine(ids, labels, mask, left_padded=False)
+    seen: list[str] = []
+    for name in ("item", "cpu", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _r=real, **k: seen.append(_n) or _r(self, *a, **k))
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).backward()
+    model.zero_grad(set_to_none=True)
+    plain, seen[:] = list(seen), []
+    engine(ids, labels, mask, left_padded=False)
+    for name in plain:
+        seen.remove(name)
+    layers = model.config.num_hidden_layers
+    assert sorted(seen) == sorted(["item"] * layers + ["cpu"] * (2 * layers + 1)), seen  # + the one copy out

@@ -46,6 +46,24 @@ def test_family_exact_against_float64_reference(family, family_dir):
         assert "experts" in {e.rule for use in engine.uses for e in use.entries}
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_experts_reduced_a_chunk_at_a_time_change_nothing(family, family_dir):
+    """Every expert of a weight in one stack, or one expert per chunk (``hold_bytes=0``): the same
+    numbers to rounding, each weight's own moments included; and exact against the reference."""
+    model64 = eager_experts(_model(family, family_dir)).double()
+    examples = random_examples(5, seed=11, vocab=VOCAB - 7, lo=4, hi=19)
+    settings = dict(proj_dim=40, proj_rank=4, seed=2, fisher_dim=0, keep_params=True)
+    whole = check_against_reference(BatchedGradStats(model64, **settings), model64, examples, "right", 1e-5)
+    chunked = check_against_reference(BatchedGradStats(model64, hold_bytes=0, **settings), model64, examples,
+                                      "right", 1e-5)
+    experts = [n for n in whole.params if n.split(".")[-1] in ("gate_up_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+               and ".experts." in n]
+    assert experts, list(whole.params)
+    for name, m in whole.params.items():
+        for k in ("s", "ss", "mx", "mn"):
+            np.testing.assert_allclose(chunked.params[name][k], m[k], rtol=1e-12, atol=1e-300, err_msg=name)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_self_check_passes_in_float32(family, family_dir):
     model = _model(family, family_dir)

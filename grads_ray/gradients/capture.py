@@ -14,9 +14,9 @@ from torch.overrides import TorchFunctionMode
 
 from grads_ray.gradients import experts as moe
 from grads_ray.gradients import rules
-from grads_ray.gradients.factored import Rows, Slice
+from grads_ray.gradients.factored import Rows
 from grads_ray.gradients.layout import Layout, index_layout
-from grads_ray.gradients.reduce import Held, PassState, Reducer, common_dtype
+from grads_ray.gradients.reduce import Held, PassState, Reducer
 from grads_ray.gradients.rules import LOOP_HINT, UnsupportedModel, Use, first_tensor
 
 # embeddings: the lookup, caught inside the module's call ------------------------------------------
@@ -121,28 +121,22 @@ def experts_forward(reducer: Reducer, state: PassState, use: Use):
     module = use.module
     names = {e.attr: e.name for e in use.entries}
 
-    def on_projection(attr, bias_attr, expert, tokens, x, y):
+    def on_projection(attr, bias_attr, pairs, x, y):
         if not y.requires_grad:
             return y
         live = [a for a in (attr, bias_attr) if a in names]
         for a in live:
             state.pending[names[a]] += 1
+        rows = torch.where(pairs.ok, pairs.slot, 0)  # each pair's row of the padded stacks
         x = x.detach()
 
-        def grad_hook(grad):
+        def grad_hook(grad):  # every expert's pairs at once, as (S, ·) rows
             with torch.no_grad():
-                keep = state.mask.reshape(-1)
-                delta = moe.compact(tokens, grad, state.b, state.t, keep)
+                delta = grad.reshape(-1, grad.shape[-1])[rows]
                 for a in live:
-                    if a == attr:
-                        xs = moe.compact(tokens, x, state.b, state.t, keep)
-                        reducer.add(state, names[a], Held("term", value=Slice(expert, moe.expert_term(
-                            module.is_transposed, *common_dtype(delta, xs)))))
-                    else:  # the expert's bias: (B, E, out) formed
-                        full = getattr(module, a)
-                        g = torch.zeros((state.b, *full.shape), dtype=delta.dtype, device=delta.device)
-                        g[:, expert] = delta.sum(1)
-                        reducer.add(state, names[a], Held("term", value=g))
+                    right = x.reshape(-1, x.shape[-1])[rows] if a == attr else None
+                    reducer.add(state, names[a], Held("expert", left=delta, right=right,
+                                                      value=(pairs, module.is_transposed)))
         y.register_hook(grad_hook)
         return y
 

@@ -20,7 +20,8 @@ interact, so the output gradient δ at example i's positions is ∂L_i/∂output
   of distinct shapes, not of modules. Every per-example number lands in one moment table (params, 4, B);
   per-group statistics are reduced from it by index, and everything a batch returns reaches the host
   in one copy. Nothing in the pass waits for the device (no ``nonzero``, ``unique``, ``item``), except
-  the MoE experts' routing (one expert's tokens at a time, as the eager implementation). The replay
+  in a mixture of experts: one read per experts call (its padded stack's size) and one per expert
+  weight (its blocks' counts), whatever the number of experts (``gradients.experts``). The replay
   rule's products are batched (vmap over autograd's backward), not one example at a time.
 
 Every parameter is frozen for the pass, so autograd computes no summed weight gradient at all: the

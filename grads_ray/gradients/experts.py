@@ -8,22 +8,26 @@ N = B·T. Each of the N·k (token, slot) pairs goes through its expert e:
     y = act_gate(x W_up[e]ᵀ + b_up[e]) W_down[e]ᵀ + b_down[e],    out[token] += weight · y
 
 (``is_transposed`` modules store W (E, in, out) and compute x W). During the engine's pass the module's
-forward is this function, one ``F.linear`` per expert over its routed pairs (what the eager
-implementation does), with every projection's input and output gradient kept with the token it
-belongs to. Example i's gradient of W_up[e] is then Σ over its tokens routed to e of δ xᵀ, and
-zero for an expert none of its tokens reached. :func:`check_equivalent` confirms, when the engine is
-built, that this function computes what the module's own forward computes (any experts
-implementation, any ``_apply_gate``).
+forward is :func:`experts_forward`: the pairs sorted by expert into one padded stack (E, cap, ·) (cap:
+the most pairs one expert gets), each projection one batched matmul over all experts, with every
+projection's input and output gradient kept with its pair. Example i's gradient of W_up[e] is then
+Σ over its pairs routed to e of δ xᵀ, and zero for an expert none of its tokens reached: the
+reduction (gradients/reduce.py) lays a weight's pairs out as one stack (experts, B, m, ·)
+(:func:`pair_layout`, :func:`stack_pairs`) and reduces all its experts at once, as it does every
+layer's q projection. Each costs one read of counts by the host per layer (the stacks' sizes), where
+the per-expert loop read one per expert. :func:`check_equivalent` confirms, when the engine is built,
+that this function computes what the module's own forward computes (any experts implementation, any
+``_apply_gate``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
-
-from grads_ray.gradients.factored import Dense
 
 
 def _weights(module: nn.Module) -> tuple[str, str | None, str, str | None]:
@@ -33,45 +37,59 @@ def _weights(module: nn.Module) -> tuple[str, str | None, str, str | None]:
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    y = x @ w if transposed else nn.functional.linear(x, w)
-    return y if b is None else y + b
+    """Every expert's projection at once: x (E, cap, in), w (E, out, in) (or (E, in, out) when
+    ``transposed``), b (E, out) -> (E, cap, out)."""
+    y = torch.bmm(x, w if transposed else w.transpose(1, 2))
+    return y if b is None else y + b[:, None, :]
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """The routed (token, expert) pairs of one experts call, sorted by expert (stable: by token within
+    one): ``expert`` (S,) (clamped into range), ``tokens`` (S,) flat b·T + t, ``slot`` (S,) the pair's row
+    in the padded (E·cap) stack, ``ok`` (S,) False for an expert-parallel sentinel (no expert here)."""
+
+    expert: torch.Tensor
+    tokens: torch.Tensor
+    slot: torch.Tensor
+    ok: torch.Tensor
 
 
 def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                     on_projection: Callable | None = None) -> torch.Tensor:
-    """The experts module's output, one projection per expert over the pairs routed to it.
-    hidden (N, d), top_k_index (N, k) long, top_k_weights (N, k) -> (N, d).
+    """The experts module's output, each projection one batched matmul over the padded per-expert
+    stack. hidden (N, d), top_k_index (N, k) long, top_k_weights (N, k) -> (N, d).
 
-    ``on_projection(attr, bias_attr, expert, tokens, x, y) -> y`` sees each projection: its weight's
-    attribute, the expert, the tokens (n,) of its rows, its input x (n, in) and output y (n, out)."""
+    ``on_projection(attr, bias_attr, pairs, x, y) -> y`` sees each projection: its weight's attribute,
+    the :class:`Pairs`, its input x (E, cap, in) and output y (E, cap, out) (a pair's row: ``slot``)."""
     if getattr(module, "has_post_expert_norm", False):
         raise NotImplementedError("experts with a norm after each expert")
     n_tokens, k = top_k_index.shape
     num_experts = module.down_proj.shape[0]
     up, up_b, down, down_b = _weights(module)
-    slot_expert = top_k_index.reshape(-1)  # (N·k,) token-major, as the module's own implementations
-    slot_token = torch.arange(n_tokens, device=hidden.device).repeat_interleave(k)
-    outs, where = [], []
-    for e in torch.unique(slot_expert).tolist():
-        if not 0 <= e < num_experts:  # expert-parallel sentinels: no expert here
-            continue
-        slots = (slot_expert == e).nonzero(as_tuple=True)[0]
-        tokens = slot_token[slots]
-        x = hidden[tokens]
-        h = _project(x, getattr(module, up)[e], getattr(module, up_b)[e] if up_b else None, module.is_transposed)
-        if on_projection is not None:
-            h = on_projection(up, up_b, e, tokens, x, h)
-        a = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-        y = _project(a, getattr(module, down)[e], getattr(module, down_b)[e] if down_b else None, module.is_transposed)
-        if on_projection is not None:
-            y = on_projection(down, down_b, e, tokens, a, y)
-        outs.append(y)
-        where.append(slots)
-    if not outs:
-        return torch.zeros_like(hidden)
-    y = torch.cat(outs)
-    out = y.new_zeros((n_tokens * k, y.shape[-1])).index_copy(0, torch.cat(where), y)
-    out = out * top_k_weights.reshape(-1, 1)  # the routing weight's dtype wins (float32 routers)
+    ids = top_k_index.reshape(-1)  # (N·k,) token-major, as the module's own implementations
+    ok = (ids >= 0) & (ids < num_experts)
+    expert, perm = torch.sort(torch.where(ok, ids, num_experts), stable=True)  # sentinels last
+    ok = expert < num_experts
+    counts = torch.bincount(expert, minlength=num_experts + 1)[:num_experts]
+    cap = max(int(counts.max().item()), 1)  # the one read by the host: the stack's size
+    expert = expert.clamp(max=num_experts - 1)
+    rank = torch.arange(expert.numel(), device=expert.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    slot = torch.where(ok, expert * cap + rank, num_experts * cap)  # sentinels: a spare row, dropped
+    pairs = Pairs(expert, torch.div(perm, k, rounding_mode="floor"), slot, ok)
+    rows = hidden.new_zeros((num_experts * cap + 1, hidden.shape[-1]))
+    x = rows.index_copy(0, slot, hidden[pairs.tokens])[:-1].view(num_experts, cap, -1)
+    h = _project(x, getattr(module, up), getattr(module, up_b) if up_b else None, module.is_transposed)
+    if on_projection is not None:
+        h = on_projection(up, up_b, pairs, x, h)
+    a = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    y = _project(a, getattr(module, down), getattr(module, down_b) if down_b else None, module.is_transposed)
+    if on_projection is not None:
+        y = on_projection(down, down_b, pairs, a, y)
+    y = y.reshape(num_experts * cap, -1)[torch.where(ok, slot, 0)]  # (S, d): each pair's output
+    weight = torch.where(ok, top_k_weights.reshape(-1)[perm], 0)
+    y = y * weight[:, None]  # the routing weight's dtype wins (float32 routers)
+    out = y.new_zeros((n_tokens * k, y.shape[-1])).index_copy(0, perm, y)  # back to (token, slot) order
     return out.view(n_tokens, k, -1).sum(1).to(hidden.dtype)
 
 
@@ -99,22 +117,70 @@ def check_equivalent(module: nn.Module) -> str | None:
     return None if err <= tol else f"its forward differs from the engine's experts rule by {err:.1e}"
 
 
-def compact(tokens: torch.Tensor, values: torch.Tensor, b: int, t: int, keep: torch.Tensor) -> torch.Tensor:
-    """Rows of one expert (tokens (n,) ascending, flat index b·T + t) -> (B, m, F): example i's rows
-    first, zero rows after, m the most rows any example has; rows of padding tokens (``keep`` (B·T,)
-    False) are zero. Sum over the m axis per example = sum over that example's routed tokens."""
-    ex = torch.div(tokens, t, rounding_mode="floor")
-    counts = torch.bincount(ex, minlength=b)
-    m = int(counts.max().item()) if tokens.numel() else 0
-    out = values.new_zeros((b, max(m, 1), values.shape[-1]))
-    if tokens.numel():
-        first = torch.cumsum(counts, 0) - counts  # where each example's rows start
-        rank = torch.arange(tokens.numel(), device=tokens.device) - first[ex]
-        out[ex, rank] = values * keep[tokens, None].to(values.dtype)
-    return out
+@dataclass(frozen=True)
+class Blocks:
+    """A weight's pairs laid out by block, a block being one (expert, example): block id ``e·B + i``.
+
+    ``order`` (S,): the pairs sorted by (bucket, block), left-out pairs last; ``block`` (S,) and
+    ``rank`` (S,): each sorted pair's block and its place in it; ``local`` (E·B,): a block's place in
+    its bucket; ``buckets``: per bucket its row count ``m`` (a power of two), its blocks' ids (host,
+    ascending) and where its pairs and each of its blocks' pairs start in the sorted pairs (host)."""
+
+    order: torch.Tensor
+    block: torch.Tensor
+    rank: torch.Tensor
+    local: torch.Tensor
+    buckets: list[tuple[int, np.ndarray, np.ndarray]]
 
 
-def expert_term(transposed: bool, delta: torch.Tensor, x: torch.Tensor) -> Dense:
-    """The factors of G_i[e] = Σ δ xᵀ (weight stored (out, in)) or Σ x δᵀ (``is_transposed``: (in, out)),
-    both (B, m, ·)."""
-    return Dense(x, delta) if transposed else Dense(delta, x)
+def block_layout(expert: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor, b: int, t: int,
+                 experts: int, max_buckets: int = 3) -> Blocks:
+    """How a weight's pairs go into stacks (blocks, m, ·): each block padded to a power of two at or
+    above its pair count, blocks of one size stacked together, at most ``max_buckets`` stacks (the
+    sizes that cost the fewest padded rows are merged up: on a GPU each stack is a few launches), and
+    no block for an (expert, example) with no pair. expert (S,), tokens (S,) flat b·T + t, keep (S,)
+    bool (False: left out). One read by the host: the (E·B,) block counts."""
+    n_blocks = experts * b
+    seg = torch.where(keep, expert * b + torch.div(tokens, t, rounding_mode="floor"), n_blocks)
+    counts = torch.bincount(seg, minlength=n_blocks + 1)[:-1].cpu().numpy()
+    size = np.zeros(n_blocks, np.int64)
+    full = counts > 0
+    size[full] = 1 << np.ceil(np.log2(counts[full])).astype(np.int64)
+    sizes = _merged_sizes(size[full], max_buckets)
+    size[full] = sizes[np.searchsorted(sizes, size[full])]  # each block in the smallest kept size that holds it
+    bucket = np.full(n_blocks + 1, len(sizes), np.int64)  # left-out pairs' bucket: after every other
+    bucket[:n_blocks][full] = np.searchsorted(sizes, size[full])
+    local = np.zeros(n_blocks, np.int64)
+    first = np.zeros(n_blocks + 1, np.int64)
+    buckets, at = [], 0
+    for j, m in enumerate(sizes.tolist()):
+        ids = np.flatnonzero(bucket[:n_blocks] == j)
+        local[ids] = np.arange(len(ids))
+        starts = at + np.concatenate([[0], np.cumsum(counts[ids])])  # block k's pairs: [starts[k], starts[k + 1])
+        first[ids] = starts[:-1]
+        buckets.append((m, ids, starts))
+        at = int(starts[-1])
+    dev = expert.device
+    key = torch.as_tensor(bucket, device=dev)[seg] * (n_blocks + 1) + seg
+    order = torch.argsort(key, stable=True)
+    block = seg[order]
+    rank = torch.arange(seg.numel(), device=dev) - torch.as_tensor(first, device=dev)[block]
+    return Blocks(order, block, rank, torch.as_tensor(local, device=dev), buckets)
+
+
+def _merged_sizes(size: np.ndarray, max_buckets: int) -> np.ndarray:
+    """Blocks' power-of-two sizes (n,) -> at most ``max_buckets`` sizes (ascending, the largest kept),
+    merging each time the size whose blocks cost the fewest extra rows padded to the next size up."""
+    sizes, count = np.unique(size, return_counts=True)
+    sizes, count = sizes.tolist(), count.tolist()
+    while len(sizes) > max_buckets:
+        j = min(range(len(sizes) - 1), key=lambda i: count[i] * (sizes[i + 1] - sizes[i]))
+        merged = count.pop(j)
+        sizes.pop(j)
+        count[j] += merged  # the next size up, now at j
+    return np.asarray(sizes, np.int64)
+
+
+def stack_pairs(values: torch.Tensor, slot: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pairs' rows values (S, F) into ``rows`` rows at ``slot`` (S,) (distinct), zero elsewhere -> (rows, F)."""
+    return values.new_zeros((rows, values.shape[-1])).index_copy_(0, slot, values)

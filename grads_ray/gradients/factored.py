@@ -41,14 +41,6 @@ class Rows:
 
 
 @dataclass
-class Slice:
-    """A term of slice ``index`` of a 3-D parameter (expert e's matrix of a MoE layer's weights)."""
-
-    index: int
-    term: Dense
-
-
-@dataclass
 class Moments:
     """Per-example entry statistics of one parameter's (or a group's) gradient, each (B,) float64."""
 
@@ -202,27 +194,6 @@ def matrix_moments(terms: list[Dense | Rows], rows: int, cols: int, *, extrema: 
     else:
         ss, mx, mn = formed_moments(terms, rows, cols, chunk_elements, extrema)
     return Moments(rows * cols, s, ss, mx, mn)
-
-
-def stacked_moments(terms: list[Slice], slices: int, rows: int, cols: int, *, extrema: bool = True,
-                    chunk_elements: int = 1 << 26) -> Moments:
-    """Moments of a (slices × rows × cols) parameter from the terms of its slices (an expert's matrix
-    per slice): each slice's moments as :func:`matrix_moments`, added up; a slice no term reaches is
-    zero for every example, and counts as zeros for max and min."""
-    by_slice: dict[int, list[Dense]] = {}
-    for t in terms:
-        by_slice.setdefault(t.index, []).append(t.term)
-    total = None
-    for index in sorted(by_slice):
-        m = matrix_moments(by_slice[index], rows, cols, extrema=extrema, chunk_elements=chunk_elements)
-        total = m if total is None else total.merge(m)
-    if len(by_slice) < slices:
-        b = terms[0].term.right.shape[0]
-        zero = torch.zeros(b, dtype=torch.float64, device=terms[0].term.right.device)
-        empty = Moments((slices - len(by_slice)) * rows * cols, zero, zero, zero if extrema else zero + torch.nan,
-                        zero if extrema else zero + torch.nan)
-        total = empty if total is None else total.merge(empty)
-    return Moments(slices * rows * cols, total.s, total.ss, total.mx, total.mn)
 
 
 def project_terms(terms: list[Dense | Rows], p_rows: torch.Tensor, p_cols: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,9 @@ from torch.overrides import TorchFunctionMode
 from grads_ray.gradients import grouped
 from grads_ray.gradients.factored import (
     Dense,
-    Slice,
     acc_dtype,
     matrix_moments,
     project_terms,
-    stacked_moments,
     vector_moments,
 )
 from grads_ray.gradients.layout import Layout
@@ -126,12 +124,16 @@ class Reducer:
 
     def complete(self, state: PassState, name: str) -> None:
         """All uses of one parameter are in. A parameter with one use of a stackable kind waits for
-        its stack; one used several times (a tied weight, a module called twice), an embedding, an
-        expert, a replayed matrix, or one whose factors alone are a quarter of ``hold_bytes`` (an
-        untied head's δ over the vocabulary: its kernels are large already) is reduced now, on its own."""
+        its stack; a mixture of experts' weight is reduced now, all its experts as one stack; one used
+        several times (a tied weight, a module called twice), an embedding, a replayed matrix, or one
+        whose factors alone are a quarter of ``hold_bytes`` (an untied head's δ over the vocabulary:
+        its kernels are large already) is reduced now, on its own."""
         held = state.terms.pop(name, [])
         state.pending[name] = 0
         if not held:  # no δ reached it: its per-example gradient is exactly zero (the table's default)
+            return
+        if held[0].kind == "expert":  # a mixture of experts' weight: all its experts at once
+            self._reduce_experts(state, name, held)
             return
         if len(held) == 1 and held[0].kind != "term" and held[0].nbytes() <= self.hold_bytes // 4:
             state.ready.append((name, held[0]))
@@ -217,6 +219,66 @@ class Reducer:
         flat = inner.transpose(0, 1).reshape(inner.shape[1], -1).to(torch.float64)  # (B, N·w), parameter-major
         state.sketch.index_add_(1, blocks["bucket"], flat * blocks["sign"])
 
+    def _reduce_experts(self, state: PassState, name: str, pieces: list[Held]) -> None:
+        """A mixture of experts' 3-D weight (E, R, C) or bias (E, out) from its calls' pairs (``left`` δ
+        (S, out), ``right`` the input (S, in) or None for a bias, ``value`` (:class:`experts.Pairs`,
+        transposed)). Each (expert, example) with pairs is one block, G = Σ δ xᵀ over its pairs; blocks
+        of one padded size are one stack (:func:`experts.block_layout`), in chunks under ``hold_bytes``.
+        Block moments and sketches land in an (E·B) table, summed over experts per example in a fixed
+        order; a block with no pair is zero, as that example's gradient is for that expert."""
+        from grads_ray.gradients import experts as moe
+
+        p = self.params[name]
+        b, t, n_experts = state.b, state.t, p.shape[0]
+        tokens = torch.cat([h.value[0].tokens for h in pieces])
+        keep = torch.cat([h.value[0].ok for h in pieces]) & state.mask.reshape(-1)[tokens]
+        lay = moe.block_layout(torch.cat([h.value[0].expert for h in pieces]), tokens, keep, b, t, n_experts)
+        delta = torch.cat([h.left for h in pieces])[lay.order]
+        bias = pieces[0].right is None
+        x = None if bias else torch.cat([h.right for h in pieces])[lay.order]
+        transposed = pieces[0].value[1]
+        dev, n_blocks = delta.device, n_experts * b
+        if bias:
+            g = delta.new_zeros((n_blocks, delta.shape[-1]))  # each block's sum of δ
+        else:
+            table = torch.zeros((n_blocks, 4), dtype=torch.float64, device=dev)
+            if self.projector:
+                p_rows, p_cols = self.projector.on(p.device, torch.float64 if p.dtype == torch.float64 else torch.float32)[0][name]
+                p_rows = p_rows.view(p_rows.shape[0], n_experts, -1).transpose(0, 1)  # (E, k_r, R)
+                sketch = torch.zeros((n_blocks, p_rows.shape[1] * p_cols.shape[0]), dtype=p_rows.dtype, device=dev)
+        width = (delta.shape[-1] + (0 if bias else x.shape[-1])) * delta.element_size()
+        for m, ids, starts in lay.buckets:
+            step = max(1, self.hold_bytes // max(m * width, 1))
+            for k0 in range(0, len(ids), step):
+                k1 = min(k0 + step, len(ids))
+                pairs = slice(int(starts[k0]), int(starts[k1]))  # the chunk's blocks' pairs: contiguous
+                on = torch.as_tensor(ids[k0:k1], device=dev)
+                slot = (lay.local[lay.block[pairs]] - k0) * m + lay.rank[pairs]
+                rows = (k1 - k0) * m
+                d = moe.stack_pairs(delta[pairs], slot, rows).view(k1 - k0, m, -1)
+                if bias:
+                    g.index_copy_(0, on, d.sum(1))
+                    continue
+                d, xs = common_dtype(d, moe.stack_pairs(x[pairs], slot, rows).view(k1 - k0, m, -1))
+                left, right = (xs, d) if transposed else (d, xs)  # G = Σ δ xᵀ, or Σ x δᵀ stored (in, out)
+                mo = matrix_moments([Dense(left, right)], left.shape[-1], right.shape[-1], extrema=self.extrema,
+                                    chunk_elements=self.chunk_elements)
+                table.index_copy_(0, on, torch.stack([mo.s, mo.ss, mo.mx, mo.mn], 1))
+                if self.projector:
+                    acc = acc_dtype(left)
+                    e = torch.div(on, b, rounding_mode="floor")
+                    part = grouped.dense_project(left[:, None], right[:, None], p_rows[e].to(acc),
+                                                 p_cols.to(acc).expand(k1 - k0, *p_cols.shape))
+                    sketch.index_copy_(0, on, part[:, 0].to(sketch.dtype))
+        if bias:  # (B, E, out) formed
+            self._reduce_alone(state, name, [g.view(n_experts, b, -1).transpose(0, 1)])
+            return
+        per = table.view(n_experts, b, 4)  # summed over experts in one fixed order: deterministic
+        self._store(state, (name,), grouped.table_rows(per[..., 0].sum(0), per[..., 1].sum(0), per[..., 2].amax(0),
+                                                       per[..., 3].amin(0), 1))
+        if self.projector:
+            self._sketch(state, (name,), sketch.view(n_experts, b, -1).sum(0)[None])
+
     def _reduce_alone(self, state: PassState, name: str, terms: list) -> None:
         """One parameter whose uses are not stackable: moments and sketch from its terms."""
         p = self.params[name]
@@ -238,14 +300,6 @@ class Reducer:
                 else:
                     mat = g.reshape(g.shape[0], -1, g.shape[-1]).to(acc)
                     inner = torch.einsum("kr,brc,jc->bkj", block[0], mat, block[1]).flatten(1)
-        elif isinstance(terms[0], Slice):
-            slices, rows, cols = p.shape
-            m = stacked_moments(terms, slices, rows, cols, extrema=self.extrema, chunk_elements=self.chunk_elements)
-            if blocks:
-                p_rows, p_cols = blocks[name]
-                for t in terms:
-                    part = project_terms([t.term], p_rows[:, t.index * rows:(t.index + 1) * rows], p_cols)
-                    inner = part if inner is None else inner + part
         else:
             rows, cols = p.shape
             m = matrix_moments(terms, rows, cols, extrema=self.extrema, chunk_elements=self.chunk_elements)

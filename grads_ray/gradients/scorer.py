@@ -191,9 +191,7 @@ def perturbed_add(real, name: str, factor: float):
             return term * factor
         if isinstance(term, factored.Dense):
             return factored.Dense(term.left * factor, term.right)
-        if isinstance(term, factored.Rows):
-            return factored.Rows(term.index, term.right * factor)
-        return factored.Slice(term.index, factored.Dense(term.term.left * factor, term.term.right))
+        return factored.Rows(term.index, term.right * factor)
 
     def scaled(held):  # the engine's held use: its left factor (δ or the input), or its formed value
         if held.left is not None:
