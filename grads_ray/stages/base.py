@@ -15,6 +15,7 @@ declared entries only, and hands the manifest its entries by returning them (:me
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,25 @@ def no_rows(ctx: StageContext, message: str) -> None:
     from grads_ray.data.readers import InputError
 
     raise InputError(f"{message} (--allow-empty accepts a run that hands on nothing)")
+
+
+def first_reject(stage: StageDir) -> dict[str, Any]:
+    """The first rejected row among a stage's rejects ({} when none)."""
+    for part in stage.reject_parts():
+        with part.open() as fh:
+            line = fh.readline()
+        if line.strip():
+            return json.loads(line)
+    return {}
+
+
+def strict_error(stage: StageDir) -> Exception:
+    """``--strict``: the first bad row as ``file:line: reason (detail)``."""
+    from grads_ray.data.readers import InputError
+
+    first = first_reject(stage)
+    detail = f" ({first['detail']})" if first.get("detail") else ""
+    return InputError(f"{first['source']}:{first['line']}: {first['reason']}{detail} (--strict)")
 
 
 @dataclass

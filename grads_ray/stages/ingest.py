@@ -9,16 +9,15 @@ Later stages receive a :class:`Corpus`: the rows folder and its shards.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from grads_ray.data.readers import InputError, Shard, file_digest, plan_shards
+from grads_ray.data.readers import Shard, file_digest, plan_shards
 from grads_ray.progress import Progress
 from grads_ray.rundir import StageDir, read_json, write_json
-from grads_ray.stages.base import Done, Outputs, Stage, no_rows
+from grads_ray.stages.base import Done, Outputs, Stage, first_reject, no_rows, strict_error
 
 log = logging.getLogger("grads_ray")
 
@@ -30,23 +29,6 @@ class Corpus:
 
     rows: StageDir
     shards: list[Shard]
-
-
-def first_reject(stage: StageDir) -> dict[str, Any]:
-    """The first rejected row among a stage's rejects ({} when none)."""
-    for part in stage.reject_parts():
-        with part.open() as fh:
-            line = fh.readline()
-        if line.strip():
-            return json.loads(line)
-    return {}
-
-
-def strict_error(stage: StageDir) -> InputError:
-    """``--strict``: the first bad row as ``file:line: reason (detail)``."""
-    first = first_reject(stage)
-    detail = f" ({first['detail']})" if first.get("detail") else ""
-    return InputError(f"{first['source']}:{first['line']}: {first['reason']}{detail} (--strict)")
 
 
 class Ingest(Stage):

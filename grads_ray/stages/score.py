@@ -29,8 +29,7 @@ import pyarrow as pa
 from grads_ray import storage
 from grads_ray.data.readers import InputError, file_digest
 from grads_ray.rundir import ShardCache, StageDir, fingerprint, write_jsonl, write_parquet
-from grads_ray.stages.base import Done, Outputs, Stage, no_rows
-from grads_ray.stages.ingest import strict_error
+from grads_ray.stages.base import Done, Outputs, Stage, no_rows, strict_error
 
 log = logging.getLogger("grads_ray")
 
