@@ -16,7 +16,7 @@ from grads_ray.gradients.engine import BatchedGradStats
 from grads_ray.gradients.selfcheck import ModelRefused, build_engine, run_check, synthetic_examples
 from grads_ray.gradients.stats import LoopGradStats
 from tests.families import FAMILIES, MOE, VOCAB, build_family, eager_experts
-from tests.reference import check_against_reference, random_examples
+from tests.reference import check_against_reference, pad, random_examples
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,29 @@ def test_a_float32_pass_that_does_not_fit_leaves_the_bfloat16_verdict(family_dir
     assert isinstance(engine, BatchedGradStats) and result.passed
     assert "out of memory" in result.float32["reason"]
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_experts_through_grouped_matmul_equal_the_padded_stack(family, family_dir, monkeypatch):
+    """The GPU's path for experts (``grouped_mm`` over the pairs sorted by expert, forced here on the CPU
+    in float32) gives what the padded stack gives, every statistic and each weight's own moments, and
+    still matches the module's own forward."""
+    from grads_ray.gradients import experts as moe
+
+    model = eager_experts(_model(family, family_dir)).float()
+    batch = pad(random_examples(4, seed=5, vocab=VOCAB - 7, lo=4, hi=19), "right")
+    settings = dict(proj_dim=40, proj_rank=4, seed=2, fisher_dim=0, keep_params=True)
+    padded = BatchedGradStats(model, **settings)(*batch)
+    monkeypatch.setattr(moe, "grouped_matmul_fits", lambda hidden, module: True)
+    calls = []
+    real = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert all(moe.check_equivalent(m) is None for m in model.modules() if hasattr(m, "down_proj") and m.down_proj.dim() == 3)
+    grouped = BatchedGradStats(model, **settings)(*batch)
+    assert calls  # the grouped kernel did run
+    for key, value in padded.columns.items():
+        np.testing.assert_allclose(grouped.columns[key], value, rtol=2e-5, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(grouped.grad_proj, padded.grad_proj, rtol=1e-4, atol=1e-5)
+    for name, m in padded.params.items():
+        for k in ("s", "ss", "mx", "mn"):
+            np.testing.assert_allclose(grouped.params[name][k], m[k], rtol=2e-4, atol=1e-6, err_msg=name)

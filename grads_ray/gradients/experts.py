@@ -8,9 +8,9 @@ N = B·T. Each of the N·k (token, slot) pairs goes through its expert e:
     y = act_gate(x W_up[e]ᵀ + b_up[e]) W_down[e]ᵀ + b_down[e],    out[token] += weight · y
 
 (``is_transposed`` modules store W (E, in, out) and compute x W). During the engine's pass the module's
-forward is :func:`experts_forward`: the pairs sorted by expert into one padded stack (E, cap, ·) (cap:
-the most pairs one expert gets), each projection one batched matmul over all experts, with every
-projection's input and output gradient kept with its pair. Example i's gradient of W_up[e] is then
+forward is :func:`experts_forward`: the pairs sorted by expert, each projection one kernel over all
+experts (a grouped matmul on a GPU; elsewhere a batched matmul over one padded stack (E, cap, ·), cap
+the most pairs one expert gets), with every projection's input and output gradient kept with its pair. Example i's gradient of W_up[e] is then
 Σ over its pairs routed to e of δ xᵀ, and zero for an expert none of its tokens reached: the
 reduction (gradients/reduce.py) lays a weight's pairs out as one stack (experts, B, m, ·)
 (:func:`pair_layout`, :func:`stack_pairs`) and reduces all its experts at once, as it does every
@@ -55,13 +55,26 @@ class Pairs:
     ok: torch.Tensor
 
 
+def grouped_matmul_fits(hidden: torch.Tensor, module: nn.Module) -> bool:
+    """Whether :func:`experts_forward` takes ``torch.nn.functional.grouped_mm`` (one kernel over the
+    pairs sorted by expert, no padding): on a GPU, for its dtypes (bf16, fp16, fp32) and 16-byte rows.
+    Elsewhere (the CPU's grouped_mm is slower than a padded bmm; no float64) the padded stack."""
+    w = module.down_proj
+    dims = (hidden.shape[-1], *w.shape[1:], *getattr(module, _weights(module)[0]).shape[1:])
+    return (hidden.is_cuda and hasattr(nn.functional, "grouped_mm") and w.dtype in (torch.bfloat16, torch.float16,
+            torch.float32) and hidden.dtype == w.dtype and all(n * w.element_size() % 16 == 0 for n in dims))
+
+
 def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                    on_projection: Callable | None = None) -> torch.Tensor:
-    """The experts module's output, each projection one batched matmul over the padded per-expert
-    stack. hidden (N, d), top_k_index (N, k) long, top_k_weights (N, k) -> (N, d).
+                    on_projection: Callable | None = None, grouped: bool | None = None) -> torch.Tensor:
+    """The experts module's output, each projection one kernel over every expert's pairs: a grouped
+    matmul over the pairs sorted by expert (``grouped``; default :func:`grouped_matmul_fits`), else a
+    batched matmul over the padded per-expert stack (E, cap, ·) (cap read by the host, once).
+    hidden (N, d), top_k_index (N, k) long, top_k_weights (N, k) -> (N, d).
 
     ``on_projection(attr, bias_attr, pairs, x, y) -> y`` sees each projection: its weight's attribute,
-    the :class:`Pairs`, its input x (E, cap, in) and output y (E, cap, out) (a pair's row: ``slot``)."""
+    the :class:`Pairs`, its input x and output y ((S, ·) grouped, (E, cap, ·) padded; a pair's row of
+    them flattened: ``slot``)."""
     if getattr(module, "has_post_expert_norm", False):
         raise NotImplementedError("experts with a norm after each expert")
     n_tokens, k = top_k_index.shape
@@ -72,21 +85,38 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
     expert, perm = torch.sort(torch.where(ok, ids, num_experts), stable=True)  # sentinels last
     ok = expert < num_experts
     counts = torch.bincount(expert, minlength=num_experts + 1)[:num_experts]
-    cap = max(int(counts.max().item()), 1)  # the one read by the host: the stack's size
     expert = expert.clamp(max=num_experts - 1)
-    rank = torch.arange(expert.numel(), device=expert.device) - (torch.cumsum(counts, 0) - counts)[expert]
-    slot = torch.where(ok, expert * cap + rank, num_experts * cap)  # sentinels: a spare row, dropped
-    pairs = Pairs(expert, torch.div(perm, k, rounding_mode="floor"), slot, ok)
-    rows = hidden.new_zeros((num_experts * cap + 1, hidden.shape[-1]))
-    x = rows.index_copy(0, slot, hidden[pairs.tokens])[:-1].view(num_experts, cap, -1)
-    h = _project(x, getattr(module, up), getattr(module, up_b) if up_b else None, module.is_transposed)
+    tokens = torch.div(perm, k, rounding_mode="floor")
+    grouped = grouped_matmul_fits(hidden, module) if grouped is None else grouped
+    if grouped:  # rows past the last offset (sentinels) are left unwritten by the kernel: masked
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        pairs = Pairs(expert, tokens, torch.arange(expert.numel(), device=expert.device), ok)
+        x = torch.where(ok[:, None], hidden[tokens], 0)
+
+        def project(x, attr, bias_attr):
+            w = getattr(module, attr)
+            y = nn.functional.grouped_mm(x, w if module.is_transposed else w.transpose(1, 2), offs=offsets)
+            y = torch.where(ok[:, None], y, 0)
+            return y if bias_attr is None else y + getattr(module, bias_attr)[expert]
+    else:
+        cap = max(int(counts.max().item()), 1)  # the one read by the host: the stack's size
+        rank = torch.arange(expert.numel(), device=expert.device) - (torch.cumsum(counts, 0) - counts)[expert]
+        slot = torch.where(ok, expert * cap + rank, num_experts * cap)  # sentinels: a spare row, dropped
+        pairs = Pairs(expert, tokens, slot, ok)
+        rows = hidden.new_zeros((num_experts * cap + 1, hidden.shape[-1]))
+        x = rows.index_copy(0, slot, hidden[tokens])[:-1].view(num_experts, cap, -1)
+
+        def project(x, attr, bias_attr):
+            return _project(x, getattr(module, attr), getattr(module, bias_attr) if bias_attr else None,
+                            module.is_transposed)
+    h = project(x, up, up_b)
     if on_projection is not None:
         h = on_projection(up, up_b, pairs, x, h)
     a = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    y = _project(a, getattr(module, down), getattr(module, down_b) if down_b else None, module.is_transposed)
+    y = project(a, down, down_b)
     if on_projection is not None:
         y = on_projection(down, down_b, pairs, a, y)
-    y = y.reshape(num_experts * cap, -1)[torch.where(ok, slot, 0)]  # (S, d): each pair's output
+    y = y.reshape(-1, y.shape[-1])[torch.where(ok, pairs.slot, 0)]  # (S, d): each pair's output
     weight = torch.where(ok, top_k_weights.reshape(-1)[perm], 0)
     y = y * weight[:, None]  # the routing weight's dtype wins (float32 routers)
     out = y.new_zeros((n_tokens * k, y.shape[-1])).index_copy(0, perm, y)  # back to (token, slot) order
