@@ -118,9 +118,13 @@ def run_compare(cfg: Config, verbose: bool = False) -> dict[str, Any]:
         for label, method, variant, budget, sub_cfg in subs:
             sub_out = storage.location(sub_cfg.output)
             storage.makedirs(sub_out)
-            for folder in (f for s in shared_stages(sub_cfg) for f in s.folders):
-                if not (sub_out / folder).exists():  # hard links (or server-side copies): no bytes copied here
-                    storage.copy_tree(base.run_dir / folder, sub_out / folder)
+            for stage in shared_stages(sub_cfg):  # its folders and its top-level files (rejected.jsonl)
+                for folder in stage.folders:
+                    if not (sub_out / folder).exists():  # hard links (or server-side copies): no bytes copied here
+                        storage.copy_tree(base.run_dir / folder, sub_out / folder)
+                for name in stage.files:
+                    if not (sub_out / name).exists() and (base.run_dir / name).exists():
+                        storage.link_or_copy(base.run_dir / name, sub_out / name)
             run = Runner(sub_cfg, verbose=verbose)
             ev = run.run().value if sub_cfg.finetune.enabled else {}
             sel = run.manifest["stages"]["select"]

@@ -133,7 +133,7 @@ class StageDir:
         """Mark the stage complete. ``computed_seconds`` (from :meth:`prepare`) keeps the time of the run
         that computed it, which a later run that finds the stage done (manifest ``seconds`` ~0) still shows."""
         took = {} if self._started is None else {"computed_seconds": round(time.time() - self._started, 2)}
-        write_json(self.success_path, {"fingerprint": fp, **info, **took})
+        write_json(self.success_path, {"fingerprint": fp, **took, **info})  # a reopened stage keeps its first time
 
     def success_info(self) -> dict[str, Any]:
         return read_json(self.success_path)

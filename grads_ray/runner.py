@@ -170,9 +170,11 @@ class Runner:
         log.info("[grads-ray] %s ...", stage.name)
         finished = main.prepare(fp)
         missing = [f for f in stage.files if not (self.run_dir / f).exists()] if finished else []
+        before: dict = {}  # a reopened stage's record: what the run that computed it measured
         if missing:  # finished, but a file the user reads is gone: finish it again (its shards are kept)
             log.warning("[grads-ray] %s: %s missing from %s: the stage is finished again", stage.name,
                         ", ".join(missing), self.run_dir)
+            before = {k: v for k, v in main.success_info().items() if k != "fingerprint"}
             for d in out.dirs.values():
                 d.reopen()
             finished = main.prepare(fp)
@@ -181,7 +183,7 @@ class Runner:
                 d.prepare(fp)
             for f in (*stage.files, *stage.optional_files):  # no output of another run stays beside this one's
                 storage.remove(self.run_dir / f)
-            info = stage.run(ctx, out)
+            info = {**stage.run(ctx, out), **before}  # same result: a rerun over kept shards measures little
             for d in out.dirs.values():  # each folder one table with one schema, whatever its shards held
                 unify_parts(d)
             for d in (*others, main):  # the first folder's marker last: it says the stage is done

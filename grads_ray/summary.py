@@ -19,8 +19,11 @@ from grads_ray.selection.inputs import method_needs
 from grads_ray.stages import closure, job_end
 
 
-def _state(out: storage.Location, folder: str) -> str:
+def _state(out: storage.Location, folder: str, files: tuple[str, ...] = ()) -> str:
     stage = StageDir(out, folder)
+    missing = [f for f in files if not (out / f).exists()]
+    if stage.success_path.exists() and missing:
+        return f"finished before, {', '.join(missing)} missing: to finish again over its kept shards"
     if stage.success_path.exists():
         return "finished before (skipped if its inputs and config are unchanged)"
     done = len(list((stage.ledger / "done").glob("*.json"))) if (stage.ledger / "done").is_dir() else 0
@@ -46,7 +49,7 @@ def plan(cfg: Config, end: str | None = None) -> str:
     if len(by_source) > 10:
         lines.append(f"    ... and {len(by_source) - 10} more files")
     lines.append("  stages")
-    lines += [f"    {s.name:<11} {_state(out, s.folders[0])}" for s in stages]
+    lines += [f"    {s.name:<11} {_state(out, s.folders[0], s.files)}" for s in stages]
     where = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray cluster started by the job"
     lines += [f"  ray             {where}; this machine: {os.cpu_count()} CPUs, {torch.cuda.device_count()} GPUs"]
     if "score" in names:

@@ -237,12 +237,16 @@ def test_a_deleted_output_file_is_written_again_from_the_kept_shards(finished, t
     out = tmp_path / "out"
     shutil.copytree(finished["out"], out, ignore=shutil.ignore_patterns("ray_train", "finetune", "evaluate"))
     kept = {name: (out / name).read_bytes() for name in ("rejected.jsonl", "selected.jsonl", "selection.parquet")}
+    scored = {p: p.stat().st_mtime_ns for p in (out / "stats").glob("part-*.parquet")}
+    record = json.loads((out / "stats" / ".ledger" / "SUCCESS.json").read_text())
     (out / "rejected.jsonl").unlink()
     (out / "selected.jsonl").unlink()
     assert main(["select", "--config", str(finished["config"]), "--output", str(out)]) == 0
     assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert all(p.stat().st_mtime_ns == m for p, m in scored.items())  # no row scored again
+    assert json.loads((out / "stats" / ".ledger" / "SUCCESS.json").read_text()) == record  # the scoring run's record
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["stages"]["score"]["units_scored"] == 0 and manifest["rejected_by_reason"]
+    assert manifest["stages"]["score"]["examples_per_s"] == record["examples_per_s"] > 0 and manifest["rejected_by_reason"]
 
 
 def test_the_greedy_similarity_pass_reads_the_feature_vectors(finished, tmp_path):
@@ -310,10 +314,15 @@ def test_compare_writes_every_file_of_the_report(finished, tmp_path):
     ran = yaml.safe_load((out / "seed-1" / "grads-core+dedup-20pct" / "config.yaml").read_text())["select"]
     assert ran["grads"]["direction"] == "none" and ran["grads"]["cluster_alpha"] == -1 and ran["dedup"] == "true"
     assert "- grads-core+dedup-20pct: `select.grads.direction=none`" in (out / "report.md").read_text()
+    base_score = json.loads((out / "seed-1" / "stats" / ".ledger" / "SUCCESS.json").read_text())
     for r in result["runs"]:
         assert r["selected"] == round(0.2 * r["scored"]) and r["after"]["domain_loss"] < r["before"]["domain_loss"]
         assert {"bleu", "chrf", "rougeL", "generation_tokens_per_s"} <= set(r["after"])
-        assert (out / "seed-1" / r["strategy"] / "selected.jsonl").exists()
+        run = out / "seed-1" / r["strategy"]
+        assert (run / "selected.jsonl").exists()
+        # the shared score stage's file comes with its folders: found finished, its record the one that scored
+        assert (run / "rejected.jsonl").read_bytes() == (out / "seed-1" / "rejected.jsonl").read_bytes()
+        assert json.loads((run / "stats" / ".ledger" / "SUCCESS.json").read_text()) == base_score
     assert all(p.stat().st_mtime_ns == m for p, m in stats_before.items())  # scores reused
     # the base model evaluated once (other eval settings than the copied run's), linked into each run
     marker = (out / "seed-1" / "baseline" / ".ledger" / "SUCCESS.json").stat()

@@ -158,7 +158,7 @@ def test_a_stages_files_are_cleared_before_it_computes_and_required_after(inputs
             assert not ctx.path("note.txt").exists() and not ctx.path("plots").exists()
             ctx.manifest["stages"].clear()  # a copy: the runner's is untouched
             ctx.path("note.txt").write_text(str(len(self.calls)))
-            return {"rows": 1}
+            return {"rows": 1, "calls": len(self.calls)}
 
         def report(self, ctx, done):
             return {"noted": ctx.path("note.txt").read_text()}
@@ -180,9 +180,12 @@ def test_a_stages_files_are_cleared_before_it_computes_and_required_after(inputs
     assert manifest["noted"] == (out / "note.txt").read_text() == str(len(calls)) and "ingest" in manifest["stages"]
     Runner(cfg, stages=stand_ins).run("select")
     assert calls.count("select") == 1  # done, its file there: nothing runs
+    first = json.loads((out / "select" / ".ledger" / "SUCCESS.json").read_text())
     (out / "note.txt").unlink()
     Runner(cfg, stages=stand_ins).run("select")
     assert calls.count("select") == 2 and (out / "note.txt").exists()
+    again = json.loads((out / "select" / ".ledger" / "SUCCESS.json").read_text())
+    assert again["calls"] == first["calls"] and again["computed_seconds"] == first["computed_seconds"]  # the first record
     Runner(cfg, stages=stand_ins).run("select")
     assert calls.count("select") == 2
     sneaky = tuple(Sneaky(s, calls) if s.name == "warmup" else Recorder(s, calls) for s in STAGES)

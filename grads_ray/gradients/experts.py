@@ -12,9 +12,9 @@ forward is :func:`experts_forward`: the pairs sorted by expert, each projection 
 experts (a grouped matmul on a GPU; elsewhere a batched matmul over one padded stack (E, cap, ·), cap
 the most pairs one expert gets), with every projection's input and output gradient kept with its pair. Example i's gradient of W_up[e] is then
 Σ over its pairs routed to e of δ xᵀ, and zero for an expert none of its tokens reached: the
-reduction (gradients/reduce.py) lays a weight's pairs out as one stack (experts, B, m, ·)
-(:func:`pair_layout`, :func:`stack_pairs`) and reduces all its experts at once, as it does every
-layer's q projection. Each costs one read of counts by the host per layer (the stacks' sizes), where
+reduction (gradients/reduce.py) lays a weight's pairs out in (expert, example) blocks, a few padded
+stacks of them (:func:`block_layout`, :func:`stack_pairs`), and reduces all its experts at once, as it
+does every layer's q projection. Each costs one read of counts by the host per layer (the stacks' sizes), where
 the per-expert loop read one per expert. :func:`check_equivalent` confirms, when the engine is built,
 that this function computes what the module's own forward computes (any experts implementation, any
 ``_apply_gate``).
@@ -57,12 +57,15 @@ class Pairs:
 
 def grouped_matmul_fits(hidden: torch.Tensor, module: nn.Module) -> bool:
     """Whether :func:`experts_forward` takes ``torch.nn.functional.grouped_mm`` (one kernel over the
-    pairs sorted by expert, no padding): on a GPU, for its dtypes (bf16, fp16, fp32) and 16-byte rows.
-    Elsewhere (the CPU's grouped_mm is slower than a padded bmm; no float64) the padded stack."""
+    pairs sorted by expert, no padding): bfloat16 on a Hopper or Blackwell GPU (compute capability 9
+    or 10, where torch has its fused kernel; elsewhere it reads the offsets on the host and loops over
+    groups), with 16-byte rows. Otherwise (the CPU's grouped_mm is slower than a padded bmm; no
+    float64) the padded stack."""
     w = module.down_proj
     dims = (hidden.shape[-1], *w.shape[1:], *getattr(module, _weights(module)[0]).shape[1:])
-    return (hidden.is_cuda and hasattr(nn.functional, "grouped_mm") and w.dtype in (torch.bfloat16, torch.float16,
-            torch.float32) and hidden.dtype == w.dtype and all(n * w.element_size() % 16 == 0 for n in dims))
+    return (hidden.is_cuda and hasattr(nn.functional, "grouped_mm") and w.dtype == hidden.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(hidden.device)[0] in (9, 10)
+            and all(n * w.element_size() % 16 == 0 for n in dims))
 
 
 def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
