@@ -169,7 +169,7 @@ class Runner:
         start, ray_before = time.time(), self._ray_seconds
         log.info("[grads-ray] %s ...", stage.name)
         finished = main.prepare(fp)
-        missing = [f for f in stage.files if not (self.run_dir / f).exists()] if finished else []
+        missing = stage.missing_files(self.run_dir) if finished else []
         before: dict = {}  # a reopened stage's record: what the run that computed it measured
         if missing:  # finished, but a file the user reads is gone: finish it again (its shards are kept)
             log.warning("[grads-ray] %s: %s missing from %s: the stage is finished again", stage.name,

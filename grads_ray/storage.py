@@ -146,11 +146,8 @@ def rmtree(loc: Location) -> None:
 
 def remove(loc: Location) -> None:
     """Remove a file or a folder, if there."""
-    if is_remote(loc):
-        if loc.exists():
-            loc.fs.rm(loc.path, recursive=True)
-    elif loc.is_dir() and not loc.is_symlink():
-        shutil.rmtree(loc, ignore_errors=True)
+    if is_remote(loc) or (loc.is_dir() and not loc.is_symlink()):
+        rmtree(loc)
     else:
         loc.unlink(missing_ok=True)
 

@@ -16,17 +16,17 @@ from grads_ray.config import Config
 from grads_ray.data.readers import plan_shards
 from grads_ray.rundir import StageDir
 from grads_ray.selection.inputs import method_needs
-from grads_ray.stages import closure, job_end
+from grads_ray.stages import Stage, closure, job_end
 
 
-def _state(out: storage.Location, folder: str, files: tuple[str, ...] = ()) -> str:
-    stage = StageDir(out, folder)
-    missing = [f for f in files if not (out / f).exists()]
-    if stage.success_path.exists() and missing:
+def _state(out: storage.Location, stage: Stage) -> str:
+    folder = StageDir(out, stage.folders[0])
+    missing = stage.missing_files(out)
+    if folder.success_path.exists() and missing:
         return f"finished before, {', '.join(missing)} missing: to finish again over its kept shards"
-    if stage.success_path.exists():
+    if folder.success_path.exists():
         return "finished before (skipped if its inputs and config are unchanged)"
-    done = len(list((stage.ledger / "done").glob("*.json"))) if (stage.ledger / "done").is_dir() else 0
+    done = len(list((folder.ledger / "done").glob("*.json"))) if (folder.ledger / "done").is_dir() else 0
     return f"to run ({done} shards finished before)" if done else "to run"
 
 
@@ -49,7 +49,7 @@ def plan(cfg: Config, end: str | None = None) -> str:
     if len(by_source) > 10:
         lines.append(f"    ... and {len(by_source) - 10} more files")
     lines.append("  stages")
-    lines += [f"    {s.name:<11} {_state(out, s.folders[0], s.files)}" for s in stages]
+    lines += [f"    {s.name:<11} {_state(out, s)}" for s in stages]
     where = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray cluster started by the job"
     lines += [f"  ray             {where}; this machine: {os.cpu_count()} CPUs, {torch.cuda.device_count()} GPUs"]
     if "score" in names:

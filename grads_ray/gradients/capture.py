@@ -127,7 +127,7 @@ def experts_forward(reducer: Reducer, state: PassState, use: Use):
         live = [a for a in (attr, bias_attr) if a in names]
         for a in live:
             state.pending[names[a]] += 1
-        rows = torch.where(pairs.ok, pairs.slot, 0)  # each pair's row of the padded stacks
+        rows = pairs.row
         x = x.detach()
 
         def grad_hook(grad):  # every expert's pairs at once, as (S, ·) rows

@@ -46,12 +46,13 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transpose
 @dataclass(frozen=True)
 class Pairs:
     """The routed (token, expert) pairs of one experts call, sorted by expert (stable: by token within
-    one): ``expert`` (S,) (clamped into range), ``tokens`` (S,) flat b·T + t, ``slot`` (S,) the pair's row
-    in the padded (E·cap) stack, ``ok`` (S,) False for an expert-parallel sentinel (no expert here)."""
+    one): ``expert`` (S,) (clamped into range), ``tokens`` (S,) flat b·T + t, ``row`` (S,) the pair's row
+    of a projection's input and output flattened (0 for a sentinel), ``ok`` (S,) False for an
+    expert-parallel sentinel (no expert here)."""
 
     expert: torch.Tensor
     tokens: torch.Tensor
-    slot: torch.Tensor
+    row: torch.Tensor
     ok: torch.Tensor
 
 
@@ -77,7 +78,7 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
 
     ``on_projection(attr, bias_attr, pairs, x, y) -> y`` sees each projection: its weight's attribute,
     the :class:`Pairs`, its input x and output y ((S, ·) grouped, (E, cap, ·) padded; a pair's row of
-    them flattened: ``slot``)."""
+    them flattened: ``row``)."""
     if getattr(module, "has_post_expert_norm", False):
         raise NotImplementedError("experts with a norm after each expert")
     n_tokens, k = top_k_index.shape
@@ -93,7 +94,7 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
     grouped = grouped_matmul_fits(hidden, module) if grouped is None else grouped
     if grouped:  # rows past the last offset (sentinels) are left unwritten by the kernel: masked
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        pairs = Pairs(expert, tokens, torch.arange(expert.numel(), device=expert.device), ok)
+        pairs = Pairs(expert, tokens, torch.where(ok, torch.arange(expert.numel(), device=expert.device), 0), ok)
         x = torch.where(ok[:, None], hidden[tokens], 0)
 
         def project(x, attr, bias_attr):
@@ -105,7 +106,7 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
         cap = max(int(counts.max().item()), 1)  # the one read by the host: the stack's size
         rank = torch.arange(expert.numel(), device=expert.device) - (torch.cumsum(counts, 0) - counts)[expert]
         slot = torch.where(ok, expert * cap + rank, num_experts * cap)  # sentinels: a spare row, dropped
-        pairs = Pairs(expert, tokens, slot, ok)
+        pairs = Pairs(expert, tokens, torch.where(ok, slot, 0), ok)
         rows = hidden.new_zeros((num_experts * cap + 1, hidden.shape[-1]))
         x = rows.index_copy(0, slot, hidden[tokens])[:-1].view(num_experts, cap, -1)
 
@@ -119,7 +120,7 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
     y = project(a, down, down_b)
     if on_projection is not None:
         y = on_projection(down, down_b, pairs, a, y)
-    y = y.reshape(-1, y.shape[-1])[torch.where(ok, pairs.slot, 0)]  # (S, d): each pair's output
+    y = y.reshape(-1, y.shape[-1])[pairs.row]  # (S, d): each pair's output
     weight = torch.where(ok, top_k_weights.reshape(-1)[perm], 0)
     y = y * weight[:, None]  # the routing weight's dtype wins (float32 routers)
     out = y.new_zeros((n_tokens * k, y.shape[-1])).index_copy(0, perm, y)  # back to (token, slot) order

@@ -3,7 +3,8 @@ the reduction itself (gradients/engine.py runs the pass; this module turns what 
 
 A parameter whose uses are all in (:meth:`Reducer.add`) either waits for its stack (same kind, shapes,
 dtypes, mask and layout: every layer's q, every layer's k, …) or, when stacking does not apply (a tied
-weight, an embedding, an expert, a replayed matrix, one large head), is reduced alone. A stack is
+weight, an embedding, a replayed matrix, one large head), is reduced alone; a mixture of experts'
+weight is reduced at once, its (expert, example) blocks stacked (``gradients.experts``). A stack is
 reduced by :meth:`Reducer.flush` in one pass of kernels (``gradients.grouped``) when ``hold_bytes`` of
 factors are held, or when backward ends. Every per-example number lands in the pass's moment table
 (params, 4, B) and count sketch (B, dim); nothing here waits for the device.
@@ -99,7 +100,6 @@ def common_dtype(*xs: torch.Tensor) -> list[torch.Tensor]:
     for x in xs[1:]:
         dt = torch.promote_types(dt, x.dtype)
     return [x.to(dt) for x in xs]
-
 
 
 class Reducer:
@@ -243,7 +243,7 @@ class Reducer:
         else:
             table = torch.zeros((n_blocks, 4), dtype=torch.float64, device=dev)
             if self.projector:
-                p_rows, p_cols = self.projector.on(p.device, torch.float64 if p.dtype == torch.float64 else torch.float32)[0][name]
+                p_rows, p_cols = self.projector.on(p.device, acc_dtype(p))[0][name]
                 p_rows = p_rows.view(p_rows.shape[0], n_experts, -1).transpose(0, 1)  # (E, k_r, R)
                 sketch = torch.zeros((n_blocks, p_rows.shape[1] * p_cols.shape[0]), dtype=p_rows.dtype, device=dev)
         width = (delta.shape[-1] + (0 if bias else x.shape[-1])) * delta.element_size()
@@ -282,7 +282,7 @@ class Reducer:
     def _reduce_alone(self, state: PassState, name: str, terms: list) -> None:
         """One parameter whose uses are not stackable: moments and sketch from its terms."""
         p = self.params[name]
-        blocks = self.projector.on(p.device, torch.float64 if p.dtype == torch.float64 else torch.float32)[0] \
+        blocks = self.projector.on(p.device, acc_dtype(p))[0] \
             if self.projector else None
         inner = None
         formed = [t for t in terms if isinstance(t, torch.Tensor)]

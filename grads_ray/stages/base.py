@@ -114,6 +114,10 @@ class Stage:
     private: tuple[str, ...] = ()
     while_running: tuple[str, ...] = ()
 
+    def missing_files(self, run_dir: Location) -> list[str]:
+        """Its ``files`` not in ``run_dir`` (a finished stage missing one is finished again)."""
+        return [f for f in self.files if not (run_dir / f).exists()]
+
     def needs(self, cfg: Config) -> list[str]:
         """The stages whose outputs this one reads under ``cfg``, in the table's order."""
         return []

@@ -129,7 +129,8 @@ class Score(Stage):
                 cache.put(key, _scored_files(stats, features, i), stats.done_info(i))
         done = [stats.done_info(s) for s in expected]
         by_reason = _merge_rejects(ctx.need("ingest")["rows"], stats, ctx.path("rejected.jsonl"))
-        return {"rejected_by_reason": by_reason,"scored": sum(i["scored"] for i in done), "rejected": sum(i["rejected"] for i in done),
+        return {"rejected_by_reason": by_reason, "scored": sum(i["scored"] for i in done),
+                "rejected": sum(i["rejected"] for i in done),
                 "nodes": sorted({n for i in done for n in i.get("nodes", [])} - {""}),
                 "truncated": sum(i.get("truncated", 0) for i in done),
                 "nonfinite": sum(i.get("nonfinite", 0) for i in done),
@@ -157,13 +158,14 @@ class Score(Stage):
 
     def check(self, ctx, done: Done) -> None:
         """Every input row scored or rejected exactly once; ``--strict``; some row scored."""
-        acc = self.report(ctx, done)["accounting"]
+        manifest = ctx.manifest  # with this stage's report (the runner records it before the check)
+        acc = manifest["accounting"]
         if acc["scored"] + acc["rejected_ingest"] + acc["rejected_score"] != acc["input_rows"]:
             raise RuntimeError(f"row accounting does not add up: {acc}")
         if ctx.cfg.data.strict and done.info["rejected"]:
             raise strict_error(done["stats"])
         if acc["scored"] == 0:
-            reasons = ", ".join(f"{k} {v}" for k, v in ctx.manifest["rejected_by_reason"].items())
+            reasons = ", ".join(f"{k} {v}" for k, v in manifest["rejected_by_reason"].items())
             no_rows(ctx, f"score: no row could be scored ({reasons}; see {ctx.path('rejected.jsonl')})")
 
 
