@@ -104,10 +104,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+PEAKS: dict[str, float] = {}  # on CUDA: the last ``timed`` call's peak bytes above what was allocated before
+
+
 def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
+    """Median seconds of ``repeats`` calls after one warm-up call (on CUDA, the warm-up's peak memory
+    above what was allocated before it goes to ``PEAKS["last"]``: the memory goal for free)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     fn()
     sync(device)
+    if device == "cuda":
+        PEAKS["last"] = torch.cuda.max_memory_allocated() - base
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -339,7 +349,10 @@ def main() -> None:
             data = make_batch(batch, length, model.config.vocab_size, seed=batch * 7919 + length, device=device)
             real = int(data[2].sum())
             t_engine = timed(lambda d=data: engine(*d), device, repeats)
+            peak_engine = PEAKS.get("last")
+            model.zero_grad(set_to_none=True)
             t_plain = timed(lambda d=data: plain_step(model, *d), device, repeats)
+            peak_plain = PEAKS.get("last")
             model.zero_grad(set_to_none=True)
             if loop_rate is None or batch <= loop_cap:
                 k = min(batch, loop_cap)
@@ -354,10 +367,13 @@ def main() -> None:
                    "loop_tokens_per_s": loop_rate[0], "speedup_vs_loop": speedup,
                    "plain_step_vs_loop": real / t_plain / loop_rate[0],
                    "cost_vs_plain_step": t_engine / t_plain, "engine_tflops": tflops,
-                   "fraction_of_matmul": tflops / peak}
+                   "fraction_of_matmul": tflops / peak,
+                   "peak_mem_vs_plain": peak_engine / max(peak_plain, 1) if peak_engine is not None else None}
             rows.append(row)
             print(f"{batch:>4} {length:>5} {batch / t_engine:>12.2f} {engine_tok:>13.0f} {loop_rate[1]:>10.2f} "
-                  f"{speedup:>7.2f}x {row['plain_step_vs_loop']:>9.2f}x {t_engine / t_plain:>8.2f}x {tflops:>8.3f} {tflops / peak:>8.1%}", flush=True)
+                  f"{speedup:>7.2f}x {row['plain_step_vs_loop']:>9.2f}x {t_engine / t_plain:>8.2f}x {tflops:>8.3f} {tflops / peak:>8.1%}"
+                  + (f"  peak {peak_engine / 2**20:.0f} / {peak_plain / 2**20:.0f} MiB" if peak_engine is not None else ""),
+                  flush=True)
     mem = None
     if args.memory_at:
         mb, mt = (int(x) for x in args.memory_at.split(","))
@@ -376,6 +392,8 @@ def main() -> None:
             summary[f"speedup_vs_loop_b16_t{t}"] = round(pick[(16, t)]["speedup_vs_loop"], 2)
             summary[f"cost_vs_plain_step_b16_t{t}"] = round(pick[(16, t)]["cost_vs_plain_step"], 2)
             summary[f"plain_step_vs_loop_b16_t{t}"] = round(pick[(16, t)]["plain_step_vs_loop"], 2)
+            if pick[(16, t)]["peak_mem_vs_plain"] is not None:  # CUDA: peak allocated above model and batch
+                summary[f"peak_mem_vs_plain_b16_t{t}"] = round(pick[(16, t)]["peak_mem_vs_plain"], 2)
     best = max(rows, key=lambda r: r["engine_tflops"])
     summary["best_fraction_of_matmul"] = round(best["fraction_of_matmul"], 3)
     if mem:

@@ -148,18 +148,20 @@ def test_unsupported_module_is_refused_by_name(tmp_path, monkeypatch):
         BatchedGradStats(model)
 
 
-@pytest.mark.parametrize("vmap", ["batched", "refused"])
+@pytest.mark.parametrize("vmap", ["batched", "refused", "out of memory"])
 def test_unused_and_replayed_parameters(tmp_path, monkeypatch, vmap):
     """A parameter the forward never uses has a zero gradient, in the engine as in autograd; a small
     parameter of a module with no specific rule (here a per-head gate on attention's output) goes
     through the replay rule, exactly: its products batched, in chunks of one example or all, or one
-    by one where an op refuses autograd's vmap."""
-    if vmap == "refused":
+    by one where an op refuses autograd's vmap; running out of memory there is raised, not retried."""
+    if vmap != "batched":
         real_grad = torch.autograd.grad
+        error = RuntimeError("Batching rule not implemented for aten::something") if vmap == "refused" else \
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
         def no_vmap(*args, is_grads_batched=False, **kwargs):
             if is_grads_batched:
-                raise RuntimeError("Batching rule not implemented for aten::something")
+                raise error
             return real_grad(*args, **kwargs)
 
         monkeypatch.setattr(torch.autograd, "grad", no_vmap)
@@ -177,6 +179,11 @@ def test_unused_and_replayed_parameters(tmp_path, monkeypatch, vmap):
     engine = BatchedGradStats(model64, proj_dim=24, proj_rank=4, fisher_dim=0)
     rules = {e.name: e.rule for use in engine.uses for e in use.entries}
     assert rules["model.layers.1.self_attn.head_gate"] == "replay"
+    if vmap == "out of memory":
+        ids, labels, mask = pad(random_examples(4, seed=3, vocab=VOCAB), "right")
+        with pytest.raises(torch.OutOfMemoryError):
+            engine(ids, labels, mask, left_padded=False)
+        return
     check_against_reference(engine, model64, random_examples(4, seed=3, vocab=VOCAB), "right", 1e-5)
     one_at_a_time = BatchedGradStats(model64, proj_dim=24, proj_rank=4, fisher_dim=0, chunk_elements=1)
     check_against_reference(one_at_a_time, model64, random_examples(3, seed=4, vocab=VOCAB), "left", 1e-5)

@@ -163,7 +163,8 @@ def replay(state: PassState, use: Use, attrs: list[str], args, kwargs, ly: Layou
     product per example with δ kept at that example's positions, all at once (``is_grads_batched``:
     autograd's backward under vmap), in chunks of examples whose (c, B, P, out) cotangents stay within
     ``chunk_elements``. An op without a batching rule makes autograd loop itself; one that refuses
-    vmap outright makes this loop over the examples. -> {attr: (B, *shape)}."""
+    vmap outright makes this loop over the examples (running out of memory is raised, as anywhere in the
+    pass: the batch is too large). -> {attr: (B, *shape)}."""
     from torch.func import functional_call
 
     weights = {a: getattr(use.module, a) for a in attrs}
@@ -193,6 +194,8 @@ def replay(state: PassState, use: Use, attrs: list[str], args, kwargs, ly: Layou
                     got = torch.autograd.grad(y, list(live.values()), retain_graph=True, allow_unused=True,
                                               grad_outputs=only.reshape(len(rows), *y.shape).to(y.dtype),
                                               is_grads_batched=True)
+                except torch.OutOfMemoryError:  # not an op refusing vmap: said, not retried one by one
+                    raise
                 except RuntimeError:  # an op that refuses vmap: one product per example
                     got = _replay_each(y, list(live.values()), only)
                 for a, g in zip(live, got, strict=True):

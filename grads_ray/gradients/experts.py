@@ -9,8 +9,8 @@ N = B·T. Each of the N·k (token, slot) pairs goes through its expert e:
 
 (``is_transposed`` modules store W (E, in, out) and compute x W). During the engine's pass the module's
 forward is :func:`experts_forward`: the pairs sorted by expert, each projection one kernel over all
-experts (a grouped matmul on a GPU; elsewhere a batched matmul over one padded stack (E, cap, ·), cap
-the most pairs one expert gets), with every projection's input and output gradient kept with its pair. Example i's gradient of W_up[e] is then
+experts (a grouped matmul on a GPU; elsewhere batched matmuls over padded stacks: :func:`stack_levels`),
+with every projection's input and output gradient kept with its pair. Example i's gradient of W_up[e] is then
 Σ over its pairs routed to e of δ xᵀ, and zero for an expert none of its tokens reached: the
 reduction (gradients/reduce.py) lays a weight's pairs out in (expert, example) blocks, a few padded
 stacks of them (:func:`block_layout`, :func:`stack_pairs`), and reduces all its experts at once, as it
@@ -37,10 +37,91 @@ def _weights(module: nn.Module) -> tuple[str, str | None, str, str | None]:
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """Every expert's projection at once: x (E, cap, in), w (E, out, in) (or (E, in, out) when
-    ``transposed``), b (E, out) -> (E, cap, out)."""
+    """Every expert's projection at once: x (E, m, in), w (E, out, in) (or (E, in, out) when
+    ``transposed``), b (E, out) -> (E, m, out)."""
     y = torch.bmm(x, w if transposed else w.transpose(1, 2))
     return y if b is None else y + b[:, None, :]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One padded stack of :func:`stack_levels`: ranks ``[start, start + height)`` of each of its
+    ``experts`` (host array, ascending; None: every expert, the weight as it is), at rows
+    ``[offset, offset + len(experts) * height)`` of the flattened stacks."""
+
+    start: int
+    height: int
+    experts: np.ndarray | None
+    offset: int
+    size: int  # experts in the level
+
+
+def stack_levels(counts: np.ndarray, row_cost: int, expert_cost: int, max_levels: int = 3,
+                 gain: float = 0.8) -> list[Level]:
+    """How the padded path stacks an experts call's pairs: one (E, cap, ·) stack (cap the most pairs
+    an expert gets) unless routing is uneven enough that cutting it saves: level 0 holds every
+    expert's first b0 pairs (the weights as they are), level 1 pairs b0..b1 of the experts that have
+    more than b0 (their weights gathered), level 2 the rest up to cap (b0 = 0: no level 0, when most
+    experts get no pair). The bounds minimise padded rows
+    x ``row_cost`` (elements a row holds through both projections) + gathered experts x
+    ``expert_cost`` (elements of one expert's weights); a cut plan is taken only below ``gain`` x the
+    one stack's cost (each level is a few more kernels). counts (E,) int -> levels. With every expert
+    at cap rows the one stack holds up to E/k times the pairs (all tokens to the same k experts); cut,
+    at most twice the pairs plus the gathered experts' weights."""
+    counts = np.asarray(counts, np.int64)
+    n_experts, cap = len(counts), max(int(counts.max(initial=0)), 1)
+    ordered = np.sort(counts)
+    cand = np.unique(ordered[ordered < cap])  # bounds worth trying: the counts (0: no level of all experts)
+
+    def above(b):  # experts with more than b pairs
+        return n_experts - np.searchsorted(ordered, b, side="right")
+
+    best, plan = n_experts * cap * row_cost, [cap]
+    if max_levels >= 2 and len(cand):
+        h0 = above(cand)
+        cost = (n_experts * cand + h0 * (cap - cand)) * row_cost + h0 * expert_cost
+        j = int(np.argmin(cost))
+        if cost[j] < gain * best:
+            best, plan = float(cost[j]), [int(cand[j]), cap]
+    if max_levels >= 3 and len(cand) > 1:
+        b0, b1 = cand[:, None], cand[None, :]
+        h0, h1 = above(b0), above(b1)
+        cost = ((n_experts * b0 + h0 * (b1 - b0) + h1 * (cap - b1)) * row_cost + (h0 + h1) * expert_cost)
+        cost = np.where(b1 > b0, cost, np.inf)
+        i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        if cost[i, j] < min(best, gain * n_experts * cap * row_cost):
+            plan = [int(cand[i]), int(cand[j]), cap]
+    levels, start, offset = [], 0, 0
+    for j, bound in enumerate(plan):
+        if bound == 0:  # experts with no pair are most: no level of every expert
+            continue
+        ids = None if j == 0 else np.flatnonzero(counts > start)
+        size = n_experts if ids is None else len(ids)
+        levels.append(Level(start, bound - start, ids, offset, size))
+        offset += size * (bound - start)
+        start = bound
+    return levels
+
+
+def level_slots(levels: list[Level], expert: torch.Tensor, rank: torch.Tensor, ok: torch.Tensor,
+                n_experts: int) -> torch.Tensor:
+    """Each pair's row in the flattened stacks of ``levels``: expert (S,), rank (S,) its place among
+    its expert's pairs, ok (S,) -> (S,) long; a sentinel (not ok) gets the spare row past the last.
+    Fixed shapes: no host read."""
+    dev = expert.device
+    local = np.full((len(levels), n_experts), 0, np.int64)  # an expert's place in each level
+    for j, lv in enumerate(levels):
+        if lv.experts is None:
+            local[j] = np.arange(n_experts)
+        else:
+            local[j, lv.experts] = np.arange(lv.size)
+    starts = torch.as_tensor([lv.start for lv in levels], device=dev)
+    level = torch.bucketize(rank, starts[1:], right=True)  # (S,): the level of each pair's rank
+    table = torch.as_tensor(np.stack([[lv.offset, lv.height, lv.start] for lv in levels]), device=dev)
+    offset, height, start = table[level].unbind(1)
+    slot = offset + torch.as_tensor(local, device=dev)[level, expert] * height + rank - start
+    total = levels[-1].offset + levels[-1].size * levels[-1].height
+    return torch.where(ok, slot, total)
 
 
 @dataclass(frozen=True)
@@ -73,12 +154,12 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
                     on_projection: Callable | None = None, grouped: bool | None = None) -> torch.Tensor:
     """The experts module's output, each projection one kernel over every expert's pairs: a grouped
     matmul over the pairs sorted by expert (``grouped``; default :func:`grouped_matmul_fits`), else a
-    batched matmul over the padded per-expert stack (E, cap, ·) (cap read by the host, once).
+    few batched matmuls over padded per-expert stacks (:func:`stack_levels`; the counts read by the host, once).
     hidden (N, d), top_k_index (N, k) long, top_k_weights (N, k) -> (N, d).
 
     ``on_projection(attr, bias_attr, pairs, x, y) -> y`` sees each projection: its weight's attribute,
-    the :class:`Pairs`, its input x and output y ((S, ·) grouped, (E, cap, ·) padded; a pair's row of
-    them flattened: ``row``)."""
+    the :class:`Pairs`, its input x and output y ((S, ·) grouped, (rows, ·) the padded stacks flattened;
+    a pair's row of them: ``row``)."""
     if getattr(module, "has_post_expert_norm", False):
         raise NotImplementedError("experts with a norm after each expert")
     n_tokens, k = top_k_index.shape
@@ -103,16 +184,35 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
             y = torch.where(ok[:, None], y, 0)
             return y if bias_attr is None else y + getattr(module, bias_attr)[expert]
     else:
-        cap = max(int(counts.max().item()), 1)  # the one read by the host: the stack's size
         rank = torch.arange(expert.numel(), device=expert.device) - (torch.cumsum(counts, 0) - counts)[expert]
-        slot = torch.where(ok, expert * cap + rank, num_experts * cap)  # sentinels: a spare row, dropped
+        w_up, w_down = getattr(module, up), getattr(module, down)
+        d = hidden.shape[-1]
+        inter = w_down.shape[1] if module.is_transposed else w_down.shape[2]
+        up_out = w_up.shape[2] if module.is_transposed else w_up.shape[1]
+        levels = stack_levels(counts.cpu().numpy(),  # the one read by the host: the stacks' sizes
+                              row_cost=2 * d + up_out + inter, expert_cost=(w_up[0].numel() + w_down[0].numel()))
+        slot = level_slots(levels, expert, rank, ok, num_experts)
         pairs = Pairs(expert, tokens, torch.where(ok, slot, 0), ok)
-        rows = hidden.new_zeros((num_experts * cap + 1, hidden.shape[-1]))
-        x = rows.index_copy(0, slot, hidden[tokens])[:-1].view(num_experts, cap, -1)
+        total = levels[-1].offset + levels[-1].size * levels[-1].height
+        x = hidden.new_zeros((total + 1, d)).index_copy(0, slot, hidden[tokens])[:-1]  # (rows, d), flat
+        gathered: dict[tuple[str, int], torch.Tensor] = {}
+
+        def take(attr, j):  # a level's experts' rows of a weight (gathered once per call)
+            t = getattr(module, attr)
+            lv = levels[j]
+            if lv.experts is None:
+                return t
+            if (attr, j) not in gathered:
+                gathered[attr, j] = t.index_select(0, torch.as_tensor(lv.experts, device=t.device))
+            return gathered[attr, j]
 
         def project(x, attr, bias_attr):
-            return _project(x, getattr(module, attr), getattr(module, bias_attr) if bias_attr else None,
-                            module.is_transposed)
+            out = []
+            for j, lv in enumerate(levels):
+                seg = x[lv.offset:lv.offset + lv.size * lv.height].view(lv.size, lv.height, -1)
+                y = _project(seg, take(attr, j), take(bias_attr, j) if bias_attr else None, module.is_transposed)
+                out.append(y.reshape(lv.size * lv.height, -1))
+            return out[0] if len(out) == 1 else torch.cat(out)
     h = project(x, up, up_b)
     if on_projection is not None:
         h = on_projection(up, up_b, pairs, x, h)

@@ -107,6 +107,17 @@ def ghost_cheaper(tokens: int, rows: int, cols: int) -> bool:
     return tokens * (rows + cols) < rows * cols
 
 
+def block_extrema(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and min of each example's entries: block (B, …) -> (B,) each. One read on a GPU
+    (``aminmax``); on the CPU ``amax`` and ``amin`` apart, since the CPU's ``aminmax`` is not
+    vectorised (10-40x slower than the two on (16, 896, 896) float32, torch 2.13)."""
+    flat = block.flatten(1)
+    if block.device.type == "cpu":
+        return flat.amax(1), flat.amin(1)
+    lo, hi = torch.aminmax(flat, dim=1)
+    return hi, lo
+
+
 def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elements: int,
                    extrema: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of squares, max and min of G_i (B,) float64 each, forming G_i a block of rows at a time:
@@ -140,7 +151,7 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
         # (a vocabulary-sized head) drifts by 1e-4 relative, which the self-check would see
         ss += _f64(torch.linalg.vector_norm(block, dim=2, dtype=acc)).square().sum(1)
         if extrema:
-            lo, hi = torch.aminmax(block.flatten(1), dim=1)  # one pass for both
+            hi, lo = block_extrema(block)
             mx = torch.maximum(mx, _f64(hi))
             mn = torch.minimum(mn, _f64(lo))
     if not extrema:
