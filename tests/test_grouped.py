@@ -274,3 +274,8 @@ def test_a_mixture_of_experts_reads_the_device_once_a_layer_and_weight(tmp_path,
     ours = sorted(n for n in seen if n in ("item", "cpu", "numpy", "tolist", "nonzero", "unique"))
     assert ours == sorted(["cpu", "numpy"] * (3 * layers + 1)), seen  # + the copy out
     assert seen.count("__bool__") <= plain.count("__bool__"), (seen, plain)  # the model's own mask checks
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        engine(ids, labels, mask, left_padded=False)
+    waits = {"aten::bincount", "aten::nonzero", "aten::unique", "aten::_unique2", "aten::masked_select",
+             "aten::repeat_interleave"}  # ops that read the device on a GPU to size their output
+    assert not [e.name for e in prof.events() if e.name in waits]

@@ -137,6 +137,12 @@ class Pairs:
     ok: torch.Tensor
 
 
+def count_values(values: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in ``values`` (long, all in range) -> (n,) long. A fixed-shape
+    scatter, where ``torch.bincount`` on a GPU reads the largest value on the host first."""
+    return torch.zeros(n, dtype=torch.long, device=values.device).index_add_(0, values, torch.ones_like(values))
+
+
 def grouped_matmul_fits(hidden: torch.Tensor, module: nn.Module) -> bool:
     """Whether :func:`experts_forward` takes ``torch.nn.functional.grouped_mm`` (one kernel over the
     pairs sorted by expert, no padding): bfloat16 on a Hopper or Blackwell GPU (compute capability 9
@@ -169,7 +175,7 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
     ok = (ids >= 0) & (ids < num_experts)
     expert, perm = torch.sort(torch.where(ok, ids, num_experts), stable=True)  # sentinels last
     ok = expert < num_experts
-    counts = torch.bincount(expert, minlength=num_experts + 1)[:num_experts]
+    counts = count_values(expert, num_experts + 1)[:num_experts]
     expert = expert.clamp(max=num_experts - 1)
     tokens = torch.div(perm, k, rounding_mode="floor")
     grouped = grouped_matmul_fits(hidden, module) if grouped is None else grouped
@@ -276,7 +282,7 @@ def block_layout(expert: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor,
     bool (False: left out). One read by the host: the (E·B,) block counts."""
     n_blocks = experts * b
     seg = torch.where(keep, expert * b + torch.div(tokens, t, rounding_mode="floor"), n_blocks)
-    counts = torch.bincount(seg, minlength=n_blocks + 1)[:-1].cpu().numpy()
+    counts = count_values(seg, n_blocks + 1)[:-1].cpu().numpy()
     size = np.zeros(n_blocks, np.int64)
     full = counts > 0
     size[full] = 1 << np.ceil(np.log2(counts[full])).astype(np.int64)
