@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from grads_ray.cli import main
@@ -228,6 +229,41 @@ def test_out_of_memory_in_a_batch_names_the_setting_to_lower(job, ray_local, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("grads-ray: error: score: scoring shard "), err
     assert "OutOfMemoryError: CUDA out of memory" in err[-1] and "lower score.batch_size (now 4)" in err[-1]
+
+
+def test_a_rerun_with_the_batch_size_lowered_keeps_the_written_units(job, uninterrupted, ray_local, tmp_path,
+                                                                    monkeypatch, capsys):
+    """What the line above tells the user to do: the rerun with score.batch_size lowered scores only
+    the rows no unit holds yet, in the first run's units (cut in smaller batches), so no row is scored
+    twice or missed; the rows of units written before are the first run's, bit for bit."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("GRADS_RAY_TEST_SCORER_HOOKS", json.dumps({"oom_at_call": 2}))
+    assert main(["score", *job["args"], "--output", str(out)]) == 2
+    units = out / "stats" / ".ledger" / "units"
+    before = {f.relative_to(units): f.read_bytes() for f in units.rglob("*.parquet")}
+    done_before = {f.name for f in (out / "stats" / ".ledger" / "done").glob("*.json")}
+    assert before and not done_before  # a unit written, its shard unfinished
+    monkeypatch.delenv("GRADS_RAY_TEST_SCORER_HOOKS")
+    capsys.readouterr()
+    args = [a if a != "score.batch_size=4" else "score.batch_size=2" for a in job["args"]]
+    assert main(["score", *args, "--output", str(out)]) == 0
+    got = _tables(out)
+    ids = got["stats"]["id"].to_pylist()
+    rejected = [json.loads(x)["id"] for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) and len(ids) + len(rejected) == job["rows"]
+    assert got["stats"]["id"].to_pylist() == uninterrupted["stats"]["id"].to_pylist()
+    for col in ("loss", "grad_norm", "grad_mean", "grad_std", "grad_max", "grad_min"):
+        np.testing.assert_allclose(got["stats"][col].to_numpy(), uninterrupted["stats"][col].to_numpy(),
+                                   rtol=1e-4, atol=1e-7, err_msg=col)
+    kept = set().union(*(pq.read_table(pa.BufferReader(b)).column("id").to_pylist() for b in before.values()))
+    at = {i: k for k, i in enumerate(ids)}
+    for col in ("loss", "grad_norm", "grad_max"):  # the rows written before: the first run's numbers
+        want = uninterrupted["stats"][col].to_numpy()
+        np.testing.assert_array_equal(got["stats"][col].to_numpy()[[at[i] for i in kept]],
+                                      want[[at[i] for i in kept]], err_msg=col)
+    info = read_json(out / "stats" / ".ledger" / "SUCCESS.json")
+    assert info["unit_rows"] == 32 and info["batch_size"] == 2, info  # the first run's units
+    assert not units.exists()  # merged, and the layout gone with them
 
 
 def _sigterm(command: list[str], tmp_path: Path, marker: str, delay: float = 0.0, env_extra: dict | None = None

@@ -54,7 +54,8 @@ class Scorer:
 
     def __init__(self, model_path: str, use_gpu: bool = False, threads: int | None = None,
                  trust_remote_code: bool = False, settings: dict[str, Any] | None = None, batch_size: int = 16,
-                 hooks: dict[str, Any] | None = None, check: list[tuple[list[int], list[int]]] | None = None):
+                 hooks: dict[str, Any] | None = None, check: list[tuple[list[int], list[int]]] | None = None,
+                 unit_rows: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -63,7 +64,8 @@ class Scorer:
 
         settings = dict(settings or {})
         self.response_only_loss = settings.pop("response_only_loss", False)
-        self.batch_size, self.unit_rows = batch_size, ROWS_PER_BLOCK_BATCHES * batch_size  # as read_unit cuts them
+        # units as the score stage cuts them (read_unit): a resumed pass keeps its first pass's size
+        self.batch_size, self.unit_rows = batch_size, unit_rows or ROWS_PER_BLOCK_BATCHES * batch_size
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")

@@ -78,6 +78,19 @@ def _numbers(ctx, model: ModelRef) -> str:
     return fingerprint("score", model.fingerprint, *_engine_numbers(ctx.cfg))
 
 
+def _unit_rows(stats, todo: dict[int, int], job) -> int:
+    """The rows of a unit for this pass (:func:`unit_layout`), said when a rerun keeps another size
+    than ``score.batch_size`` makes."""
+    from grads_ray.stages.score_units import unit_layout
+
+    rows = unit_layout(stats.ledger / "units", set(todo), job.unit_rows)
+    if rows != job.unit_rows:
+        log.info("score: units of %d rows are written already; the rest are cut the same way and scored in "
+                 "batches of %d (score.batch_size)%s", rows, min(job.batch_size, rows),
+                 "" if job.batch_size <= rows else f", at most the unit's {rows}")
+    return rows
+
+
 class Score(Stage):
     name, folders = "score", ("stats", "features")
     about = "every row's loss, gradient statistics and features: stats/, features/, rejected.jsonl"
@@ -111,19 +124,21 @@ class Score(Stage):
                          batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors, use_gpu=use_gpu,
                          cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
                          settings=engine_settings(cfg.score, cfg.seed))
+        todo = {s: n for s, n in expected.items() if not stats.is_done(s)}
+        if todo:  # the units' size (a rerun's are its first pass's) and the rows the scorers check first
+            job = replace(job, unit_rows=_unit_rows(stats, todo, job),
+                          check=check_examples(corpus.rows, todo, model_path=model.path,
+                                               max_length=cfg.data.max_length, on_long=cfg.data.on_long,
+                                               trust_remote_code=cfg.model.trust_remote_code,
+                                               n=cfg.score.check_rows))
         bar = Progress("score", sum(expected.values()), "rows",
                        done=sum(n for i, n in expected.items() if stats.is_done(i))
                        + rows_written(stats, expected, job.unit_rows))
         t0 = time.time()
-        todo = {s: n for s, n in expected.items() if not stats.is_done(s)}
-        if todo:  # the rows the scorers check the engine on, before they score any
-            job = replace(job, check=check_examples(corpus.rows, todo, model_path=model.path,
-                                                    max_length=cfg.data.max_length, on_long=cfg.data.on_long,
-                                                    trust_remote_code=cfg.model.trust_remote_code,
-                                                    n=cfg.score.check_rows))
         ran = run_scoring(corpus.rows, expected, stats, features, job, progress=bar.update,
                           max_restarts=cfg.score.max_restarts)
         bar.close()
+        storage.rmtree(storage.location(stats.ledger / "units"))  # every unit merged: only the layout is left
         for i, key in keys.items():  # every shard of this run, for the next corpus version
             if cache.get(key) is None:
                 cache.put(key, _scored_files(stats, features, i), stats.done_info(i))
@@ -136,6 +151,7 @@ class Score(Stage):
                 "nonfinite": sum(i.get("nonfinite", 0) for i in done),
                 "model": model.path, "shards_this_run": len(ran["shards"]), "shards_reused": reused,
                 "units_scored": ran["units_scored"], "units_resumed": ran["units_resumed"], "unit_rows": job.unit_rows,
+                "batch_size": job.batch_size,
                 "first_unit_seconds": ran["first_unit_seconds"],
                 "engine": cfg.score.engine, "engine_used": sorted({c["engine"] for c in ran.get("checks", [])}),
                 "self_check": ran.get("checks", []), "device": "gpu" if use_gpu else "cpu",

@@ -54,10 +54,11 @@ class ScoringJob:
     trust_remote_code: bool = False
     settings: dict[str, Any] | None = None
     check: list[tuple[list[int], list[int]]] | None = field(default=None)
+    unit_rows: int = 0  # rows of a unit; 0: ROWS_PER_BLOCK_BATCHES batches (a resumed pass keeps its first one's)
 
-    @property
-    def unit_rows(self) -> int:
-        return ROWS_PER_BLOCK_BATCHES * self.batch_size
+    def __post_init__(self) -> None:
+        if not self.unit_rows:
+            object.__setattr__(self, "unit_rows", ROWS_PER_BLOCK_BATCHES * self.batch_size)
 
 
 class ScorerFailed(RuntimeError):
@@ -326,7 +327,8 @@ def _stream_receipts(items: list[dict[str, int]], rows: StageDir, expected: dict
             max_restarts=0,
             fn_constructor_kwargs={"units": str(units), "model_path": job.model_path, "use_gpu": use_gpu,
                                    "threads": threads, "trust_remote_code": job.trust_remote_code,
-                                   "settings": job.settings, "batch_size": job.batch_size, "hooks": hooks,
+                                   "settings": job.settings, "batch_size": job.batch_size,
+                                   "unit_rows": job.unit_rows, "hooks": hooks,
                                    "check": job.check},
         )
     # Receipts in any order: a slow unit must not hold back those of the units behind it (the job

@@ -113,6 +113,26 @@ def written_units(units: Any) -> dict[int, set[int]]:
     return dict(got)
 
 
+LAYOUT = "layout.json"  # beside the written units: the rows of a unit they were cut in
+
+
+def unit_layout(units: Any, shards: Any, unit_rows: int) -> int:
+    """The rows of a unit for a pass over the unfinished ``shards``: where units of them are written
+    already, the size they were cut in (``units/layout.json``, recorded when the first pass began),
+    whatever ``score.batch_size`` is now, so a rerun with another batch size (as an out-of-memory
+    error advises) neither scores a row twice nor skips one; else ``unit_rows``, recorded now."""
+    from grads_ray import storage
+    from grads_ray.rundir import read_json, write_json
+
+    root = storage.location(units)
+    path = root / LAYOUT
+    if any(s in shards for s in written_units(units)):
+        return int(read_json(path)["unit_rows"]) if path.exists() else unit_rows  # (none: written before 2026-12)
+    storage.makedirs(root)
+    write_json(path, {"unit_rows": unit_rows})
+    return unit_rows
+
+
 def units_of(expected: dict[int, int], unit_rows: int) -> dict[int, list[int]]:
     """shard -> its units' starts: multiples of ``unit_rows`` whatever else is being scored, so a
     unit (and so a row's batch mates) never depends on which shards a run had left to do."""
