@@ -19,6 +19,9 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
     python benchmarks/grad_stats.py --model qwen0.5b --batches 1,4,16,64 --lengths 512   # on a GPU
     python benchmarks/grad_stats.py --quick --model moe-small        # the MoE rules beside "small" (Llama)
 
+On CUDA a MoE section follows (``--moe-model``, moe-small by default): the experts' grouped-matmul path
+against the padded stacks and a plain step at B = 16, T = 512, and the self-check on the GPU.
+
 The last line printed is one JSON object with the headline figures.
 """
 
@@ -215,6 +218,54 @@ def dispatch_summary(d: dict) -> dict:
             "to_host_calls": d["engine"]["to_host_calls"], "to_host_calls_plain": d["plain"]["to_host_calls"]}
 
 
+def moe_report(args, device: str, batch: int = 16, length: int = 512) -> dict:
+    """A mixture of experts (``--moe-model``) through the engine's two experts paths: the grouped
+    matmul (a GPU's, where ``grouped_matmul_fits``) and the padded stacks (forced), against a plain
+    step on the same batch: time, peak memory (CUDA), the largest relative difference between the two
+    paths' statistics, whether two passes give the same numbers (deterministic), and the start-up
+    self-check on this device and dtype."""
+    from grads_ray.gradients import experts as moe
+    from grads_ray.gradients.engine import BatchedGradStats
+    from grads_ray.gradients.selfcheck import build_engine, synthetic_examples
+
+    model = build_model(args.moe_model, getattr(torch, args.dtype), device)
+    data = make_batch(batch, length, model.config.vocab_size, 0, device)
+    engine = BatchedGradStats(model, **engine_kwargs(args))
+    calls, real_mm, real_fits = [], getattr(torch.nn.functional, "grouped_mm", None), moe.grouped_matmul_fits
+    if real_mm is not None:
+        torch.nn.functional.grouped_mm = lambda *a, **k: calls.append(1) or real_mm(*a, **k)
+    try:
+        t_grouped = timed(lambda: engine(*data), device, 3)
+        peak_grouped, grouped, again = PEAKS.get("last"), engine(*data), engine(*data)
+        used = bool(calls)
+        moe.grouped_matmul_fits = lambda hidden, module: False
+        t_padded = timed(lambda: engine(*data), device, 3)
+        padded = engine(*data)
+    finally:
+        moe.grouped_matmul_fits = real_fits
+        if real_mm is not None:
+            torch.nn.functional.grouped_mm = real_mm
+    t_plain = timed(lambda: plain_step(model, *data), device, 3)
+    peak_plain = PEAKS.get("last")
+    model.zero_grad(set_to_none=True)
+    diff = max(float(np.nanmax(np.abs(grouped.columns[c] - v) / np.maximum(np.abs(v), 1e-30)))
+               for c, v in padded.columns.items() if c.startswith(("grad_norm", "loss")))
+    same = all(np.array_equal(again.columns[c], v, equal_nan=True) for c, v in grouped.columns.items())
+    _, check = build_engine(model, {"engine": "batched", "proj_dim": 64, "fisher_dim": 0},
+                            synthetic_examples(model.config.vocab_size, n=4), pad_id=0)
+    out = {"moe_model": args.moe_model, "moe_grouped_used": used, "moe_grouped_vs_plain": round(t_grouped / t_plain, 2),
+           "moe_padded_vs_plain": round(t_padded / t_plain, 2), "moe_paths_max_rel_diff": float(f"{diff:.2e}"),
+           "moe_same_twice": same,
+           "moe_self_check": bool(check.passed),
+           "moe_self_check_error": None if check.max_rel_error is None else float(f"{check.max_rel_error:.2e}")}
+    if peak_grouped is not None:
+        out["moe_peak_mem_vs_plain"] = round(peak_grouped / max(peak_plain, 1), 2)
+    print(f"# MoE {args.moe_model} B={batch} T={length}: engine {t_grouped:.3f} s ({'grouped_mm' if used else 'padded'})"
+          f", padded stacks {t_padded:.3f} s, plain step {t_plain:.3f} s; statistics differ by {diff:.1e} between "
+          f"the paths; {'the same' if same else 'NOT the same'} twice; self-check {'passed' if check.passed else 'FAILED: ' + str(check.reason)}")
+    return out
+
+
 def child_memory(args) -> None:
     """In a fresh process: peak RSS (bytes) of one pass above what the model and batch hold."""
     import resource
@@ -301,6 +352,9 @@ def main() -> None:
     ap.add_argument("--dispatch-model", default="qwen0.5b-proxy", choices=sorted(MODELS),
                     help="model of the dispatch count (aten events, host syncs)")
     ap.add_argument("--no-dispatch", action="store_true", help="skip the dispatch count")
+    ap.add_argument("--moe-model", default=None, choices=sorted(MODELS),
+                    help="a MoE model timed through both experts paths (default on CUDA: moe-small)")
+    ap.add_argument("--moe-at", default="16,512", help="B,T of the MoE section")
     ap.add_argument("--dispatch-only", action="store_true", help="print the dispatch count and stop")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -398,6 +452,14 @@ def main() -> None:
     summary["best_fraction_of_matmul"] = round(best["fraction_of_matmul"], 3)
     if mem:
         summary["peak_mem_vs_plain"] = round(mem["ratio"], 2)
+    moe_model = args.moe_model or ("moe-small" if device == "cuda" else None)
+    if moe_model:
+        args.moe_model = moe_model
+        try:
+            summary.update(moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
+        except Exception as exc:  # noqa: BLE001 - the main figures stand; say what broke
+            summary["moe_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            print(f"# MoE section failed: {summary['moe_error']}")
     if not args.no_dispatch and device == "cpu":  # on a GPU the same count runs with --dispatch-only --device cpu
         summary.update(dispatch_summary(dispatch_report(args, "cpu")))
     print(json.dumps(summary))

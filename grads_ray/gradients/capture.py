@@ -194,9 +194,9 @@ def replay(state: PassState, use: Use, attrs: list[str], args, kwargs, ly: Layou
                     got = torch.autograd.grad(y, list(live.values()), retain_graph=True, allow_unused=True,
                                               grad_outputs=only.reshape(len(rows), *y.shape).to(y.dtype),
                                               is_grads_batched=True)
-                except torch.OutOfMemoryError:  # not an op refusing vmap: said, not retried one by one
-                    raise
-                except RuntimeError:  # an op that refuses vmap: one product per example
+                except RuntimeError as exc:  # an op that refuses vmap: one product per example
+                    if out_of_memory(exc):  # not that: said, not retried one by one
+                        raise
                     got = _replay_each(y, list(live.values()), only)
                 for a, g in zip(live, got, strict=True):
                     if g is not None:
@@ -205,6 +205,15 @@ def replay(state: PassState, use: Use, attrs: list[str], args, kwargs, ly: Layou
             return {a: torch.where(real.reshape(-1, *([1] * (g.dim() - 1))), g, 0.0) for a, g in out.items()}
     finally:
         state.replaying = False
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: a GPU's ``torch.OutOfMemoryError``, Python's
+    ``MemoryError``, or the CPU allocator's plain RuntimeError ("DefaultCPUAllocator: can't allocate
+    memory")."""
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text \
+        or "can't allocate memory" in text
 
 
 def _replay_each(y: torch.Tensor, live: list[torch.Tensor], only: torch.Tensor) -> list[torch.Tensor]:

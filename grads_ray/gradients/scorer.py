@@ -3,7 +3,8 @@ rows in, each row's loss, gradient statistics and features out, as columns.
 
 :class:`Scorer` pads each batch, picks the engine on this model before any corpus row (the batched
 exact engine after its self-check, else the per-example loop: gradients/selfcheck.py) and cuts its
-batches inside units (a shard's rows in runs of ``ROWS_PER_BLOCK_BATCHES`` batches) after sorting
+batches inside units (a shard's rows in runs of ``ROWS_PER_BLOCK_BATCHES`` batches, or the size a
+rerun kept) after sorting
 them by length, so a row's batch mates, hence its float32 numbers, never depend on the run. No Ray
 here: the score stage's plumbing (grads_ray/stages/score_pass.py) runs it in actors, the LESS target
 set and ``grads-ray check-model`` in one process. The numbers come from ``gradients.engine`` (or

@@ -25,6 +25,7 @@ import torch
 
 from grads_ray.data.batching import pad_batch
 from grads_ray.data.formats import IGNORE_INDEX
+from grads_ray.gradients.capture import out_of_memory
 from grads_ray.gradients.engine import BatchedGradStats
 from grads_ray.gradients.features import mean_over
 from grads_ray.gradients.groups import group_of
@@ -228,14 +229,15 @@ def _check_once(engine: BatchedGradStats, model, examples, pad_id: int, tol: tup
         by_kind, lines = compare(engine, model, examples, pad_id, tol[1])
     except UnsupportedModel as exc:
         result.passed, result.engine, result.reason = False, "loop", str(exc)
-    except torch.OutOfMemoryError as exc:
-        result.passed, result.engine, result.oom = False, "loop", True
-        result.reason = f"the self-check ran out of memory: {str(exc).splitlines()[0][:200]}"
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     except Exception as exc:  # noqa: BLE001 - a rule that breaks on this model is a failed check
         result.passed, result.engine = False, "loop"
-        result.reason = f"the batched engine failed on this model: {type(exc).__name__}: {exc}"
+        if out_of_memory(exc):
+            result.oom = True
+            result.reason = f"the self-check ran out of memory: {str(exc).splitlines()[0][:200]}"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            result.reason = f"the batched engine failed on this model: {type(exc).__name__}: {exc}"
     else:
         result.errors = {k: v for k, (v, _) in by_kind.items()}
         result.max_rel_error, result.worst = max(by_kind.values())

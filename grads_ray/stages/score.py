@@ -138,7 +138,7 @@ class Score(Stage):
         ran = run_scoring(corpus.rows, expected, stats, features, job, progress=bar.update,
                           max_restarts=cfg.score.max_restarts)
         bar.close()
-        storage.rmtree(storage.location(stats.ledger / "units"))  # every unit merged: only the layout is left
+        storage.rmtree(storage.location(stats.ledger / "units"))  # every unit merged; the layout record goes too
         for i, key in keys.items():  # every shard of this run, for the next corpus version
             if cache.get(key) is None:
                 cache.put(key, _scored_files(stats, features, i), stats.done_info(i))

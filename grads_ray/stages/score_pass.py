@@ -81,9 +81,9 @@ def failure_line(exc: BaseException, *, when: str, batch_size: int | None = None
 
 
 def _is_oom(exc: BaseException) -> bool:
-    import torch
+    from grads_ray.gradients.capture import out_of_memory
 
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+    return out_of_memory(exc)
 
 
 class UnitScorer:

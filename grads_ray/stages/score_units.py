@@ -1,4 +1,5 @@
-"""The score stage's units of work: a shard's rows in runs of ``8 * score.batch_size``, read and
+"""The score stage's units of work: a shard's rows in runs of ``8 * score.batch_size`` (a rerun keeps
+the size its written units were cut in: :func:`unit_layout`), read and
 tokenized in CPU tasks, packed as one item each (Arrow IPC bytes), so that a scorer is handed exactly
 one unit per call whatever blocks Ray Data forms; then, scored, written as unit files under
 ``stats/.ledger/units/SSSSS/AAAAAAAAA.parquet``, and merged per shard into the public tables.
