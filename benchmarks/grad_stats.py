@@ -455,6 +455,7 @@ def main() -> None:
     moe_model = args.moe_model or ("moe-small" if device == "cuda" else None)
     if moe_model:
         args.moe_model = moe_model
+        print(json.dumps(summary), flush=True)  # the main figures kept should a time limit cut the section below
         try:
             summary.update(moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
         except Exception as exc:  # noqa: BLE001 - the main figures stand; say what broke
