@@ -104,6 +104,11 @@ def stack_levels(counts: np.ndarray, row_cost: int, expert_cost: int, max_levels
     return levels
 
 
+def stacked_rows(levels: list[Level]) -> int:
+    """Rows of the levels' stacks flattened end to end."""
+    return levels[-1].offset + levels[-1].size * levels[-1].height
+
+
 def level_slots(levels: list[Level], expert: torch.Tensor, rank: torch.Tensor, ok: torch.Tensor,
                 n_experts: int) -> torch.Tensor:
     """Each pair's row in the flattened stacks of ``levels``: expert (S,), rank (S,) its place among
@@ -112,8 +117,9 @@ def level_slots(levels: list[Level], expert: torch.Tensor, rank: torch.Tensor, o
     n = len(levels)
     local = np.zeros((n, n_experts), np.int64)  # an expert's place in each level
     for j, lv in enumerate(levels):
-        local[j] = np.arange(n_experts) if lv.experts is None else 0
-        if lv.experts is not None:
+        if lv.experts is None:
+            local[j] = np.arange(n_experts)
+        else:
             local[j, lv.experts] = np.arange(lv.size)
     table = np.array([[lv.offset, lv.height, lv.start] for lv in levels], np.int64)  # (L, 3)
     packed = to_device(np.concatenate([local.ravel(), table.ravel()]), expert.device)
@@ -121,8 +127,7 @@ def level_slots(levels: list[Level], expert: torch.Tensor, rank: torch.Tensor, o
     level = torch.bucketize(rank, table[1:, 2].contiguous(), right=True)  # (S,): the level of each pair's rank
     offset, height, start = table[level].unbind(1)
     slot = offset + local[level, expert] * height + rank - start
-    total = levels[-1].offset + levels[-1].size * levels[-1].height
-    return torch.where(ok, slot, total)
+    return torch.where(ok, slot, stacked_rows(levels))
 
 
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -214,8 +219,7 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
                               row_cost=2 * d + up_out + inter, expert_cost=(w_up[0].numel() + w_down[0].numel()))
         slot = level_slots(levels, expert, rank, ok, num_experts)
         pairs = Pairs(expert, tokens, torch.where(ok, slot, 0), ok)
-        total = levels[-1].offset + levels[-1].size * levels[-1].height
-        x = hidden.new_zeros((total + 1, d)).index_copy(0, slot, take_rows(hidden, tokens))[:-1]  # (rows, d), flat
+        x = hidden.new_zeros((stacked_rows(levels) + 1, d)).index_copy(0, slot, take_rows(hidden, tokens))[:-1]  # (rows, d), flat
         gathered: dict[tuple[str, int], torch.Tensor] = {}
 
         def take(attr, j):  # a level's experts' rows of a weight (gathered once per call)

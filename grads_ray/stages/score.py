@@ -83,7 +83,7 @@ def _unit_rows(stats, todo: dict[int, int], job) -> int:
     than ``score.batch_size`` makes."""
     from grads_ray.stages.score_units import unit_layout
 
-    rows = unit_layout(stats.ledger / "units", set(todo), job.unit_rows)
+    rows = unit_layout(stats, set(todo), job.unit_rows)
     if rows != job.unit_rows:
         log.info("score: units of %d rows are written already; the rest are cut the same way and scored in "
                  "batches of %d (score.batch_size)%s", rows, min(job.batch_size, rows),
@@ -108,7 +108,7 @@ class Score(Stage):
         from grads_ray.gradients.scorer import engine_settings
         from grads_ray.progress import Progress
         from grads_ray.stages.score_pass import ScoringJob, run_scoring
-        from grads_ray.stages.score_units import check_examples, rows_written
+        from grads_ray.stages.score_units import check_examples, rows_written, units_dir
 
         cfg, corpus, res = ctx.cfg, ctx.need("ingest").value, ctx.ray()
         stats, features = out["stats"], out["features"]
@@ -138,7 +138,7 @@ class Score(Stage):
         ran = run_scoring(corpus.rows, expected, stats, features, job, progress=bar.update,
                           max_restarts=cfg.score.max_restarts)
         bar.close()
-        storage.rmtree(storage.location(stats.ledger / "units"))  # every unit merged; the layout record goes too
+        storage.rmtree(storage.location(units_dir(stats)))  # every unit merged; the layout record goes too
         for i, key in keys.items():  # every shard of this run, for the next corpus version
             if cache.get(key) is None:
                 cache.put(key, _scored_files(stats, features, i), stats.done_info(i))

@@ -30,6 +30,7 @@ from grads_ray.stages.score_units import (
     finish_shard,
     prepare_units,
     unit_file,
+    units_dir,
     units_of,
     unpack_unit,
     written_units,
@@ -74,16 +75,12 @@ def failure_line(exc: BaseException, *, when: str, batch_size: int | None = None
     line, and for out of memory the setting to lower."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     line = f"score: {when}: {type(exc).__name__}" + (f": {first}" if first else "")
-    if _is_oom(exc):
+    from grads_ray.gradients.capture import out_of_memory
+
+    if out_of_memory(exc):
         line += (f"; lower score.batch_size (now {batch_size})" if batch_size else "") + \
             " or score.chunk_elements, or give the scorer more memory"
     return line
-
-
-def _is_oom(exc: BaseException) -> bool:
-    from grads_ray.gradients.capture import out_of_memory
-
-    return out_of_memory(exc)
 
 
 class UnitScorer:
@@ -158,7 +155,7 @@ def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     run may lose scorers now and then. (Ray's own actor restarts are off: a restarted Ray Data actor
     needs its constructor arguments from the object store, which Ray warns it cannot guarantee,
     ray-project/ray#53727; a fresh pass needs nothing from the last one.)"""
-    resumed = sum(len(v) for s, v in written_units(stats.ledger / "units").items()
+    resumed = sum(len(v) for s, v in written_units(units_dir(stats)).items()
                   if s in expected and not stats.is_done(s))
     result: dict[str, Any] = {"shards": [], "units_scored": 0, "rows_scored": 0, "units_resumed": resumed,
                               "first_unit_seconds": None}
@@ -218,7 +215,7 @@ def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
     their ledger entries in ``result["shards"]`` (after an error, once the merges under way have
     ended: the next pass merges the rest)."""
 
-    units = stats.ledger / "units"
+    units = units_dir(stats)
     have = written_units(units)
     todo = {s: [a for a in starts if a not in have.get(s, set())]
             for s, starts in units_of(expected, job.unit_rows).items()}

@@ -117,7 +117,12 @@ def written_units(units: Any) -> dict[int, set[int]]:
 LAYOUT = "layout.json"  # beside the written units: the rows of a unit they were cut in
 
 
-def unit_layout(units: Any, shards: Any, unit_rows: int) -> int:
+def units_dir(stats: StageDir) -> Any:
+    """Where a score stage's units are written until their shard is merged (one folder a shard)."""
+    return stats.ledger / "units"
+
+
+def unit_layout(stats: StageDir, shards: Any, unit_rows: int) -> int:
     """The rows of a unit for a pass over the unfinished ``shards``: where units of them are written
     already, the size they were cut in (``units/layout.json``, recorded when the first pass began),
     whatever ``score.batch_size`` is now, so a rerun with another batch size (as an out-of-memory
@@ -125,9 +130,9 @@ def unit_layout(units: Any, shards: Any, unit_rows: int) -> int:
     from grads_ray import storage
     from grads_ray.rundir import read_json, write_json
 
-    root = storage.location(units)
+    root = storage.location(units_dir(stats))
     path = root / LAYOUT
-    if any(s in shards for s in written_units(units)):
+    if any(s in shards for s in written_units(root)):
         return int(read_json(path)["unit_rows"]) if path.exists() else unit_rows  # (none: written before 2026-12)
     storage.makedirs(root)
     write_json(path, {"unit_rows": unit_rows})
@@ -143,7 +148,7 @@ def units_of(expected: dict[int, int], unit_rows: int) -> dict[int, list[int]]:
 def rows_written(stats: StageDir, expected: dict[int, int], unit_rows: int) -> int:
     """Rows of unfinished shards whose units are already written (a resumed run does not score
     them again)."""
-    got = written_units(stats.ledger / "units")
+    got = written_units(units_dir(stats))
     return sum(min(unit_rows, expected[s] - a) for s, starts in got.items() if s in expected
                and not stats.is_done(s) for a in starts if a < expected[s])
 
@@ -175,7 +180,7 @@ def finish_shard(shard: int, stats: StageDir, features: StageDir) -> dict[str, A
 
     from grads_ray import storage
 
-    folder = stats.ledger / "units" / f"{shard:05d}"
+    folder = units_dir(stats) / f"{shard:05d}"
     files = [f for f in (storage.files_under(folder) if folder.exists() else []) if f.name.endswith(".parquet")]
     tables = []
     for f in sorted(files, key=lambda f: f.name):
