@@ -20,7 +20,9 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
     python benchmarks/grad_stats.py --quick --model moe-small        # the MoE rules beside "small" (Llama)
 
 On CUDA a MoE section follows (``--moe-model``, moe-small by default): the experts' grouped-matmul path
-against the padded stacks and a plain step at B = 16, T = 512, and the self-check on the GPU.
+against the padded stacks and a plain step at B = 16, T = 512, and the self-check on the GPU. Then
+``score.batch_size=auto`` (``--no-auto-batch`` skips it): the size the score stage would pick for
+``--model`` at T = 512 on this GPU, its peak, and the scorer's rate there against B = 16.
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -281,6 +283,47 @@ def child_memory(args) -> None:
     print(json.dumps({"peak_extra": peak - base}))
 
 
+def auto_batch_report(args, length: int) -> dict:
+    """``score.batch_size=auto`` on this GPU (CUDA only): ``--model`` saved to a folder and loaded
+    by the job's scorer, the batch size measured as the score stage measures it (``gradients/
+    batch_size.py``, rows of ``length`` tokens), then the scorer's rate at that size and at 16 on
+    the same widest rows (examples/s, engine only)."""
+    import shutil
+    import tempfile
+
+    from grads_ray.data.batching import pad_batch
+    from grads_ray.gradients.batch_size import describe, measure, worst_rows
+
+    folder = tempfile.mkdtemp(prefix="grads-auto-")
+    try:
+        build_model(args.model, getattr(torch, args.dtype), "cpu").save_pretrained(folder)
+        settings = {"dtype": args.dtype, "proj_dim": args.proj_dim, "proj_rank": args.proj_rank}
+        t0 = time.perf_counter()
+        found = measure(folder, settings=settings, max_length=length)
+        took = time.perf_counter() - t0
+        if "error" in found:
+            return {"auto_batch_error": found["error"][:300]}
+        print(f"# {describe(found, length)}; measured in {took:.1f} s (model load and self-check included)", flush=True)
+        from grads_ray.gradients.scorer import Scorer
+
+        scorer = Scorer(folder, use_gpu=True, settings=settings, batch_size=found["batch_size"])
+        vocab = scorer.model.get_input_embeddings().num_embeddings
+        rates = {}
+        for b in sorted({16, found["batch_size"]}):
+            data = tuple(t.to(scorer.device) for t in pad_batch(*worst_rows(vocab, b, length), scorer.pad_id))
+            rates[b] = b / timed(lambda d=data: scorer.score_padded(*d), scorer.device.type, 3)
+        fit = next(t for t in found["trace"] if t["rows"] == found["batch_size"])
+        out = {"auto_batch": found["batch_size"], "auto_batch_peak_gib": round(fit["peak"] / 2**30, 2),
+               "auto_batch_budget_gib": round(found["budget"] / 2**30, 2), "auto_batch_seconds": round(took, 1),
+               "auto_batch_examples_per_s": round(rates[found["batch_size"]], 2),
+               "b16_full_rows_examples_per_s": round(rates[16], 2)}
+        print(f"# scorer at B={found['batch_size']}: {out['auto_batch_examples_per_s']} ex/s; at B=16: "
+              f"{out['b16_full_rows_examples_per_s']} ex/s (rows of {length} tokens)", flush=True)
+        return out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def memory_ratio(args, batch: int, length: int, device: str, model=None) -> dict:
     """Peak memory of the engine and of the plain step above the model and batch."""
     if device == "cuda":
@@ -356,6 +399,8 @@ def main() -> None:
                     help="a MoE model timed through both experts paths (default on CUDA: moe-small)")
     ap.add_argument("--moe-at", default="16,512", help="B,T of the MoE section")
     ap.add_argument("--dispatch-only", action="store_true", help="print the dispatch count and stop")
+    ap.add_argument("--no-auto-batch", action="store_true",
+                    help="skip the CUDA section on score.batch_size=auto (its size, peak and rate)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child-length", type=int, default=0, help=argparse.SUPPRESS)
@@ -461,6 +506,15 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - the main figures stand; say what broke
             summary["moe_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
             print(f"# MoE section failed: {summary['moe_error']}")
+    if device == "cuda" and not args.no_auto_batch:
+        print(json.dumps(summary), flush=True)
+        del engine, loop, model
+        torch.cuda.empty_cache()
+        try:
+            summary.update(auto_batch_report(args, head_t))
+        except Exception as exc:  # noqa: BLE001 - the main figures stand; say what broke
+            summary["auto_batch_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            print(f"# auto batch section failed: {summary['auto_batch_error']}")
     if not args.no_dispatch and device == "cpu":  # on a GPU the same count runs with --dispatch-only --device cpu
         summary.update(dispatch_summary(dispatch_report(args, "cpu")))
     print(json.dumps(summary))

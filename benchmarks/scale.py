@@ -420,11 +420,13 @@ def score_units(model_path: str, examples: list[tuple[list[int], list[int]]], cf
     """Score ``examples`` with the job's scorer in this process, one call per unit of 8 batches (as
     the job's blocks; batches cut inside a unit by length, as there). -> seconds of the calls
     (model loading excluded). The one place that knows the Scorer's call: adapt here if it changes."""
+    from grads_ray.gradients.batch_size import fixed_batch_size
     from grads_ray.gradients.scorer import ROWS_PER_BLOCK_BATCHES, Scorer, engine_settings
 
+    batch = fixed_batch_size(cfg.score.batch_size)  # (a CPU benchmark: auto is 16 there)
     scorer = Scorer(model_path, threads=threads, settings=engine_settings(cfg.score, cfg.seed),
-                    batch_size=cfg.score.batch_size, trust_remote_code=cfg.model.trust_remote_code)
-    unit = ROWS_PER_BLOCK_BATCHES * cfg.score.batch_size
+                    batch_size=batch, trust_remote_code=cfg.model.trust_remote_code)
+    unit = ROWS_PER_BLOCK_BATCHES * batch
     t0 = time.perf_counter()
     for start in range(0, len(examples), unit):
         part = examples[start:start + unit]

@@ -21,6 +21,7 @@ from grads_ray.config import INPUT_PATH_LISTS, Config, ConfigError, load_config,
 from grads_ray.data.readers import InputError
 from grads_ray.gradients.rules import UnsupportedModel
 from grads_ray.stages import STAGES
+from grads_ray.stages.base import AccountingError
 from grads_ray.stages.score_pass import ScorerFailed
 
 STAGE_COMMANDS = tuple(s.name for s in STAGES)
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         # handled below: its traceback holds the frames of Ray Data's iterators; once they are gone,
         # the iterators close and their executor threads stop before Ray does
         stop = stopping.as_stopped(exc).with_traceback(None)
-    except (ConfigError, InputError, UnsupportedModel, ScorerFailed) as exc:
+    except (ConfigError, InputError, UnsupportedModel, ScorerFailed, AccountingError) as exc:
         print(f"grads-ray: error: {exc}", file=sys.stderr)
         return 2
     except EmptyStage as exc:  # --allow-empty: what ran is summarised, nothing follows

@@ -464,3 +464,33 @@ def test_rank_lookup_finds_each_id_whatever_the_hashes_do(hashing, monkeypatch):
         got = rank_of(pa.array(chunk, pa.string()))
         assert got.tolist() == [where.get(i, -1) for i in chunk]
     assert id_hash is not writing.id_hash or hashing == "real"
+
+
+def test_rows_that_do_not_add_up_stop_the_job_with_one_line(inputs, tmp_path, monkeypatch, capsys):
+    """The score stage's last guard (every input row scored or rejected exactly once) ends the job with
+    one line that gives the counts and how to score again, exit 2, not a traceback."""
+    import grads_ray.runner
+    from grads_ray.stages.score import Score
+
+    class Miscounted(Recorder):  # a score stage whose rows came back one short of the input
+        def report(self, ctx, done):
+            return {"rejected_by_reason": {}, "accounting": {"input_rows": 7, "rejected_ingest": 1,
+                                                             "rejected_score": 2, "scored": 3}}
+
+        def check(self, ctx, done):
+            Score.check(self, ctx, done)
+
+    model = tmp_path / "model"
+    save_tiny_model("gpt2", model)
+    capsys.readouterr()  # (the model's writing bars)
+    stand_ins = tuple((Miscounted if s.name == "score" else Recorder)(s, []) for s in STAGES)
+    real = grads_ray.runner.Runner
+    monkeypatch.setattr(grads_ray.runner, "Runner", lambda cfg, verbose=False: real(cfg, stages=stand_ins))
+    monkeypatch.setattr("grads_ray.data.preflight.check_corpus_encodes", lambda *a, **k: None)
+    code = main(["score", "--model", str(model), "--data", str(inputs / "data.jsonl"), "--output", str(tmp_path / "o"),
+                 "warmup.enabled=false"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "grads-ray" in line or "Trace" in line]
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("grads-ray: error: score: row accounting does not add up: 7 input rows, but 3 scored "
+                             "+ 1 rejected at ingest + 2 rejected at score = 6 (a row lost"), err[0]
+    assert f"delete {tmp_path / 'o' / 'stats'} and {tmp_path / 'o' / 'features'}" in err[0]

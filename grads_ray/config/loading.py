@@ -36,7 +36,12 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, default)
+        for tp_ in inner[:-1]:  # the first type that takes it (``int | str``: 16 stays an integer)
+            try:
+                return _coerce(value, tp_, key, default)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key, default)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")

@@ -121,7 +121,10 @@ def recipe(t: TrainConfig) -> dict[str, Any]:
 class ScoreConfig:
     """Per-example loss, gradient statistics and features (docs/design.md, "score")."""
 
-    batch_size: int = 16
+    # rows per engine batch, or auto: on a GPU the largest power of two up to 128 whose widest batch
+    # (data.max_length tokens a row) peaks under 80% of its memory, measured once a run with the scoring
+    # model; 16 on a CPU (grads_ray/gradients/batch_size.py). A rerun keeps the size its units were cut in.
+    batch_size: int | str = "auto"
     num_actors: int = 1  # max actors in the scorer pool (one GPU each when GPUs are used)
     max_restarts: int = 3  # a dead scorer: its unfinished shards scored again in a fresh pass this often, then the run fails
     # Scheduled curation: score with this model folder (an earlier run's OUT/warmup/model) instead
@@ -162,8 +165,10 @@ class ScoreConfig:
         for key in ("proj_dim", "fisher_dim", "fisher_rank"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"score.{key} must be >= 0 (0 turns it off)")
-        if self.proj_rank < 1 or self.chunk_elements < 1 or self.batch_size < 1:
-            raise ConfigError("score.proj_rank, score.chunk_elements and score.batch_size must be >= 1")
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ConfigError(f"score.batch_size must be auto or an integer >= 1, got {self.batch_size!r}")
+        if self.proj_rank < 1 or self.chunk_elements < 1:
+            raise ConfigError("score.proj_rank and score.chunk_elements must be >= 1")
         if self.model and "://" not in self.model and not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"score.model: {self.model}: no Hugging Face model folder (config.json) there")
         if self.max_restarts < 0 or self.num_actors < 1:

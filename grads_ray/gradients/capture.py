@@ -16,6 +16,7 @@ from grads_ray.gradients import experts as moe
 from grads_ray.gradients import rules
 from grads_ray.gradients.factored import Rows
 from grads_ray.gradients.layout import Layout, index_layout
+from grads_ray.gradients.memory import out_of_memory
 from grads_ray.gradients.reduce import Held, PassState, Reducer
 from grads_ray.gradients.rules import LOOP_HINT, UnsupportedModel, Use, first_tensor
 
@@ -205,15 +206,6 @@ def replay(state: PassState, use: Use, attrs: list[str], args, kwargs, ly: Layou
             return {a: torch.where(real.reshape(-1, *([1] * (g.dim() - 1))), g, 0.0) for a, g in out.items()}
     finally:
         state.replaying = False
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` says memory ran out: a GPU's ``torch.OutOfMemoryError``, Python's
-    ``MemoryError``, or the CPU allocator's plain RuntimeError ("DefaultCPUAllocator: can't allocate
-    memory")."""
-    text = str(exc).lower()
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text \
-        or "can't allocate memory" in text
 
 
 def _replay_each(y: torch.Tensor, live: list[torch.Tensor], only: torch.Tensor) -> list[torch.Tensor]:

@@ -140,6 +140,14 @@ class Scorer:
         out.update({k: (v[:, 0] if k == "fisher_energy" else v) for k, v in feats.items()})
         return out
 
+    def score_padded(self, ids, lab, mask):
+        """A padded batch's whole work on the device, nothing kept: the engine's pass, and the
+        response-only forward when it is on (what ``score.batch_size=auto`` measures)."""
+        got = self._score(ids, lab, mask)
+        if self.response_only_loss:
+            mean_token_losses(self.model, ids, lab, mask)
+        return got
+
     def _score(self, ids, lab, mask):
         """One engine batch. A batch the batched engine cannot place (a layout its self-check did not
         meet) is scored one example at a time, and so is every batch after it (``auto``); under

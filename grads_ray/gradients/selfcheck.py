@@ -25,10 +25,10 @@ import torch
 
 from grads_ray.data.batching import pad_batch
 from grads_ray.data.formats import IGNORE_INDEX
-from grads_ray.gradients.capture import out_of_memory
 from grads_ray.gradients.engine import BatchedGradStats
 from grads_ray.gradients.features import mean_over
 from grads_ray.gradients.groups import group_of
+from grads_ray.gradients.memory import out_of_memory
 from grads_ray.gradients.rules import UnsupportedModel
 from grads_ray.gradients.stats import LoopGradStats, forward_hidden, response_loss
 

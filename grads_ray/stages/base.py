@@ -32,6 +32,11 @@ class EmptyStage(Exception):
     """A stage ended with no row and ``data.allow_empty`` is set: the job stops there, exit 0."""
 
 
+class AccountingError(RuntimeError):
+    """Rows lost or counted twice between stages: a defect of grads-ray, never of the input. The job
+    stops with one line (exit 2) that says the counts and how to recompute, not with a traceback."""
+
+
 def no_rows(ctx: StageContext, message: str) -> None:
     """A stage left with no row: an input error (exit 2: a scheduled job must not report success and
     hand on nothing) unless the user allowed it (``--allow-empty``), which stops the job cleanly."""

@@ -29,7 +29,7 @@ import pyarrow as pa
 from grads_ray import storage
 from grads_ray.data.readers import InputError, file_digest
 from grads_ray.rundir import ShardCache, StageDir, fingerprint, write_jsonl, write_parquet
-from grads_ray.stages.base import Done, Outputs, Stage, no_rows, strict_error
+from grads_ray.stages.base import AccountingError, Done, Outputs, Stage, no_rows, strict_error
 
 log = logging.getLogger("grads_ray")
 
@@ -78,17 +78,39 @@ def _numbers(ctx, model: ModelRef) -> str:
     return fingerprint("score", model.fingerprint, *_engine_numbers(ctx.cfg))
 
 
-def _unit_rows(stats, todo: dict[int, int], job) -> int:
-    """The rows of a unit for this pass (:func:`unit_layout`), said when a rerun keeps another size
-    than ``score.batch_size`` makes."""
+def _layout(stats, todo: dict[int, int], cfg, job):
+    """The job with this pass's unit size and batch size (:func:`unit_layout`): a rerun keeps its
+    written units' size (said when another batch size makes another), a fresh pass takes
+    ``score.batch_size``, measured on a GPU under ``auto`` (:func:`_measured_batch_size`)."""
+    from grads_ray.gradients.batch_size import AUTO_CPU
+    from grads_ray.gradients.scorer import ROWS_PER_BLOCK_BATCHES
     from grads_ray.stages.score_units import unit_layout
 
-    rows = unit_layout(stats, set(todo), job.unit_rows)
-    if rows != job.unit_rows:
+    setting = cfg.score.batch_size
+    layout, kept = unit_layout(stats, set(todo), setting,
+                               lambda: _measured_batch_size(cfg, job) if job.use_gpu else AUTO_CPU)
+    if kept and layout.unit_rows != ROWS_PER_BLOCK_BATCHES * layout.batch_size:
         log.info("score: units of %d rows are written already; the rest are cut the same way and scored in "
-                 "batches of %d (score.batch_size)%s", rows, min(job.batch_size, rows),
-                 "" if job.batch_size <= rows else f", at most the unit's {rows}")
-    return rows
+                 "batches of %d (score.batch_size)%s", layout.unit_rows, min(layout.batch_size, layout.unit_rows),
+                 "" if layout.batch_size <= layout.unit_rows else f", at most the unit's {layout.unit_rows}")
+    return replace(job, batch_size=layout.batch_size, unit_rows=layout.unit_rows)
+
+
+def _measured_batch_size(cfg, job) -> int:
+    """``score.batch_size=auto`` on a GPU: the largest batch whose widest rows fit, measured in one
+    task on one GPU with the scoring model (``gradients/batch_size.py``); recorded with the units."""
+    import ray
+
+    from grads_ray.gradients.batch_size import describe, measure
+    from grads_ray.stages.score_pass import ScorerFailed
+
+    task = ray.remote(num_cpus=1, num_gpus=1, max_calls=1)(measure)  # its worker exits: the GPU is the scorers' again
+    got = ray.get(task.remote(job.model_path, settings=job.settings, max_length=cfg.data.max_length,
+                              trust_remote_code=job.trust_remote_code))
+    if "error" in got:
+        raise ScorerFailed(got["error"])
+    log.info("score: %s", describe(got, cfg.data.max_length))
+    return int(got["batch_size"])
 
 
 class Score(Stage):
@@ -105,6 +127,7 @@ class Score(Stage):
         return _engine_numbers(cfg), None if warms_up(cfg) else _model_id(cfg)
 
     def run(self, ctx, out: Outputs) -> dict[str, Any]:
+        from grads_ray.gradients.batch_size import fixed_batch_size
         from grads_ray.gradients.scorer import engine_settings
         from grads_ray.progress import Progress
         from grads_ray.stages.score_pass import ScoringJob, run_scoring
@@ -121,12 +144,13 @@ class Score(Stage):
         reused = _reuse_scored(cache, keys, stats, features)
         use_gpu = res.gpu(cfg.score.use_gpu)
         job = ScoringJob(model_path=model.path, max_length=cfg.data.max_length, on_long=cfg.data.on_long,
-                         batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors, use_gpu=use_gpu,
+                         batch_size=fixed_batch_size(cfg.score.batch_size), num_actors=cfg.score.num_actors,
+                         use_gpu=use_gpu,
                          cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
                          settings=engine_settings(cfg.score, cfg.seed))
         todo = {s: n for s, n in expected.items() if not stats.is_done(s)}
         if todo:  # the units' size (a rerun's are its first pass's) and the rows the scorers check first
-            job = replace(job, unit_rows=_unit_rows(stats, todo, job),
+            job = replace(_layout(stats, todo, cfg, job),
                           check=check_examples(corpus.rows, todo, model_path=model.path,
                                                max_length=cfg.data.max_length, on_long=cfg.data.on_long,
                                                trust_remote_code=cfg.model.trust_remote_code,
@@ -151,7 +175,7 @@ class Score(Stage):
                 "nonfinite": sum(i.get("nonfinite", 0) for i in done),
                 "model": model.path, "shards_this_run": len(ran["shards"]), "shards_reused": reused,
                 "units_scored": ran["units_scored"], "units_resumed": ran["units_resumed"], "unit_rows": job.unit_rows,
-                "batch_size": job.batch_size,
+                "batch_size": job.batch_size if todo else None,  # (none scored here: none chosen)
                 "first_unit_seconds": ran["first_unit_seconds"],
                 "engine": cfg.score.engine, "engine_used": sorted({c["engine"] for c in ran.get("checks", [])}),
                 "self_check": ran.get("checks", []), "device": "gpu" if use_gpu else "cpu",
@@ -176,8 +200,14 @@ class Score(Stage):
         """Every input row scored or rejected exactly once; ``--strict``; some row scored."""
         manifest = ctx.manifest  # with this stage's report (the runner records it before the check)
         acc = manifest["accounting"]
-        if acc["scored"] + acc["rejected_ingest"] + acc["rejected_score"] != acc["input_rows"]:
-            raise RuntimeError(f"row accounting does not add up: {acc}")
+        got = acc["scored"] + acc["rejected_ingest"] + acc["rejected_score"]
+        if got != acc["input_rows"]:
+            raise AccountingError(
+                f"score: row accounting does not add up: {acc['input_rows']} input rows, but {acc['scored']} scored "
+                f"+ {acc['rejected_ingest']} rejected at ingest + {acc['rejected_score']} rejected at score = {got} "
+                f"(a row {'lost' if got < acc['input_rows'] else 'counted twice'}: a defect of grads-ray; please "
+                f"report it with the run folder's manifest.json). To score again, delete {done['stats'].path} and "
+                f"{done['features'].path}")
         if ctx.cfg.data.strict and done.info["rejected"]:
             raise strict_error(done["stats"])
         if acc["scored"] == 0:
@@ -238,6 +268,7 @@ class Target(Stage):
         import ray
 
         from grads_ray.data.tokenize import encode_files
+        from grads_ray.gradients.batch_size import fixed_batch_size
         from grads_ray.gradients.scorer import engine_settings, score_examples
 
         cfg, res = ctx.cfg, ctx.ray()
@@ -249,7 +280,7 @@ class Target(Stage):
         use_gpu = res.gpu(cfg.score.use_gpu)
         task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(score_examples)
         got = ray.get(task.remote(model.path, target.examples, settings=engine_settings(cfg.score, cfg.seed),
-                                  batch_size=cfg.score.batch_size, use_gpu=use_gpu,
+                                  batch_size=fixed_batch_size(cfg.score.batch_size), use_gpu=use_gpu,
                                   trust_remote_code=cfg.model.trust_remote_code))
         if "error" in got:
             from grads_ray.gradients.selfcheck import ModelRefused

@@ -75,7 +75,7 @@ def failure_line(exc: BaseException, *, when: str, batch_size: int | None = None
     line, and for out of memory the setting to lower."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     line = f"score: {when}: {type(exc).__name__}" + (f": {first}" if first else "")
-    from grads_ray.gradients.capture import out_of_memory
+    from grads_ray.gradients.memory import out_of_memory
 
     if out_of_memory(exc):
         line += (f"; lower score.batch_size (now {batch_size})" if batch_size else "") + \

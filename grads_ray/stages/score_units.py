@@ -1,5 +1,5 @@
 """The score stage's units of work: a shard's rows in runs of ``8 * score.batch_size`` (a rerun keeps
-the size its written units were cut in: :func:`unit_layout`), read and
+the size its written units were cut in, and under ``auto`` their batch size: :func:`unit_layout`), read and
 tokenized in CPU tasks, packed as one item each (Arrow IPC bytes), so that a scorer is handed exactly
 one unit per call whatever blocks Ray Data forms; then, scored, written as unit files under
 ``stats/.ledger/units/SSSSS/AAAAAAAAA.parquet``, and merged per shard into the public tables.
@@ -11,6 +11,8 @@ resumed run is bit-identical to an uninterrupted one (grads_ray/stages/score_pas
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ import pyarrow.compute as pc
 
 from grads_ray.columns import ROWS_SCHEMA
 from grads_ray.data.tokenize import tokenize_batch
-from grads_ray.gradients.scorer import FEATURE_COLUMNS, STAT_BASE, finite_rows
+from grads_ray.gradients.scorer import FEATURE_COLUMNS, ROWS_PER_BLOCK_BATCHES, STAT_BASE, finite_rows
 from grads_ray.rundir import StageDir, write_jsonl, write_parquet
 
 ROW_COLUMNS = ROWS_SCHEMA.names  # the ingested rows table
@@ -114,7 +116,7 @@ def written_units(units: Any) -> dict[int, set[int]]:
     return dict(got)
 
 
-LAYOUT = "layout.json"  # beside the written units: the rows of a unit they were cut in
+LAYOUT = "layout.json"  # beside the written units: the rows of a unit they were cut in, and the batch size
 
 
 def units_dir(stats: StageDir) -> Any:
@@ -122,21 +124,42 @@ def units_dir(stats: StageDir) -> Any:
     return stats.ledger / "units"
 
 
-def unit_layout(stats: StageDir, shards: Any, unit_rows: int) -> int:
-    """The rows of a unit for a pass over the unfinished ``shards``: where units of them are written
-    already, the size they were cut in (``units/layout.json``, recorded when the first pass began),
-    whatever ``score.batch_size`` is now, so a rerun with another batch size (as an out-of-memory
-    error advises) neither scores a row twice nor skips one; else ``unit_rows``, recorded now."""
+@dataclass(frozen=True)
+class Layout:
+    """How a pass cuts rows: units of ``unit_rows`` rows, scored in batches of ``batch_size``."""
+
+    unit_rows: int
+    batch_size: int
+
+
+def unit_layout(stats: StageDir, shards: Any, setting: int | str, first: Callable[[], int]) -> tuple[Layout, bool]:
+    """The layout of a pass over the unfinished ``shards`` -> (layout, whether it is the one written units
+    were cut in).
+
+    Where units of them are written already, their unit size (``units/layout.json``, recorded when the
+    first pass began), whatever ``score.batch_size`` is now, so a rerun with another batch size (as an
+    out-of-memory error advises) neither scores a row twice nor skips one; the batch size is the
+    setting, or under ``auto`` the recorded one (units from before 2026-12: an eighth of the unit).
+    Else a fresh layout, recorded now: the setting, or ``first()`` for ``auto`` (measured on a GPU)."""
     from grads_ray import storage
+    from grads_ray.config import ConfigError
     from grads_ray.rundir import read_json, write_json
 
     root = storage.location(units_dir(stats))
     path = root / LAYOUT
     if any(s in shards for s in written_units(root)):
-        return int(read_json(path)["unit_rows"]) if path.exists() else unit_rows  # (none: written before 2026-12)
+        got = read_json(path) if path.exists() else {}  # (none: written before 2026-12)
+        rows = int(got.get("unit_rows", ROWS_PER_BLOCK_BATCHES * (setting if isinstance(setting, int) else 0)))
+        if not rows:
+            raise ConfigError(f"{root}: units written without {LAYOUT} (before 2026-12): set score.batch_size to "
+                              "the integer they were written with")
+        batch = setting if isinstance(setting, int) else int(got.get("batch_size", rows // ROWS_PER_BLOCK_BATCHES))
+        return Layout(rows, batch), True
+    batch = setting if isinstance(setting, int) else first()
+    layout = Layout(ROWS_PER_BLOCK_BATCHES * batch, batch)
     storage.makedirs(root)
-    write_json(path, {"unit_rows": unit_rows})
-    return unit_rows
+    write_json(path, {"unit_rows": layout.unit_rows, "batch_size": layout.batch_size})
+    return layout, False
 
 
 def units_of(expected: dict[int, int], unit_rows: int) -> dict[int, list[int]]:

@@ -1,0 +1,44 @@
+"""A device's memory as the scorer sees it: out-of-memory errors recognised (whichever allocator
+raised them), and, on CUDA, a step's peak and the budget a process can reach."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: a GPU's ``torch.OutOfMemoryError``, Python's
+    ``MemoryError``, or the CPU allocator's plain RuntimeError ("DefaultCPUAllocator: can't allocate
+    memory")."""
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text \
+        or "can't allocate memory" in text
+
+
+def cuda_peak(step: Callable[[], Any], device: Any) -> int | None:
+    """Peak bytes allocated on ``device`` while ``step()`` runs (the weights included), or None when
+    it ran out of memory (the cache is emptied so the next, smaller probe starts clean)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step()
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - only out of memory is an answer; the rest is raised
+        if not out_of_memory(exc):
+            raise
+        del exc
+        torch.cuda.empty_cache()
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def memory_budget(device: Any, fraction: float) -> int:
+    """``fraction`` of what this process can reach on ``device``: what it holds plus what is free."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(fraction * (free + torch.cuda.memory_reserved(device)))
