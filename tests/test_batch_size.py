@@ -146,3 +146,30 @@ def test_units_from_before_the_record(tmp_path):
     (units_dir(stats) / LAYOUT).write_text(json.dumps({"unit_rows": 96}))  # recorded before batch sizes were
     assert unit_layout(stats, {0}, "auto", lambda: 1 / 0)[0].batch_size == 12
 
+
+
+def test_the_score_stage_takes_the_measured_size_on_a_gpu_and_the_setting_elsewhere(tmp_path, monkeypatch):
+    """The stage's glue (:func:`grads_ray.stages.score._layout`): under auto a GPU job's batch size is the
+    measured one and its units are 8 of those batches, recorded; a CPU job's is 16; an integer wins."""
+    from types import SimpleNamespace
+
+    from grads_ray.stages import score
+    from grads_ray.stages.score_pass import ScoringJob
+
+    monkeypatch.setattr(score, "_measured_batch_size", lambda cfg, job: 64)
+    cfg = load_config(None, [])
+    for use_gpu, setting, want in ((True, "auto", 64), (False, "auto", 16), (True, 4, 4)):
+        stats = StageDir(tmp_path / f"{use_gpu}-{setting}", "stats")
+        job = ScoringJob(model_path="m", max_length=64, on_long="truncate", batch_size=16, use_gpu=use_gpu)
+        got = score._layout(stats, {0: 100}, SimpleNamespace(score=SimpleNamespace(batch_size=setting),
+                                                            data=cfg.data), job)
+        assert (got.batch_size, got.unit_rows) == (want, 8 * want)
+        assert json.loads((units_dir(stats) / LAYOUT).read_text()) == {"unit_rows": 8 * want, "batch_size": want}
+
+
+def test_measuring_without_a_gpu_is_an_answer_not_a_crash(tmp_path):
+    from grads_ray.gradients.batch_size import measure
+
+    save_tiny_model("llama", tmp_path / "m")
+    got = measure(str(tmp_path / "m"), settings={"proj_dim": 0}, max_length=16)
+    assert got == {"error": "score.batch_size=auto: the task meant to measure the GPU's memory found no GPU"}

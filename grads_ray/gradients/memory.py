@@ -24,18 +24,17 @@ def cuda_peak(step: Callable[[], Any], device: Any) -> int | None:
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    ran_out = False
     try:
         step()
         torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - only out of memory is an answer; the rest is raised
         if not out_of_memory(exc):
             raise
-        del exc
-        torch.cuda.empty_cache()
-        return None
+        ran_out = True
     peak = torch.cuda.max_memory_allocated(device)
-    torch.cuda.empty_cache()
-    return int(peak)
+    torch.cuda.empty_cache()  # here, not in ``except``: the failed step's tensors go with its traceback
+    return None if ran_out else int(peak)
 
 
 def memory_budget(device: Any, fraction: float) -> int:
