@@ -22,7 +22,9 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
 On CUDA a MoE section follows (``--moe-model``, moe-small by default): the experts' grouped-matmul path
 against the padded stacks and a plain step at B = 16, T = 512, and the self-check on the GPU. Then
 ``score.batch_size=auto`` (``--no-auto-batch`` skips it): the size the score stage would pick for
-``--model`` at T = 512 on this GPU, its peak, and the scorer's rate there against B = 16.
+``--model`` at T = 512 on this GPU, its peak, and the scorer's rate there against B = 16. Before the
+MoE section, a profile of one engine pass and one plain step at B = 16, T = 512 (``--no-profile``
+skips it): kernel launches, host waits, how busy the GPU is, the kernels that take the time.
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -283,6 +285,55 @@ def child_memory(args) -> None:
     print(json.dumps({"peak_extra": peak - base}))
 
 
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def device_profile(model, data, args, device: str, top: int = 12) -> dict:
+    """What the device does in one engine pass and one plain step (CUDA; one warm-up each first), from
+    torch's profiler: kernels launched, host waits (synchronize calls and blocking copies), the
+    kernels' summed time against the pass's wall time (a launch-bound pass keeps the GPU idle between
+    small kernels: busy well under 1), and the kernels that take the most time. On a CPU the counts
+    are 0 (only the wall times mean something): the code path is testable here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from grads_ray.gradients.engine import BatchedGradStats
+
+    engine = BatchedGradStats(model, **engine_kwargs(args))
+    runs = {"engine": lambda: engine(*data), "plain": lambda: plain_step(model, *data)}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    out: dict = {}
+    for which, fn in runs.items():
+        fn()
+        sync(device)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            wall = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        stats = prof.key_averages()
+        count = {e.key: e.count for e in stats}
+        kernels = [e for e in stats if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in kernels)
+        out[which] = {"launches": sum(count.get(k, 0) for k in LAUNCHES),
+                      "syncs": sum(count.get(k, 0) for k in SYNCS), "wall_ms": wall * 1e3,
+                      "kernel_ms": busy_us / 1e3, "busy": busy_us / 1e6 / wall,
+                      "top": sorted(((getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3,
+                                      e.count, e.key[:70]) for e in kernels), reverse=True)[:top]}
+    for which, got in out.items():
+        print(f"# profile {which}: {got['launches']} kernel launches, {got['syncs']} host waits, kernels "
+              f"{got['kernel_ms']:.1f} ms of {got['wall_ms']:.1f} ms wall (busy {got['busy']:.0%})", flush=True)
+        for ms, n, name in got["top"]:
+            print(f"#   {ms:9.2f} ms {n:6d}x  {name}")
+    e, p = out["engine"], out["plain"]
+    return {"profile_launches_engine": e["launches"], "profile_launches_plain": p["launches"],
+            "profile_launches_ratio": round(e["launches"] / max(p["launches"], 1), 2),
+            "profile_host_waits_engine": e["syncs"], "profile_host_waits_plain": p["syncs"],
+            "profile_busy_engine": round(e["busy"], 3), "profile_busy_plain": round(p["busy"], 3),
+            "profile_kernel_ms_engine": round(e["kernel_ms"], 1), "profile_kernel_ms_plain": round(p["kernel_ms"], 1)}
+
+
 def auto_batch_report(args, length: int) -> dict:
     """``score.batch_size=auto`` on this GPU (CUDA only): ``--model`` saved to a folder and loaded
     by the job's scorer, the batch size measured as the score stage measures it (``gradients/
@@ -373,6 +424,17 @@ def only(args, device: str) -> None:
     sync(device)
 
 
+def section(summary: dict, key: str, run) -> None:
+    """One of the sections after the main table: the figures so far printed first (so a time limit
+    cannot take them), then ``run()``'s keys added to ``summary``, or ``<key>_error`` saying what broke."""
+    print(json.dumps(summary), flush=True)
+    try:
+        summary.update(run())
+    except Exception as exc:  # noqa: BLE001 - the main figures stand; say what broke
+        summary[f"{key}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        print(f"# {key} section failed: {summary[f'{key}_error']}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few CPU minutes: small model, short grid")
@@ -399,6 +461,9 @@ def main() -> None:
                     help="a MoE model timed through both experts paths (default on CUDA: moe-small)")
     ap.add_argument("--moe-at", default="16,512", help="B,T of the MoE section")
     ap.add_argument("--dispatch-only", action="store_true", help="print the dispatch count and stop")
+    ap.add_argument("--no-profile", action="store_true", help="skip the CUDA profile of one engine pass and one plain step")
+    ap.add_argument("--profile", action="store_true", help="run the profile section on a CPU too (its code path)")
+    ap.add_argument("--profile-at", default="16,512", help="B,T of the profile section")
     ap.add_argument("--no-auto-batch", action="store_true",
                     help="skip the CUDA section on score.batch_size=auto (its size, peak and rate)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -497,24 +562,18 @@ def main() -> None:
     summary["best_fraction_of_matmul"] = round(best["fraction_of_matmul"], 3)
     if mem:
         summary["peak_mem_vs_plain"] = round(mem["ratio"], 2)
+    if (device == "cuda" and not args.no_profile) or args.profile:
+        pb, pt = (int(x) for x in args.profile_at.split(","))
+        section(summary, "profile", lambda: device_profile(
+            model, make_batch(pb, pt, model.config.vocab_size, 1, device), args, device))
     moe_model = args.moe_model or ("moe-small" if device == "cuda" else None)
     if moe_model:
         args.moe_model = moe_model
-        print(json.dumps(summary), flush=True)  # the main figures kept should a time limit cut the section below
-        try:
-            summary.update(moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
-        except Exception as exc:  # noqa: BLE001 - the main figures stand; say what broke
-            summary["moe_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            print(f"# MoE section failed: {summary['moe_error']}")
+        section(summary, "moe", lambda: moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
     if device == "cuda" and not args.no_auto_batch:
-        print(json.dumps(summary), flush=True)
-        del engine, loop, model
+        del engine, loop, model  # the scorer loads its own copy
         torch.cuda.empty_cache()
-        try:
-            summary.update(auto_batch_report(args, head_t))
-        except Exception as exc:  # noqa: BLE001 - the main figures stand; say what broke
-            summary["auto_batch_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            print(f"# auto batch section failed: {summary['auto_batch_error']}")
+        section(summary, "auto_batch", lambda: auto_batch_report(args, head_t))
     if not args.no_dispatch and device == "cpu":  # on a GPU the same count runs with --dispatch-only --device cpu
         summary.update(dispatch_summary(dispatch_report(args, "cpu")))
     print(json.dumps(summary))
