@@ -354,7 +354,7 @@ def auto_batch_report(args, length: int) -> dict:
         took = time.perf_counter() - t0
         if "error" in found:
             return {"auto_batch_error": found["error"][:300]}
-        print(f"# {describe(found, length)}; measured in {took:.1f} s (model load and self-check included)", flush=True)
+        print(f"# {describe(found)}; measured in {took:.1f} s (model load and self-check included)", flush=True)
         from grads_ray.gradients.scorer import Scorer
 
         scorer = Scorer(folder, use_gpu=True, settings=settings, batch_size=found["batch_size"])

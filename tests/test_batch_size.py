@@ -60,10 +60,10 @@ def test_not_even_one_row_fitting_is_an_error(oom):
 
 def test_the_log_line_says_why_not_the_next_size():
     gib = 2**30
-    found = {"batch_size": 32, "budget": 70 * gib, "cap": 128, "device": "H200",
+    found = {"batch_size": 32, "budget": 70 * gib, "cap": 128, "device": "H200", "length": 512,
              "trace": [{"rows": 16, "peak": 30 * gib}, {"rows": 32, "peak": 50 * gib}, {"rows": 64, "peak": None}]}
-    line = describe(found, 512)
-    assert "batch size 32" in line and "50.0 GiB of a 70.0 GiB budget" in line and "64 ran out of memory" in line
+    line = describe(found)
+    assert "batch size 32" in line and "32 rows x 512 tokens" in line and "50.0 GiB of a 70.0 GiB budget" in line and "64 ran out of memory" in line
 
 
 def test_worst_rows_are_max_length_and_all_response():
@@ -173,3 +173,57 @@ def test_measuring_without_a_gpu_is_an_answer_not_a_crash(tmp_path):
     save_tiny_model("llama", tmp_path / "m")
     got = measure(str(tmp_path / "m"), settings={"proj_dim": 0}, max_length=16)
     assert got == {"error": "score.batch_size=auto: the task meant to measure the GPU's memory found no GPU"}
+
+
+def test_the_probe_stays_within_the_models_positions():
+    from transformers import GPT2Config, LlamaConfig
+
+    from grads_ray.gradients.batch_size import probe_length
+
+    assert probe_length(GPT2Config(n_positions=64), 512) == 64  # learned positions: no longer row can be scored
+    assert probe_length(LlamaConfig(max_position_embeddings=4096), 512) == 512
+    assert probe_length(object(), 300) == 300
+
+
+@pytest.mark.parametrize("fails_with", ["oom", "load", "too_large"])
+def test_a_failed_measure_stops_the_run_with_one_line(monkeypatch, fails_with):
+    """What goes wrong in the measuring task reaches the user as the scorer's own failures do: one
+    line naming what was being done (exit 2 in the CLI), never the task's traceback."""
+    import ray
+
+    from grads_ray.stages import score
+    from grads_ray.stages.score_pass import ScorerFailed, ScoringJob
+
+    causes = {"oom": torch_oom(), "load": OSError("model.safetensors: no such file")}
+
+    class Task:
+        def remote(self, *a, **k):
+            return "ref"
+
+    def get(ref):
+        if fails_with == "too_large":
+            return {"error": "score: one row of 512 tokens (data.max_length=512) does not fit on the GPU (...)"}
+        raise ray.exceptions.RayTaskError("measure", "Traceback (most recent call last): ...", causes[fails_with])
+
+    monkeypatch.setattr(ray, "remote", lambda **k: lambda fn: Task())
+    monkeypatch.setattr(ray, "get", get)
+    job = ScoringJob(model_path="/models/m", max_length=512, on_long="truncate", batch_size=16, use_gpu=True)
+    cfg = load_config(None, ["data.max_length=512"])
+    with pytest.raises(ScorerFailed) as err:
+        score._measured_batch_size(cfg, job)
+    line = str(err.value)
+    assert "\n" not in line and "Traceback" not in line
+    if fails_with == "too_large":
+        assert line.startswith("score: one row of 512 tokens")
+    else:
+        assert line.startswith("score: measuring the batch size (score.batch_size=auto) on /models/m: ")
+        assert line.endswith("or set score.batch_size to an integer")
+        assert ("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB; lower score.chunk_elements, or "
+                "give the scorer more memory; or set" in line) == (fails_with == "oom")
+        assert ("OSError: model.safetensors: no such file" in line) == (fails_with == "load")
+
+
+def torch_oom():
+    import torch
+
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

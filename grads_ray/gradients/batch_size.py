@@ -4,7 +4,8 @@ The engine on a GPU is bound by launching work more than by arithmetic (on an H1
 shapes, T = 512: 360, 264 and 347 ms a batch at B = 1, 4, 16; docs/benchmarks.md, "The first GPU
 run"), so 16 rows leave it mostly idle, while a 7B model at 2,048 tokens may not fit 16. So on a GPU the batch size is
 measured, once per run, on the scoring model itself: the largest power of two up to ``AUTO_CAP``
-whose worst batch (every row ``data.max_length`` tokens, every token a response token) peaks below
+whose worst batch (every row ``data.max_length`` tokens, or the model's position limit where that
+is smaller, every token a response token) peaks below
 ``MEMORY_FRACTION`` of the memory the process can reach. Real batches are never wider (rows are at
 most ``max_length``; batches are length-sorted), and the fraction leaves room for what a probe
 does not see (allocator fragmentation, a mixture of experts routing real text more unevenly than
@@ -87,7 +88,7 @@ def probe(scorer: Any, max_length: int, cap: int = AUTO_CAP, fraction: float = M
     ``max_length``: :func:`largest_batch` over its whole per-batch work (the engine, and the
     response-only forward when it is on), each size's peak from ``peak(step, device)``, against
     ``budget`` bytes (default: ``fraction`` of the GPU's reach). The tests pass both to run it on a
-    CPU. -> ``{"batch_size", "budget", "cap", "trace", "device"}``."""
+    CPU. -> ``{"batch_size", "budget", "cap", "trace", "device", "length"}``."""
     import torch
 
     from grads_ray.data.batching import pad_batch
@@ -101,27 +102,40 @@ def probe(scorer: Any, max_length: int, cap: int = AUTO_CAP, fraction: float = M
     budget = memory_budget(scorer.device, fraction) if budget is None else budget
     best, trace = largest_batch(peak_at, budget, cap)
     device = torch.cuda.get_device_name(scorer.device) if scorer.device.type == "cuda" else "cpu"
-    return {"batch_size": best, "budget": budget, "cap": cap, "trace": trace, "device": device}
+    return {"batch_size": best, "budget": budget, "cap": cap, "trace": trace, "device": device, "length": max_length}
+
+
+def probe_length(config: Any, max_length: int) -> int:
+    """The rows' length to probe at: ``data.max_length``, or the model's position limit where that is
+    smaller (no row longer can be scored: a model with learned positions fails on one, and a corpus
+    whose rows are all shorter must not fail for the probe's sake)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and limit > 0:
+            return min(max_length, limit)
+    return max_length
 
 
 def measure(model_path: str, *, settings: dict[str, Any], max_length: int, trust_remote_code: bool = False,
             cap: int = AUTO_CAP) -> dict[str, Any]:
-    """:func:`probe` on a scorer of ``model_path`` built on this process's GPU (a Ray task's body:
-    the score stage runs it once before its pass). -> :func:`probe`'s answer, or ``{"error"}`` when
-    not even one row fits (the driver stops with it: a task's exception would carry its traceback)."""
+    """:func:`probe` on a scorer of ``model_path`` built on this process's GPU, at
+    :func:`probe_length` (a Ray task's body: the score stage runs it once before its pass).
+    -> :func:`probe`'s answer with ``length``, or ``{"error"}`` when not even one row fits (the
+    driver stops with it: a task's exception would carry its traceback)."""
     from grads_ray.gradients.scorer import Scorer
 
     scorer = Scorer(model_path, use_gpu=True, trust_remote_code=trust_remote_code, settings=settings, batch_size=1)
     if scorer.device.type != "cuda":
         return {"error": "score.batch_size=auto: the task meant to measure the GPU's memory found no GPU"}
+    length = probe_length(scorer.model.config, max_length)
     try:
-        return probe(scorer, max_length, cap)
+        return {**probe(scorer, length, cap), "length": length}
     except BatchTooLarge as exc:
-        return {"error": f"score: one row of data.max_length={max_length} tokens does not fit on the GPU ({exc}); "
-                         "lower data.max_length, or score on a GPU with more memory"}
+        return {"error": f"score: one row of {length} tokens (data.max_length={max_length}) does not fit on the "
+                         f"GPU ({exc}); lower data.max_length, or score on a GPU with more memory"}
 
 
-def describe(found: dict[str, Any], max_length: int) -> str:
+def describe(found: dict[str, Any]) -> str:
     """One line for the log: the size chosen, its peak, and why not the next."""
     gib = 2**30
     trace, b = found["trace"], found["batch_size"]
@@ -130,5 +144,5 @@ def describe(found: dict[str, Any], max_length: int) -> str:
     why = (f"; {after[0]['rows']} " + ("ran out of memory" if after[0]["peak"] is None
                                         else f"peaked at {after[0]['peak'] / gib:.1f} GiB") if after
            else "; larger not tried" if b >= found["cap"] else "; the next size would not fit by extrapolation")
-    return (f"batch size {b} (score.batch_size=auto on {found['device']}: {b} rows x {max_length} tokens "
+    return (f"batch size {b} (score.batch_size=auto on {found['device']}: {b} rows x {found['length']} tokens "
             f"peaked at {fit['peak'] / gib:.1f} GiB of a {found['budget'] / gib:.1f} GiB budget{why})")

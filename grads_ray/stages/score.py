@@ -98,18 +98,27 @@ def _layout(stats, todo: dict[int, int], cfg, job):
 
 def _measured_batch_size(cfg, job) -> int:
     """``score.batch_size=auto`` on a GPU: the largest batch whose widest rows fit, measured in one
-    task on one GPU with the scoring model (``gradients/batch_size.py``); recorded with the units."""
+    task on one GPU with the scoring model (``gradients/batch_size.py``); recorded with the units.
+    Whatever fails there stops the run with one line, as a scorer's failure does."""
     import ray
 
     from grads_ray.gradients.batch_size import describe, measure
-    from grads_ray.stages.score_pass import ScorerFailed
+    from grads_ray.stages.score_pass import TRANSIENT, ScorerFailed, failure_line
 
     task = ray.remote(num_cpus=1, num_gpus=1, max_calls=1)(measure)  # its worker exits: the GPU is the scorers' again
-    got = ray.get(task.remote(job.model_path, settings=job.settings, max_length=cfg.data.max_length,
-                              trust_remote_code=job.trust_remote_code))
+    try:
+        got = ray.get(task.remote(job.model_path, settings=job.settings, max_length=cfg.data.max_length,
+                                  trust_remote_code=job.trust_remote_code))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+        if isinstance(cause, TRANSIENT):
+            raise
+        raise ScorerFailed(failure_line(cause, when=f"measuring the batch size (score.batch_size=auto) on "
+                                                    f"{job.model_path}") + "; or set score.batch_size to an integer"
+                           ) from None
     if "error" in got:
         raise ScorerFailed(got["error"])
-    log.info("score: %s", describe(got, cfg.data.max_length))
+    log.info("score: %s", describe(got))
     return int(got["batch_size"])
 
 

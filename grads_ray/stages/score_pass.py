@@ -78,8 +78,8 @@ def failure_line(exc: BaseException, *, when: str, batch_size: int | None = None
     from grads_ray.gradients.memory import out_of_memory
 
     if out_of_memory(exc):
-        line += (f"; lower score.batch_size (now {batch_size})" if batch_size else "") + \
-            " or score.chunk_elements, or give the scorer more memory"
+        line += (f"; lower score.batch_size (now {batch_size}) or" if batch_size else "; lower") + \
+            " score.chunk_elements, or give the scorer more memory"
     return line
 
 
