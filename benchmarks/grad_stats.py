@@ -316,19 +316,23 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
         count = {e.key: e.count for e in stats}
         kernels = [e for e in stats if str(getattr(e, "device_type", "")).endswith("CUDA")]
         busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in kernels)
-        out[which] = {"launches": sum(count.get(k, 0) for k in LAUNCHES),
+        if device == "cuda" and not kernels:
+            print("# profile: no kernel events on CUDA (is CUPTI missing?): the counts below are not the GPU's")
+        out[which] = {"launches": sum(count.get(k, 0) for k in LAUNCHES), "kernels": sum(e.count for e in kernels),
                       "syncs": sum(count.get(k, 0) for k in SYNCS), "wall_ms": wall * 1e3,
                       "kernel_ms": busy_us / 1e3, "busy": busy_us / 1e6 / wall,
                       "top": sorted(((getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3,
                                       e.count, e.key[:70]) for e in kernels), reverse=True)[:top]}
     for which, got in out.items():
-        print(f"# profile {which}: {got['launches']} kernel launches, {got['syncs']} host waits, kernels "
+        print(f"# profile {which}: {got['launches']} launches, {got['kernels']} kernels (copies and fills "
+              f"included), {got['syncs']} host waits, kernels "
               f"{got['kernel_ms']:.1f} ms of {got['wall_ms']:.1f} ms wall (busy {got['busy']:.0%})", flush=True)
         for ms, n, name in got["top"]:
             print(f"#   {ms:9.2f} ms {n:6d}x  {name}")
     e, p = out["engine"], out["plain"]
     return {"profile_launches_engine": e["launches"], "profile_launches_plain": p["launches"],
             "profile_launches_ratio": round(e["launches"] / max(p["launches"], 1), 2),
+            "profile_kernels_engine": e["kernels"], "profile_kernels_plain": p["kernels"],
             "profile_host_waits_engine": e["syncs"], "profile_host_waits_plain": p["syncs"],
             "profile_busy_engine": round(e["busy"], 3), "profile_busy_plain": round(p["busy"], 3),
             "profile_kernel_ms_engine": round(e["kernel_ms"], 1), "profile_kernel_ms_plain": round(p["kernel_ms"], 1)}
@@ -339,6 +343,7 @@ def auto_batch_report(args, length: int) -> dict:
     by the job's scorer, the batch size measured as the score stage measures it (``gradients/
     batch_size.py``, rows of ``length`` tokens), then the scorer's rate at that size and at 16 on
     the same widest rows (examples/s, engine only)."""
+    import gc
     import shutil
     import tempfile
 
@@ -355,21 +360,24 @@ def auto_batch_report(args, length: int) -> dict:
         if "error" in found:
             return {"auto_batch_error": found["error"][:300]}
         print(f"# {describe(found)}; measured in {took:.1f} s (model load and self-check included)", flush=True)
+        out = {"auto_batch": found["batch_size"], "auto_batch_seconds": round(took, 1)}
+        if "reason" in found:  # not measured (the loop)
+            return {**out, "auto_batch_reason": found["reason"][:300]}
+        fit = next(t for t in found["trace"] if t["rows"] == found["batch_size"])
+        out.update(auto_batch_peak_gib=round(fit["peak"] / 2**30, 2), auto_batch_budget_gib=round(found["budget"] / 2**30, 2))
+        gc.collect()  # the measuring scorer's model, before a second one loads
+        torch.cuda.empty_cache()
         from grads_ray.gradients.scorer import Scorer
 
         scorer = Scorer(folder, use_gpu=True, settings=settings, batch_size=found["batch_size"])
         vocab = scorer.model.get_input_embeddings().num_embeddings
-        rates = {}
-        for b in sorted({16, found["batch_size"]}):
-            data = tuple(t.to(scorer.device) for t in pad_batch(*worst_rows(vocab, b, length), scorer.pad_id))
-            rates[b] = b / timed(lambda d=data: scorer.score_padded(*d), scorer.device.type, 3)
-        fit = next(t for t in found["trace"] if t["rows"] == found["batch_size"])
-        out = {"auto_batch": found["batch_size"], "auto_batch_peak_gib": round(fit["peak"] / 2**30, 2),
-               "auto_batch_budget_gib": round(found["budget"] / 2**30, 2), "auto_batch_seconds": round(took, 1),
-               "auto_batch_examples_per_s": round(rates[found["batch_size"]], 2),
-               "b16_full_rows_examples_per_s": round(rates[16], 2)}
-        print(f"# scorer at B={found['batch_size']}: {out['auto_batch_examples_per_s']} ex/s; at B=16: "
-              f"{out['b16_full_rows_examples_per_s']} ex/s (rows of {length} tokens)", flush=True)
+        for b, key in ((found["batch_size"], "auto_batch_examples_per_s"), (16, "b16_full_rows_examples_per_s")):
+            data = tuple(t.to(scorer.device) for t in pad_batch(*worst_rows(vocab, b, found["length"]), scorer.pad_id))
+            try:
+                out[key] = round(b / timed(lambda d=data: scorer.score_padded(*d), scorer.device.type, 3), 2)
+            except torch.OutOfMemoryError:  # 16 over what auto found fits: that is the answer
+                out[key] = None
+            print(f"# scorer at B={b}: {out[key]} ex/s (rows of {found['length']} tokens)", flush=True)
         return out
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -13,7 +13,7 @@ from conftest import save_tiny_model
 from grads_ray.config import ConfigError, load_config
 from grads_ray.gradients.batch_size import BatchTooLarge, describe, largest_batch, probe, worst_rows
 from grads_ray.rundir import StageDir
-from grads_ray.stages.score_units import LAYOUT, unit_layout, units_dir
+from grads_ray.stages.score_units import LAYOUT, Layout, unit_layout, units_dir
 
 
 def linear(base: int, per_row: int, oom_from: int | None = None):
@@ -29,8 +29,15 @@ def linear(base: int, per_row: int, oom_from: int | None = None):
 def test_the_largest_power_of_two_under_the_budget_is_chosen():
     peak_at, ran = linear(1000, 100)
     best, trace = largest_batch(peak_at, budget=1000 + 100 * 40, cap=128)
-    assert best == 32 and ran == [1, 2, 4, 8, 16, 32]  # 64 is over by extrapolation: not run
+    assert best == 32 and ran == [1, 2, 4, 8, 16, 32, 64]  # 64 over: the search ends there
     assert [t["peak"] for t in trace] == [1000 + 100 * b for b in ran]
+
+
+def test_a_peak_that_grows_slower_than_linearly_is_still_found():
+    """Held factors flushed at a fixed size make peaks grow slower past some B: every size is run,
+    none skipped by a guess."""
+    peaks = {1: 10, 2: 20, 4: 30, 8: 40, 16: 90}
+    assert largest_batch(lambda b: peaks[b], budget=45, cap=64)[0] == 8
 
 
 def test_a_size_that_runs_out_of_memory_ends_the_search():
@@ -94,10 +101,10 @@ def test_the_probe_measures_the_scorers_whole_batch(tmp_path, response_only):
         return 100 * len(got.columns["loss"])
 
     found = probe(scorer, max_length=11, cap=64, peak=peak, budget=850)
-    assert found["batch_size"] == 8 and [t["rows"] for t in found["trace"]] == [1, 2, 4, 8]
+    assert found["batch_size"] == 8 and [t["rows"] for t in found["trace"]] == [1, 2, 4, 8, 16]
     for rows, n_tokens, calls in seen:
         assert n_tokens == {(11.0, 10.0)}  # 11 tokens, all but the first a response token
-        assert all(c == (rows, 11) for c in calls) and len(calls) >= (2 if response_only else 1)
+        assert calls == [(rows, 11)] * (2 if response_only else 1)  # the engine's pass (+ the response-only one)
 
 
 @pytest.mark.parametrize("value,want", [("auto", "auto"), ("8", 8), ("1", 1)])
@@ -128,24 +135,28 @@ def test_a_fresh_pass_records_its_layout_and_a_rerun_keeps_it(tmp_path):
     never = lambda: pytest.fail("a rerun measured again")  # noqa: E731
     layout, kept = unit_layout(stats, {1}, "auto", never)  # auto: the first pass's batches, not a new measure
     assert (layout.unit_rows, layout.batch_size, kept) == (512, 64, True)
+    layout, kept = unit_layout(stats, {0}, "auto", never)  # no unit of these shards yet: the same batches still
+    assert (layout.unit_rows, layout.batch_size, kept) == (512, 64, False)
     layout, kept = unit_layout(stats, {1}, 16, never)  # lowered by hand (out of memory): the units stay
     assert (layout.unit_rows, layout.batch_size, kept) == (512, 16, True)
-    layout, kept = unit_layout(stats, {0}, 16, never)  # no unit of these shards: a fresh layout
-    assert (layout.unit_rows, layout.batch_size, kept) == (128, 16, False)
+    layout, kept = unit_layout(stats, {1}, "auto", never)  # and a later auto rerun keeps the lowered size
+    assert (layout.unit_rows, layout.batch_size, kept) == (512, 16, True)
+    layout, kept = unit_layout(stats, {0}, 8, never)  # no unit of these shards: units of 8 batches of 8
+    assert (layout.unit_rows, layout.batch_size, kept) == (64, 8, False)
+    assert json.loads((units_dir(stats) / LAYOUT).read_text()) == {"unit_rows": 64, "batch_size": 8}
 
 
 def test_units_from_before_the_record(tmp_path):
-    """Units written before 2026-12 have no layout.json: an integer setting is taken as theirs; auto
-    cannot know it and says what to do."""
+    """Units written before 2026-12 have no layout.json: auto cannot know their size and says what to
+    do; an integer setting is taken as theirs (8 batches a unit, as then)."""
     stats = StageDir(tmp_path, "stats")
     _write_unit(stats, 0, 0)
-    layout, kept = unit_layout(stats, {0}, 4, lambda: 1 / 0)
-    assert (layout.unit_rows, layout.batch_size, kept) == (32, 4, True)
     with pytest.raises(ConfigError, match="set score.batch_size to the integer they were written with"):
         unit_layout(stats, {0}, "auto", lambda: 1 / 0)
+    layout, kept = unit_layout(stats, {0}, 4, lambda: 1 / 0)
+    assert (layout.unit_rows, layout.batch_size, kept) == (32, 4, True)
     (units_dir(stats) / LAYOUT).write_text(json.dumps({"unit_rows": 96}))  # recorded before batch sizes were
-    assert unit_layout(stats, {0}, "auto", lambda: 1 / 0)[0].batch_size == 12
-
+    assert unit_layout(stats, {0}, "auto", lambda: 1 / 0)[0] == Layout(96, 12)
 
 
 def test_the_score_stage_takes_the_measured_size_on_a_gpu_and_the_setting_elsewhere(tmp_path, monkeypatch):
@@ -175,14 +186,22 @@ def test_measuring_without_a_gpu_is_an_answer_not_a_crash(tmp_path):
     assert got == {"error": "score.batch_size=auto: the task meant to measure the GPU's memory found no GPU"}
 
 
-def test_the_probe_stays_within_the_models_positions():
-    from transformers import GPT2Config, LlamaConfig
+@pytest.mark.parametrize("arch,limit,want", [("gpt2", 64, 64), ("opt", 64, 64), ("llama", 64, 200), ("bloom", 0, 200)])
+def test_the_probe_stays_within_learned_positions_only(arch, limit, want):
+    """Learned absolute positions (GPT-2's wpe, OPT's embed_positions) cannot take a longer row, so
+    the probe stops at their limit; rotary (Llama) and ALiBi (BLOOM) models take rows past their
+    nominal limit, so they are probed at data.max_length."""
+    from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, LlamaConfig, OPTConfig
 
     from grads_ray.gradients.batch_size import probe_length
 
-    assert probe_length(GPT2Config(n_positions=64), 512) == 64  # learned positions: no longer row can be scored
-    assert probe_length(LlamaConfig(max_position_embeddings=4096), 512) == 512
-    assert probe_length(object(), 300) == 300
+    cfg = {"gpt2": lambda: GPT2Config(n_positions=limit, n_embd=16, n_layer=1, n_head=2, vocab_size=50),
+           "opt": lambda: OPTConfig(max_position_embeddings=limit, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, ffn_dim=16, word_embed_proj_dim=16, vocab_size=50),
+           "llama": lambda: LlamaConfig(max_position_embeddings=limit, hidden_size=16, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, vocab_size=50),
+           "bloom": lambda: BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=50)}[arch]()
+    assert probe_length(AutoModelForCausalLM.from_config(cfg), 200) == want
 
 
 @pytest.mark.parametrize("fails_with", ["oom", "load", "too_large"])
@@ -227,3 +246,48 @@ def torch_oom():
     import torch
 
     return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_scorer_on_the_loop_is_not_measured(tmp_path):
+    """One example at a time, the memory hardly depends on the batch size: nothing to measure, and
+    the batched engine's size would be a guess. auto is then 16, with the reason in the log line."""
+    from grads_ray.gradients.batch_size import size_scorer
+    from grads_ray.gradients.scorer import Scorer
+
+    save_tiny_model("llama", tmp_path / "m")
+    scorer = Scorer(str(tmp_path / "m"), settings={"engine": "loop", "proj_dim": 0}, batch_size=1)
+    found = size_scorer(scorer, 32, peak=lambda step, device: pytest.fail("measured"), budget=1)
+    assert found["batch_size"] == 16 and "one example at a time" in found["reason"]
+    assert describe(found).startswith("batch size 16 (score.batch_size=auto, not measured: the scorer runs one")
+
+
+@pytest.mark.parametrize("outcome", ["fits", "oom", "other"])
+def test_cuda_peak_answers_out_of_memory_and_raises_the_rest(monkeypatch, outcome):
+    """The CUDA calls faked (no GPU here): a step's peak, None when it ran out of memory (after which
+    the cache is emptied), any other error raised."""
+    from grads_ray.gradients import memory
+
+    calls = []
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(memory.torch.cuda, name, lambda *a, n=name: calls.append(n))
+    monkeypatch.setattr(memory.torch.cuda, "max_memory_allocated", lambda *a: 123)
+
+    def step():
+        if outcome == "oom":
+            raise memory.torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        if outcome == "other":
+            raise ValueError("a bug")
+
+    if outcome == "other":
+        with pytest.raises(ValueError, match="a bug"):
+            memory.cuda_peak(step, "cuda")
+        return
+    assert memory.cuda_peak(step, "cuda") == (123 if outcome == "fits" else None)
+    assert calls[-1] == "empty_cache"
+
+
+def test_the_target_set_is_never_batched_wider_than_the_corpus_under_auto():
+    from grads_ray.stages.score import _target_batch_size
+
+    assert [_target_batch_size("auto", b) for b in (4, 16, 128, None)] == [4, 16, 16, 16]
+    assert _target_batch_size(32, 4) == 32  # an integer is the user's

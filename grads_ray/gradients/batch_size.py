@@ -4,8 +4,8 @@ The engine on a GPU is bound by launching work more than by arithmetic (on an H1
 shapes, T = 512: 360, 264 and 347 ms a batch at B = 1, 4, 16; docs/benchmarks.md, "The first GPU
 run"), so 16 rows leave it mostly idle, while a 7B model at 2,048 tokens may not fit 16. So on a GPU the batch size is
 measured, once per run, on the scoring model itself: the largest power of two up to ``AUTO_CAP``
-whose worst batch (every row ``data.max_length`` tokens, or the model's position limit where that
-is smaller, every token a response token) peaks below
+whose worst batch (every row ``data.max_length`` tokens, or a learned-positions model's limit where
+that is smaller, every token a response token) peaks below
 ``MEMORY_FRACTION`` of the memory the process can reach. Real batches are never wider (rows are at
 most ``max_length``; batches are length-sorted), and the fraction leaves room for what a probe
 does not see (allocator fragmentation, a mixture of experts routing real text more unevenly than
@@ -49,18 +49,14 @@ def largest_batch(peak_at: Callable[[int], int | None], budget: int, cap: int = 
     """The largest power of two ``B <= cap`` whose measured peak is ``<= budget`` bytes.
 
     ``peak_at(B)`` runs the worst batch of B rows and returns its peak bytes, or None when it ran out
-    of memory. B doubles from 1; a size whose peak, extrapolated linearly from the last two, would
-    exceed the budget is not run (an out-of-memory error on a GPU is slow and fragments the
-    allocator). Peaks grow with B, so the first size over the budget ends the search.
+    of memory. B doubles from 1, and every size is run: peaks need not grow linearly (held factors
+    are flushed at a fixed size), so an extrapolation could skip a size that fits. Peaks grow with
+    B, so the first size over the budget ends the search.
     -> (B, the trace: one ``{"rows", "peak"}`` per size run, ``peak`` None for out of memory).
     Raises :class:`BatchTooLarge` when even B = 1 does not fit."""
     trace: list[dict[str, Any]] = []
     best, rows = 0, 1
     while rows <= cap:
-        if len(trace) >= 2 and trace[-1]["peak"] is not None and trace[-2]["peak"] is not None:
-            (a, pa), (b, pb) = ((t["rows"], t["peak"]) for t in trace[-2:])
-            if pb + (pb - pa) / (b - a) * (rows - b) > budget:
-                break
         peak = peak_at(rows)
         trace.append({"rows": rows, "peak": peak})
         if peak is None or peak > budget:
@@ -105,44 +101,73 @@ def probe(scorer: Any, max_length: int, cap: int = AUTO_CAP, fraction: float = M
     return {"batch_size": best, "budget": budget, "cap": cap, "trace": trace, "device": device, "length": max_length}
 
 
-def probe_length(config: Any, max_length: int) -> int:
-    """The rows' length to probe at: ``data.max_length``, or the model's position limit where that is
-    smaller (no row longer can be scored: a model with learned positions fails on one, and a corpus
-    whose rows are all shorter must not fail for the probe's sake)."""
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
-        limit = getattr(config, key, None)
-        if isinstance(limit, int) and limit > 0:
-            return min(max_length, limit)
+def probe_length(model: Any, max_length: int) -> int:
+    """The rows' length to probe at: ``data.max_length``, or, for a model with learned absolute
+    positions (a ``pos`` embedding table: GPT-2's ``wpe``, OPT's ``embed_positions``), its position
+    limit where that is smaller: no longer row can be scored there, and a corpus whose rows are all
+    shorter must not fail for the probe's sake. Rotary and ALiBi models take rows past their nominal
+    limit, so they are probed at ``max_length``."""
+    import torch
+
+    learned = any(isinstance(m, torch.nn.Embedding) and (leaf == "wpe" or "pos" in leaf)
+                  for name, m in model.named_modules() for leaf in [name.rsplit(".", 1)[-1]])
+    if learned:
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            limit = getattr(model.config, key, None)
+            if isinstance(limit, int) and limit > 0:
+                return min(max_length, limit)
     return max_length
 
 
+def size_scorer(scorer: Any, max_length: int, cap: int = AUTO_CAP, **probe_kwargs: Any) -> dict[str, Any]:
+    """The batch size for a built ``scorer``: :func:`probe` at :func:`probe_length` while the scorer
+    runs the batched engine. A scorer that runs one example at a time (its self-check sent it to
+    the loop, or the model is refused) uses about the same memory at any batch size, so measuring
+    says nothing: ``AUTO_CPU``, with the reason (the scorers decide the same on the same rows; a
+    refusal stops the run there). -> ``{"batch_size", "length", ...}`` as :func:`probe`, or with
+    ``reason`` instead of a trace."""
+    length = probe_length(scorer.model, max_length)
+    if scorer.refusal or scorer.check.engine != "batched":
+        return {"batch_size": AUTO_CPU, "length": length,
+                "reason": f"the scorer runs one example at a time here ({scorer.check.reason or scorer.refusal})"}
+    found = probe(scorer, length, cap, **probe_kwargs)
+    if scorer.check.engine != "batched":  # a probe's batch the engine could not place: the loop from there
+        return {"batch_size": AUTO_CPU, "length": length,
+                "reason": f"the scorer fell back to one example at a time on the probe's rows ({scorer.check.reason})"}
+    return found
+
+
 def measure(model_path: str, *, settings: dict[str, Any], max_length: int, trust_remote_code: bool = False,
-            cap: int = AUTO_CAP) -> dict[str, Any]:
-    """:func:`probe` on a scorer of ``model_path`` built on this process's GPU, at
-    :func:`probe_length` (a Ray task's body: the score stage runs it once before its pass).
-    -> :func:`probe`'s answer with ``length``, or ``{"error"}`` when not even one row fits (the
-    driver stops with it: a task's exception would carry its traceback)."""
+            check: list[tuple[list[int], list[int]]] | None = None, cap: int = AUTO_CAP) -> dict[str, Any]:
+    """:func:`size_scorer` on a scorer of ``model_path`` built on this process's GPU, self-checked on
+    ``check`` (the rows the scorers check: the same engine decision). A Ray task's body: the score
+    stage runs it once before its pass. -> :func:`size_scorer`'s answer, or ``{"error"}`` when not
+    even one row fits (the driver stops with it: a task's exception would carry its traceback)."""
     from grads_ray.gradients.scorer import Scorer
 
-    scorer = Scorer(model_path, use_gpu=True, trust_remote_code=trust_remote_code, settings=settings, batch_size=1)
+    scorer = Scorer(model_path, use_gpu=True, trust_remote_code=trust_remote_code, settings=settings, batch_size=1,
+                    check=check)
     if scorer.device.type != "cuda":
         return {"error": "score.batch_size=auto: the task meant to measure the GPU's memory found no GPU"}
-    length = probe_length(scorer.model.config, max_length)
     try:
-        return {**probe(scorer, length, cap), "length": length}
+        return size_scorer(scorer, max_length, cap)
     except BatchTooLarge as exc:
+        length = probe_length(scorer.model, max_length)
         return {"error": f"score: one row of {length} tokens (data.max_length={max_length}) does not fit on the "
                          f"GPU ({exc}); lower data.max_length, or score on a GPU with more memory"}
 
 
 def describe(found: dict[str, Any]) -> str:
-    """One line for the log: the size chosen, its peak, and why not the next."""
+    """One line for the log: the size chosen, and its peak and why not the next (or why not measured)."""
     gib = 2**30
-    trace, b = found["trace"], found["batch_size"]
+    b = found["batch_size"]
+    if "reason" in found:
+        return f"batch size {b} (score.batch_size=auto, not measured: {found['reason']})"
+    trace = found["trace"]
     fit = next(t for t in trace if t["rows"] == b)
     after = [t for t in trace if t["rows"] > b]
     why = (f"; {after[0]['rows']} " + ("ran out of memory" if after[0]["peak"] is None
                                         else f"peaked at {after[0]['peak'] / gib:.1f} GiB") if after
-           else "; larger not tried" if b >= found["cap"] else "; the next size would not fit by extrapolation")
+           else "; larger not tried")
     return (f"batch size {b} (score.batch_size=auto on {found['device']}: {b} rows x {found['length']} tokens "
             f"peaked at {fit['peak'] / gib:.1f} GiB of a {found['budget'] / gib:.1f} GiB budget{why})")

@@ -11,11 +11,11 @@ import torch
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says memory ran out: a GPU's ``torch.OutOfMemoryError``, Python's
-    ``MemoryError``, or the CPU allocator's plain RuntimeError ("DefaultCPUAllocator: can't allocate
-    memory")."""
+    ``MemoryError``, the CPU allocator's plain RuntimeError ("DefaultCPUAllocator: can't allocate
+    memory"), or cuBLAS failing to allocate its workspace (``CUBLAS_STATUS_ALLOC_FAILED``)."""
     text = str(exc).lower()
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text \
-        or "can't allocate memory" in text
+        or "can't allocate memory" in text or "cublas_status_alloc_failed" in text
 
 
 def cuda_peak(step: Callable[[], Any], device: Any) -> int | None:

@@ -108,7 +108,7 @@ def _measured_batch_size(cfg, job) -> int:
     task = ray.remote(num_cpus=1, num_gpus=1, max_calls=1)(measure)  # its worker exits: the GPU is the scorers' again
     try:
         got = ray.get(task.remote(job.model_path, settings=job.settings, max_length=cfg.data.max_length,
-                                  trust_remote_code=job.trust_remote_code))
+                                  trust_remote_code=job.trust_remote_code, check=job.check))
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
         if isinstance(cause, TRANSIENT):
@@ -120,6 +120,16 @@ def _measured_batch_size(cfg, job) -> int:
         raise ScorerFailed(got["error"])
     log.info("score: %s", describe(got))
     return int(got["batch_size"])
+
+
+def _target_batch_size(setting: int | str, scored_with: int | None) -> int:
+    """The target set's batch size: the setting, or under ``auto`` 16 at most and no more than the
+    corpus was scored in (a measured size below 16 is what the GPU holds)."""
+    from grads_ray.gradients.batch_size import AUTO_CPU
+
+    if isinstance(setting, int):
+        return setting
+    return min(AUTO_CPU, scored_with) if scored_with else AUTO_CPU
 
 
 class Score(Stage):
@@ -158,12 +168,12 @@ class Score(Stage):
                          cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
                          settings=engine_settings(cfg.score, cfg.seed))
         todo = {s: n for s, n in expected.items() if not stats.is_done(s)}
-        if todo:  # the units' size (a rerun's are its first pass's) and the rows the scorers check first
-            job = replace(_layout(stats, todo, cfg, job),
-                          check=check_examples(corpus.rows, todo, model_path=model.path,
-                                               max_length=cfg.data.max_length, on_long=cfg.data.on_long,
-                                               trust_remote_code=cfg.model.trust_remote_code,
-                                               n=cfg.score.check_rows))
+        if todo:  # the rows the scorers check first, then the units' size (a rerun's are its first pass's)
+            job = replace(job, check=check_examples(corpus.rows, todo, model_path=model.path,
+                                                    max_length=cfg.data.max_length, on_long=cfg.data.on_long,
+                                                    trust_remote_code=cfg.model.trust_remote_code,
+                                                    n=cfg.score.check_rows))
+            job = _layout(stats, todo, cfg, job)
         bar = Progress("score", sum(expected.values()), "rows",
                        done=sum(n for i, n in expected.items() if stats.is_done(i))
                        + rows_written(stats, expected, job.unit_rows))
@@ -277,11 +287,11 @@ class Target(Stage):
         import ray
 
         from grads_ray.data.tokenize import encode_files
-        from grads_ray.gradients.batch_size import fixed_batch_size
         from grads_ray.gradients.scorer import engine_settings, score_examples
 
         cfg, res = ctx.cfg, ctx.ray()
-        paths, model = cfg.select.less.target_paths, ctx.need("score").value
+        scored = ctx.need("score")
+        paths, model = cfg.select.less.target_paths, scored.value
         target = encode_files(paths, model.path, cfg.data.max_length, "truncate",  # as held-out rows
                               cfg.model.trust_remote_code)
         if not target.examples:
@@ -289,7 +299,8 @@ class Target(Stage):
         use_gpu = res.gpu(cfg.score.use_gpu)
         task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(score_examples)
         got = ray.get(task.remote(model.path, target.examples, settings=engine_settings(cfg.score, cfg.seed),
-                                  batch_size=fixed_batch_size(cfg.score.batch_size), use_gpu=use_gpu,
+                                  batch_size=_target_batch_size(cfg.score.batch_size, scored.info.get("batch_size")),
+                                  use_gpu=use_gpu,
                                   trust_remote_code=cfg.model.trust_remote_code))
         if "error" in got:
             from grads_ray.gradients.selfcheck import ModelRefused

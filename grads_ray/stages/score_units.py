@@ -133,33 +133,39 @@ class Layout:
 
 
 def unit_layout(stats: StageDir, shards: Any, setting: int | str, first: Callable[[], int]) -> tuple[Layout, bool]:
-    """The layout of a pass over the unfinished ``shards`` -> (layout, whether it is the one written units
-    were cut in).
+    """The layout of a pass over the unfinished ``shards`` -> (layout, whether units of them are
+    written already in it).
 
-    Where units of them are written already, their unit size (``units/layout.json``, recorded when the
-    first pass began), whatever ``score.batch_size`` is now, so a rerun with another batch size (as an
-    out-of-memory error advises) neither scores a row twice nor skips one; the batch size is the
-    setting, or under ``auto`` the recorded one (units from before 2026-12: an eighth of the unit).
-    Else a fresh layout, recorded now: the setting, or ``first()`` for ``auto`` (measured on a GPU)."""
+    ``units/layout.json`` holds the units' size and the batch size of the last pass that began; it
+    lives until the stage is done. The unit size is the written units' (whatever ``score.batch_size``
+    is now, so a rerun with another batch size, as an out-of-memory error advises, neither scores a
+    row twice nor skips one), else eight batches. The batch size is the setting when it is an
+    integer (recorded, so a later ``auto`` rerun keeps the lowered size); under ``auto``, the
+    recorded one (units from before 2026-12 without it: an eighth of the unit), else ``first()``
+    (measured on a GPU), recorded: so every pass of a run cuts the same batches under ``auto``."""
     from grads_ray import storage
     from grads_ray.config import ConfigError
     from grads_ray.rundir import read_json, write_json
 
     root = storage.location(units_dir(stats))
     path = root / LAYOUT
-    if any(s in shards for s in written_units(root)):
-        got = read_json(path) if path.exists() else {}  # (none: written before 2026-12)
-        rows = int(got.get("unit_rows", ROWS_PER_BLOCK_BATCHES * (setting if isinstance(setting, int) else 0)))
-        if not rows:
-            raise ConfigError(f"{root}: units written without {LAYOUT} (before 2026-12): set score.batch_size to "
-                              "the integer they were written with")
-        batch = setting if isinstance(setting, int) else int(got.get("batch_size", rows // ROWS_PER_BLOCK_BATCHES))
-        return Layout(rows, batch), True
-    batch = setting if isinstance(setting, int) else first()
-    layout = Layout(ROWS_PER_BLOCK_BATCHES * batch, batch)
+    got = read_json(path) if path.exists() else None
+    written = any(s in shards for s in written_units(root))
+    fixed = setting if isinstance(setting, int) else None
+    if written and got is None and fixed is None:
+        raise ConfigError(f"{root}: units written without {LAYOUT} (before 2026-12): set score.batch_size to "
+                          "the integer they were written with")
+    if fixed is not None:
+        batch = fixed
+    elif got is not None:
+        batch = int(got.get("batch_size") or int(got["unit_rows"]) // ROWS_PER_BLOCK_BATCHES)
+    else:
+        batch = first()
+    rows = (int(got["unit_rows"]) if got is not None else ROWS_PER_BLOCK_BATCHES * batch) if written \
+        else ROWS_PER_BLOCK_BATCHES * batch
     storage.makedirs(root)
-    write_json(path, {"unit_rows": layout.unit_rows, "batch_size": layout.batch_size})
-    return layout, False
+    write_json(path, {"unit_rows": rows, "batch_size": batch})
+    return Layout(rows, batch), written
 
 
 def units_of(expected: dict[int, int], unit_rows: int) -> dict[int, list[int]]:
