@@ -124,6 +124,7 @@ class ScoreConfig:
     # rows per engine batch, or auto: on a GPU the largest power of two up to 128 whose widest batch
     # (data.max_length tokens a row) peaks under 80% of its memory, measured once a run with the scoring
     # model; 16 on a CPU (grads_ray/gradients/batch_size.py). A rerun keeps the size its units were cut in.
+    # Measured on one GPU: a cluster of mixed GPU types wants an integer that fits the smallest.
     batch_size: int | str = "auto"
     num_actors: int = 1  # max actors in the scorer pool (one GPU each when GPUs are used)
     max_restarts: int = 3  # a dead scorer: its unfinished shards scored again in a fresh pass this often, then the run fails
