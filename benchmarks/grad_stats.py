@@ -24,7 +24,9 @@ against the padded stacks and a plain step at B = 16, T = 512, and the self-chec
 ``score.batch_size=auto`` (``--no-auto-batch`` skips it): the size the score stage would pick for
 ``--model`` at T = 512 on this GPU, its peak, and the scorer's rate there against B = 16. Before the
 MoE section, a profile of one engine pass and one plain step at B = 16, T = 512 (``--no-profile``
-skips it): kernel launches, host waits, how busy the GPU is, the kernels that take the time.
+skips it): kernel launches, host waits, how busy the GPU is, the kernels that take the time. With
+``--compile`` (not by default: compiling takes a while), the engine with its block reduction compiled
+against eager at the same B, T: speed, compile time, and how far the statistics move.
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -338,6 +340,40 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
             "profile_kernel_ms_engine": round(e["kernel_ms"], 1), "profile_kernel_ms_plain": round(p["kernel_ms"], 1)}
 
 
+def compile_report(model, data, args, device: str) -> dict:
+    """The engine with its block reduction (``factored.block_moments``: row norms, max, min of each
+    formed block) compiled by ``torch.compile(dynamic=True)`` against the eager one, on one batch:
+    the first compiled pass's time (compilation), the passes' median time after it, and the largest
+    relative difference of any statistic (a compiled reduction sums in another order)."""
+    from grads_ray.gradients import factored
+    from grads_ray.gradients.engine import BatchedGradStats
+
+    engine = BatchedGradStats(model, **engine_kwargs(args))
+    eager_fn = factored.block_moments
+    eager = engine(*data)
+    t_eager = timed(lambda: engine(*data), device, 3)
+    try:
+        factored.block_moments = torch.compile(eager_fn, dynamic=True)
+        t0 = time.perf_counter()
+        compiled = engine(*data)
+        sync(device)
+        first = time.perf_counter() - t0
+        t_compiled = timed(lambda: engine(*data), device, 3)
+    finally:
+        factored.block_moments = eager_fn
+    worst = 0.0
+    for k, v in eager.columns.items():
+        a, b = np.asarray(v, np.float64), np.asarray(compiled.columns[k], np.float64)
+        ok = np.isfinite(a) & (a != 0)
+        if ok.any():
+            worst = max(worst, float(np.max(np.abs(a[ok] - b[ok]) / np.abs(a[ok]))))
+    out = {"compile_first_pass_s": round(first, 1), "compile_vs_eager": round(t_eager / t_compiled, 3),
+           "compile_max_rel_diff": worst}
+    print(f"# block reduction compiled: {out['compile_vs_eager']}x eager's speed ({t_compiled * 1e3:.1f} against "
+          f"{t_eager * 1e3:.1f} ms a pass; first pass {first:.1f} s); statistics differ by up to {worst:.1e}", flush=True)
+    return out
+
+
 def auto_batch_report(args, length: int) -> dict:
     """``score.batch_size=auto`` on this GPU (CUDA only): ``--model`` saved to a folder and loaded
     by the job's scorer, the batch size measured as the score stage measures it (``gradients/
@@ -471,7 +507,9 @@ def main() -> None:
     ap.add_argument("--dispatch-only", action="store_true", help="print the dispatch count and stop")
     ap.add_argument("--no-profile", action="store_true", help="skip the CUDA profile of one engine pass and one plain step")
     ap.add_argument("--profile", action="store_true", help="run the profile section on a CPU too (its code path)")
-    ap.add_argument("--profile-at", default="16,512", help="B,T of the profile section")
+    ap.add_argument("--profile-at", default="16,512", help="B,T of the profile section (and of --compile)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the engine with its block reduction compiled (torch.compile), against eager")
     ap.add_argument("--no-auto-batch", action="store_true",
                     help="skip the CUDA section on score.batch_size=auto (its size, peak and rate)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -574,6 +612,10 @@ def main() -> None:
         pb, pt = (int(x) for x in args.profile_at.split(","))
         section(summary, "profile", lambda: device_profile(
             model, make_batch(pb, pt, model.config.vocab_size, 1, device), args, device))
+    if args.compile:
+        cb, ct = (int(x) for x in args.profile_at.split(","))
+        section(summary, "compile", lambda: compile_report(
+            model, make_batch(cb, ct, model.config.vocab_size, 2, device), args, device))
     moe_model = args.moe_model or ("moe-small" if device == "cuda" else None)
     if moe_model:
         args.moe_model = moe_model

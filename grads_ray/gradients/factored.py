@@ -118,6 +118,20 @@ def block_extrema(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
+def block_moments(block: torch.Tensor, acc: torch.dtype, extrema: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One block of formed rows, block (B, r, C) -> per example its sum of squares, max and min,
+    (B,) float64 each (None without extrema). Each row's squares in ``acc``, then float64 across
+    rows: one float32 sum over millions of entries (a vocabulary-sized head) drifts by 1e-4
+    relative, which the self-check would see. Called by name from :func:`formed_moments`, so a
+    benchmark can swap in a compiled copy (``grad_stats.py --compile``)."""
+    ss = _f64(torch.linalg.vector_norm(block, dim=2, dtype=acc)).square().sum(1)
+    if not extrema:
+        return ss, None, None
+    hi, lo = block_extrema(block)
+    return ss, _f64(hi), _f64(lo)
+
+
 def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elements: int,
                    extrema: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of squares, max and min of G_i (B,) float64 each, forming G_i a block of rows at a time:
@@ -147,13 +161,11 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
                 hit = (index >= r0) & (index < r1)  # (B·T,)
                 target = torch.where(hit, owner * (r1 - r0) + index - r0, 0)
                 flat.index_add_(0, target, torch.where(hit[:, None], right, 0.0).to(dt))
-        # each row's squares in acc, then float64 across rows: one float32 sum over millions of entries
-        # (a vocabulary-sized head) drifts by 1e-4 relative, which the self-check would see
-        ss += _f64(torch.linalg.vector_norm(block, dim=2, dtype=acc)).square().sum(1)
+        part, hi, lo = block_moments(block, acc, extrema)
+        ss += part
         if extrema:
-            hi, lo = block_extrema(block)
-            mx = torch.maximum(mx, _f64(hi))
-            mn = torch.minimum(mn, _f64(lo))
+            mx = torch.maximum(mx, hi)
+            mn = torch.minimum(mn, lo)
     if not extrema:
         mx = mn = torch.full((b,), torch.nan, dtype=torch.float64, device=dev)
     return ss, mx, mn
