@@ -24,7 +24,8 @@ against the padded stacks and a plain step at B = 16, T = 512, and the self-chec
 ``score.batch_size=auto`` (``--no-auto-batch`` skips it): the size the score stage would pick for
 ``--model`` at T = 512 on this GPU, its peak, and the scorer's rate there against B = 16. Before the
 MoE section, a profile of one engine pass and one plain step at B = 16, T = 512 (``--no-profile``
-skips it): kernel launches, host waits, how busy the GPU is, the kernels that take the time. With
+skips it, and the sweep below): kernel launches, host waits, how busy the GPU is, the kernels that
+take the time; then the engine at ``chunk_elements`` 2^26, 2^27, 2^28 (time, peak). With
 ``--compile`` (not by default: compiling takes a while), the engine with its block reduction compiled
 against eager at the same B, T: speed, compile time, and how far the statistics move.
 
@@ -340,6 +341,24 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
             "profile_kernel_ms_engine": round(e["kernel_ms"], 1), "profile_kernel_ms_plain": round(p["kernel_ms"], 1)}
 
 
+def chunk_report(model, data, args, device: str) -> dict:
+    """The engine at ``score.chunk_elements`` 2^26 (the default: the largest block of formed gradient
+    entries), 2^27 and 2^28 on one batch: time and (CUDA) peak memory each. Larger blocks mean fewer
+    of them (fewer launches) and more memory: what a GPU default should be."""
+    from grads_ray.gradients.engine import BatchedGradStats
+
+    out = {}
+    for shift in (26, 27, 28):
+        engine = BatchedGradStats(model, **{**engine_kwargs(args), "chunk_elements": 1 << shift})
+        t = timed(lambda e=engine: e(*data), device, 3)
+        out[f"chunk_2e{shift}_ms"] = round(t * 1e3, 1)
+        if PEAKS.get("last") is not None and device == "cuda":
+            out[f"chunk_2e{shift}_peak_mib"] = round(PEAKS["last"] / 2**20)
+        print(f"# chunk_elements 2^{shift}: {t * 1e3:.1f} ms a pass"
+              + (f", peak {PEAKS['last'] / 2**20:.0f} MiB" if device == "cuda" else ""), flush=True)
+    return out
+
+
 def compile_report(model, data, args, device: str) -> dict:
     """The engine with its block reduction (``factored.block_moments``: row norms, max, min of each
     formed block) compiled by ``torch.compile(dynamic=True)`` against the eager one, on one batch:
@@ -505,7 +524,8 @@ def main() -> None:
                     help="a MoE model timed through both experts paths (default on CUDA: moe-small)")
     ap.add_argument("--moe-at", default="16,512", help="B,T of the MoE section")
     ap.add_argument("--dispatch-only", action="store_true", help="print the dispatch count and stop")
-    ap.add_argument("--no-profile", action="store_true", help="skip the CUDA profile of one engine pass and one plain step")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the CUDA profile of one engine pass and one plain step, and the chunk_elements sweep")
     ap.add_argument("--profile", action="store_true", help="run the profile section on a CPU too (its code path)")
     ap.add_argument("--profile-at", default="16,512", help="B,T of the profile section (and of --compile)")
     ap.add_argument("--compile", action="store_true",
@@ -612,6 +632,10 @@ def main() -> None:
         pb, pt = (int(x) for x in args.profile_at.split(","))
         section(summary, "profile", lambda: device_profile(
             model, make_batch(pb, pt, model.config.vocab_size, 1, device), args, device))
+    if device == "cuda" and not args.no_profile:
+        kb, kt = (int(x) for x in args.profile_at.split(","))
+        section(summary, "chunk", lambda: chunk_report(
+            model, make_batch(kb, kt, model.config.vocab_size, 3, device), args, device))
     if args.compile:
         cb, ct = (int(x) for x in args.profile_at.split(","))
         section(summary, "compile", lambda: compile_report(
