@@ -19,15 +19,16 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
     python benchmarks/grad_stats.py --model qwen0.5b --batches 1,4,16,64 --lengths 512   # on a GPU
     python benchmarks/grad_stats.py --quick --model moe-small        # the MoE rules beside "small" (Llama)
 
-On CUDA a MoE section follows (``--moe-model``, moe-small by default): the experts' grouped-matmul path
-against the padded stacks and a plain step at B = 16, T = 512, and the self-check on the GPU. Then
-``score.batch_size=auto`` (``--no-auto-batch`` skips it): the size the score stage would pick for
-``--model`` at T = 512 on this GPU, its peak, and the scorer's rate there against B = 16. Before the
-MoE section, a profile of one engine pass and one plain step at B = 16, T = 512 (``--no-profile``
-skips it, and the sweep below): kernel launches, host waits, how busy the GPU is, the kernels that
-take the time; then the engine at ``chunk_elements`` 2^26, 2^27, 2^28 (time, peak). With
-``--compile`` (not by default: compiling takes a while), the engine with its block reduction compiled
-against eager at the same B, T: speed, compile time, and how far the statistics move.
+On CUDA, sections follow the main table, each printing the figures so far first:
+- MoE (``--moe-model``, moe-small by default): the experts' grouped-matmul path against the padded
+  stacks and a plain step at B = 16, T = 512, and the self-check on the GPU;
+- profile (``--no-profile`` skips it and the next): one engine pass and one plain step at
+  ``--profile-at``: kernel launches, host waits, how busy the GPU is, the kernels that take the time;
+- chunk: the engine at ``chunk_elements`` 2^26, 2^27, 2^28 (time, peak);
+- compile (only with ``--compile``, any device: compiling takes a while): the engine with its block
+  reduction compiled against eager: speed, compile time, how far the statistics move;
+- auto batch (``--no-auto-batch`` skips it): the size ``score.batch_size=auto`` picks for ``--model``
+  at T = 512 on this GPU, its peak, and the scorer's rate there against B = 16.
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -628,6 +629,10 @@ def main() -> None:
     summary["best_fraction_of_matmul"] = round(best["fraction_of_matmul"], 3)
     if mem:
         summary["peak_mem_vs_plain"] = round(mem["ratio"], 2)
+    moe_model = args.moe_model or ("moe-small" if device == "cuda" else None)
+    if moe_model:
+        args.moe_model = moe_model
+        section(summary, "moe", lambda: moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
     if (device == "cuda" and not args.no_profile) or args.profile:
         pb, pt = (int(x) for x in args.profile_at.split(","))
         section(summary, "profile", lambda: device_profile(
@@ -640,10 +645,6 @@ def main() -> None:
         cb, ct = (int(x) for x in args.profile_at.split(","))
         section(summary, "compile", lambda: compile_report(
             model, make_batch(cb, ct, model.config.vocab_size, 2, device), args, device))
-    moe_model = args.moe_model or ("moe-small" if device == "cuda" else None)
-    if moe_model:
-        args.moe_model = moe_model
-        section(summary, "moe", lambda: moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
     if device == "cuda" and not args.no_auto_batch:
         del engine, loop, model  # the scorer loads its own copy
         torch.cuda.empty_cache()
