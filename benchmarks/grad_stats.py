@@ -20,7 +20,7 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
     python benchmarks/grad_stats.py --quick --model moe-small        # the MoE rules beside "small" (Llama)
 
 On CUDA, sections follow the main table, each printing the figures so far first:
-- MoE (``--moe-model``, moe-small by default): the experts' grouped-matmul path against the padded
+- MoE (``--moe-model``, moe-small by default; ``--no-moe`` skips it): the experts' grouped-matmul path against the padded
   stacks and a plain step at B = 16, T = 512, and the self-check on the GPU;
 - profile (``--no-profile`` skips it and the next): one engine pass and one plain step at
   ``--profile-at``: kernel launches, host waits, how busy the GPU is, the kernels that take the time;
@@ -524,6 +524,7 @@ def main() -> None:
     ap.add_argument("--moe-model", default=None, choices=sorted(MODELS),
                     help="a MoE model timed through both experts paths (default on CUDA: moe-small)")
     ap.add_argument("--moe-at", default="16,512", help="B,T of the MoE section")
+    ap.add_argument("--no-moe", action="store_true", help="skip the MoE section on CUDA (unless --moe-model names one)")
     ap.add_argument("--dispatch-only", action="store_true", help="print the dispatch count and stop")
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the CUDA profile of one engine pass and one plain step, and the chunk_elements sweep")
@@ -629,7 +630,7 @@ def main() -> None:
     summary["best_fraction_of_matmul"] = round(best["fraction_of_matmul"], 3)
     if mem:
         summary["peak_mem_vs_plain"] = round(mem["ratio"], 2)
-    moe_model = args.moe_model or ("moe-small" if device == "cuda" else None)
+    moe_model = args.moe_model or ("moe-small" if device == "cuda" and not args.no_moe else None)
     if moe_model:
         args.moe_model = moe_model
         section(summary, "moe", lambda: moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
