@@ -54,7 +54,9 @@ def plan(cfg: Config, end: str | None = None) -> str:
     lines += [f"  ray             {where}; this machine: {os.cpu_count()} CPUs, {torch.cuda.device_count()} GPUs"]
     if "score" in names:
         lines.append(f"  score           {cfg.score.num_actors} actor(s), use_gpu={cfg.score.use_gpu}, "
-                     f"batch {cfg.score.batch_size}" + (f", model {cfg.score.model}" if cfg.score.model else ""))
+                     f"batch {cfg.score.batch_size}" + (" (16 on a CPU, measured on a GPU)" if cfg.score.batch_size == "auto"
+                                                         else "")
+                     + (f", model {cfg.score.model}" if cfg.score.model else ""))
     train = [f"warm-up {cfg.warmup.fraction:.0%} x {cfg.warmup.epochs} epoch(s)" if "warmup" in names else "",
              f"fine-tune {cfg.finetune.epochs} epoch(s); {cfg.finetune.num_workers} worker(s), "
              f"{cfg.finetune.parallel}" + (f", LoRA r={cfg.finetune.lora.r}" if cfg.finetune.lora.r else "")
