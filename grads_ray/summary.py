@@ -35,6 +35,8 @@ def plan(cfg: Config, end: str | None = None) -> str:
     and whether each has a finished output, the workers and resources, the method and budget."""
     import torch
 
+    from grads_ray.gradients.batch_size import AUTO_CPU
+
     d, sc = cfg.data, cfg.select
     shards = plan_shards(d.paths, d.shard_bytes, d.shard_rows, d.limit)
     by_source = Counter(s.source for s in shards)
@@ -54,8 +56,8 @@ def plan(cfg: Config, end: str | None = None) -> str:
     lines += [f"  ray             {where}; this machine: {os.cpu_count()} CPUs, {torch.cuda.device_count()} GPUs"]
     if "score" in names:
         lines.append(f"  score           {cfg.score.num_actors} actor(s), use_gpu={cfg.score.use_gpu}, "
-                     f"batch {cfg.score.batch_size}" + (" (16 on a CPU, measured on a GPU)" if cfg.score.batch_size == "auto"
-                                                         else "")
+                     f"batch {cfg.score.batch_size}"
+                     + (f" ({AUTO_CPU} on a CPU, measured on a GPU)" if cfg.score.batch_size == "auto" else "")
                      + (f", model {cfg.score.model}" if cfg.score.model else ""))
     train = [f"warm-up {cfg.warmup.fraction:.0%} x {cfg.warmup.epochs} epoch(s)" if "warmup" in names else "",
              f"fine-tune {cfg.finetune.epochs} epoch(s); {cfg.finetune.num_workers} worker(s), "

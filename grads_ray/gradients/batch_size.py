@@ -125,15 +125,21 @@ def size_scorer(scorer: Any, max_length: int, cap: int = AUTO_CAP, **probe_kwarg
     the loop, or the model is refused) uses about the same memory at any batch size, so measuring
     says nothing: ``AUTO_CPU``, with the reason (the scorers decide the same on the same rows; a
     refusal stops the run there). -> ``{"batch_size", "length", ...}`` as :func:`probe`, or with
-    ``reason`` instead of a trace."""
+    ``reason`` instead of a trace, or ``{"error"}`` when not even one row fits."""
     length = probe_length(scorer.model, max_length)
+
+    def on_the_loop(why: str) -> dict[str, Any]:
+        return {"batch_size": AUTO_CPU, "length": length, "reason": why}
+
     if scorer.refusal or scorer.check.engine != "batched":
-        return {"batch_size": AUTO_CPU, "length": length,
-                "reason": f"the scorer runs one example at a time here ({scorer.check.reason or scorer.refusal})"}
-    found = probe(scorer, length, cap, **probe_kwargs)
+        return on_the_loop(f"the scorer runs one example at a time here ({scorer.check.reason or scorer.refusal})")
+    try:
+        found = probe(scorer, length, cap, **probe_kwargs)
+    except BatchTooLarge as exc:
+        return {"error": f"score: one row of {length} tokens (data.max_length={max_length}) does not fit on the "
+                         f"GPU ({exc}); lower data.max_length, or score on a GPU with more memory"}
     if scorer.check.engine != "batched":  # a probe's batch the engine could not place: the loop from there
-        return {"batch_size": AUTO_CPU, "length": length,
-                "reason": f"the scorer fell back to one example at a time on the probe's rows ({scorer.check.reason})"}
+        return on_the_loop(f"the scorer fell back to one example at a time on the probe's rows ({scorer.check.reason})")
     return found
 
 
@@ -141,20 +147,15 @@ def measure(model_path: str, *, settings: dict[str, Any], max_length: int, trust
             check: list[tuple[list[int], list[int]]] | None = None, cap: int = AUTO_CAP) -> dict[str, Any]:
     """:func:`size_scorer` on a scorer of ``model_path`` built on this process's GPU, self-checked on
     ``check`` (the rows the scorers check: the same engine decision). A Ray task's body: the score
-    stage runs it once before its pass. -> :func:`size_scorer`'s answer, or ``{"error"}`` when not
-    even one row fits (the driver stops with it: a task's exception would carry its traceback)."""
+    stage runs it once before its pass; an ``{"error"}`` answer stops the run with it (a task's
+    exception would carry its traceback)."""
     from grads_ray.gradients.scorer import Scorer
 
     scorer = Scorer(model_path, use_gpu=True, trust_remote_code=trust_remote_code, settings=settings, batch_size=1,
                     check=check)
     if scorer.device.type != "cuda":
         return {"error": "score.batch_size=auto: the task meant to measure the GPU's memory found no GPU"}
-    try:
-        return size_scorer(scorer, max_length, cap)
-    except BatchTooLarge as exc:
-        length = probe_length(scorer.model, max_length)
-        return {"error": f"score: one row of {length} tokens (data.max_length={max_length}) does not fit on the "
-                         f"GPU ({exc}); lower data.max_length, or score on a GPU with more memory"}
+    return size_scorer(scorer, max_length, cap)
 
 
 def describe(found: dict[str, Any]) -> str:

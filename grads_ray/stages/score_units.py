@@ -161,8 +161,7 @@ def unit_layout(stats: StageDir, shards: Any, setting: int | str, first: Callabl
         batch = int(got.get("batch_size") or int(got["unit_rows"]) // ROWS_PER_BLOCK_BATCHES)
     else:
         batch = first()
-    rows = (int(got["unit_rows"]) if got is not None else ROWS_PER_BLOCK_BATCHES * batch) if written \
-        else ROWS_PER_BLOCK_BATCHES * batch
+    rows = int(got["unit_rows"]) if written and got is not None else ROWS_PER_BLOCK_BATCHES * batch
     storage.makedirs(root)
     write_json(path, {"unit_rows": rows, "batch_size": batch})
     return Layout(rows, batch), written
