@@ -24,11 +24,16 @@ On CUDA, sections follow the main table, each printing the figures so far first:
   stacks and a plain step at B = 16, T = 512, and the self-check on the GPU;
 - profile (``--no-profile`` skips it and the next): one engine pass and one plain step at
   ``--profile-at``: kernel launches, host waits, how busy the GPU is, the kernels that take the time;
-- chunk: the engine at ``chunk_elements`` 2^26, 2^27, 2^28 (time, peak);
+- determinism: the same batch twice, by default and in the job's deterministic mode: whether the
+  engine's columns and a plain step's gradients are the same bits, and the mode's cost (MoE too);
+- chunk: the engine at ``chunk_elements`` 2^s for s in ``--chunk-shifts`` (time, peak);
 - compile (only with ``--compile``, any device: compiling takes a while): the engine with its block
   reduction compiled against eager: speed, compile time, how far the statistics move;
 - auto batch (``--no-auto-batch`` skips it): the size ``score.batch_size=auto`` picks for ``--model``
   at T = 512 on this GPU, its peak, and the scorer's rate there against B = 16.
+
+``--sections moe,determinism,...`` runs only those sections (no main table): a retry within a
+device's time.
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -147,7 +152,10 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
 
 
 def engine_kwargs(args) -> dict:
+    """The engine as the job builds it on this device (``score.chunk_elements=auto`` included)."""
     extra = {"hold_bytes": int(args.hold_mib * 2**20)} if getattr(args, "hold_mib", None) is not None else {}
+    if getattr(args, "chunk", None):
+        extra["chunk_elements"] = args.chunk
     return {"proj_dim": args.proj_dim, "proj_rank": args.proj_rank, "fisher_dim": 64, "fisher_rank": 4, **extra}
 
 
@@ -343,13 +351,13 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
 
 
 def chunk_report(model, data, args, device: str) -> dict:
-    """The engine at ``score.chunk_elements`` 2^26 (the default: the largest block of formed gradient
-    entries), 2^27 and 2^28 on one batch: time and (CUDA) peak memory each. Larger blocks mean fewer
-    of them (fewer launches) and more memory: what a GPU default should be."""
+    """The engine at ``score.chunk_elements`` 2^s for each s of ``--chunk-shifts`` (26 is the default:
+    the largest block of formed gradient entries) on one batch: time and (CUDA) peak memory each.
+    Larger blocks mean fewer of them (fewer launches) and more memory: what a GPU default should be."""
     from grads_ray.gradients.engine import BatchedGradStats
 
     out = {}
-    for shift in (26, 27, 28):
+    for shift in (int(x) for x in args.chunk_shifts.split(",")):
         engine = BatchedGradStats(model, **{**engine_kwargs(args), "chunk_elements": 1 << shift})
         t = timed(lambda e=engine: e(*data), device, 3)
         out[f"chunk_2e{shift}_ms"] = round(t * 1e3, 1)
@@ -357,6 +365,80 @@ def chunk_report(model, data, args, device: str) -> dict:
             out[f"chunk_2e{shift}_peak_mib"] = round(PEAKS["last"] / 2**20)
         print(f"# chunk_elements 2^{shift}: {t * 1e3:.1f} ms a pass"
               + (f", peak {PEAKS['last'] / 2**20:.0f} MiB" if device == "cuda" else ""), flush=True)
+    return out
+
+
+def column_differences(a: dict, b: dict) -> tuple[list[str], float]:
+    """The columns of two results that are not bit-identical, and the largest relative difference."""
+    names, worst = [], 0.0
+    for k, v in a.items():
+        x, y = np.asarray(v, np.float64), np.asarray(b[k], np.float64)
+        if not np.array_equal(x, y, equal_nan=True):
+            names.append(k)
+            ok = np.isfinite(x) & np.isfinite(y) & (x != 0)
+            if ok.any():
+                worst = max(worst, float(np.max(np.abs(x[ok] - y[ok]) / np.abs(x[ok]))))
+    return names, worst
+
+
+def determinism_report(model, data, args, device: str, prefix: str = "det") -> dict:
+    """Whether the same batch twice gives the same bits (a run must be deterministic for its seed): the
+    engine's columns, and a plain step's weight gradients (the model's own backward: attention,
+    embedding), first as torch runs by default, then in the job's deterministic mode
+    (``grads_ray.determinism.deterministic``: ``deterministic=true``, the default), with that mode's
+    cost in engine time and any warnings about non-deterministic kernels; ``--det-attention`` adds
+    the mode with one attention kernel alone. The first few differing columns and parameters are
+    printed."""
+    import warnings
+
+    from grads_ray.gradients.engine import BatchedGradStats
+
+    engine = BatchedGradStats(model, **engine_kwargs(args))
+
+    def grads() -> dict:
+        plain_step(model, *data)
+        out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    def trial(tag: str) -> dict:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first, second = engine(*data).columns, engine(*data).columns
+            g1, g2 = grads(), grads()
+            seconds = timed(lambda: engine(*data), device, 3)
+        names, worst = column_differences(first, second)
+        norms = column_differences({k: v for k, v in first.items() if k.endswith("grad_norm")}, second)[1]
+        params = [n for n in g1 if not torch.equal(g1[n], g2[n])]
+        ops = sorted({str(w.message).split(" does not have a deterministic")[0][:80] for w in caught
+                      if "deterministic" in str(w.message)})
+        print(f"# {prefix} {tag}: engine {'the same' if not names else f'NOT the same ({len(names)} columns, up to {worst:.1e})'}"
+              f" twice (norms up to {norms:.1e}); plain-step gradients {'the same' if not params else f'NOT the same ({len(params)} parameters)'}"
+              f"; {seconds * 1e3:.1f} ms a pass" + (f"; warned: {ops}" if ops else ""), flush=True)
+        for n in names[:6] + params[:6]:
+            print(f"#   differs: {n}")
+        return {f"{prefix}_{tag}_engine_same": not names, f"{prefix}_{tag}_engine_columns_differ": len(names),
+                f"{prefix}_{tag}_engine_max_rel_diff": float(f"{worst:.2e}"),
+                f"{prefix}_{tag}_norm_max_rel_diff": float(f"{norms:.2e}"), f"{prefix}_{tag}_plain_grads_same": not params,
+                f"{prefix}_{tag}_plain_params_differ": len(params), f"{prefix}_{tag}_ms": round(seconds * 1e3, 1),
+                **({f"{prefix}_{tag}_warned": ops[:5]} if ops else {})}
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from grads_ray.determinism import deterministic
+
+    out = trial("default")
+    with deterministic(True):  # the job's mode (deterministic=true): what the scorer and training loops run in
+        out.update(trial("deterministic"))
+        for name in filter(None, (args.det_attention or "").split(",")):  # one attention kernel, deterministic mode
+            try:
+                with sdpa_kernel([getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                                                       "math": "MATH", "cudnn": "CUDNN_ATTENTION"}[name])]):
+                    out.update(trial(f"sdpa_{name}"))
+            except RuntimeError as exc:  # this kernel cannot take these inputs here (a CPU has no efficient one)
+                out[f"{prefix}_sdpa_{name}_error"] = str(exc).splitlines()[0][:200]
+                print(f"# {prefix} sdpa_{name}: {out[f'{prefix}_sdpa_{name}_error']}", flush=True)
+    out[f"{prefix}_mode_cost"] = round(out[f"{prefix}_deterministic_ms"] / out[f"{prefix}_default_ms"], 3)
     return out
 
 
@@ -500,6 +582,8 @@ def section(summary: dict, key: str, run) -> None:
 
 
 def main() -> None:
+    from grads_ray.gradients.memory import chunk_elements
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few CPU minutes: small model, short grid")
     ap.add_argument("--model", default=None, choices=sorted(MODELS))
@@ -530,6 +614,12 @@ def main() -> None:
                     help="skip the CUDA profile of one engine pass and one plain step, and the chunk_elements sweep")
     ap.add_argument("--profile", action="store_true", help="run the profile section on a CPU too (its code path)")
     ap.add_argument("--profile-at", default="16,512", help="B,T of the profile section (and of --compile)")
+    ap.add_argument("--chunk-shifts", default="26,27,28", help="the chunk section's chunk_elements, as powers of 2")
+    ap.add_argument("--det-attention", default=None,
+                    help="the determinism section also tries these attention kernels alone (flash, efficient, math, cudnn)")
+    ap.add_argument("--sections", default=None,
+                    help="run only these sections (comma-separated: moe, determinism, profile, chunk, compile, "
+                         "auto_batch), without the main table")
     ap.add_argument("--compile", action="store_true",
                     help="also time the engine with its block reduction compiled (torch.compile), against eager")
     ap.add_argument("--no-auto-batch", action="store_true",
@@ -542,6 +632,7 @@ def main() -> None:
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device == "cuda" else "float32"
     args.model = args.model or ("small" if device == "cpu" else "qwen0.5b")
+    args.chunk = chunk_elements("auto", device)
     if args.child:
         return child_memory(args)
     if args.only:
@@ -557,9 +648,25 @@ def main() -> None:
     quick = args.quick
     batches = [int(x) for x in (args.batches or ("1,4,16" if quick else "1,4,16,64")).split(",")]
     lengths = [int(x) for x in (args.lengths or ("128,512" if quick else "128,512,2048")).split(",")]
-    loop_cap = args.loop_examples or (4 if quick else 16)
+    # the loop's rate per token does not depend on B: 4 examples on a GPU (16 there took 107 s of the
+    # device check's 170 at 0.6 examples/s, so no row came back on 2026-12-04)
+    loop_cap = args.loop_examples or (4 if quick or device == "cuda" else 16)
     repeats = args.repeats or 3
     dtype = getattr(torch, args.dtype)
+    cuda = device == "cuda"
+    default = {"moe": (cuda and not args.no_moe) or args.moe_model is not None, "determinism": cuda, "profile": (cuda and not args.no_profile) or args.profile,
+               "chunk": cuda and not args.no_profile, "compile": args.compile, "auto_batch": cuda and not args.no_auto_batch}
+    chosen = None if args.sections is None else set(args.sections.split(","))
+    if chosen is not None and chosen - set(default):
+        ap.error(f"--sections: unknown {sorted(chosen - set(default))} (known: {sorted(default)})")
+
+    def wanted(name: str) -> bool:
+        return default[name] if chosen is None else name in chosen
+
+    if cuda and wanted("determinism"):  # cuBLAS is deterministic only with a fixed workspace: set before its first call
+        from grads_ray.determinism import prepare
+
+        prepare()
     model = build_model(args.model, dtype, device)
     n_params = sum(p.numel() for p in model.parameters())
     flop_params = n_params - (0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
@@ -575,7 +682,7 @@ def main() -> None:
     print(f"{'B':>4} {'T':>5} {'engine ex/s':>12} {'engine tok/s':>13} {'loop ex/s':>10} {'vs loop':>8} "
           f"{'plain/loop':>10} {'vs plain':>9} {'TFLOP/s':>8} {'of matmul':>9}")
     rows = []
-    for length in lengths:
+    for length in (lengths if chosen is None else []):  # --sections: no main table
         loop_rate = None  # loop tokens/s at this length: measured once on up to loop_cap examples
         for batch in batches:
             data = make_batch(batch, length, model.config.vocab_size, seed=batch * 7919 + length, device=device)
@@ -607,7 +714,7 @@ def main() -> None:
                   + (f"  peak {peak_engine / 2**20:.0f} / {peak_plain / 2**20:.0f} MiB" if peak_engine is not None else ""),
                   flush=True)
     mem = None
-    if args.memory_at:
+    if args.memory_at and chosen is None:
         mb, mt = (int(x) for x in args.memory_at.split(","))
         mem = memory_ratio(args, mb, mt, device, model)
         print(f"# peak memory at B={mb} T={mt}: plain step {mem['plain_mib']:.0f} MiB, engine "
@@ -626,31 +733,40 @@ def main() -> None:
             summary[f"plain_step_vs_loop_b16_t{t}"] = round(pick[(16, t)]["plain_step_vs_loop"], 2)
             if pick[(16, t)]["peak_mem_vs_plain"] is not None:  # CUDA: peak allocated above model and batch
                 summary[f"peak_mem_vs_plain_b16_t{t}"] = round(pick[(16, t)]["peak_mem_vs_plain"], 2)
-    best = max(rows, key=lambda r: r["engine_tflops"])
-    summary["best_fraction_of_matmul"] = round(best["fraction_of_matmul"], 3)
+    if rows:
+        summary["best_fraction_of_matmul"] = round(max(r["fraction_of_matmul"] for r in rows), 3)
     if mem:
         summary["peak_mem_vs_plain"] = round(mem["ratio"], 2)
-    moe_model = args.moe_model or ("moe-small" if device == "cuda" and not args.no_moe else None)
-    if moe_model:
+    moe_model = args.moe_model or ("moe-small" if cuda and (wanted("moe") or chosen is not None) else None)
+    if wanted("moe") and moe_model:
         args.moe_model = moe_model
         section(summary, "moe", lambda: moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
-    if (device == "cuda" and not args.no_profile) or args.profile:
+    if wanted("determinism"):
+        section(summary, "det", lambda: determinism_report(
+            model, make_batch(16, head_t, model.config.vocab_size, 4, device), args, device))
+        if moe_model and not args.no_moe:
+            def moe_determinism() -> dict:
+                moe = build_model(moe_model, dtype, device)
+                return determinism_report(moe, make_batch(16, head_t, moe.config.vocab_size, 4, device), args, device,
+                                          prefix="det_moe")
+            section(summary, "det_moe", moe_determinism)
+    if wanted("profile"):
         pb, pt = (int(x) for x in args.profile_at.split(","))
         section(summary, "profile", lambda: device_profile(
             model, make_batch(pb, pt, model.config.vocab_size, 1, device), args, device))
-    if device == "cuda" and not args.no_profile:
+    if wanted("chunk"):
         kb, kt = (int(x) for x in args.profile_at.split(","))
         section(summary, "chunk", lambda: chunk_report(
             model, make_batch(kb, kt, model.config.vocab_size, 3, device), args, device))
-    if args.compile:
+    if wanted("compile"):
         cb, ct = (int(x) for x in args.profile_at.split(","))
         section(summary, "compile", lambda: compile_report(
             model, make_batch(cb, ct, model.config.vocab_size, 2, device), args, device))
-    if device == "cuda" and not args.no_auto_batch:
+    if wanted("auto_batch"):
         del engine, loop, model  # the scorer loads its own copy
         torch.cuda.empty_cache()
         section(summary, "auto_batch", lambda: auto_batch_report(args, head_t))
-    if not args.no_dispatch and device == "cpu":  # on a GPU the same count runs with --dispatch-only --device cpu
+    if not args.no_dispatch and device == "cpu" and chosen is None:  # on a GPU the same count runs with --dispatch-only --device cpu
         summary.update(dispatch_summary(dispatch_report(args, "cpu")))
     print(json.dumps(summary))
 

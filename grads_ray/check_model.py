@@ -51,7 +51,7 @@ def check_model(cfg, data_paths: list[str] | None = None) -> tuple[dict[str, Any
                                        cfg.model.trust_remote_code), cfg.score.check_rows) if data_paths else None
     use_gpu = cfg.score.use_gpu == "true" or (cfg.score.use_gpu == "auto" and torch.cuda.is_available())
     scorer = Scorer(cfg.model.path, use_gpu=use_gpu, trust_remote_code=cfg.model.trust_remote_code,
-                    settings=engine_settings(cfg.score, cfg.seed), batch_size=fixed_batch_size(cfg.score.batch_size),
+                    settings=engine_settings(cfg.score, cfg.seed, cfg.deterministic), batch_size=fixed_batch_size(cfg.score.batch_size),
                     check=examples)
     model = scorer.model
     rules: Counter[str] = Counter()

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from functools import cached_property
 
 from grads_ray.config import RayConfig
+from grads_ray.determinism import CUBLAS_WORKSPACE
 
 RUNTIME_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
-               "HF_DATASETS_OFFLINE": "1"}
+               "HF_DATASETS_OFFLINE": "1",
+               "CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE}  # before a worker's first cuBLAS call (grads_ray/determinism.py)
 
 
 def start_ray(rc: RayConfig, verbose: bool = False, hub_models: bool = False) -> bool:

@@ -57,11 +57,23 @@ def test_yaml_then_overrides(tmp_path):
     ("select.fisher.epsilon=1", "select.fisher.epsilon"),
     ("similarity.index=hnsw", "similarity.index"),
     ("similarity.eps=3", "similarity.eps"),
+    ("score.chunk_elements=0", "score.chunk_elements must be auto or an integer >= 1"),
+    ("score.chunk_elements=big", "score.chunk_elements must be auto or an integer >= 1"),
+    ("deterministic=sometimes", "expected true or false"),
     ("nokey", "not of the form"),
 ])
 def test_bad_config_names_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_chunk_elements_auto_is_by_device():
+    from grads_ray.gradients.memory import chunk_elements
+
+    assert load_config(None, []).score.chunk_elements == "auto"
+    assert load_config(None, ["score.chunk_elements=1024"]).score.chunk_elements == 1024
+    assert (chunk_elements("auto", "cuda"), chunk_elements("auto", "cpu")) == (1 << 28, 1 << 26)
+    assert chunk_elements(1024, "cuda") == 1024
 
 
 def test_selection_keys_read_from_overrides():

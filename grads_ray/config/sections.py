@@ -146,7 +146,9 @@ class ScoreConfig:
     extrema: bool = True  # grad_max / grad_min (exact; without them the ghost norm is used where cheaper)
     proj_dim: int = 512  # projected-gradient feature size (0: off)
     proj_rank: int = 8  # per-layer Kronecker sketch: rank x rank numbers per weight matrix
-    chunk_elements: int = 1 << 26  # largest block of per-example gradient entries formed at once
+    # largest block of per-example gradient entries formed at once; auto: 2^28 on a GPU, 2^26 on a CPU
+    # (grads_ray/gradients/memory.py, measured). Changes no number beyond rounding (not fingerprinted)
+    chunk_elements: int | str = "auto"
     fisher_dim: int = 64  # FisherSFT summary: last hidden state projected to this size (0: off)
     fisher_rank: int = 4  # ... and kept as a rank-r factor per example
     # loss of the response without its prompt (IFD's denominator): one more forward pass, off by
@@ -168,8 +170,10 @@ class ScoreConfig:
                 raise ConfigError(f"score.{key} must be >= 0 (0 turns it off)")
         if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ConfigError(f"score.batch_size must be auto or an integer >= 1, got {self.batch_size!r}")
-        if self.proj_rank < 1 or self.chunk_elements < 1:
-            raise ConfigError("score.proj_rank and score.chunk_elements must be >= 1")
+        if self.proj_rank < 1:
+            raise ConfigError("score.proj_rank must be >= 1")
+        if self.chunk_elements != "auto" and not (isinstance(self.chunk_elements, int) and self.chunk_elements >= 1):
+            raise ConfigError(f"score.chunk_elements must be auto or an integer >= 1, got {self.chunk_elements!r}")
         if self.model and "://" not in self.model and not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"score.model: {self.model}: no Hugging Face model folder (config.json) there")
         if self.max_restarts < 0 or self.num_actors < 1:
@@ -272,6 +276,10 @@ class CompareConfig:
 class Config:
     output: str = "runs/latest"
     seed: int = 0
+    # same seed, same bits on a GPU too: torch's deterministic kernels in the scorer's and the training
+    # loops' passes (grads_ray/determinism.py; their cost in docs/benchmarks.md). false: a GPU's atomic
+    # adds (attention backward, index_add) make the scores of two runs differ at rounding
+    deterministic: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from grads_ray import determinism
 from grads_ray.columns import finite_mask, shaped_field
 from grads_ray.data.batching import pad_batch
 from grads_ray.gradients.features import mean_token_losses, response_only
@@ -37,11 +38,12 @@ STAT_BASE = ["id", "n_tokens", "loss", "grad_norm", "grad_mean", "grad_std", "gr
 FEATURE_COLUMNS = ("hidden_mean", "grad_proj", "fisher_factor", "fisher_energy")
 
 
-def engine_settings(score_cfg: Any, seed: int) -> dict[str, Any]:
-    """The score config keys the engine reads (these, with the model, decide every number written)."""
+def engine_settings(score_cfg: Any, seed: int, deterministic: bool = True) -> dict[str, Any]:
+    """The score config keys the engine reads (these, with the model, decide every number written, but
+    for ``chunk_elements`` and ``deterministic``, which change none beyond rounding)."""
     keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fisher_dim", "fisher_rank",
             "response_only_loss", "check_tolerance")
-    return {**{k: getattr(score_cfg, k) for k in keys}, "seed": seed}
+    return {**{k: getattr(score_cfg, k) for k in keys}, "seed": seed, "deterministic": deterministic}
 
 
 class Scorer:
@@ -60,16 +62,22 @@ class Scorer:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from grads_ray.gradients.memory import chunk_elements
         from grads_ray.gradients.selfcheck import ModelRefused, build_engine, synthetic_examples
         from grads_ray.storage import local_model
 
         settings = dict(settings or {})
         self.response_only_loss = settings.pop("response_only_loss", False)
+        # every pass (the self-check's, the corpus's, the batch size probe's) in deterministic kernels
+        self.deterministic = settings.pop("deterministic", True)
+        if self.deterministic:
+            determinism.prepare()  # before this process's first cuBLAS call, where Ray's env did not
         # units as the score stage cuts them (read_unit): a resumed pass keeps its first pass's size
         self.batch_size, self.unit_rows = batch_size, unit_rows or ROWS_PER_BLOCK_BATCHES * batch_size
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        settings["chunk_elements"] = chunk_elements(settings.get("chunk_elements", "auto"), self.device.type)
         dtype = settings.pop("dtype", "auto")
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
@@ -92,11 +100,13 @@ class Scorer:
         if self.hooks.get("perturb"):
             _perturb_rule(self.hooks["perturb"], self.hooks.get("factor", 1.3))
         try:
-            self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id, tolerance)
+            with determinism.deterministic(self.deterministic):
+                self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id, tolerance)
         except ModelRefused as exc:
             self.refusal = str(exc)
             settings["engine"] = "loop"  # (shapes below only; nothing is scored)
-            self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id)
+            with determinism.deterministic(self.deterministic):
+                self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id)
             self.check.reason = self.refusal
         cfg = self.model.config
         vocab = self.model.get_input_embeddings().num_embeddings
@@ -111,6 +121,10 @@ class Scorer:
         """A block of rows (whole units, any shards) -> the same rows scored. The engine's batches are
         cut inside each unit (rows of one shard with equal ``pos // unit_rows``) after sorting its rows
         by length, so little is spent on padding and a row's batch mates never depend on the run."""
+        with determinism.deterministic(self.deterministic):
+            return self._call(batch)
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["id"])
         feats = {k: np.zeros((n, *shape), dtype=np.float32) for k, shape in self.shapes.items() if all(shape)}
         columns: dict[str, np.ndarray] = {}
@@ -143,9 +157,10 @@ class Scorer:
     def score_padded(self, ids, lab, mask):
         """A padded batch's whole work on the device, nothing kept: the engine's pass, and the
         response-only forward when it is on (what ``score.batch_size=auto`` measures)."""
-        got = self._score(ids, lab, mask)
-        if self.response_only_loss:
-            mean_token_losses(self.model, ids, lab, mask)
+        with determinism.deterministic(self.deterministic):
+            got = self._score(ids, lab, mask)
+            if self.response_only_loss:
+                mean_token_losses(self.model, ids, lab, mask)
         return got
 
     def _score(self, ids, lab, mask):

@@ -68,13 +68,15 @@ def _model_id(cfg) -> str:
 def _engine_numbers(cfg) -> tuple:
     from grads_ray.gradients.scorer import engine_settings
 
-    settings = engine_settings(cfg.score, cfg.seed)
-    return cfg.data.max_length, cfg.data.on_long, {k: v for k, v in settings.items() if k != "chunk_elements"}
+    settings = engine_settings(cfg.score, cfg.seed, cfg.deterministic)
+    return cfg.data.max_length, cfg.data.on_long, {k: v for k, v in settings.items()
+                                                   if k not in ("chunk_elements", "deterministic")}
 
 
 def _numbers(ctx, model: ModelRef) -> str:
     """What decides a shard's numbers besides its rows (the key of the score cache, which outlives
-    run folders): the model and the engine's settings (the memory bound ``chunk_elements`` changes none)."""
+    run folders): the model and the engine's settings (the memory bound ``chunk_elements`` and the
+    choice of kernels ``deterministic`` change none beyond rounding)."""
     return fingerprint("score", model.fingerprint, *_engine_numbers(ctx.cfg))
 
 
@@ -166,7 +168,7 @@ class Score(Stage):
                          batch_size=fixed_batch_size(cfg.score.batch_size), num_actors=cfg.score.num_actors,
                          use_gpu=use_gpu,
                          cpus=res.cpus, trust_remote_code=cfg.model.trust_remote_code,
-                         settings=engine_settings(cfg.score, cfg.seed))
+                         settings=engine_settings(cfg.score, cfg.seed, cfg.deterministic))
         todo = {s: n for s, n in expected.items() if not stats.is_done(s)}
         if todo:  # the rows the scorers check first, then the units' size (a rerun's are its first pass's)
             job = replace(job, check=check_examples(corpus.rows, todo, model_path=model.path,
@@ -298,7 +300,7 @@ class Target(Stage):
             raise InputError(f"select.less.target_paths: no usable example in {paths} ({target.rejected} rejected)")
         use_gpu = res.gpu(cfg.score.use_gpu)
         task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(score_examples)
-        got = ray.get(task.remote(model.path, target.examples, settings=engine_settings(cfg.score, cfg.seed),
+        got = ray.get(task.remote(model.path, target.examples, settings=engine_settings(cfg.score, cfg.seed, cfg.deterministic),
                                   batch_size=_target_batch_size(cfg.score.batch_size, scored.info.get("batch_size")),
                                   use_gpu=use_gpu,
                                   trust_remote_code=cfg.model.trust_remote_code))

@@ -72,7 +72,11 @@ TRANSIENT = (ConnectionError, TimeoutError)  # may pass: raised, so Ray's and th
 
 def failure_line(exc: BaseException, *, when: str, batch_size: int | None = None) -> str:
     """One line for an error the scorer raised: what it was doing, the exception's type and first
-    line, and for out of memory the setting to lower."""
+    line, for out of memory the setting to lower, for an op with no deterministic kernel the way out."""
+    from grads_ray.determinism import explain
+
+    if explain(exc):
+        return f"score: {when}: {explain(exc)}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     line = f"score: {when}: {type(exc).__name__}" + (f": {first}" if first else "")
     from grads_ray.gradients.memory import out_of_memory

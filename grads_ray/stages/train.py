@@ -118,7 +118,7 @@ def train_on(ctx, stage: str, fp: str, out_model: Location, n_rows: int, files: 
     ds = training_dataset(files, pick, cfg, tcfg.preload_mb)
     return train(ds, n_rows, base, out_model, tcfg, name=f"{stage}-{fp[:16]}",
                  storage_path=ctx.path("ray_train"), seed=cfg.seed, use_gpu=res.gpu(tcfg.use_gpu),
-                 nodes=res.node_cpus, trust_remote_code=cfg.model.trust_remote_code)
+                 nodes=res.node_cpus, trust_remote_code=cfg.model.trust_remote_code, deterministic=cfg.deterministic)
 
 
 class Warmup(Stage):

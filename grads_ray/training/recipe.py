@@ -121,6 +121,7 @@ def build_model(model_path: str, lora: LoraConfig | None = None, trust_remote_co
 class LoopSettings:
     """What every worker's loop reads: the recipe (the typed :class:`TrainConfig`, no defaults of its
     own here) and where it starts. ``threads``: torch threads of a CPU worker (the CPUs it holds);
+    ``deterministic``: torch's deterministic kernels (the config's top-level key);
     ``progress``: a Ray queue rank 0 puts its optimizer step on; ``fail_at_step``: tests of resumption."""
 
     train: TrainConfig
@@ -131,6 +132,7 @@ class LoopSettings:
     trust_remote_code: bool = False
     progress: Any = None
     fail_at_step: int | None = None
+    deterministic: bool = True
 
 
 def optimizer_steps(n_rows: int, batch_size: int, world: int, grad_accum: int, epochs: int,
@@ -149,13 +151,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     Resumable: with ``checkpoint_every`` > 0 it reports the training state (grads_ray/training/
     checkpoint.py) every that many optimizer steps; a restarted worker group loads the latest and
     goes on from its step, skipping the batches that epoch had already used. The last report
-    carries the final model in Hugging Face format."""
+    carries the final model in Hugging Face format. With ``deterministic``, in torch's deterministic
+    kernels (grads_ray/determinism.py): the same seed trains the same weights on a GPU too."""
+    from grads_ray.determinism import deterministic
+
+    s: LoopSettings = config["settings"]
+    with deterministic(s.deterministic):
+        _train_loop(s)
+
+
+def _train_loop(s: LoopSettings) -> None:
+    """The loop of :func:`train_loop_per_worker`."""
     import contextlib
 
     import ray.train
     import ray.train.torch
 
-    s: LoopSettings = config["settings"]
     t = s.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

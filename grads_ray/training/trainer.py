@@ -14,7 +14,7 @@ from grads_ray.storage import Location
 def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: TrainConfig, *, name: str,
           storage_path: Location, seed: int, use_gpu: bool, nodes: list[int] | None = None,
           trust_remote_code: bool = False, fail_at_step: int | None = None,
-          threads: int | None = None) -> dict[str, Any]:
+          threads: int | None = None, deterministic: bool = True) -> dict[str, Any]:
     """Fine-tune ``model_path`` on ``dataset`` (columns input_ids, labels) and save to ``out_model``
     (a local folder or an object-store URL, as is ``storage_path``, Ray Train's checkpoints).
 
@@ -38,7 +38,8 @@ def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: Train
     cpus = None if use_gpu else worker_cpus(cfg.cpus_per_worker, cfg.num_workers, nodes or node_cpus(), stage)
     steps = Queue(maxsize=1000, actor_options={"num_cpus": 0})  # rank 0 puts its step, every few seconds
     settings = LoopSettings(train=cfg, model_path=model_path, n_rows=n_rows, seed=seed, threads=threads or cpus,
-                            trust_remote_code=trust_remote_code, progress=steps, fail_at_step=fail_at_step)
+                            trust_remote_code=trust_remote_code, progress=steps, fail_at_step=fail_at_step,
+                            deterministic=deterministic)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
