@@ -23,7 +23,8 @@ On CUDA, sections follow the main table, each printing the figures so far first:
 - MoE (``--moe-model``, moe-small by default; ``--no-moe`` skips it): the experts' grouped-matmul path against the padded
   stacks and a plain step at B = 16, T = 512, and the self-check on the GPU;
 - profile (``--no-profile`` skips it and the next): one engine pass and one plain step at
-  ``--profile-at``: kernel launches, host waits, how busy the GPU is, the kernels that take the time;
+  ``--profile-at``: kernel launches, host waits, how busy the GPU is, the kernels that take the time,
+  and each part of the engine's GPU time (its ``grads_ray.<part>`` profiler ranges);
 - determinism: the same batch twice, by default and in the job's deterministic mode: whether the
   engine's columns and a plain step's gradients are the same bits, and the mode's cost (MoE too);
 - chunk: the engine at ``chunk_elements`` 2^s for s in ``--chunk-shifts`` (time, peak);
@@ -305,11 +306,13 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
     """What the device does in one engine pass and one plain step (CUDA; one warm-up each first), from
     torch's profiler: kernels launched, host waits (synchronize calls and blocking copies), the
     kernels' summed time against the pass's wall time (a launch-bound pass keeps the GPU idle between
-    small kernels: busy well under 1), and the kernels that take the most time. On a CPU the counts
-    are 0 (only the wall times mean something): the code path is testable here."""
+    small kernels: busy well under 1), the kernels that take the most time, and the time of each part
+    of the engine (its ``grads_ray.<part>`` ranges: device time on CUDA, host time on a CPU). On a CPU
+    the counts are 0 (only the wall times mean something): the code path is testable here."""
     from torch.profiler import ProfilerActivity, profile
 
     from grads_ray.gradients.engine import BatchedGradStats
+    from grads_ray.gradients.profiling import PREFIX
 
     engine = BatchedGradStats(model, **engine_kwargs(args))
     runs = {"engine": lambda: engine(*data), "plain": lambda: plain_step(model, *data)}
@@ -326,7 +329,10 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
         model.zero_grad(set_to_none=True)
         stats = prof.key_averages()
         count = {e.key: e.count for e in stats}
-        kernels = [e for e in stats if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        on_device = [e for e in stats if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        kernels = [e for e in on_device if not e.key.startswith(PREFIX)]  # not the parts' spans on the GPU
+        parts = {e.key[len(PREFIX):]: (getattr(e, "device_time_total", 0) / 1e3, e.cpu_time_total / 1e3, e.count)
+                 for e in stats if e.key.startswith(PREFIX) and e not in on_device}
         busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in kernels)
         if device == "cuda" and not kernels:
             print("# profile: no kernel events on CUDA (is CUPTI missing?): the counts below are not the GPU's")
@@ -334,20 +340,26 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
                       "syncs": sum(count.get(k, 0) for k in SYNCS), "wall_ms": wall * 1e3,
                       "kernel_ms": busy_us / 1e3, "busy": busy_us / 1e6 / wall,
                       "top": sorted(((getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3,
-                                      e.count, e.key[:70]) for e in kernels), reverse=True)[:top]}
+                                      e.count, e.key[:110]) for e in kernels), reverse=True)[:top],
+                      "parts": parts}
     for which, got in out.items():
         print(f"# profile {which}: {got['launches']} launches, {got['kernels']} kernels (copies and fills "
               f"included), {got['syncs']} host waits, kernels "
               f"{got['kernel_ms']:.1f} ms of {got['wall_ms']:.1f} ms wall (busy {got['busy']:.0%})", flush=True)
         for ms, n, name in got["top"]:
             print(f"#   {ms:9.2f} ms {n:6d}x  {name}")
+    if out["engine"]["parts"]:  # grads_ray.<part> ranges (gradients/profiling.py); backward holds the hooks' parts
+        print("# engine parts, device ms / host ms (calls): " + ", ".join(
+            f"{k} {d:.1f} / {h:.1f} ({n})" for k, (d, h, n) in sorted(out["engine"]["parts"].items(),
+                                                                       key=lambda kv: -kv[1][0] - kv[1][1])))
     e, p = out["engine"], out["plain"]
     return {"profile_launches_engine": e["launches"], "profile_launches_plain": p["launches"],
             "profile_launches_ratio": round(e["launches"] / max(p["launches"], 1), 2),
             "profile_kernels_engine": e["kernels"], "profile_kernels_plain": p["kernels"],
             "profile_host_waits_engine": e["syncs"], "profile_host_waits_plain": p["syncs"],
             "profile_busy_engine": round(e["busy"], 3), "profile_busy_plain": round(p["busy"], 3),
-            "profile_kernel_ms_engine": round(e["kernel_ms"], 1), "profile_kernel_ms_plain": round(p["kernel_ms"], 1)}
+            "profile_kernel_ms_engine": round(e["kernel_ms"], 1), "profile_kernel_ms_plain": round(p["kernel_ms"], 1),
+            **{f"profile_part_{k}_ms": round(d if device == "cuda" else h, 1) for k, (d, h, _) in e["parts"].items()}}
 
 
 def chunk_report(model, data, args, device: str) -> dict:

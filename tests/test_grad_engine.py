@@ -330,3 +330,20 @@ def test_token_layouts_and_what_cannot_be_placed():
         assert token_layout(lead, b, t) is None, lead
     assert index_layout((b, t), b, t) == "bt" and index_layout((t,), b, t) == "shared"
     assert index_layout((t, b), b, t) is None
+
+
+def test_the_engines_parts_are_named_for_a_profiler_and_change_no_number(tmp_path):
+    """benchmarks/grad_stats.py's profile section reads each part's GPU time from these ranges."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = save_tiny_model("llama", tmp_path / "llama").eval()
+    engine = BatchedGradStats(model, proj_dim=16, proj_rank=4, fisher_dim=0)
+    batch = pad(random_examples(3, seed=2, vocab=VOCAB), "right")
+    alone = engine(*batch)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        watched = engine(*batch)
+    names = {e.name for e in prof.events() if e.name.startswith("grads_ray.")}
+    assert {"grads_ray.forward", "grads_ray.backward", "grads_ray.dense_moments", "grads_ray.finish"} <= names
+    for column, values in alone.columns.items():
+        np.testing.assert_array_equal(values, watched.columns[column])
+    np.testing.assert_array_equal(alone.grad_proj, watched.grad_proj)

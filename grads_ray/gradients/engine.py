@@ -54,6 +54,7 @@ from grads_ray.gradients import experts as moe
 from grads_ray.gradients.features import fisher_from_gram, fisher_gram, fisher_projection, mean_over
 from grads_ray.gradients.groups import GRAD_STATS, group_of
 from grads_ray.gradients.layout import Layout, token_layout
+from grads_ray.gradients.profiling import part
 from grads_ray.gradients.projection import Projector
 from grads_ray.gradients.reduce import Held, PassState, Reducer, to_host
 from grads_ray.gradients.rules import (
@@ -171,22 +172,26 @@ class BatchedGradStats:
                 kwargs["position_ids"] = positions
             if "use_cache" in self._takes:
                 kwargs["use_cache"] = False
-            out = model(**kwargs)
-            logits = out.logits  # (B, T, V)
-            target = (labels[:, 1:] != IGNORE_INDEX) & mask[:, :-1] & mask[:, 1:]  # (B, T-1)
-            n_resp = target.sum(1)
-            acc = logits if logits.dtype == torch.float64 else logits.float()
-            ce = nn.functional.cross_entropy(acc[:, :-1].flatten(0, 1), labels[:, 1:].clamp(min=0).flatten(),
-                                             reduction="none").view(target.shape)
-            per_example = (ce * target).sum(1) / n_resp.clamp(min=1)  # (B,)
-            del acc, logits, out
+            with part("forward"):
+                out = model(**kwargs)
+                logits = out.logits  # (B, T, V)
+                target = (labels[:, 1:] != IGNORE_INDEX) & mask[:, :-1] & mask[:, 1:]  # (B, T-1)
+                n_resp = target.sum(1)
+                acc = logits if logits.dtype == torch.float64 else logits.float()
+                ce = nn.functional.cross_entropy(acc[:, :-1].flatten(0, 1), labels[:, 1:].clamp(min=0).flatten(),
+                                                 reduction="none").view(target.shape)
+                per_example = (ce * target).sum(1) / n_resp.clamp(min=1)  # (B,)
+                del acc, logits, out
             if per_example.requires_grad:
-                per_example.sum().backward()
+                with part("backward"):  # the model's own backward, with the hooks' parts inside it
+                    per_example.sum().backward()
             with torch.no_grad():
-                for name in [n for n, k in state.pending.items() if k > 0]:  # uses that got no δ
-                    self.reducer.complete(state, name)
-                self.reducer.flush(state)
-                return self._finish(state, labels, per_example.detach(), n_resp)
+                with part("last_flush"):
+                    for name in [n for n, k in state.pending.items() if k > 0]:  # uses that got no δ
+                        self.reducer.complete(state, name)
+                    self.reducer.flush(state)
+                with part("finish"):
+                    return self._finish(state, labels, per_example.detach(), n_resp)
         finally:
             while state.modes:
                 state.modes.pop().__exit__(None, None, None)

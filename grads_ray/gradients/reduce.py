@@ -30,6 +30,7 @@ from grads_ray.gradients.factored import (
     vector_moments,
 )
 from grads_ray.gradients.layout import Layout
+from grads_ray.gradients.profiling import part
 from grads_ray.gradients.projection import Projector
 from grads_ray.gradients.rules import LOOP_HINT, NormHat, UnsupportedModel
 
@@ -133,7 +134,8 @@ class Reducer:
         if not held:  # no δ reached it: its per-example gradient is exactly zero (the table's default)
             return
         if held[0].kind == "expert":  # a mixture of experts' weight: all its experts at once
-            self._reduce_experts(state, name, held)
+            with part("experts"):
+                self._reduce_experts(state, name, held)
             return
         if len(held) == 1 and held[0].kind != "term" and held[0].nbytes() <= self.hold_bytes // 4:
             state.ready.append((name, held[0]))
@@ -141,7 +143,8 @@ class Reducer:
             if state.held > self.hold_bytes:
                 self.flush(state)
             return
-        self._reduce_alone(state, name, [self._materialize(h) for h in held])
+        with part("alone"):  # a tied or several-times-used weight, an embedding, a replayed matrix
+            self._reduce_alone(state, name, [self._materialize(h) for h in held])
 
     def _materialize(self, held: Held):
         """One use as a term of ``factored``, padding zeroed (a formed (B, …) tensor for vectors)."""
@@ -175,18 +178,24 @@ class Reducer:
             helds = [h for _, h in members]
             if key[0] == "dense":
                 keep = helds[0].keep
-                left, right = common_dtype(grouped.stacked([h.left for h in helds], keep),
-                                      grouped.stacked([h.right for h in helds], keep))
-                self._store(state, names, grouped.dense_moments(left, right, extrema=self.extrema,
-                                                                chunk_elements=self.chunk_elements))
+                with part("dense_stack"):
+                    left, right = common_dtype(grouped.stacked([h.left for h in helds], keep),
+                                               grouped.stacked([h.right for h in helds], keep))
+                with part("dense_moments"):
+                    self._store(state, names, grouped.dense_moments(left, right, extrema=self.extrema,
+                                                                    chunk_elements=self.chunk_elements))
                 if self.projector:
-                    blocks = self._stack(names, left.device, acc_dtype(left))
-                    self._sketch(state, names, grouped.dense_project(left, right, blocks["p_rows"], blocks["p_cols"]))
+                    with part("dense_sketch"):
+                        blocks = self._stack(names, left.device, acc_dtype(left))
+                        self._sketch(state, names,
+                                     grouped.dense_project(left, right, blocks["p_rows"], blocks["p_cols"]))
             else:
-                g = self._vectors(key[0], helds)
-                self._store(state, names, grouped.vector_moments_stack(g, extrema=self.extrema))
-                if self.projector:
-                    self._sketch(state, names, grouped.vector_project(g, self._stack(names, g.device, acc_dtype(g))["p_vec"]))
+                with part("vectors"):
+                    g = self._vectors(key[0], helds)
+                    self._store(state, names, grouped.vector_moments_stack(g, extrema=self.extrema))
+                    if self.projector:
+                        self._sketch(state, names,
+                                     grouped.vector_project(g, self._stack(names, g.device, acc_dtype(g))["p_vec"]))
 
     def _stack(self, names: tuple[str, ...], device, acc: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """A stack's table rows (``index``) and count-sketch ``bucket`` and ``sign`` of its columns, and
