@@ -28,6 +28,7 @@ On CUDA, sections follow the main table, each printing the figures so far first:
 - determinism: the same batch twice, by default and in the job's deterministic mode: whether the
   engine's columns and a plain step's gradients are the same bits, and the mode's cost (MoE too);
 - chunk: the engine at ``chunk_elements`` 2^s for s in ``--chunk-shifts`` (time, peak);
+- extrema: the engine with ``extrema`` off against on and a plain step (what forming gradients costs);
 - compile (only with ``--compile``, any device: compiling takes a while): the engine with its block
   reduction compiled against eager: speed, compile time, how far the statistics move;
 - auto batch (``--no-auto-batch`` skips it): the size ``score.batch_size=auto`` picks for ``--model``
@@ -362,6 +363,24 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
             **{f"profile_part_{k}_ms": round(d if device == "cuda" else h, 1) for k, (d, h, _) in e["parts"].items()}}
 
 
+def extrema_report(model, data, args, device: str) -> dict:
+    """The engine with ``extrema`` off (``score.extrema=false``: no grad_max/grad_min, so no weight's
+    per-example gradient is formed where the ghost norm is cheaper) against the default and a plain
+    step on one batch: how much of the engine's cost is forming the gradients for their extrema."""
+    from grads_ray.gradients.engine import BatchedGradStats
+
+    on = BatchedGradStats(model, **engine_kwargs(args))
+    off = BatchedGradStats(model, **engine_kwargs(args), extrema=False)
+    t_on = timed(lambda: on(*data), device, 3)
+    t_off = timed(lambda: off(*data), device, 3)
+    t_plain = timed(lambda: plain_step(model, *data), device, 3)
+    model.zero_grad(set_to_none=True)
+    out = {"extrema_on_vs_plain": round(t_on / t_plain, 2), "extrema_off_vs_plain": round(t_off / t_plain, 2)}
+    print(f"# extrema: on {t_on * 1e3:.1f} ms ({out['extrema_on_vs_plain']}x a plain step), off {t_off * 1e3:.1f} ms "
+          f"({out['extrema_off_vs_plain']}x), plain step {t_plain * 1e3:.1f} ms", flush=True)
+    return out
+
+
 def chunk_report(model, data, args, device: str) -> dict:
     """The engine at ``score.chunk_elements`` 2^s for each s of ``--chunk-shifts`` (26 is the default:
     the largest block of formed gradient entries) on one batch: time and (CUDA) peak memory each.
@@ -630,8 +649,8 @@ def main() -> None:
     ap.add_argument("--det-attention", default=None,
                     help="the determinism section also tries these attention kernels alone (flash, efficient, math, cudnn)")
     ap.add_argument("--sections", default=None,
-                    help="run only these sections (comma-separated: moe, determinism, profile, chunk, compile, "
-                         "auto_batch), without the main table")
+                    help="run only these sections (comma-separated: moe, determinism, profile, chunk, extrema, "
+                         "compile, auto_batch), without the main table")
     ap.add_argument("--compile", action="store_true",
                     help="also time the engine with its block reduction compiled (torch.compile), against eager")
     ap.add_argument("--no-auto-batch", action="store_true",
@@ -667,7 +686,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     cuda = device == "cuda"
     default = {"moe": (cuda and not args.no_moe) or args.moe_model is not None, "determinism": cuda, "profile": (cuda and not args.no_profile) or args.profile,
-               "chunk": cuda and not args.no_profile, "compile": args.compile, "auto_batch": cuda and not args.no_auto_batch}
+               "chunk": cuda and not args.no_profile, "extrema": cuda and not args.no_profile, "compile": args.compile,
+               "auto_batch": cuda and not args.no_auto_batch}
     chosen = None if args.sections is None else set(args.sections.split(","))
     if chosen is not None and chosen - set(default):
         ap.error(f"--sections: unknown {sorted(chosen - set(default))} (known: {sorted(default)})")
@@ -770,6 +790,10 @@ def main() -> None:
         kb, kt = (int(x) for x in args.profile_at.split(","))
         section(summary, "chunk", lambda: chunk_report(
             model, make_batch(kb, kt, model.config.vocab_size, 3, device), args, device))
+    if wanted("extrema"):
+        xb, xt = (int(x) for x in args.profile_at.split(","))
+        section(summary, "extrema", lambda: extrema_report(
+            model, make_batch(xb, xt, model.config.vocab_size, 5, device), args, device))
     if wanted("compile"):
         cb, ct = (int(x) for x in args.profile_at.split(","))
         section(summary, "compile", lambda: compile_report(
