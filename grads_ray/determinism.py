@@ -60,10 +60,11 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
 
 def explain(exc: BaseException) -> str | None:
     """The one line for an op with no deterministic kernel on this device (torch's RuntimeError under
-    :func:`deterministic`), else None."""
+    :func:`deterministic`, or a Ray Train failure that carries its text), else None."""
     text = str(exc)
-    if not isinstance(exc, RuntimeError) or NO_KERNEL not in text:
+    if NO_KERNEL not in text:
         return None
-    op = text.split(NO_KERNEL)[0].strip().rstrip(",")
-    return (f"{op or 'an operation'} has no deterministic kernel on this device: set deterministic=false to run "
-            f"this model (its numbers then differ at rounding between runs)")
+    before = text.split(NO_KERNEL)[0].split()
+    op = before[-1].rstrip(",") if before else "an operation"
+    return (f"{op} has no deterministic kernel on this device: set deterministic=false to run this model "
+            f"(its numbers then differ at rounding between runs)")

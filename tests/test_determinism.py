@@ -48,6 +48,9 @@ def test_an_op_without_a_deterministic_kernel_is_one_line_naming_the_way_out():
     assert line.startswith("put_ has no deterministic kernel") and "deterministic=false" in line
     assert failure_line(caught.value, when="scoring shard 3") == f"score: scoring shard 3: {line}"
     assert explain(RuntimeError("CUDA out of memory")) is None and explain(ValueError("x")) is None
+    ray_train = Exception("Training failed.\nTraceback (most recent call last):\n  ...\nRuntimeError: "
+                          "histc_cuda does not have a deterministic implementation, but you set ...")
+    assert explain(ray_train).startswith("histc_cuda has no deterministic kernel")  # a worker's error, as Ray carries it
 
 
 def test_a_mixture_of_experts_plain_step_gives_the_same_bits_twice_in_the_mode():

@@ -8,6 +8,7 @@ from typing import Any
 
 from grads_ray import storage
 from grads_ray.config import ConfigError, TrainConfig
+from grads_ray.determinism import explain
 from grads_ray.storage import Location
 
 
@@ -55,6 +56,11 @@ def train(dataset, n_rows: int, model_path: str, out_model: Location, cfg: Train
     watcher.start()
     try:
         result = trainer.fit()
+    except Exception as exc:
+        line = explain(exc)  # an op with no deterministic kernel in the loop: one line, not Ray's traceback
+        if line:
+            raise ConfigError(f"{stage}: {line}") from None
+        raise
     finally:
         stop.set()
         watcher.join(timeout=5)
