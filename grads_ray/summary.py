@@ -53,7 +53,10 @@ def plan(cfg: Config, end: str | None = None) -> str:
     lines.append("  stages")
     lines += [f"    {s.name:<11} {_state(out, s)}" for s in stages]
     where = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray cluster started by the job"
-    lines += [f"  ray             {where}; this machine: {os.cpu_count()} CPUs, {torch.cuda.device_count()} GPUs"]
+    lines += [f"  ray             {where}; this machine: {os.cpu_count()} CPUs, {torch.cuda.device_count()} GPUs",
+              f"  seed            {cfg.seed}; "
+              + ("deterministic kernels (the same bits run after run)" if cfg.deterministic
+                 else "deterministic=false: a GPU's numbers differ at rounding between runs")]
     if "score" in names:
         lines.append(f"  score           {cfg.score.num_actors} actor(s), use_gpu={cfg.score.use_gpu}, "
                      f"batch {cfg.score.batch_size}"

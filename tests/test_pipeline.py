@@ -366,6 +366,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(finished, tmp_path, capsys):
     n_shards = len(json.loads((finished["out"] / "rows" / ".ledger" / "shards.json").read_text()))
     assert f"{n_shards} shards" in text and "bad.jsonl" in text and "select          grads, budget 30%" in text
     assert "similarity  to run" in text and not fresh.exists()
+    assert "seed            1; deterministic kernels" in text
     assert main(["run", str(finished["config"]), "--dry-run"]) == 0  # the finished run directory
     text = capsys.readouterr().out
     assert "score       finished before" in text and "evaluate    finished before" in text
