@@ -22,7 +22,7 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
 On CUDA, sections follow the main table, each printing the figures so far first:
 - MoE (``--moe-model``, moe-small by default; ``--no-moe`` skips it): the experts' grouped-matmul path against the padded
   stacks and a plain step at B = 16, T = 512, and the self-check on the GPU;
-- profile (``--no-profile`` skips it and the next): one engine pass and one plain step at
+- profile (``--no-profile`` skips it, chunk and extrema): one engine pass and one plain step at
   ``--profile-at``: kernel launches, host waits, how busy the GPU is, the kernels that take the time,
   and each part of the engine's GPU time (its ``grads_ray.<part>`` profiler ranges);
 - determinism: the same batch twice, by default and in the job's deterministic mode: whether the
@@ -382,8 +382,9 @@ def extrema_report(model, data, args, device: str) -> dict:
 
 
 def chunk_report(model, data, args, device: str) -> dict:
-    """The engine at ``score.chunk_elements`` 2^s for each s of ``--chunk-shifts`` (26 is the default:
-    the largest block of formed gradient entries) on one batch: time and (CUDA) peak memory each.
+    """The engine at ``score.chunk_elements`` 2^s for each s of ``--chunk-shifts`` (the largest block
+    of formed gradient entries; ``auto`` is 2^28 on a GPU, 2^26 on a CPU) on one batch: time and (CUDA)
+    peak memory each.
     Larger blocks mean fewer of them (fewer launches) and more memory: what a GPU default should be."""
     from grads_ray.gradients.engine import BatchedGradStats
 
@@ -642,7 +643,8 @@ def main() -> None:
     ap.add_argument("--no-moe", action="store_true", help="skip the MoE section on CUDA (unless --moe-model names one)")
     ap.add_argument("--dispatch-only", action="store_true", help="print the dispatch count and stop")
     ap.add_argument("--no-profile", action="store_true",
-                    help="skip the CUDA profile of one engine pass and one plain step, and the chunk_elements sweep")
+                    help="skip the CUDA profile of one engine pass and one plain step, the chunk_elements sweep "
+                         "and the extrema section")
     ap.add_argument("--profile", action="store_true", help="run the profile section on a CPU too (its code path)")
     ap.add_argument("--profile-at", default="16,512", help="B,T of the profile section (and of --compile)")
     ap.add_argument("--chunk-shifts", default="26,27,28", help="the chunk section's chunk_elements, as powers of 2")

@@ -424,7 +424,7 @@ def score_units(model_path: str, examples: list[tuple[list[int], list[int]]], cf
     from grads_ray.gradients.scorer import ROWS_PER_BLOCK_BATCHES, Scorer, engine_settings
 
     batch = fixed_batch_size(cfg.score.batch_size)  # (a CPU benchmark: auto is 16 there)
-    scorer = Scorer(model_path, threads=threads, settings=engine_settings(cfg.score, cfg.seed),
+    scorer = Scorer(model_path, threads=threads, settings=engine_settings(cfg.score, cfg.seed, cfg.deterministic),
                     batch_size=batch, trust_remote_code=cfg.model.trust_remote_code)
     unit = ROWS_PER_BLOCK_BATCHES * batch
     t0 = time.perf_counter()

@@ -1,5 +1,6 @@
-"""Same seed, same bits, on a GPU too: torch's deterministic kernels around the passes that compute
-the job's numbers (the scorer's and the training loops').
+"""Same seed, same bits: torch's deterministic kernels around the passes that compute the job's
+numbers (the scorer's and the training loops'). On a CPU that is measured (tests/test_determinism.py,
+the demo twice); on a GPU it is what torch promises for these kernels, not yet measured here.
 
 On a GPU several kernels add in whatever order their threads finish (atomic adds): the attention
 backward (cuDNN's, flash, memory-efficient), ``index_add_``, ``scatter_add_``, ``index_select``'s

@@ -55,7 +55,7 @@ def plan(cfg: Config, end: str | None = None) -> str:
     where = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray cluster started by the job"
     lines += [f"  ray             {where}; this machine: {os.cpu_count()} CPUs, {torch.cuda.device_count()} GPUs",
               f"  seed            {cfg.seed}; "
-              + ("deterministic kernels (the same bits run after run)" if cfg.deterministic
+              + ("deterministic kernels" if cfg.deterministic
                  else "deterministic=false: a GPU's numbers differ at rounding between runs")]
     if "score" in names:
         lines.append(f"  score           {cfg.score.num_actors} actor(s), use_gpu={cfg.score.use_gpu}, "

@@ -106,6 +106,29 @@ def test_the_scorer_runs_its_passes_in_the_mode_the_setting_asks(tmp_path):
     assert seen == {True: True, False: False, (True, "after"): False, (False, "after"): False}
 
 
+@pytest.mark.parametrize("engine", ["auto", "batched"])
+def test_an_op_without_a_deterministic_kernel_in_the_self_check_stops_the_scorer(engine, tmp_path, monkeypatch):
+    """Not a failed self-check (which would score one example at a time, or refuse the model): the
+    setting is what to change, and the line says so."""
+    from grads_ray.gradients.reduce import Reducer
+    from grads_ray.gradients.scorer import Scorer
+    from grads_ray.stages.score_pass import failure_line
+
+    save_tiny_model("llama", tmp_path / "model")
+    flush = Reducer.flush
+
+    def flush_with_put(self, state):
+        torch.zeros(4).put_(torch.tensor([1, 1]), torch.tensor([1.0, 2.0]))
+        return flush(self, state)
+
+    monkeypatch.setattr(Reducer, "flush", flush_with_put)
+    with pytest.raises(RuntimeError) as caught:
+        Scorer(str(tmp_path / "model"), settings={"engine": engine, "proj_dim": 8, "deterministic": True})
+    assert "deterministic=false" in failure_line(caught.value, when="the scorer could not start")
+    off = Scorer(str(tmp_path / "model"), settings={"engine": engine, "proj_dim": 8, "deterministic": False})
+    assert off.check.engine == "batched" and off.check.passed
+
+
 def test_the_setting_changes_no_fingerprint(tmp_path):
     from grads_ray.config import load_config
     from grads_ray.stages.score import _engine_numbers

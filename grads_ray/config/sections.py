@@ -276,9 +276,9 @@ class CompareConfig:
 class Config:
     output: str = "runs/latest"
     seed: int = 0
-    # same seed, same bits on a GPU too: torch's deterministic kernels in the scorer's and the training
-    # loops' passes (grads_ray/determinism.py; their cost in docs/benchmarks.md). false: a GPU's atomic
-    # adds (attention backward, index_add) make the scores of two runs differ at rounding
+    # same seed, same bits: torch's deterministic kernels in the scorer's and the training loops' passes
+    # (grads_ray/determinism.py; on a GPU their cost and effect are still to be measured). false: a GPU's
+    # atomic adds (attention backward, index_add) make the scores of two runs differ at rounding
     deterministic: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from grads_ray.determinism import explain
 from grads_ray.gradients import experts as moe
 from grads_ray.gradients import rules
 from grads_ray.gradients.factored import Rows
@@ -196,7 +197,7 @@ def replay(state: PassState, use: Use, attrs: list[str], args, kwargs, ly: Layou
                                               grad_outputs=only.reshape(len(rows), *y.shape).to(y.dtype),
                                               is_grads_batched=True)
                 except RuntimeError as exc:  # an op that refuses vmap: one product per example
-                    if out_of_memory(exc):  # not that: said, not retried one by one
+                    if out_of_memory(exc) or explain(exc):  # not that: said, not retried one by one
                         raise
                     got = _replay_each(y, list(live.values()), only)
                 for a, g in zip(live, got, strict=True):

@@ -38,7 +38,7 @@ STAT_BASE = ["id", "n_tokens", "loss", "grad_norm", "grad_mean", "grad_std", "gr
 FEATURE_COLUMNS = ("hidden_mean", "grad_proj", "fisher_factor", "fisher_energy")
 
 
-def engine_settings(score_cfg: Any, seed: int, deterministic: bool = True) -> dict[str, Any]:
+def engine_settings(score_cfg: Any, seed: int, deterministic: bool) -> dict[str, Any]:
     """The score config keys the engine reads (these, with the model, decide every number written, but
     for ``chunk_elements`` and ``deterministic``, which change none beyond rounding)."""
     keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fisher_dim", "fisher_rank",
