@@ -72,7 +72,9 @@ def test_chunk_elements_auto_is_by_device():
 
     assert load_config(None, []).score.chunk_elements == "auto"
     assert load_config(None, ["score.chunk_elements=1024"]).score.chunk_elements == 1024
-    assert (chunk_elements("auto", "cuda"), chunk_elements("auto", "cpu")) == (1 << 28, 1 << 26)
+    assert chunk_elements("auto", "cpu") == 1 << 26
+    assert chunk_elements("auto", "cuda", total_bytes=141 * 2**30) == 1 << 28  # an H200: measured there
+    assert chunk_elements("auto", "cuda", total_bytes=24 * 2**30) == 1 << 26  # a small card keeps the old bound
     assert chunk_elements(1024, "cuda") == 1024
 
 

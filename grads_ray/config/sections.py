@@ -146,8 +146,8 @@ class ScoreConfig:
     extrema: bool = True  # grad_max / grad_min (exact; without them the ghost norm is used where cheaper)
     proj_dim: int = 512  # projected-gradient feature size (0: off)
     proj_rank: int = 8  # per-layer Kronecker sketch: rank x rank numbers per weight matrix
-    # largest block of per-example gradient entries formed at once; auto: 2^28 on a GPU, 2^26 on a CPU
-    # (grads_ray/gradients/memory.py, measured). Changes no number beyond rounding (not fingerprinted)
+    # largest block of per-example gradient entries formed at once; auto: 2^28 on a GPU of 40 GiB or more,
+    # else 2^26 (grads_ray/gradients/memory.py, measured). Changes no number beyond rounding (not fingerprinted)
     chunk_elements: int | str = "auto"
     fisher_dim: int = 64  # FisherSFT summary: last hidden state projected to this size (0: off)
     fisher_rank: int = 4  # ... and kept as a rank-r factor per example

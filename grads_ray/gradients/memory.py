@@ -10,13 +10,23 @@ import torch
 
 # score.chunk_elements=auto, by device: on an H200 (Qwen2.5-0.5B shapes, B = 16, T = 512, bf16) 2^28
 # was the fastest of 2^26..2^30 in two runs (229 against 325 ms, 238 against 255 ms a pass) at the same
-# peak; a CPU gains nothing from larger blocks (2^20 and 2^26 timed the same) and keeps the smaller bound
+# peak; a CPU gains nothing from larger blocks (2^20 and 2^26 timed the same) and keeps the smaller bound,
+# and so does a GPU under BIG_GPU (a 2^28 block and its float32 moments are ~1.5 GiB: a 16-24 GiB card
+# running a fixed score.batch_size that fitted before would not want them)
 AUTO_CHUNK = {"cuda": 1 << 28, "cpu": 1 << 26}
+BIG_GPU = 40 * 2**30
 
 
-def chunk_elements(setting: int | str, device_type: str) -> int:
-    """``score.chunk_elements`` on this device: an integer as it is, ``auto`` by :data:`AUTO_CHUNK`."""
-    return AUTO_CHUNK.get(device_type, AUTO_CHUNK["cpu"]) if setting == "auto" else int(setting)
+def chunk_elements(setting: int | str, device_type: str, total_bytes: int | None = None) -> int:
+    """``score.chunk_elements`` on this device: an integer as it is, ``auto`` by :data:`AUTO_CHUNK`
+    (on CUDA, for a GPU of at least :data:`BIG_GPU`; ``total_bytes``: its memory, read when None)."""
+    if setting != "auto":
+        return int(setting)
+    if device_type == "cuda":
+        if total_bytes is None:
+            total_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        return AUTO_CHUNK["cuda"] if total_bytes >= BIG_GPU else AUTO_CHUNK["cpu"]
+    return AUTO_CHUNK["cpu"]
 
 
 def out_of_memory(exc: BaseException) -> bool:
