@@ -154,10 +154,8 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
 
 
 def engine_kwargs(args) -> dict:
-    """The engine as the job builds it on this device (``score.chunk_elements=auto`` included)."""
+    """The engine as the job builds it on this device (its ``chunk_elements`` follows the device)."""
     extra = {"hold_bytes": int(args.hold_mib * 2**20)} if getattr(args, "hold_mib", None) is not None else {}
-    if getattr(args, "chunk", None):
-        extra["chunk_elements"] = args.chunk
     return {"proj_dim": args.proj_dim, "proj_rank": args.proj_rank, "fisher_dim": 64, "fisher_rank": 4, **extra}
 
 
@@ -614,8 +612,6 @@ def section(summary: dict, key: str, run) -> None:
 
 
 def main() -> None:
-    from grads_ray.gradients.memory import chunk_elements
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few CPU minutes: small model, short grid")
     ap.add_argument("--model", default=None, choices=sorted(MODELS))
@@ -665,7 +661,6 @@ def main() -> None:
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device == "cuda" else "float32"
     args.model = args.model or ("small" if device == "cpu" else "qwen0.5b")
-    args.chunk = chunk_elements("auto", device)
     if args.child:
         return child_memory(args)
     if args.only:

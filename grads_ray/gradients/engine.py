@@ -98,8 +98,8 @@ class BatchedGradStats:
     """The batched exact engine for one model; call it on padded batches.
 
     ``proj_dim`` 0 turns the projected feature off; ``extrema`` False skips max/min (then the ghost
-    norm is used wherever it is cheaper); ``chunk_elements`` bounds the formed gradient blocks (None:
-    by the model's device, as ``score.chunk_elements=auto``: gradients/memory.py);
+    norm is used wherever it is cheaper); ``chunk_elements`` bounds the formed gradient blocks (``auto``:
+    by the model's device, gradients/memory.py);
     ``fisher_dim``/``fisher_rank`` shape the FisherSFT summary (0 turns it off).
     ``keep_params`` adds every parameter's per-example moments to the output. ``hold_bytes`` bounds
     the factors held for grouped reduction (more: fewer, larger stacks; the peak grows by about that).
@@ -108,11 +108,11 @@ class BatchedGradStats:
     """
 
     def __init__(self, model: nn.Module, *, proj_dim: int = 512, proj_rank: int = 8, seed: int = 0,
-                 extrema: bool = True, chunk_elements: int | None = None, fisher_dim: int = 64,
+                 extrema: bool = True, chunk_elements: int | str = "auto", fisher_dim: int = 64,
                  fisher_rank: int = 4, keep_params: bool = False, hold_bytes: int | None = None):
         self.model = model
         device = next(model.parameters()).device.type
-        chunk_elements = memory.chunk_elements("auto" if chunk_elements is None else chunk_elements, device)
+        chunk_elements = memory.chunk_elements(chunk_elements, device)
         self.extrema, self.chunk_elements, self.keep_params = extrema, chunk_elements, keep_params
         self.hold_bytes = hold_bytes if hold_bytes is not None else HOLD_BYTES.get(device, HOLD_BYTES["cuda"])
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # ties once

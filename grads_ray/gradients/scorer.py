@@ -62,7 +62,6 @@ class Scorer:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from grads_ray.gradients.memory import chunk_elements
         from grads_ray.gradients.selfcheck import ModelRefused, build_engine, synthetic_examples
         from grads_ray.storage import local_model
 
@@ -77,7 +76,6 @@ class Scorer:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        settings["chunk_elements"] = chunk_elements(settings.get("chunk_elements", "auto"), self.device.type)
         dtype = settings.pop("dtype", "auto")
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
@@ -99,15 +97,14 @@ class Scorer:
         examples = [(list(x), list(y)) for x, y in (check or [])] or synthetic_examples(vocab_size)
         if self.hooks.get("perturb"):
             _perturb_rule(self.hooks["perturb"], self.hooks.get("factor", 1.3))
-        try:
-            with determinism.deterministic(self.deterministic):
+        with determinism.deterministic(self.deterministic):
+            try:
                 self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id, tolerance)
-        except ModelRefused as exc:
-            self.refusal = str(exc)
-            settings["engine"] = "loop"  # (shapes below only; nothing is scored)
-            with determinism.deterministic(self.deterministic):
+            except ModelRefused as exc:
+                self.refusal = str(exc)
+                settings["engine"] = "loop"  # (shapes below only; nothing is scored)
                 self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id)
-            self.check.reason = self.refusal
+                self.check.reason = self.refusal
         cfg = self.model.config
         vocab = self.model.get_input_embeddings().num_embeddings
         starts = [t[0] if isinstance(t, list) else t for t in (cfg.bos_token_id, cfg.eos_token_id, self.pad_id)]

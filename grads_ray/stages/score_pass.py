@@ -75,8 +75,9 @@ def failure_line(exc: BaseException, *, when: str, batch_size: int | None = None
     line, for out of memory the setting to lower, for an op with no deterministic kernel the way out."""
     from grads_ray.determinism import explain
 
-    if explain(exc):
-        return f"score: {when}: {explain(exc)}"
+    hint = explain(exc)
+    if hint:
+        return f"score: {when}: {hint}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     line = f"score: {when}: {type(exc).__name__}" + (f": {first}" if first else "")
     from grads_ray.gradients.memory import out_of_memory

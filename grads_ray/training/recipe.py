@@ -152,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint.py) every that many optimizer steps; a restarted worker group loads the latest and
     goes on from its step, skipping the batches that epoch had already used. The last report
     carries the final model in Hugging Face format. With ``deterministic``, in torch's deterministic
-    kernels (grads_ray/determinism.py): the same seed trains the same weights on a GPU too."""
+    kernels (grads_ray/determinism.py), so that one seed trains the same weights."""
     from grads_ray.determinism import deterministic
 
     s: LoopSettings = config["settings"]
