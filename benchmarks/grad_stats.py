@@ -24,11 +24,15 @@ On CUDA, sections follow the main table, each printing the figures so far first:
   stacks and a plain step at B = 16, T = 512, and the self-check on the GPU;
 - profile (``--no-profile`` skips it, chunk and extrema): one engine pass and one plain step at
   ``--profile-at``: kernel launches, host waits, how busy the GPU is, the kernels that take the time,
-  and each part of the engine's GPU time (its ``grads_ray.<part>`` profiler ranges);
+  and each part of the engine's GPU time (its ``grads_ray.<part>`` profiler ranges); the engine also
+  in the job's deterministic mode (``engine_det``: which kernels that mode changes, at what cost);
 - determinism: the same batch twice, by default and in the job's deterministic mode: whether the
   engine's columns and a plain step's gradients are the same bits, and the mode's cost (MoE too);
 - chunk: the engine at ``chunk_elements`` 2^s for s in ``--chunk-shifts`` (time, peak);
 - extrema: the engine with ``extrema`` off against on and a plain step (what forming gradients costs);
+- graphs: the engine's device pass captured as a CUDA graph and replayed, by default and in the
+  deterministic mode: whether it captures, whether a replay gives the eager pass's bits (on the
+  captured batch and another), and a replay's time against an eager pass's;
 - compile (only with ``--compile``, any device: compiling takes a while): the engine with its block
   reduction compiled against eager: speed, compile time, how far the statistics move;
 - auto batch (``--no-auto-batch`` skips it): the size ``score.batch_size=auto`` picks for ``--model``
@@ -310,11 +314,17 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
     the counts are 0 (only the wall times mean something): the code path is testable here."""
     from torch.profiler import ProfilerActivity, profile
 
+    from grads_ray.determinism import deterministic
     from grads_ray.gradients.engine import BatchedGradStats
     from grads_ray.gradients.profiling import PREFIX
 
     engine = BatchedGradStats(model, **engine_kwargs(args))
-    runs = {"engine": lambda: engine(*data), "plain": lambda: plain_step(model, *data)}
+
+    def engine_det():  # the job's mode (deterministic=true, the default): which kernels it changes, and their cost
+        with deterministic(True):
+            engine(*data)
+
+    runs = {"engine": lambda: engine(*data), "engine_det": engine_det, "plain": lambda: plain_step(model, *data)}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     out: dict = {}
     for which, fn in runs.items():
@@ -351,8 +361,10 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
         print("# engine parts, device ms / host ms (calls): " + ", ".join(
             f"{k} {d:.1f} / {h:.1f} ({n})" for k, (d, h, n) in sorted(out["engine"]["parts"].items(),
                                                                        key=lambda kv: -kv[1][0] - kv[1][1])))
-    e, p = out["engine"], out["plain"]
+    e, p, d = out["engine"], out["plain"], out["engine_det"]
     return {"profile_launches_engine": e["launches"], "profile_launches_plain": p["launches"],
+            "profile_kernel_ms_engine_det": round(d["kernel_ms"], 1), "profile_wall_ms_engine_det": round(d["wall_ms"], 1),
+            "profile_wall_ms_engine": round(e["wall_ms"], 1), "profile_wall_ms_plain": round(p["wall_ms"], 1),
             "profile_launches_ratio": round(e["launches"] / max(p["launches"], 1), 2),
             "profile_kernels_engine": e["kernels"], "profile_kernels_plain": p["kernels"],
             "profile_host_waits_engine": e["syncs"], "profile_host_waits_plain": p["syncs"],
@@ -470,6 +482,75 @@ def determinism_report(model, data, args, device: str, prefix: str = "det") -> d
                 print(f"# {prefix} sdpa_{name}: {out[f'{prefix}_sdpa_{name}_error']}", flush=True)
     out[f"{prefix}_mode_cost"] = round(out[f"{prefix}_deterministic_ms"] / out[f"{prefix}_default_ms"], 3)
     return out
+
+
+def graphs_report(model, data, args, device: str) -> dict:
+    """The engine's device pass (``BatchedGradStats.device_pass``) captured once as a CUDA graph and
+    replayed: whether the capture works (nothing in the pass may wait for the device; transformers
+    skips its own mask checks while a stream captures), whether a replay gives the eager pass's bits on
+    the captured batch and on another batch of the same shape (a value baked into the graph would
+    show there), and a replay's time (inputs copied in, results to the host) against an eager pass's.
+    In torch's default mode, then in the job's deterministic mode. What CUDA graphs per (B, T) bucket
+    would save, measured before the job uses them. CUDA only."""
+    from grads_ray.determinism import deterministic
+    from grads_ray.gradients.engine import BatchedGradStats
+
+    engine = BatchedGradStats(model, **engine_kwargs(args))
+    other = make_batch(data[0].shape[0], data[0].shape[1], model.config.vocab_size, 99, device)
+    out: dict = {}
+    for tag, det in (("default", False), ("deterministic", True)):
+        with deterministic(det):
+            out.update(graph_trial(engine, data, other, tag))
+        torch.cuda.empty_cache()
+    return out
+
+
+def graph_trial(engine, data, other, tag: str) -> dict:
+    """One capture of ``engine``'s device pass on ``data``'s shape and its replays (``graphs_report``)."""
+    from grads_ray.gradients.reduce import to_host
+
+    def eager(batch):
+        return to_host(engine.device_pass(*batch, left_padded=False))
+
+    want = [eager(data), eager(other)]
+    static = [t.clone() for t in data]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch's docs ask before a capture
+        for _ in range(2):
+            engine.device_pass(*static, left_padded=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        t0 = time.perf_counter()
+        with torch.cuda.graph(graph):
+            pieces = engine.device_pass(*static, left_padded=False)
+        torch.cuda.synchronize()
+        capture_s = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001 - what stops a capture is the finding
+        line = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        print(f"# graphs {tag}: capture failed: {line}", flush=True)
+        return {f"graphs_{tag}_captured": False, f"graphs_{tag}_error": line}
+
+    def replay(batch):
+        for s, t in zip(static, batch, strict=True):
+            s.copy_(t)
+        graph.replay()
+        return to_host(pieces)
+
+    diffs = [column_differences(replay(b), w) for b, w in zip((data, other), want, strict=True)]
+    t_eager = timed(lambda: eager(data), "cuda", 5)
+    t_graph = timed(lambda: replay(data), "cuda", 5)
+    same = [not names for names, _ in diffs]
+    print(f"# graphs {tag}: captured in {capture_s:.2f} s; replay vs eager: captured batch "
+          f"{'the same bits' if same[0] else f'differs (up to {diffs[0][1]:.1e})'}, another batch "
+          f"{'the same bits' if same[1] else f'differs (up to {diffs[1][1]:.1e})'}; eager {t_eager * 1e3:.1f} ms, "
+          f"replay {t_graph * 1e3:.1f} ms: {t_eager / t_graph:.2f}x", flush=True)
+    return {f"graphs_{tag}_captured": True, f"graphs_{tag}_capture_s": round(capture_s, 2),
+            f"graphs_{tag}_same_captured_batch": same[0], f"graphs_{tag}_same_other_batch": same[1],
+            f"graphs_{tag}_max_rel_diff": float(f"{max(d for _, d in diffs):.2e}"),
+            f"graphs_{tag}_eager_ms": round(t_eager * 1e3, 1), f"graphs_{tag}_replay_ms": round(t_graph * 1e3, 1),
+            f"graphs_{tag}_speedup": round(t_eager / t_graph, 3)}
 
 
 def compile_report(model, data, args, device: str) -> dict:
@@ -648,7 +729,7 @@ def main() -> None:
                     help="the determinism section also tries these attention kernels alone (flash, efficient, math, cudnn)")
     ap.add_argument("--sections", default=None,
                     help="run only these sections (comma-separated: moe, determinism, profile, chunk, extrema, "
-                         "compile, auto_batch), without the main table")
+                         "graphs, compile, auto_batch), without the main table")
     ap.add_argument("--compile", action="store_true",
                     help="also time the engine with its block reduction compiled (torch.compile), against eager")
     ap.add_argument("--no-auto-batch", action="store_true",
@@ -684,7 +765,7 @@ def main() -> None:
     cuda = device == "cuda"
     default = {"moe": (cuda and not args.no_moe) or args.moe_model is not None, "determinism": cuda, "profile": (cuda and not args.no_profile) or args.profile,
                "chunk": cuda and not args.no_profile, "extrema": cuda and not args.no_profile, "compile": args.compile,
-               "auto_batch": cuda and not args.no_auto_batch}
+               "auto_batch": cuda and not args.no_auto_batch, "graphs": cuda}
     chosen = None if args.sections is None else set(args.sections.split(","))
     if chosen is not None and chosen - set(default):
         ap.error(f"--sections: unknown {sorted(chosen - set(default))} (known: {sorted(default)})")
@@ -692,7 +773,8 @@ def main() -> None:
     def wanted(name: str) -> bool:
         return default[name] if chosen is None else name in chosen
 
-    if cuda and wanted("determinism"):  # cuBLAS is deterministic only with a fixed workspace: set before its first call
+    if cuda and (wanted("determinism") or wanted("graphs") or wanted("profile")):  # cuBLAS is deterministic only
+        # with a fixed workspace: set before its first call (the profile and graphs sections run the job's mode too)
         from grads_ray.determinism import prepare
 
         prepare()
@@ -791,6 +873,10 @@ def main() -> None:
         xb, xt = (int(x) for x in args.profile_at.split(","))
         section(summary, "extrema", lambda: extrema_report(
             model, make_batch(xb, xt, model.config.vocab_size, 5, device), args, device))
+    if wanted("graphs"):
+        gb, gt = (int(x) for x in args.profile_at.split(","))
+        section(summary, "graphs", lambda: graphs_report(
+            model, make_batch(gb, gt, model.config.vocab_size, 6, device), args, device))
     if wanted("compile"):
         cb, ct = (int(x) for x in args.profile_at.split(","))
         section(summary, "compile", lambda: compile_report(

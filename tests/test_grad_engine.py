@@ -37,11 +37,20 @@ def test_engine_matches_float64_reference(arch, side, dtype, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bfloat16_model_stays_within_bfloat16_precision(arch, tmp_path):
+@pytest.mark.parametrize("sketch", ["cast", "half"])
+def test_bfloat16_model_stays_within_bfloat16_precision(arch, sketch, tmp_path, monkeypatch):
     """The GPU's dtype, run on the CPU: the model in bfloat16, reductions in float32. The error is the
-    bfloat16 model's own (measured 2026-11-23: norms <= 0.25%, max/min <= 1.3%, projection <= 0.8%)."""
+    bfloat16 model's own (measured 2026-11-23: norms <= 0.25%, max/min <= 1.3%, projection <= 0.8%).
+    ``half``: the factors sketched in bfloat16 with float32 results, as on a GPU (emulated here)."""
     from tests.reference import reference, scale_of
 
+    calls = []
+    if sketch == "half":
+        monkeypatch.setitem(factored.HALF_OUT, "cpu", "emulate")
+        real = factored.half_matmul
+        monkeypatch.setattr(factored, "half_matmul", lambda x, s: calls.append(x.shape) or real(x, s))
+        from grads_ray.gradients import grouped
+        monkeypatch.setattr(grouped, "half_matmul", factored.half_matmul)
     model = save_tiny_model(arch, tmp_path / arch).eval()
     model64 = copy.deepcopy(model).double()
     engine = BatchedGradStats(copy.deepcopy(model).to(torch.bfloat16), proj_dim=32, proj_rank=4, fisher_dim=8,
@@ -56,6 +65,11 @@ def test_bfloat16_model_stays_within_bfloat16_precision(arch, tmp_path):
             assert abs(out.columns[key][i] - ref[key]) <= tol * scale_of(ref, key), (key, i)
         want = engine.projector.project_full(ref["grads"]).numpy()
         assert np.linalg.norm(out.grad_proj[i] - want) <= 0.03 * np.linalg.norm(want)
+    assert (len(calls) > 0) == (sketch == "half")  # the stacks' and the head's sketches took the half path
+    if sketch == "half":  # against the float32 copies' sketch of the same batch: float32's rounding apart
+        monkeypatch.setitem(factored.HALF_OUT, "cpu", None)
+        cast = engine(*pad(examples, "left")).grad_proj
+        assert np.linalg.norm(out.grad_proj - cast) <= 1e-4 * np.linalg.norm(cast)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

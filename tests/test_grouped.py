@@ -46,6 +46,37 @@ def test_a_stack_of_matrices_equals_each_matrix_alone(extrema):
         torch.testing.assert_close(sketch[j], want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_factors_sketched_without_a_float32_copy(dtype, monkeypatch):
+    """The GPU's sketch of half-precision factors (no float32 copy of the stack; ``out_dtype``),
+    emulated: the sketch matrix split in two halves agrees with the float32 sketch of the same
+    factors to float32's rounding, where the matrix rounded once to ``dtype`` is off by ~1e-3."""
+    monkeypatch.setitem(factored.HALF_OUT, "cpu", "emulate")
+    left, right, keep = _stack(3, b=5, p=9, r=40, c=24)
+    ml = grouped.zero_padding_(left.clone(), keep).to(dtype)
+    mr = grouped.zero_padding_(right.clone(), keep).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    p_rows = torch.randn((3, 4, 40), generator=g) / 2
+    p_cols = torch.randn((3, 4, 24), generator=g) / 2
+    split = tuple(factored.split_half(m.transpose(1, 2), dtype) for m in (p_rows, p_cols))
+    assert split[0].shape == (3, 40, 8) and split[0].dtype == dtype
+    hi_lo = split[0][..., :4].double() + split[0][..., 4:].double()
+    assert (hi_lo - p_rows.transpose(1, 2).double()).abs().max() <= 2**-15 * p_rows.abs().max()
+    assert factored.half_out(ml)
+    want = grouped.dense_project(ml.double(), mr.double(), p_rows.double(), p_cols.double())
+    cast = grouped.dense_project(ml, mr, p_rows, p_cols)  # the factors cast to float32
+    got = grouped.dense_project(ml, mr, p_rows, p_cols, split)
+    once = grouped.dense_project(ml, mr, p_rows, p_cols, tuple(torch.cat([m[..., :m.shape[-1] // 2],
+                                 torch.zeros_like(m[..., :m.shape[-1] // 2])], -1) for m in split))
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    def err(x):
+        return ((x.double() - want).norm() / want.norm()).item()
+    assert err(cast) < 1e-6 and err(got) < 3e-5 and err(once) > 1e-4, (err(cast), err(got), err(once))
+    monkeypatch.setitem(factored.HALF_OUT, "cpu", None)
+    assert not factored.half_out(ml)
+    torch.testing.assert_close(grouped.dense_project(ml, mr, p_rows, p_cols, split), cast, rtol=0, atol=0)
+
+
 def test_a_stack_of_vectors_equals_each_vector_alone():
     g = torch.randn((4, 3, 9), dtype=torch.float64)
     got = grouped.vector_moments_stack(g, extrema=True)

@@ -131,7 +131,7 @@ class BatchedGradStats:
                         *(f"{g}.{k}" for g in self.groups for k in GRAD_STATS)]
         self._member = torch.tensor([[self.group[n] == g for n in self.params] for g in self.groups])  # (G, P)
         self._numel = torch.tensor([float(p.numel()) for p in self.params.values()], dtype=torch.float64)
-        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (member, numel) per device
+        self._on_device: dict = {}  # per device: (member, numel); per (device, dtype): the Fisher projection
         self.projector = (Projector({n: tuple(p.shape) for n, p in self.params.items()}, proj_dim, proj_rank, seed)
                           if proj_dim else None)
         self.reducer = Reducer(self.params, self.projector, extrema=extrema, chunk_elements=chunk_elements,
@@ -150,6 +150,14 @@ class BatchedGradStats:
                  left_padded: bool | None = None) -> BatchScores:
         """input_ids, labels, attention_mask (B, T), left or right padded -> ``BatchScores``.
         ``left_padded`` False (the job's own right-padded batches) spares reading the mask on the host."""
+        return self.scores(to_host(self.device_pass(input_ids, labels, attention_mask, left_padded)))
+
+    def device_pass(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                    left_padded: bool | None = None) -> dict[str, torch.Tensor]:
+        """The pass's work on the device, nothing read back: everything a batch returns, as tensors on
+        the batch's device (:meth:`scores` makes them ``BatchScores`` once on the host). With
+        ``left_padded=False`` and no mixture of experts nothing in it waits for the device, so a CUDA
+        graph can capture it (``benchmarks/grad_stats.py --sections graphs``)."""
         model = self.model
         mask = attention_mask.bool()
         b, dev = mask.shape[0], mask.device
@@ -179,8 +187,9 @@ class BatchedGradStats:
                 logits = out.logits  # (B, T, V)
                 target = (labels[:, 1:] != IGNORE_INDEX) & mask[:, :-1] & mask[:, 1:]  # (B, T-1)
                 n_resp = target.sum(1)
-                acc = logits if logits.dtype == torch.float64 else logits.float()
-                ce = nn.functional.cross_entropy(acc[:, :-1].flatten(0, 1), labels[:, 1:].clamp(min=0).flatten(),
+                acc = logits[:, :-1]  # sliced before the cast: backward writes its (B, T, V) gradient in
+                acc = acc if acc.dtype == torch.float64 else acc.float()  # the logits' dtype, not float32
+                ce = nn.functional.cross_entropy(acc.flatten(0, 1), labels[:, 1:].clamp(min=0).flatten(),
                                                  reduction="none").view(target.shape)
                 per_example = (ce * target).sum(1) / n_resp.clamp(min=1)  # (B,)
                 del acc, logits, out
@@ -193,7 +202,7 @@ class BatchedGradStats:
                         self.reducer.complete(state, name)
                     self.reducer.flush(state)
                 with part("finish"):
-                    return self._finish(state, labels, per_example.detach(), n_resp)
+                    return self._pieces(state, labels, per_example.detach(), n_resp)
         finally:
             while state.modes:
                 state.modes.pop().__exit__(None, None, None)
@@ -286,14 +295,14 @@ class BatchedGradStats:
 
     # -- reduction --------------------------------------------------------------------------------
 
-    def _finish(self, state: PassState, labels, loss: torch.Tensor, n_resp: torch.Tensor) -> BatchScores:
-        """Per-group statistics from the moment table, the features, and one copy of it all to the host
-        (the FisherSFT factors are then taken from their Gram matrices there)."""
+    def _pieces(self, state: PassState, labels, loss: torch.Tensor, n_resp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-group statistics from the moment table and the features, on the device: what one copy
+        takes to the host (``reduce.to_host``)."""
         mask, table = state.mask, state.table
         dev = table.device
         if not self.extrema:
             table[:, 2:] = torch.nan
-        if str(dev) not in self._on_device:
+        if str(dev) not in self._on_device:  # moved once: no host-to-device copy inside a pass
             self._on_device[str(dev)] = (self._member.to(dev), self._numel.to(dev))
         stats = grouped.group_statistics(table, *self._on_device[str(dev)])  # (1 + G, 5, B)
         head = torch.stack([mask.sum(1).to(torch.float64), torch.where(n_resp > 0, loss.double(), torch.nan),
@@ -306,10 +315,17 @@ class BatchedGradStats:
             pieces["grad_proj"] = state.sketch.float()
         if self.fisher_rank:
             target = (labels[:, 1:] != IGNORE_INDEX) & mask[:, :-1] & mask[:, 1:]
-            pieces["fisher_gram"] = fisher_gram(hidden[:, :-1], target, self.fisher_proj.to(hidden.device, hidden.dtype))
+            key = (str(hidden.device), hidden.dtype)
+            if key not in self._on_device:
+                self._on_device[key] = self.fisher_proj.to(hidden.device, hidden.dtype)
+            pieces["fisher_gram"] = fisher_gram(hidden[:, :-1], target, self._on_device[key])
         if self.keep_params:
             pieces["params"] = table
-        host = to_host(pieces)  # one device-to-host copy
+        return pieces
+
+    def scores(self, host: dict[str, np.ndarray]) -> BatchScores:
+        """A pass's pieces, on the host (``reduce.to_host`` of :meth:`device_pass`) -> ``BatchScores``;
+        the FisherSFT factors are taken from their Gram matrices here."""
         out = BatchScores(dict(zip(self.columns, host["columns"], strict=True)), host["hidden_mean"],
                           grad_proj=host.get("grad_proj"))
         if self.fisher_rank:

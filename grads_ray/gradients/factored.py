@@ -62,6 +62,53 @@ class Moments:
                 "grad_max": self.mx, "grad_min": self.mn}
 
 
+HALF = (torch.float16, torch.bfloat16)
+# How a half-precision matrix product returns float32, per device type: "native" (``out_dtype``: CUDA,
+# torch >= 2.8), "emulate" (the factors cast to float32 first: the same exact products and float32
+# sums; the tests use it to run the half path on a CPU), or absent: the factors are cast to float32.
+HALF_OUT: dict[str, str] = {"cuda": "native"}
+_NATIVE_OK: dict[str, bool] = {}
+
+
+def half_out(x: torch.Tensor) -> bool:
+    """Whether products of x (half precision) with a split sketch (:func:`split_half`) are taken in x's
+    own dtype with float32 results, instead of casting x to float32 first: the cast writes and reads
+    back twice x's bytes, and x is every stacked factor of the pass."""
+    how = HALF_OUT.get(x.device.type)
+    if x.dtype not in HALF or how is None:
+        return False
+    if how == "native" and str(x.device) not in _NATIVE_OK:  # once per device: a torch without out_dtype says so
+        probe = torch.ones((1, 2, 2), dtype=x.dtype, device=x.device)
+        try:
+            _NATIVE_OK[str(x.device)] = torch.bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _NATIVE_OK[str(x.device)] = False
+    return how == "emulate" or _NATIVE_OK[str(x.device)]
+
+
+def split_half(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float sketch matrix, p (…, R, k), as two ``dtype`` halves side by side, (…, R, 2k): its rounding
+    to ``dtype`` and the rounding of what that missed. hi + lo is p within 2^-16 of its size in bfloat16
+    (2^-22 in float16): x @ hi + x @ lo is x @ p to that, with x in ``dtype`` and nothing cast."""
+    hi = p.to(dtype)
+    lo = (p - hi.to(p.dtype)).to(dtype)
+    return torch.cat([hi, lo], dim=-1)
+
+
+def half_matmul(x: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
+    """x (…, R) in half precision times a :func:`split_half` matrix (R, 2k) -> (…, k) float32, or x
+    (N, M, R) times (N, R, 2k) -> (N, M, k):
+    exact products, float32 sums (CUDA's ``out_dtype``), the two halves added in float32."""
+    if HALF_OUT.get(x.device.type) == "emulate":
+        out = torch.matmul(x.float(), split.float())
+    elif split.dim() == 2:  # one matrix for every row of x
+        out = torch.mm(x.reshape(-1, x.shape[-1]), split, out_dtype=torch.float32).view(*x.shape[:-1], -1)
+    else:  # x (N, M, R), split (N, R, 2k)
+        out = torch.bmm(x, split, out_dtype=torch.float32)
+    k = out.shape[-1] // 2
+    return out[..., :k] + out[..., k:]
+
+
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype reductions run in: float64 for float64 input, else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -140,6 +187,8 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
     b, dev, dt = first.shape[0], first.device, first.dtype
     acc = acc_dtype(first)
     step = max(1, min(rows, chunk_elements // max(1, b * cols)))
+    if step < rows and step >= 64:  # blocks start at multiples of 64 rows: aligned operands for a GPU's GEMM
+        step -= step % 64
     ss = torch.zeros(b, dtype=torch.float64, device=dev)
     mx = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
     mn = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
@@ -219,15 +268,18 @@ def matrix_moments(terms: list[Dense | Rows], rows: int, cols: int, *, extrema: 
     return Moments(rows * cols, s, ss, mx, mn)
 
 
-def project_terms(terms: list[Dense | Rows], p_rows: torch.Tensor, p_cols: torch.Tensor) -> torch.Tensor:
+def project_terms(terms: list[Dense | Rows], p_rows: torch.Tensor, p_cols: torch.Tensor,
+                  split: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Kronecker-projected gradient P_r G_i P_cᵀ without G_i (LoGra): Σ_t (P_r l_t)(P_c r_t)ᵀ.
-    p_rows (k_r, R), p_cols (k_c, C) -> (B, k_r * k_c) in ``acc`` dtype."""
+    p_rows (k_r, R), p_cols (k_c, C) -> (B, k_r * k_c) in ``acc`` dtype. ``split``: P_rᵀ (R, 2k_r) and
+    P_cᵀ (C, 2k_c) as :func:`split_half` in the factors' half dtype, used where :func:`half_out`."""
     out = None
     for term in terms:
         acc = acc_dtype(term.right)
-        right = term.right.to(acc) @ p_cols.to(acc).T  # (B, T, k_c)
+        half = split is not None and half_out(term.right) and term.right.dtype == split[1].dtype
+        right = half_matmul(term.right, split[1]) if half else term.right.to(acc) @ p_cols.to(acc).T  # (B, T, k_c)
         if isinstance(term, Dense):
-            left = term.left.to(acc) @ p_rows.to(acc).T  # (B, T, k_r)
+            left = half_matmul(term.left, split[0]) if half else term.left.to(acc) @ p_rows.to(acc).T  # (B, T, k_r)
         else:
             cols = p_rows.to(acc).T  # (R, k_r): row j is P_r e_j
             left = torch.where((term.index >= 0)[..., None], cols[term.index.clamp(min=0)], 0.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from grads_ray.gradients.factored import Dense, matrix_moments, vector_moments
+from grads_ray.gradients.factored import Dense, half_matmul, half_out, matrix_moments, vector_moments
 
 __all__ = ["dense_moments", "dense_project", "stacked", "zero_padding_", "table_rows", "vector_moments_stack", "vector_project",
            "group_statistics"]
@@ -50,14 +50,22 @@ def dense_moments(left: torch.Tensor, right: torch.Tensor, *, extrema: bool, chu
     return table_rows(m.s, m.ss, m.mx, m.mn, n)
 
 
-def dense_project(left: torch.Tensor, right: torch.Tensor, p_rows: torch.Tensor, p_cols: torch.Tensor) -> torch.Tensor:
+def dense_project(left: torch.Tensor, right: torch.Tensor, p_rows: torch.Tensor, p_cols: torch.Tensor,
+                  split: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Kronecker sketches P_r G P_cᵀ of N matrices without forming G: left (N, B, P, R), right
-    (N, B, P, C), p_rows (N, k_r, R), p_cols (N, k_c, C) in the accumulation dtype -> (N, B, k_r·k_c)."""
+    (N, B, P, C), p_rows (N, k_r, R), p_cols (N, k_c, C) in the accumulation dtype -> (N, B, k_r·k_c).
+    ``split``: P_rᵀ (N, R, 2k_r) and P_cᵀ (N, C, 2k_c) as ``factored.split_half`` in the factors' half
+    dtype; where ``factored.half_out`` allows, the factors are multiplied as they are (no float32 copy
+    of every stacked factor) with float32 results."""
     n, b, p, r = left.shape
     c = right.shape[-1]
     acc = p_rows.dtype
-    lp = torch.bmm(left.reshape(n, b * p, r).to(acc), p_rows.transpose(1, 2)).view(n * b, p, -1)
-    rp = torch.bmm(right.reshape(n, b * p, c).to(acc), p_cols.transpose(1, 2)).view(n * b, p, -1)
+    if split is not None and half_out(left):
+        lp = half_matmul(left.reshape(n, b * p, r), split[0]).view(n * b, p, -1)
+        rp = half_matmul(right.reshape(n, b * p, c), split[1]).view(n * b, p, -1)
+    else:
+        lp = torch.bmm(left.reshape(n, b * p, r).to(acc), p_rows.transpose(1, 2)).view(n * b, p, -1)
+        rp = torch.bmm(right.reshape(n, b * p, c).to(acc), p_cols.transpose(1, 2)).view(n * b, p, -1)
     return torch.bmm(lp.transpose(1, 2), rp).view(n, b, -1)
 
 

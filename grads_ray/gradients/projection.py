@@ -70,6 +70,17 @@ class Projector:
                                 self.bucket.to(device), self.sign.to(device, dtype))
         return self._cache[key]
 
+    def split_on(self, device: torch.device, dtype: torch.dtype, name: str) -> tuple[torch.Tensor, ...]:
+        """One matrix parameter's sketch matrices transposed, P_rᵀ (R, 2k_r) and P_cᵀ (C, 2k_c), each as
+        ``factored.split_half`` in half dtype ``dtype``: for factors multiplied in their own dtype
+        (cached per device, dtype and parameter)."""
+        from grads_ray.gradients.factored import split_half
+
+        key = (str(device), dtype, name)
+        if key not in self._cache:
+            self._cache[key] = tuple(split_half(m.T.to(device), dtype) for m in self.blocks[name])
+        return self._cache[key]
+
     def sketch(self, inner: torch.Tensor) -> torch.Tensor:
         """Stage 2: (B, inner) -> (B, dim) count sketch."""
         _, bucket, sign = self.on(inner.device, inner.dtype)

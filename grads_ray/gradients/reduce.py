@@ -23,8 +23,10 @@ from torch.overrides import TorchFunctionMode
 
 from grads_ray.gradients import grouped
 from grads_ray.gradients.factored import (
+    HALF,
     Dense,
     acc_dtype,
+    half_out,
     matrix_moments,
     project_terms,
     vector_moments,
@@ -187,8 +189,9 @@ class Reducer:
                 if self.projector:
                     with part("dense_sketch"):
                         blocks = self._stack(names, left.device, acc_dtype(left))
-                        self._sketch(state, names,
-                                     grouped.dense_project(left, right, blocks["p_rows"], blocks["p_cols"]))
+                        split = self._stack(names, left.device, left.dtype)["split"] if half_out(left) else None
+                        self._sketch(state, names, grouped.dense_project(left, right, blocks["p_rows"],
+                                                                         blocks["p_cols"], split))
             else:
                 with part("vectors"):
                     g = self._vectors(key[0], helds)
@@ -198,13 +201,17 @@ class Reducer:
                                      grouped.vector_project(g, self._stack(names, g.device, acc_dtype(g))["p_vec"]))
 
     def _stack(self, names: tuple[str, ...], device, acc: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """A stack's table rows (``index``) and count-sketch ``bucket`` and ``sign`` of its columns, and
-        with ``acc`` its projection blocks (``p_rows`` (N, k_r, R) and ``p_cols``, or ``p_vec`` (N, k, n));
-        made once per stack."""
+        """A stack's table rows (``index``) and count-sketch ``bucket`` and ``sign`` of its columns; with
+        ``acc`` its projection blocks (``p_rows`` (N, k_r, R) and ``p_cols``, or ``p_vec`` (N, k, n));
+        with a half dtype for ``acc``, its matrices' ``split`` sketches (P_rᵀ (N, R, 2k_r), P_cᵀ
+        (N, C, 2k_c); ``Projector.split_on``). Made once per stack."""
         key = (names, str(device), acc)
         if key not in self._stacks:
             out: dict[str, torch.Tensor] = {}
-            if acc is None:
+            if acc in HALF:
+                parts = [self.projector.split_on(device, acc, n) for n in names]
+                out["split"] = tuple(torch.stack([b[i] for b in parts]) for i in range(2))
+            elif acc is None:
                 out["index"] = torch.tensor([self.row[n] for n in names], device=device)
                 if self.projector:
                     cols = torch.cat([torch.arange(self.projector.offsets[n].start, self.projector.offsets[n].stop)
@@ -291,10 +298,10 @@ class Reducer:
     def _reduce_alone(self, state: PassState, name: str, terms: list) -> None:
         """One parameter whose uses are not stackable: moments and sketch from its terms."""
         p = self.params[name]
-        blocks = self.projector.on(p.device, acc_dtype(p))[0] \
-            if self.projector else None
-        inner = None
         formed = [t for t in terms if isinstance(t, torch.Tensor)]
+        dev = (formed or [t.right for t in terms])[0].device  # where the pass's tensors are
+        blocks = self.projector.on(dev, acc_dtype(p))[0] if self.projector else None
+        inner = None
         if formed:  # vectors, biases, replayed parameters: (B, *shape) each
             if len(formed) != len(terms):
                 raise UnsupportedModel(f"{name}: used both by a factored and a formed rule; {LOOP_HINT}")
@@ -313,7 +320,9 @@ class Reducer:
             rows, cols = p.shape
             m = matrix_moments(terms, rows, cols, extrema=self.extrema, chunk_elements=self.chunk_elements)
             if blocks:
-                inner = project_terms(terms, *blocks[name])
+                first = terms[0].right
+                split = self.projector.split_on(dev, first.dtype, name) if half_out(first) else None
+                inner = project_terms(terms, *blocks[name], split=split)
         self._store(state, (name,), grouped.table_rows(m.s, m.ss, m.mx, m.mn, 1))
         if inner is not None:
             self._sketch(state, (name,), inner[None])
