@@ -30,6 +30,8 @@ On CUDA, sections follow the main table, each printing the figures so far first:
   engine's columns and a plain step's gradients are the same bits, and the mode's cost (MoE too);
 - chunk: the engine at ``chunk_elements`` 2^s for s in ``--chunk-shifts`` (time, peak);
 - extrema: the engine with ``extrema`` off against on and a plain step (what forming gradients costs);
+- fused: the engine with ``fused_moments`` (one Triton kernel reduces the stacks' per-example blocks
+  without writing them) against the formed path and a plain step: time, peak, statistics, self-check;
 - graphs: the engine's device pass captured as a CUDA graph and replayed, by default and in the
   deterministic mode: whether it captures, whether a replay gives the eager pass's bits (on the
   captured batch and another), and a replay's time against an eager pass's;
@@ -391,6 +393,54 @@ def extrema_report(model, data, args, device: str) -> dict:
     return out
 
 
+def fused_report(model, data, args, device: str) -> dict:
+    """The engine with ``fused_moments`` (the stacks' per-example blocks reduced by one Triton kernel
+    that never writes them, ``gradients/fused.py``) against the formed path and a plain step on one
+    batch: time, peak, how far the statistics move (the formed path rounds each entry to the model's
+    dtype first), and the self-check with the kernel on (CUDA: half precision only)."""
+    from grads_ray.gradients import fused
+    from grads_ray.gradients.engine import BatchedGradStats
+    from grads_ray.gradients.selfcheck import run_check
+
+    if not fused.usable(next(model.parameters())):
+        print(f"# fused: the kernel does not run here ({device}, {args.dtype}; triton importable: "
+              f"{_importable('triton')})", flush=True)
+        return {"fused_usable": False}
+    on = BatchedGradStats(model, **engine_kwargs(args), fused_moments=True)
+    off = BatchedGradStats(model, **engine_kwargs(args))
+    t0 = time.perf_counter()
+    a = on(*data)
+    sync(device)
+    first_s = time.perf_counter() - t0  # the kernel's compile included
+    b = off(*data)
+    names, worst = column_differences(a.columns, b.columns)
+    t_on = timed(lambda: on(*data), device, 5)
+    peak_on = PEAKS.get("last")
+    t_off = timed(lambda: off(*data), device, 5)
+    peak_off = PEAKS.get("last")
+    t_plain = timed(lambda: plain_step(model, *data), device, 5)
+    model.zero_grad(set_to_none=True)
+    rows = [(list(map(int, x[:n])), list(map(int, y[:n]))) for x, y, n in
+            zip(data[0].tolist(), data[1].tolist(), data[2].sum(1).tolist(), strict=True)][:4]
+    check = run_check(on, model, [(x, [v if v >= 0 else IGNORE_INDEX for v in y]) for x, y in rows], 0, None)
+    out = {"fused_usable": True, "fused_first_pass_s": round(first_s, 2), "fused_ms": round(t_on * 1e3, 1),
+           "formed_ms": round(t_off * 1e3, 1), "fused_speedup": round(t_off / t_on, 3),
+           "fused_vs_plain": round(t_on / t_plain, 3), "formed_vs_plain": round(t_off / t_plain, 3),
+           "fused_max_rel_diff": float(f"{worst:.2e}"), "fused_self_check_passed": bool(check.passed),
+           **({"fused_peak_vs_formed": round(peak_on / max(peak_off, 1), 3)} if peak_on and peak_off else {})}
+    print(f"# fused: {t_on * 1e3:.1f} ms a pass against {t_off * 1e3:.1f} ms formed ({out['fused_speedup']}x), "
+          f"{out['fused_vs_plain']}x a plain step ({t_plain * 1e3:.1f} ms); first pass {first_s:.1f} s; statistics "
+          f"differ by up to {worst:.1e} ({len(names)} columns); self-check "
+          f"{'passed' if check.passed else 'FAILED: ' + str(check.reason)[:200]}", flush=True)
+    return out
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def chunk_report(model, data, args, device: str) -> dict:
     """The engine at ``score.chunk_elements`` 2^s for each s of ``--chunk-shifts`` (the largest block
     of formed gradient entries; ``auto`` is 2^28 on a GPU, 2^26 on a CPU) on one batch: time and (CUDA)
@@ -729,7 +779,7 @@ def main() -> None:
                     help="the determinism section also tries these attention kernels alone (flash, efficient, math, cudnn)")
     ap.add_argument("--sections", default=None,
                     help="run only these sections (comma-separated: moe, determinism, profile, chunk, extrema, "
-                         "graphs, compile, auto_batch), without the main table")
+                         "fused, graphs, compile, auto_batch), without the main table")
     ap.add_argument("--compile", action="store_true",
                     help="also time the engine with its block reduction compiled (torch.compile), against eager")
     ap.add_argument("--no-auto-batch", action="store_true",
@@ -765,7 +815,7 @@ def main() -> None:
     cuda = device == "cuda"
     default = {"moe": (cuda and not args.no_moe) or args.moe_model is not None, "determinism": cuda, "profile": (cuda and not args.no_profile) or args.profile,
                "chunk": cuda and not args.no_profile, "extrema": cuda and not args.no_profile, "compile": args.compile,
-               "auto_batch": cuda and not args.no_auto_batch, "graphs": cuda}
+               "auto_batch": cuda and not args.no_auto_batch, "graphs": cuda, "fused": cuda}
     chosen = None if args.sections is None else set(args.sections.split(","))
     if chosen is not None and chosen - set(default):
         ap.error(f"--sections: unknown {sorted(chosen - set(default))} (known: {sorted(default)})")
@@ -873,6 +923,10 @@ def main() -> None:
         xb, xt = (int(x) for x in args.profile_at.split(","))
         section(summary, "extrema", lambda: extrema_report(
             model, make_batch(xb, xt, model.config.vocab_size, 5, device), args, device))
+    if wanted("fused"):
+        fb, ft = (int(x) for x in args.profile_at.split(","))
+        section(summary, "fused", lambda: fused_report(
+            model, make_batch(fb, ft, model.config.vocab_size, 7, device), args, device))
     if wanted("graphs"):
         gb, gt = (int(x) for x in args.profile_at.split(","))
         section(summary, "graphs", lambda: graphs_report(

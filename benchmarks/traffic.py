@@ -40,6 +40,9 @@ NOT_OPS = {"reshape", "select", "transpose", "unsqueeze", "view", "slice", "alia
            "t", "permute", "squeeze", "as_strided", "unbind", "split", "split_with_sizes", "empty", "empty_strided",
            "empty_permuted", "_unsafe_view", "lift_fresh", "_reshape_alias", "view_as_real"}
 
+PARTIAL = {"index_add_", "index_copy_", "index_put_", "scatter_add_", "scatter_", "index_add", "index_copy",
+           "_index_put_impl_"}
+
 
 class Count(TorchDispatchMode):
     """Ops that reach the device and the bytes of their outputs, by (engine site, op)."""
@@ -55,7 +58,11 @@ class Count(TorchDispatchMode):
         if name not in NOT_OPS:
             key = (site(), name)
             self.ops[key] += 1
-            for t in out if isinstance(out, (tuple, list)) else [out]:
+            if name in PARTIAL:  # in place into part of its output: what it writes is its source's size
+                written = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)][-1:]
+            else:
+                written = out if isinstance(out, (tuple, list)) else [out]
+            for t in written:
                 if isinstance(t, torch.Tensor):
                     self.bytes[key] += t.numel() * t.element_size()
         return out

@@ -149,6 +149,10 @@ class ScoreConfig:
     # largest block of per-example gradient entries formed at once; auto: 2^28 on a GPU of 40 GiB or more,
     # else 2^26 (grads_ray/gradients/memory.py, measured). Changes no number beyond rounding (not fingerprinted)
     chunk_elements: int | str = "auto"
+    # the stacked weights' max/min/sum of squares from one Triton kernel that never writes a per-example
+    # gradient (gradients/fused.py: bf16/fp16 on a GPU; elsewhere the formed path). Off until measured
+    # on a GPU (benchmarks/grad_stats.py fused section). Changes no number beyond rounding (not fingerprinted)
+    fused_moments: bool = False
     fisher_dim: int = 64  # FisherSFT summary: last hidden state projected to this size (0: off)
     fisher_rank: int = 4  # ... and kept as a rank-r factor per example
     # loss of the response without its prompt (IFD's denominator): one more forward pass, off by

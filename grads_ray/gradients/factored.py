@@ -109,6 +109,14 @@ def half_matmul(x: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
     return out[..., :k] + out[..., k:]
 
 
+def fused_usable(terms: list[Dense | Rows]) -> bool:
+    """Whether ``gradients.fused``'s kernel takes these terms: every factor of one half dtype, where it runs."""
+    from grads_ray.gradients import fused
+
+    tensors = [x for t in terms for x in ((t.left, t.right) if isinstance(t, Dense) else (t.right,))]
+    return len({x.dtype for x in tensors}) == 1 and fused.usable(tensors[0])
+
+
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype reductions run in: float64 for float64 input, else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -250,11 +258,20 @@ def rows_moments(terms: list[Rows], rows: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def matrix_moments(terms: list[Dense | Rows], rows: int, cols: int, *, extrema: bool = True,
-                   chunk_elements: int = 1 << 26) -> Moments:
+                   chunk_elements: int = 1 << 26, fused: bool = False) -> Moments:
     """Moments of Σ_terms G_i for a (rows × cols) parameter; picks the cheapest exact method:
     sparse rows for an embedding alone, the ghost norm when no extrema are asked and it is cheaper,
-    else formed blocks."""
+    ``gradients.fused``'s kernel (``fused``: one dense term, and at most one of rows, in half precision
+    where it runs), else formed blocks."""
     s = entry_sum(terms)
+    dense = [t for t in terms if isinstance(t, Dense)]
+    sparse = [t for t in terms if isinstance(t, Rows)]
+    if fused and extrema and len(dense) == 1 and len(sparse) <= 1 and fused_usable(terms):
+        from grads_ray.gradients import fused as kernel
+
+        ss, mx, mn = kernel.block_moments(dense[0].left, dense[0].right, *((sparse[0].index, sparse[0].right)
+                                                                             if sparse else ()))
+        return Moments(rows * cols, s, ss, mx, mn)
     if all(isinstance(t, Rows) for t in terms):
         ss, mx, mn = rows_moments(terms, rows)
         if not extrema:

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from grads_ray.gradients.factored import Dense, half_matmul, half_out, matrix_moments, vector_moments
+from grads_ray.gradients.factored import (
+    Dense,
+    half_matmul,
+    half_out,
+    matrix_moments,
+    vector_moments,
+)
 
 __all__ = ["dense_moments", "dense_project", "stacked", "zero_padding_", "table_rows", "vector_moments_stack", "vector_project",
            "group_statistics"]
@@ -41,12 +47,14 @@ def table_rows(s: torch.Tensor, ss: torch.Tensor, mx: torch.Tensor, mn: torch.Te
     return torch.stack([s, ss, mx, mn]).view(4, n, -1).transpose(0, 1)
 
 
-def dense_moments(left: torch.Tensor, right: torch.Tensor, *, extrema: bool, chunk_elements: int) -> torch.Tensor:
+def dense_moments(left: torch.Tensor, right: torch.Tensor, *, extrema: bool, chunk_elements: int,
+                  fused: bool = False) -> torch.Tensor:
     """G_{j,i} = Σ_p left[j,i,p] ⊗ right[j,i,p] for N matrices: left (N, B, P, R), right (N, B, P, C),
-    padding zero in both -> (N, 4, B) float64 moments."""
+    padding zero in both -> (N, 4, B) float64 moments. ``fused`` (``score.fused_moments``): max, min and
+    the sum of squares from ``gradients.fused``'s kernel, which never writes G, where it can run."""
     n, b, p, r = left.shape
     m = matrix_moments([Dense(left.reshape(n * b, p, r), right.reshape(n * b, p, -1))], r, right.shape[-1],
-                       extrema=extrema, chunk_elements=chunk_elements)
+                       extrema=extrema, chunk_elements=chunk_elements, fused=fused)
     return table_rows(m.s, m.ss, m.mx, m.mn, n)
 
 

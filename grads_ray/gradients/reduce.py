@@ -110,12 +110,13 @@ class Reducer:
 
     ``params``: the trainable parameters by name (the table's rows in this order); ``projector``: the
     count-sketch projection (None: no sketch); ``extrema`` False skips max/min; ``chunk_elements``
-    bounds formed gradient blocks; ``hold_bytes`` bounds the factors held before a flush."""
+    bounds formed gradient blocks; ``hold_bytes`` bounds the factors held before a flush; ``fused``
+    reduces the stacks' blocks with ``gradients.fused`` where it can run."""
 
     def __init__(self, params: dict[str, nn.Parameter], projector: Projector | None, *, extrema: bool,
-                 chunk_elements: int, hold_bytes: int):
+                 chunk_elements: int, hold_bytes: int, fused: bool = False):
         self.params, self.projector = params, projector
-        self.extrema, self.chunk_elements, self.hold_bytes = extrema, chunk_elements, hold_bytes
+        self.extrema, self.chunk_elements, self.hold_bytes, self.fused = extrema, chunk_elements, hold_bytes, fused
         self.row = {n: i for i, n in enumerate(params)}  # the moment table's row of each parameter
         self._stacks: dict[tuple, dict[str, torch.Tensor]] = {}  # per stack of names: its rows, blocks, buckets
 
@@ -185,7 +186,7 @@ class Reducer:
                                                grouped.stacked([h.right for h in helds], keep))
                 with part("dense_moments"):
                     self._store(state, names, grouped.dense_moments(left, right, extrema=self.extrema,
-                                                                    chunk_elements=self.chunk_elements))
+                                                                    chunk_elements=self.chunk_elements, fused=self.fused))
                 if self.projector:
                     with part("dense_sketch"):
                         blocks = self._stack(names, left.device, acc_dtype(left))
@@ -318,7 +319,8 @@ class Reducer:
                     inner = torch.einsum("kr,brc,jc->bkj", block[0], mat, block[1]).flatten(1)
         else:
             rows, cols = p.shape
-            m = matrix_moments(terms, rows, cols, extrema=self.extrema, chunk_elements=self.chunk_elements)
+            m = matrix_moments(terms, rows, cols, extrema=self.extrema, chunk_elements=self.chunk_elements,
+                               fused=self.fused)
             if blocks:
                 first = terms[0].right
                 split = self.projector.split_on(dev, first.dtype, name) if half_out(first) else None

@@ -40,9 +40,9 @@ FEATURE_COLUMNS = ("hidden_mean", "grad_proj", "fisher_factor", "fisher_energy")
 
 def engine_settings(score_cfg: Any, seed: int, deterministic: bool) -> dict[str, Any]:
     """The score config keys the engine reads (these, with the model, decide every number written, but
-    for ``chunk_elements`` and ``deterministic``, which change none beyond rounding)."""
-    keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fisher_dim", "fisher_rank",
-            "response_only_loss", "check_tolerance")
+    for ``chunk_elements``, ``fused_moments`` and ``deterministic``, which change none beyond rounding)."""
+    keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fused_moments", "fisher_dim",
+            "fisher_rank", "response_only_loss", "check_tolerance")
     return {**{k: getattr(score_cfg, k) for k in keys}, "seed": seed, "deterministic": deterministic}
 
 

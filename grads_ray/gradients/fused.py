@@ -1,0 +1,114 @@
+"""Per-example gradient moments of a stack of matrices without the gradients ever in memory.
+
+The formed path (``factored.formed_moments``) writes every example's G_e = L_eᵀ R_e to memory (one
+batched matrix product), then reads it twice (sum of squares; max and min). On a GPU those blocks are
+as large as B copies of the model's weights: at Qwen2.5-0.5B's shapes (B = 16, T = 512, bf16) 16 GB
+written and 32 GB read a pass (``benchmarks/traffic.py``). Here one Triton kernel forms each
+(BLOCK_M × BLOCK_N) tile of G_e in registers, float32 sums of exact half-precision products, and
+keeps only the tile's sum of squares, max and min; the tiles' partials are then reduced per example
+(float64 across tiles, in a fixed order: deterministic). Nothing but (E, tiles, 3) numbers is written.
+
+For half-precision factors on a CUDA device (a float32 factor would go through TF32 there, less exact
+than the formed path's float32 products), with ``score.fused_moments`` on. On a CPU the same kernel
+runs in Triton's interpreter (``TRITON_INTERPRET=1``, numpy): the tests check it there against float64.
+
+Shapes: E = N·B (parameters × examples), P positions, left (E, P, R), right (E, P, C); padding zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 32
+NUM_WARPS, NUM_STAGES = 8, 3
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the fused kernel can take factors like x: half precision, on CUDA (or on a CPU under
+    Triton's interpreter), with Triton importable."""
+    if x.dtype not in (torch.float16, torch.bfloat16) and x.device.type == "cuda":
+        return False
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    """The Triton kernel, made once per mode (the interpreter is chosen when a kernel is defined)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def moments(left, right, index, rows_right, out, P, Q, R, C, s_le, s_lp, s_lr, s_re, s_rp, s_rc,
+                s_ie, s_ip, s_we, s_wp, s_wc, tiles_n,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ROWS: tl.constexpr):
+        e = tl.program_id(0).to(tl.int64)  # a stack's offsets can pass 2^31
+        tile = tl.program_id(1)
+        rows = (tile // tiles_n) * BM + tl.arange(0, BM)
+        cols = (tile % tiles_n) * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, P, BK):  # the dense term: Σ_p left[e, p, rows] ⊗ right[e, p, cols]
+            k = k0 + ks
+            a = tl.load(left + e * s_le + k[None, :] * s_lp + rows[:, None] * s_lr,
+                        mask=(k[None, :] < P) & (rows[:, None] < R), other=0.0)  # (BM, BK): L_eᵀ's tile
+            b = tl.load(right + e * s_re + k[:, None] * s_rp + cols[None, :] * s_rc,
+                        mask=(k[:, None] < P) & (cols[None, :] < C), other=0.0)  # (BK, BN)
+            if UPCAST:  # the interpreter's dot of bfloat16 is wrong (triton 3.9); float32 products of
+                a = a.to(tl.float32)  # half values are exact, so the numbers are the GPU's
+                b = b.to(tl.float32)
+            acc += tl.dot(a, b)
+        if ROWS:  # sparse rows (an embedding tied to the head): Σ_q e_{index[e, q]} ⊗ rows_right[e, q, cols]
+            for k0 in range(0, Q, BK):
+                k = k0 + ks
+                at = tl.load(index + e * s_ie + k * s_ip, mask=k < Q, other=-1)  # (BK,), -1: no row
+                b = tl.load(rows_right + e * s_we + k[:, None] * s_wp + cols[None, :] * s_wc,
+                            mask=(k[:, None] < Q) & (cols[None, :] < C), other=0.0)
+                hot = at[None, :] == rows[:, None]  # (BM, BK) one-hot, in registers only
+                if UPCAST:
+                    acc += tl.dot(hot.to(tl.float32), b.to(tl.float32))
+                else:
+                    acc += tl.dot(hot.to(b.dtype), b)
+        inside = (rows[:, None] < R) & (cols[None, :] < C)
+        ss = tl.sum(tl.sum(acc * acc, axis=1), axis=0)  # entries outside the matrix are 0
+        hi = tl.max(tl.max(tl.where(inside, acc, float("-inf")), axis=1), axis=0)
+        lo = tl.min(tl.min(tl.where(inside, acc, float("inf")), axis=1), axis=0)
+        at = out + (e * tl.num_programs(1) + tile) * 3
+        tl.store(at, ss)
+        tl.store(at + 1, hi)
+        tl.store(at + 2, lo)
+
+    return moments
+
+
+def block_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | None = None,
+                  rows_right: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """left (E, P, R), right (E, P, C), half precision, padding zero -> per example e the sum of
+    squares, max and min of G_e = Σ_p left[e, p] ⊗ right[e, p], (E,) float64 each. With ``index``
+    (E, Q) long (-1: no row) and ``rows_right`` (E, Q, C) (``factored.Rows``, an embedding tied to the
+    head), G_e also gets Σ_q e_{index[e, q]} ⊗ rows_right[e, q], the one-hot rows built in registers."""
+    import triton
+
+    e, p, r = left.shape
+    c = right.shape[-1]
+    rows = index is not None
+    if not rows:  # unused arguments (the ROWS branch is compiled out)
+        index, rows_right = torch.zeros((1, 1), dtype=torch.long, device=left.device), right
+    q = index.shape[1] if rows else 0
+    tiles_m, tiles_n = triton.cdiv(r, BLOCK_M), triton.cdiv(c, BLOCK_N)
+    out = torch.empty((e, tiles_m * tiles_n, 3), dtype=torch.float32, device=left.device)
+    interpret = left.device.type == "cpu"
+    extra = {} if interpret else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+    _kernel(interpret)[(e, tiles_m * tiles_n)](
+        left, right, index, rows_right, out, p, q, r, c, *left.stride(), *right.stride(), *index.stride(),
+        *rows_right.stride(), tiles_n, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, UPCAST=interpret, ROWS=rows, **extra)
+    return (out[..., 0].to(torch.float64).sum(1), out[..., 1].amax(1).to(torch.float64),
+            out[..., 2].amin(1).to(torch.float64))

@@ -1,0 +1,117 @@
+"""The fused moments kernel (``gradients/fused.py``, a GPU's) run in Triton's interpreter on the CPU:
+each example's sum of squares, max and min of G_e = L_eᵀ R_e against float64, on shapes that are not
+multiples of its tiles, with padding; and the engine with ``fused_moments`` on against the float64
+reference and against the formed path."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from grads_ray.gradients import fused
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def interpret():
+    if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it where there is no GPU
+        pytest.skip("Triton's interpreter is off (a GPU is here): tests/test_grad_engine.py runs the engine there")
+
+
+def _factors(seed: int, e: int, p: int, r: int, c: int, dtype, sign: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    left = torch.randn((e, p, r), generator=g).to(dtype)
+    right = torch.randn((e, p, c), generator=g).to(dtype)
+    if sign < 0:  # every entry of every G_e negative: a max taken over padded tiles would read 0
+        left, right = left.abs(), -right.abs()
+    real = torch.randint(1, p + 1, (e,), generator=g)
+    keep = torch.arange(p)[None, :] < real[:, None]  # (E, P): each example's real positions
+    return torch.where(keep[..., None], left, 0), torch.where(keep[..., None], right, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, sign", [((5, 37, 150, 70), 1.0), ((3, 64, 128, 256), 1.0), ((4, 9, 33, 130), -1.0)])
+def test_fused_moments_against_float64(dtype, shape, sign, interpret):
+    left, right = _factors(sum(shape), *shape, dtype, sign)
+    assert fused.usable(left)
+    ss, mx, mn = fused.block_moments(left, right)
+    g = torch.einsum("epr,epc->erc", left.double(), right.double()).flatten(1)
+    assert ss.dtype == mx.dtype == torch.float64 and ss.shape == (shape[0],)
+    torch.testing.assert_close(ss, g.square().sum(1), rtol=1e-5, atol=0)
+    scale = g.abs().amax(1)
+    assert ((mx - g.amax(1)).abs() <= 1e-5 * scale).all() and ((mn - g.amin(1)).abs() <= 1e-5 * scale).all()
+    if sign < 0:
+        assert (mx < 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_moments_with_tied_rows(dtype, interpret):
+    """A head tied to its embedding: dense rows plus one-hot rows e_index ⊗ rows_right (index -1: none;
+    repeated indices add up), built in the kernel's registers, against float64."""
+    e, p, r, c = 3, 21, 140, 40
+    left, right = _factors(11, e, p, r, c, dtype)
+    g = torch.Generator().manual_seed(12)
+    index = torch.randint(-1, r, (e, 17), generator=g)
+    index[:, :3] = 5  # one row hit three times
+    rows_right = torch.randn((e, 17, c), generator=g).to(dtype)
+    ss, mx, mn = fused.block_moments(left, right, index, rows_right)
+    want = torch.einsum("epr,epc->erc", left.double(), right.double())
+    hot = torch.nn.functional.one_hot(index.clamp(min=0), r).double() * (index >= 0)[..., None]  # (E, Q, R)
+    want = (want + torch.einsum("eqr,eqc->erc", hot, rows_right.double())).flatten(1)
+    torch.testing.assert_close(ss, want.square().sum(1), rtol=1e-5, atol=0)
+    scale = want.abs().amax(1)
+    assert ((mx - want.amax(1)).abs() <= 1e-5 * scale).all() and ((mn - want.amin(1)).abs() <= 1e-5 * scale).all()
+    plain = fused.block_moments(left, right)[0]
+    assert not torch.allclose(plain, ss, rtol=1e-3)  # the rows count
+
+
+def test_fused_is_not_used_where_it_cannot_run(monkeypatch):
+    """Without the interpreter a CPU tensor is not the kernel's."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not fused.usable(torch.zeros((1, 2, 2), dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_engine_with_fused_moments(tmp_path, interpret, monkeypatch, tied):
+    """bfloat16 Llama (its head tied to its embedding too), padded batch: the stacks (and the tied
+    head with its embedding rows) go through the kernel; the numbers stay within the bfloat16 model's
+    own error of the float64 reference, and within bfloat16's rounding of the formed path (which
+    rounds every entry of G to bfloat16 before its square, max and min)."""
+    from transformers import AutoModelForCausalLM
+
+    from grads_ray.gradients.engine import BatchedGradStats
+    from tests.conftest import VOCAB, tiny_config
+    from tests.reference import pad, random_examples, reference, scale_of
+
+    calls = []
+    real = fused.block_moments
+    monkeypatch.setattr(fused, "block_moments", lambda *a: calls.append(len(a)) or real(*a))
+    cfg = tiny_config("llama")
+    cfg.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    model64 = copy.deepcopy(model).double()
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    examples = random_examples(5, seed=7, vocab=VOCAB)
+    batch = pad(examples, "right")
+    on = BatchedGradStats(bf16, proj_dim=16, proj_rank=4, fisher_dim=0, fused_moments=True)(*batch, left_padded=False)
+    assert calls, "no stack went through the fused kernel"
+    assert (4 in calls) == tied  # the tied head's embedding rows went in with it
+    n_calls = len(calls)
+    off = BatchedGradStats(bf16, proj_dim=16, proj_rank=4, fisher_dim=0)(*batch, left_padded=False)
+    assert len(calls) == n_calls
+    for i, (x, y) in enumerate(examples):
+        ref = reference(model64, x, y)
+        for key, tol in (("grad_norm", 0.01), ("grad_std", 0.01), ("layer0.mlp.grad_norm", 0.01),
+                         ("grad_max", 0.05), ("grad_min", 0.05), ("layer1.attn.grad_max", 0.05)):
+            assert abs(on.columns[key][i] - ref[key]) <= tol * scale_of(ref, key), (key, i)
+    for key in on.columns:
+        a, b = np.asarray(on.columns[key]), np.asarray(off.columns[key])
+        assert np.allclose(a, b, rtol=2e-2, atol=1e-6, equal_nan=True), key
+    assert not np.array_equal(np.asarray(on.columns["grad_max"]), np.asarray(off.columns["grad_max"]))
