@@ -19,7 +19,8 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
     python benchmarks/grad_stats.py --model qwen0.5b --batches 1,4,16,64 --lengths 512   # on a GPU
     python benchmarks/grad_stats.py --quick --model moe-small        # the MoE rules beside "small" (Llama)
 
-On CUDA, sections follow the main table, each printing the figures so far first:
+On CUDA, sections follow the main table, each printing the figures so far first, in this order (the
+newest questions first): fused, graphs, profile, determinism, MoE, extrema, chunk, compile, auto batch.
 - MoE (``--moe-model``, moe-small by default; ``--no-moe`` skips it): the experts' grouped-matmul path against the padded
   stacks and a plain step at B = 16, T = 512, and the self-check on the GPU;
 - profile (``--no-profile`` skips it, chunk and extrema): one engine pass and one plain step at
@@ -898,10 +899,20 @@ def main() -> None:
         summary["best_fraction_of_matmul"] = round(max(r["fraction_of_matmul"] for r in rows), 3)
     if mem:
         summary["peak_mem_vs_plain"] = round(mem["ratio"], 2)
+    # the newest questions first: a device check's time limit takes the last sections, not these
+    if wanted("fused"):
+        fb, ft = (int(x) for x in args.profile_at.split(","))
+        section(summary, "fused", lambda: fused_report(
+            model, make_batch(fb, ft, model.config.vocab_size, 7, device), args, device))
+    if wanted("graphs"):
+        gb, gt = (int(x) for x in args.profile_at.split(","))
+        section(summary, "graphs", lambda: graphs_report(
+            model, make_batch(gb, gt, model.config.vocab_size, 6, device), args, device))
+    if wanted("profile"):
+        pb, pt = (int(x) for x in args.profile_at.split(","))
+        section(summary, "profile", lambda: device_profile(
+            model, make_batch(pb, pt, model.config.vocab_size, 1, device), args, device))
     moe_model = args.moe_model or ("moe-small" if cuda and (wanted("moe") or chosen is not None) else None)
-    if wanted("moe") and moe_model:
-        args.moe_model = moe_model
-        section(summary, "moe", lambda: moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
     if wanted("determinism"):
         section(summary, "det", lambda: determinism_report(
             model, make_batch(16, head_t, model.config.vocab_size, 4, device), args, device))
@@ -911,26 +922,17 @@ def main() -> None:
                 return determinism_report(moe, make_batch(16, head_t, moe.config.vocab_size, 4, device), args, device,
                                           prefix="det_moe")
             section(summary, "det_moe", moe_determinism)
-    if wanted("profile"):
-        pb, pt = (int(x) for x in args.profile_at.split(","))
-        section(summary, "profile", lambda: device_profile(
-            model, make_batch(pb, pt, model.config.vocab_size, 1, device), args, device))
-    if wanted("chunk"):
-        kb, kt = (int(x) for x in args.profile_at.split(","))
-        section(summary, "chunk", lambda: chunk_report(
-            model, make_batch(kb, kt, model.config.vocab_size, 3, device), args, device))
+    if wanted("moe") and moe_model:
+        args.moe_model = moe_model
+        section(summary, "moe", lambda: moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
     if wanted("extrema"):
         xb, xt = (int(x) for x in args.profile_at.split(","))
         section(summary, "extrema", lambda: extrema_report(
             model, make_batch(xb, xt, model.config.vocab_size, 5, device), args, device))
-    if wanted("fused"):
-        fb, ft = (int(x) for x in args.profile_at.split(","))
-        section(summary, "fused", lambda: fused_report(
-            model, make_batch(fb, ft, model.config.vocab_size, 7, device), args, device))
-    if wanted("graphs"):
-        gb, gt = (int(x) for x in args.profile_at.split(","))
-        section(summary, "graphs", lambda: graphs_report(
-            model, make_batch(gb, gt, model.config.vocab_size, 6, device), args, device))
+    if wanted("chunk"):
+        kb, kt = (int(x) for x in args.profile_at.split(","))
+        section(summary, "chunk", lambda: chunk_report(
+            model, make_batch(kb, kt, model.config.vocab_size, 3, device), args, device))
     if wanted("compile"):
         cb, ct = (int(x) for x in args.profile_at.split(","))
         section(summary, "compile", lambda: compile_report(
