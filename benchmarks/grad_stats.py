@@ -407,6 +407,7 @@ def fused_report(model, data, args, device: str) -> dict:
         print(f"# fused: the kernel does not run here ({device}, {args.dtype}; triton importable: "
               f"{_importable('triton')})", flush=True)
         return {"fused_usable": False}
+    default_tiles = (fused.BLOCK_M, fused.BLOCK_N, fused.BLOCK_K, fused.NUM_WARPS, fused.NUM_STAGES)
     on = BatchedGradStats(model, **engine_kwargs(args), fused_moments=True)
     off = BatchedGradStats(model, **engine_kwargs(args))
     t0 = time.perf_counter()
@@ -424,7 +425,20 @@ def fused_report(model, data, args, device: str) -> dict:
     rows = [(list(map(int, x[:n])), list(map(int, y[:n]))) for x, y, n in
             zip(data[0].tolist(), data[1].tolist(), data[2].sum(1).tolist(), strict=True)][:4]
     check = run_check(on, model, [(x, [v if v >= 0 else IGNORE_INDEX for v in y]) for x, y in rows], 0, None)
+    tiles = {}
+    for spec in filter(None, (args.fused_tiles or "").split(";")):  # other tile shapes: m,n,k,warps,stages
+        shape = tuple(int(v) for v in spec.split(","))
+        fused.set_tiles(*shape)
+        try:
+            on(*data)  # its compile
+            tiles[spec] = round(timed(lambda: on(*data), device, 5) * 1e3, 1)
+        except Exception as exc:  # noqa: BLE001 - a shape this GPU cannot take (shared memory): say so
+            tiles[spec] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        print(f"# fused tiles {spec}: {tiles[spec]}{' ms a pass' if isinstance(tiles[spec], float) else ''}", flush=True)
+    if tiles:
+        fused.set_tiles(*default_tiles)
     out = {"fused_usable": True, "fused_first_pass_s": round(first_s, 2), "fused_ms": round(t_on * 1e3, 1),
+           **({"fused_tiles_ms": tiles} if tiles else {}),
            "formed_ms": round(t_off * 1e3, 1), "fused_speedup": round(t_off / t_on, 3),
            "fused_vs_plain": round(t_on / t_plain, 3), "formed_vs_plain": round(t_off / t_plain, 3),
            "fused_max_rel_diff": float(f"{worst:.2e}"), "fused_self_check_passed": bool(check.passed),
@@ -778,6 +792,9 @@ def main() -> None:
     ap.add_argument("--chunk-shifts", default="26,27,28", help="the chunk section's chunk_elements, as powers of 2")
     ap.add_argument("--det-attention", default=None,
                     help="the determinism section also tries these attention kernels alone (flash, efficient, math, cudnn)")
+    ap.add_argument("--fused-tiles", default="128,128,32,8,3;128,256,64,8,3;64,128,64,4,4",
+                    help="the fused section also times these tile shapes: m,n,k,warps,stages separated by ';' "
+                         "('' for none)")
     ap.add_argument("--sections", default=None,
                     help="run only these sections (comma-separated: moe, determinism, profile, chunk, extrema, "
                          "fused, graphs, compile, auto_batch), without the main table")

@@ -16,6 +16,7 @@ transformers' forward are answered "true" on meta tensors (there is no data).
 
     python benchmarks/traffic.py --quick                  # Qwen2.5-0.5B's shapes, B = 16, T = 512, bf16
     python benchmarks/traffic.py --model qwen3-0.6b --batch 8 --length 1024
+    python benchmarks/traffic.py --quick --fused          # with score.fused_moments
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -83,6 +84,22 @@ def on_meta_data_checks() -> None:
     torch.Tensor.item = lambda self: 1 if self.device.type == "meta" else real_item(self)
 
 
+def stand_in_fused_kernel() -> None:
+    """A meta stand-in for ``gradients/fused.py``'s kernel: its one output, (E, tiles, 3) float32, then
+    the per-example reductions, as ``block_moments`` does them (a Triton kernel cannot run on meta)."""
+    from grads_ray.gradients import fused
+
+    def block_moments(left, right, *rows):
+        e, r, c = left.shape[0], left.shape[-1], right.shape[-1]
+        tiles = -(-r // fused.BLOCK_M) * -(-c // fused.BLOCK_N)
+        out = torch.empty((e, tiles, 3), dtype=torch.float32, device=left.device)
+        return (out[..., 0].to(torch.float64).sum(1), out[..., 1].amax(1).to(torch.float64),
+                out[..., 2].amin(1).to(torch.float64))
+
+    fused.usable = lambda x: x.dtype in (torch.float16, torch.bfloat16)
+    fused.block_moments = block_moments
+
+
 def count(fn) -> Count:
     mode = Count()
     with mode:
@@ -98,6 +115,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--top", type=int, default=15, help="engine sites and ops printed")
+    ap.add_argument("--fused", action="store_true",
+                    help="score.fused_moments: the Triton kernel counted as what it writes (per tile, 3 numbers)")
     args = ap.parse_args()
 
     from grads_ray.gradients import factored
@@ -106,7 +125,9 @@ def main() -> None:
     t0 = time.perf_counter()
     model = build_model(args.model, getattr(torch, args.dtype), "cpu")
     engine = BatchedGradStats(model, proj_dim=512, proj_rank=8, fisher_dim=64, fisher_rank=4,
-                              hold_bytes=HOLD_BYTES["cuda"], chunk_elements=1 << 28)
+                              hold_bytes=HOLD_BYTES["cuda"], chunk_elements=1 << 28, fused_moments=args.fused)
+    if args.fused:
+        stand_in_fused_kernel()
     model.to("meta")
     factored.HALF_OUT["meta"] = "native"  # the GPU's sketch of half-precision factors
     on_meta_data_checks()
@@ -135,7 +156,7 @@ def main() -> None:
     print("# engine ops writing the most:")
     for (where, op), n in sorted(eng.bytes.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"#   {eng.ops[(where, op)]:6d} {n / 1e9:8.2f}  {op:26s} {where}")
-    summary = {"model": args.model, "dtype": args.dtype, "batch": b, "length": t,
+    summary = {"model": args.model, "dtype": args.dtype, "batch": b, "length": t, "fused": args.fused,
                "engine_ops": e_ops, "plain_ops": p_ops, "ops_ratio": round(e_ops / p_ops, 3),
                "engine_gb_written": round(e_gb, 2), "plain_gb_written": round(p_gb, 2),
                "bytes_ratio": round(e_gb / p_gb, 3)}

@@ -22,8 +22,17 @@ import os
 
 import torch
 
-BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 32
+# One tile shape, never autotuned: another shape sums a tile in another order (the last bits move), and
+# a run must be deterministic. 128 x 128 x 64 in 8 warps is Triton's usual bf16 GEMM tile on an H100;
+# benchmarks/grad_stats.py --fused-tiles times others (not yet measured on a GPU).
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
 NUM_WARPS, NUM_STAGES = 8, 3
+
+
+def set_tiles(m: int, n: int, k: int, warps: int, stages: int) -> None:
+    """Another tile shape and launch for this process (benchmarks only)."""
+    global BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES
+    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = m, n, k, warps, stages
 
 
 def usable(x: torch.Tensor) -> bool:
