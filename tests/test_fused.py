@@ -115,3 +115,28 @@ def test_engine_with_fused_moments(tmp_path, interpret, monkeypatch, tied):
         a, b = np.asarray(on.columns[key]), np.asarray(off.columns[key])
         assert np.allclose(a, b, rtol=2e-2, atol=1e-6, equal_nan=True), key
     assert not np.array_equal(np.asarray(on.columns["grad_max"]), np.asarray(off.columns["grad_max"]))
+
+
+def test_mixture_of_experts_blocks_through_the_kernel(tmp_path, interpret, monkeypatch):
+    """Qwen3-MoE in bfloat16: the experts' (expert, example) blocks go through the kernel too; the
+    statistics stay within bfloat16's rounding of the formed path's, every column."""
+    from grads_ray.gradients.engine import BatchedGradStats
+    from tests.families import build_family
+    from tests.reference import pad, random_examples
+
+    import traceback
+
+    calls = []  # whether each call reduced an experts weight
+    real = fused.block_moments
+    monkeypatch.setattr(fused, "block_moments", lambda *a: calls.append(
+        any(f.name == "_reduce_experts" for f in traceback.extract_stack())) or real(*a))
+    model = build_family("qwen3_moe", tmp_path / "moe").to(torch.bfloat16)
+    batch = pad(random_examples(4, seed=3, vocab=model.config.vocab_size), "right")
+    on = BatchedGradStats(model, proj_dim=16, proj_rank=4, fisher_dim=0, fused_moments=True)(*batch, left_padded=False)
+    assert any(calls) and not all(calls)  # the experts' blocks and the stacks
+    n_calls = len(calls)
+    off = BatchedGradStats(model, proj_dim=16, proj_rank=4, fisher_dim=0)(*batch, left_padded=False)
+    assert len(calls) == n_calls
+    for key in on.columns:
+        a, b = np.asarray(on.columns[key]), np.asarray(off.columns[key])
+        assert np.allclose(a, b, rtol=2e-2, atol=1e-6, equal_nan=True), key

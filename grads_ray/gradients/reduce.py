@@ -279,7 +279,7 @@ class Reducer:
                 d, xs = common_dtype(d, moe.stack_pairs(x[pairs], slot, rows).view(k1 - k0, m, -1))
                 left, right = (xs, d) if transposed else (d, xs)  # G = Σ δ xᵀ, or Σ x δᵀ stored (in, out)
                 mo = matrix_moments([Dense(left, right)], left.shape[-1], right.shape[-1], extrema=self.extrema,
-                                    chunk_elements=self.chunk_elements)
+                                    chunk_elements=self.chunk_elements, fused=self.fused)
                 table.index_copy_(0, on, torch.stack([mo.s, mo.ss, mo.mx, mo.mn], 1))
                 if self.projector:
                     acc = acc_dtype(left)
