@@ -85,19 +85,18 @@ def on_meta_data_checks() -> None:
 
 
 def stand_in_fused_kernel() -> None:
-    """A meta stand-in for ``gradients/fused.py``'s kernel: its one output, (E, tiles, 3) float32, then
-    the per-example reductions, as ``block_moments`` does them (a Triton kernel cannot run on meta)."""
+    """A meta stand-in for ``gradients/fused.py``'s kernel: one op writing its one output, (E, tiles, 4)
+    float32 (a Triton kernel cannot run on meta); the reductions after it run as they are."""
     from grads_ray.gradients import fused
 
-    def block_moments(left, right, *rows):
-        e, r, c = left.shape[0], left.shape[-1], right.shape[-1]
-        tiles = -(-r // fused.BLOCK_M) * -(-c // fused.BLOCK_N)
-        out = torch.empty((e, tiles, 3), dtype=torch.float32, device=left.device)
-        return (out[..., 0].to(torch.float64).sum(1), out[..., 1].amax(1).to(torch.float64),
-                out[..., 2].amin(1).to(torch.float64))
+    def tile_moments(left, right, index=None, rows_right=None, *, keep=None, out=None):
+        if out is None:
+            out = torch.empty((left.shape[0], fused.tiles(left.shape[-1], right.shape[-1]), 4), dtype=torch.float32,
+                              device=left.device)
+        return out.zero_()  # counted as the kernel's launch and what it writes
 
     fused.usable = lambda x: x.dtype in (torch.float16, torch.bfloat16)
-    fused.block_moments = block_moments
+    fused.tile_moments = tile_moments
 
 
 def count(fn) -> Count:
@@ -116,7 +115,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--top", type=int, default=15, help="engine sites and ops printed")
     ap.add_argument("--fused", action="store_true",
-                    help="score.fused_moments: the Triton kernel counted as what it writes (per tile, 3 numbers)")
+                    help="score.fused_moments: the Triton kernel counted as what it writes (per tile, 4 numbers)")
     args = ap.parse_args()
 
     from grads_ray.gradients import factored

@@ -39,10 +39,11 @@ def _factors(seed: int, e: int, p: int, r: int, c: int, dtype, sign: float = 1.0
 def test_fused_moments_against_float64(dtype, shape, sign, interpret):
     left, right = _factors(sum(shape), *shape, dtype, sign)
     assert fused.usable(left)
-    ss, mx, mn = fused.block_moments(left, right)
+    s, ss, mx, mn = fused.block_moments(left, right)
     g = torch.einsum("epr,epc->erc", left.double(), right.double()).flatten(1)
     assert ss.dtype == mx.dtype == torch.float64 and ss.shape == (shape[0],)
     torch.testing.assert_close(ss, g.square().sum(1), rtol=1e-5, atol=0)
+    assert ((s - g.sum(1)).abs() <= 1e-5 * g.abs().sum(1)).all()
     scale = g.abs().amax(1)
     assert ((mx - g.amax(1)).abs() <= 1e-5 * scale).all() and ((mn - g.amin(1)).abs() <= 1e-5 * scale).all()
     if sign < 0:
@@ -59,14 +60,15 @@ def test_fused_moments_with_tied_rows(dtype, interpret):
     index = torch.randint(-1, r, (e, 17), generator=g)
     index[:, :3] = 5  # one row hit three times
     rows_right = torch.randn((e, 17, c), generator=g).to(dtype)
-    ss, mx, mn = fused.block_moments(left, right, index, rows_right)
+    s, ss, mx, mn = fused.block_moments(left, right, index, rows_right)
     want = torch.einsum("epr,epc->erc", left.double(), right.double())
     hot = torch.nn.functional.one_hot(index.clamp(min=0), r).double() * (index >= 0)[..., None]  # (E, Q, R)
     want = (want + torch.einsum("eqr,eqc->erc", hot, rows_right.double())).flatten(1)
     torch.testing.assert_close(ss, want.square().sum(1), rtol=1e-5, atol=0)
+    assert ((s - want.sum(1)).abs() <= 1e-5 * want.abs().sum(1)).all()
     scale = want.abs().amax(1)
     assert ((mx - want.amax(1)).abs() <= 1e-5 * scale).all() and ((mn - want.amin(1)).abs() <= 1e-5 * scale).all()
-    plain = fused.block_moments(left, right)[0]
+    plain = fused.block_moments(left, right)[1]
     assert not torch.allclose(plain, ss, rtol=1e-3)  # the rows count
 
 
@@ -84,13 +86,18 @@ def test_engine_with_fused_moments(tmp_path, interpret, monkeypatch, tied):
     rounds every entry of G to bfloat16 before its square, max and min)."""
     from transformers import AutoModelForCausalLM
 
+    from grads_ray.gradients import grouped
     from grads_ray.gradients.engine import BatchedGradStats
     from tests.conftest import VOCAB, tiny_config
     from tests.reference import pad, random_examples, reference, scale_of
 
-    calls = []
-    real = fused.block_moments
-    monkeypatch.setattr(fused, "block_moments", lambda *a: calls.append(len(a)) or real(*a))
+    calls = []  # whether each call had embedding rows
+    real = fused.tile_moments
+    monkeypatch.setattr(fused, "tile_moments", lambda *a, **k: calls.append(len(a) > 2 and a[2] is not None)
+                        or real(*a, **k))
+    stacks = []  # the stacked copies made (the fused path reads each member in place)
+    real_stacked = grouped.stacked
+    monkeypatch.setattr(grouped, "stacked", lambda parts, keep: stacks.append(parts[0].shape) or real_stacked(parts, keep))
     cfg = tiny_config("llama")
     cfg.tie_word_embeddings = tied
     torch.manual_seed(0)
@@ -102,10 +109,11 @@ def test_engine_with_fused_moments(tmp_path, interpret, monkeypatch, tied):
     batch = pad(examples, "right")
     on = BatchedGradStats(bf16, proj_dim=16, proj_rank=4, fisher_dim=0, fused_moments=True)(*batch, left_padded=False)
     assert calls, "no stack went through the fused kernel"
-    assert (4 in calls) == tied  # the tied head's embedding rows went in with it
-    n_calls = len(calls)
+    assert any(calls) == tied  # the tied head's embedding rows went in with it
+    n_calls, n_stacks = len(calls), len(stacks)
+    assert all(len(s) == 3 and s[-1] == model.config.hidden_size for s in stacks)  # norms' and biases' only
     off = BatchedGradStats(bf16, proj_dim=16, proj_rank=4, fisher_dim=0)(*batch, left_padded=False)
-    assert len(calls) == n_calls
+    assert len(calls) == n_calls and len(stacks) > 2 * n_stacks  # the formed path stacks the matrices' factors
     for i, (x, y) in enumerate(examples):
         ref = reference(model64, x, y)
         for key, tol in (("grad_norm", 0.01), ("grad_std", 0.01), ("layer0.mlp.grad_norm", 0.01),
@@ -127,9 +135,9 @@ def test_mixture_of_experts_blocks_through_the_kernel(tmp_path, interpret, monke
     import traceback
 
     calls = []  # whether each call reduced an experts weight
-    real = fused.block_moments
-    monkeypatch.setattr(fused, "block_moments", lambda *a: calls.append(
-        any(f.name == "_reduce_experts" for f in traceback.extract_stack())) or real(*a))
+    real = fused.tile_moments
+    monkeypatch.setattr(fused, "tile_moments", lambda *a, **k: calls.append(
+        any(f.name == "_reduce_experts" for f in traceback.extract_stack())) or real(*a, **k))
     model = build_family("qwen3_moe", tmp_path / "moe").to(torch.bfloat16)
     batch = pad(random_examples(4, seed=3, vocab=model.config.vocab_size), "right")
     on = BatchedGradStats(model, proj_dim=16, proj_rank=4, fisher_dim=0, fused_moments=True)(*batch, left_padded=False)
@@ -140,3 +148,33 @@ def test_mixture_of_experts_blocks_through_the_kernel(tmp_path, interpret, monke
     for key in on.columns:
         a, b = np.asarray(on.columns[key]), np.asarray(off.columns[key])
         assert np.allclose(a, b, rtol=2e-2, atol=1e-6, equal_nan=True), key
+
+
+@pytest.mark.parametrize("half_sketch", [False, True])
+def test_members_in_place_equal_the_stack(interpret, monkeypatch, half_sketch):
+    """The fused path reads each member's factors where the pass left them, padding unmasked (NaN
+    there here): the same moments and sketch as the stacked, masked factors through the formed path."""
+    from grads_ray.gradients import factored, grouped
+
+    if half_sketch:
+        monkeypatch.setitem(factored.HALF_OUT, "cpu", "emulate")
+    g = torch.Generator().manual_seed(4)
+    n, b, p, r, c = 3, 4, 11, 24, 40
+    keep = torch.rand((b, p), generator=g) > 0.3
+    keep[:, 0] = True
+    lefts = [torch.randn((b, p, r), generator=g).to(torch.bfloat16) for _ in range(n)]
+    rights = [torch.randn((b, p, c), generator=g).to(torch.bfloat16) for _ in range(n)]
+    for x in lefts + rights:
+        x[~keep] = torch.nan  # whatever padding holds never reaches a number
+    p_rows, p_cols = torch.randn((n, 4, r), generator=g), torch.randn((n, 3, c), generator=g)
+    split = tuple(factored.split_half(m.transpose(1, 2), torch.bfloat16) for m in (p_rows, p_cols))
+    got = grouped.unstacked_moments(lefts, rights, keep)
+    sketch = grouped.unstacked_project(lefts, rights, keep, p_rows, p_cols, split)
+    left, right = grouped.stacked(lefts, keep), grouped.stacked(rights, keep)
+    want = grouped.dense_moments(left, right, extrema=True, chunk_elements=1 << 20)
+    want_sketch = grouped.dense_project(left, right, p_rows, p_cols, split)
+    assert got.isfinite().all() and sketch.isfinite().all()
+    torch.testing.assert_close(got[:, 0], want[:, 0], rtol=1e-4, atol=1e-4)  # entry sums: another order
+    torch.testing.assert_close(got[:, 1], want[:, 1], rtol=1e-2, atol=0)  # squares: G rounded to bf16 in `want`
+    torch.testing.assert_close(got[:, 2:], want[:, 2:], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(sketch, want_sketch, rtol=1e-4, atol=1e-4)

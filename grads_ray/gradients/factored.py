@@ -95,16 +95,19 @@ def split_half(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([hi, lo], dim=-1)
 
 
-def half_matmul(x: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
+def half_matmul(x: torch.Tensor, split: torch.Tensor, halves: bool = False) -> torch.Tensor:
     """x (…, R) in half precision times a :func:`split_half` matrix (R, 2k) -> (…, k) float32, or x
     (N, M, R) times (N, R, 2k) -> (N, M, k):
-    exact products, float32 sums (CUDA's ``out_dtype``), the two halves added in float32."""
+    exact products, float32 sums (CUDA's ``out_dtype``), the two halves added in float32 (``halves``:
+    not yet added, (…, 2k), for a caller that adds many at once)."""
     if HALF_OUT.get(x.device.type) == "emulate":
         out = torch.matmul(x.float(), split.float())
     elif split.dim() == 2:  # one matrix for every row of x
         out = torch.mm(x.reshape(-1, x.shape[-1]), split, out_dtype=torch.float32).view(*x.shape[:-1], -1)
     else:  # x (N, M, R), split (N, R, 2k)
         out = torch.bmm(x, split, out_dtype=torch.float32)
+    if halves:
+        return out
     k = out.shape[-1] // 2
     return out[..., :k] + out[..., k:]
 
@@ -263,15 +266,14 @@ def matrix_moments(terms: list[Dense | Rows], rows: int, cols: int, *, extrema: 
     sparse rows for an embedding alone, the ghost norm when no extrema are asked and it is cheaper,
     ``gradients.fused``'s kernel (``fused``: one dense term, and at most one of rows, in half precision
     where it runs), else formed blocks."""
-    s = entry_sum(terms)
     dense = [t for t in terms if isinstance(t, Dense)]
     sparse = [t for t in terms if isinstance(t, Rows)]
     if fused and extrema and len(dense) == 1 and len(sparse) <= 1 and fused_usable(terms):
         from grads_ray.gradients import fused as kernel
 
-        ss, mx, mn = kernel.block_moments(dense[0].left, dense[0].right, *((sparse[0].index, sparse[0].right)
-                                                                             if sparse else ()))
-        return Moments(rows * cols, s, ss, mx, mn)
+        return Moments(rows * cols, *kernel.block_moments(dense[0].left, dense[0].right,
+                                                          *((sparse[0].index, sparse[0].right) if sparse else ())))
+    s = entry_sum(terms)
     if all(isinstance(t, Rows) for t in terms):
         ss, mx, mn = rows_moments(terms, rows)
         if not extrema:

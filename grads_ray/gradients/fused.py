@@ -5,8 +5,8 @@ batched matrix product), then reads it twice (sum of squares; max and min). On a
 as large as B copies of the model's weights: at Qwen2.5-0.5B's shapes (B = 16, T = 512, bf16) 16 GB
 written and 32 GB read a pass (``benchmarks/traffic.py``). Here one Triton kernel forms each
 (BLOCK_M × BLOCK_N) tile of G_e in registers, float32 sums of exact half-precision products, and
-keeps only the tile's sum of squares, max and min; the tiles' partials are then reduced per example
-(float64 across tiles, in a fixed order: deterministic). Nothing but (E, tiles, 3) numbers is written.
+keeps only the tile's sum, sum of squares, max and min; the tiles' partials are then reduced per example
+(float64 across tiles, in a fixed order: deterministic). Nothing but (E, tiles, 4) numbers is written.
 
 For half-precision factors on a CUDA device (a float32 factor would go through TF32 there, less exact
 than the formed path's float32 products), with ``score.fused_moments`` on. On a CPU the same kernel
@@ -56,9 +56,10 @@ def _kernel(interpret: bool):
     import triton.language as tl
 
     @triton.jit
-    def moments(left, right, index, rows_right, out, P, Q, R, C, s_le, s_lp, s_lr, s_re, s_rp, s_rc,
-                s_ie, s_ip, s_we, s_wp, s_wc, tiles_n,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ROWS: tl.constexpr):
+    def moments(left, right, index, rows_right, keep, out, P, Q, R, C, s_le, s_lp, s_lr, s_re, s_rp, s_rc,
+                s_ie, s_ip, s_we, s_wp, s_wc, s_ke, s_kp, tiles_n,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ROWS: tl.constexpr,
+                KEEP: tl.constexpr):
         e = tl.program_id(0).to(tl.int64)  # a stack's offsets can pass 2^31
         tile = tl.program_id(1)
         rows = (tile // tiles_n) * BM + tl.arange(0, BM)
@@ -67,10 +68,13 @@ def _kernel(interpret: bool):
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, P, BK):  # the dense term: Σ_p left[e, p, rows] ⊗ right[e, p, cols]
             k = k0 + ks
+            real = k < P
+            if KEEP:  # padding read as zeros (whatever it holds, NaN included): both factors masked
+                real = real & (tl.load(keep + e * s_ke + k * s_kp, mask=k < P, other=0) != 0)
             a = tl.load(left + e * s_le + k[None, :] * s_lp + rows[:, None] * s_lr,
-                        mask=(k[None, :] < P) & (rows[:, None] < R), other=0.0)  # (BM, BK): L_eᵀ's tile
+                        mask=real[None, :] & (rows[:, None] < R), other=0.0)  # (BM, BK): L_eᵀ's tile
             b = tl.load(right + e * s_re + k[:, None] * s_rp + cols[None, :] * s_rc,
-                        mask=(k[:, None] < P) & (cols[None, :] < C), other=0.0)  # (BK, BN)
+                        mask=real[:, None] & (cols[None, :] < C), other=0.0)  # (BK, BN)
             if UPCAST:  # the interpreter's dot of bfloat16 is wrong (triton 3.9); float32 products of
                 a = a.to(tl.float32)  # half values are exact, so the numbers are the GPU's
                 b = b.to(tl.float32)
@@ -87,37 +91,62 @@ def _kernel(interpret: bool):
                 else:
                     acc += tl.dot(hot.to(b.dtype), b)
         inside = (rows[:, None] < R) & (cols[None, :] < C)
-        ss = tl.sum(tl.sum(acc * acc, axis=1), axis=0)  # entries outside the matrix are 0
+        total = tl.sum(tl.sum(acc, axis=1), axis=0)  # entries outside the matrix are 0
+        ss = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
         hi = tl.max(tl.max(tl.where(inside, acc, float("-inf")), axis=1), axis=0)
         lo = tl.min(tl.min(tl.where(inside, acc, float("inf")), axis=1), axis=0)
-        at = out + (e * tl.num_programs(1) + tile) * 3
-        tl.store(at, ss)
-        tl.store(at + 1, hi)
-        tl.store(at + 2, lo)
+        at = out + (e * tl.num_programs(1) + tile) * 4
+        tl.store(at, total)
+        tl.store(at + 1, ss)
+        tl.store(at + 2, hi)
+        tl.store(at + 3, lo)
 
     return moments
 
 
 def block_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | None = None,
-                  rows_right: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """left (E, P, R), right (E, P, C), half precision, padding zero -> per example e the sum of
-    squares, max and min of G_e = Σ_p left[e, p] ⊗ right[e, p], (E,) float64 each. With ``index``
+                  rows_right: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """left (E, P, R), right (E, P, C), half precision, padding zero -> per example e the sum, sum of
+    squares, max and min of G_e's entries, G_e = Σ_p left[e, p] ⊗ right[e, p], (E,) float64 each. With ``index``
     (E, Q) long (-1: no row) and ``rows_right`` (E, Q, C) (``factored.Rows``, an embedding tied to the
     head), G_e also gets Σ_q e_{index[e, q]} ⊗ rows_right[e, q], the one-hot rows built in registers."""
-    import triton
+    return reduce_tiles(tile_moments(left, right, index, rows_right))
 
+
+def tiles(rows: int, cols: int) -> int:
+    """Tiles of one (rows × cols) matrix."""
+    return -(-rows // BLOCK_M) * -(-cols // BLOCK_N)
+
+
+def tile_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | None = None,
+                 rows_right: torch.Tensor | None = None, *, keep: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """As :func:`block_moments`, each tile's sum, sum of squares, max and min, (E, tiles, 4) float32, into
+    ``out`` when given. ``keep`` (E, P) bool: the positions that count; the others are read as zeros
+    whatever they hold, so unmasked factors (views of what the pass captured) can come as they are."""
     e, p, r = left.shape
     c = right.shape[-1]
     rows = index is not None
-    if not rows:  # unused arguments (the ROWS branch is compiled out)
+    if not rows:  # unused arguments (their branches are compiled out)
         index, rows_right = torch.zeros((1, 1), dtype=torch.long, device=left.device), right
+    masked = keep is not None
+    if not masked:
+        keep = index
     q = index.shape[1] if rows else 0
-    tiles_m, tiles_n = triton.cdiv(r, BLOCK_M), triton.cdiv(c, BLOCK_N)
-    out = torch.empty((e, tiles_m * tiles_n, 3), dtype=torch.float32, device=left.device)
+    n_tiles = tiles(r, c)
+    if out is None:
+        out = torch.empty((e, n_tiles, 4), dtype=torch.float32, device=left.device)
     interpret = left.device.type == "cpu"
     extra = {} if interpret else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
-    _kernel(interpret)[(e, tiles_m * tiles_n)](
-        left, right, index, rows_right, out, p, q, r, c, *left.stride(), *right.stride(), *index.stride(),
-        *rows_right.stride(), tiles_n, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, UPCAST=interpret, ROWS=rows, **extra)
-    return (out[..., 0].to(torch.float64).sum(1), out[..., 1].amax(1).to(torch.float64),
-            out[..., 2].amin(1).to(torch.float64))
+    _kernel(interpret)[(e, n_tiles)](
+        left, right, index, rows_right, keep, out, p, q, r, c, *left.stride(), *right.stride(), *index.stride(),
+        *rows_right.stride(), *keep.stride(), -(-c // BLOCK_N), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
+        UPCAST=interpret, ROWS=rows, KEEP=masked, **extra)
+    return out
+
+
+def reduce_tiles(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tiles' numbers (…, tiles, 4) -> per example the sum and sum of squares (float64 across tiles),
+    max and min, (…,) float64 each, in a fixed order."""
+    sums = out[..., :2].to(torch.float64).sum(-2)
+    return sums[..., 0], sums[..., 1], out[..., 2].amax(-1).to(torch.float64), out[..., 3].amin(-1).to(torch.float64)

@@ -77,6 +77,40 @@ def dense_project(left: torch.Tensor, right: torch.Tensor, p_rows: torch.Tensor,
     return torch.bmm(lp.transpose(1, 2), rp).view(n, b, -1)
 
 
+def unstacked_moments(lefts: list[torch.Tensor], rights: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """N matrices' moments from their factors as the pass captured them, unstacked and unmasked: lefts
+    N × (B, P, R), rights N × (B, P, C) in one half dtype, keep (B, P) bool -> (N, 4, B) float64, as
+    :func:`dense_moments` with ``fused`` (``gradients.fused``'s kernel reads the real positions of each
+    member in place: no stacked copy of the factors, no masked copy)."""
+    from grads_ray.gradients import fused
+
+    n, (b, _, r), c = len(lefts), lefts[0].shape, rights[0].shape[-1]
+    out = torch.empty((n, b, fused.tiles(r, c), 4), dtype=torch.float32, device=lefts[0].device)
+    for j in range(n):
+        fused.tile_moments(lefts[j], rights[j], keep=keep, out=out[j])
+    return torch.stack(fused.reduce_tiles(out), dim=1)  # (N, 4, B)
+
+
+def unstacked_project(lefts: list[torch.Tensor], rights: list[torch.Tensor], keep: torch.Tensor,
+                      p_rows: torch.Tensor, p_cols: torch.Tensor,
+                      split: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`dense_project` of unstacked, unmasked factors (lefts N × (B, P, R), rights N × (B, P, C),
+    keep (B, P)): each member's factors times its sketch matrices, padding rows of the (B, P, k)
+    products zeroed (the same as zeroing the factors' rows first) -> (N, B, k_r·k_c)."""
+    acc, (b, p, _), n = p_rows.dtype, lefts[0].shape, len(lefts)
+    half = split is not None and half_out(lefts[0])
+    sides = []
+    for xs, mats, cut in ((lefts, p_rows, 0), (rights, p_cols, 1)):
+        if half:  # one product a member, the halves added for the whole stack at once
+            got = torch.stack([half_matmul(x, split[cut][j], halves=True) for j, x in enumerate(xs)])
+            k = got.shape[-1] // 2
+            got = got[..., :k] + got[..., k:]
+        else:
+            got = torch.stack([x.to(acc) @ mats[j].T for j, x in enumerate(xs)])  # (N, B, P, k)
+        sides.append(torch.where(keep[None, :, :, None], got, 0.0).view(n * b, p, -1))
+    return torch.bmm(sides[0].transpose(1, 2), sides[1]).view(n, b, -1)
+
+
 def vector_moments_stack(g: torch.Tensor, *, extrema: bool) -> torch.Tensor:
     """N vector parameters' per-example gradients g (N, B, n), formed -> (N, 4, B) float64 moments."""
     n, b, k = g.shape

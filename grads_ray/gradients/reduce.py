@@ -179,7 +179,9 @@ class Reducer:
         for key, members in stacks.items():
             names = tuple(n for n, _ in members)
             helds = [h for _, h in members]
-            if key[0] == "dense":
+            if key[0] == "dense" and self._unstacked(helds[0]):
+                self._flush_unstacked(state, names, helds)
+            elif key[0] == "dense":
                 keep = helds[0].keep
                 with part("dense_stack"):
                     left, right = common_dtype(grouped.stacked([h.left for h in helds], keep),
@@ -200,6 +202,26 @@ class Reducer:
                     if self.projector:
                         self._sketch(state, names,
                                      grouped.vector_project(g, self._stack(names, g.device, acc_dtype(g))["p_vec"]))
+
+    def _unstacked(self, first: Held) -> bool:
+        """Whether a dense stack is reduced member by member in place (``fused`` on, where its kernel runs,
+        with extrema, both factors of one half dtype): no stacked, masked copy of the factors."""
+        from grads_ray.gradients import fused
+
+        return (self.fused and self.extrema and first.left.dtype == first.right.dtype
+                and fused.usable(first.left))
+
+    def _flush_unstacked(self, state: PassState, names: tuple[str, ...], helds: list[Held]) -> None:
+        lefts, rights, keep = [h.left for h in helds], [h.right for h in helds], helds[0].keep
+        with part("dense_moments"):
+            self._store(state, names, grouped.unstacked_moments(lefts, rights, keep))
+        if self.projector:
+            with part("dense_sketch"):
+                dev = lefts[0].device
+                blocks = self._stack(names, dev, acc_dtype(lefts[0]))
+                split = self._stack(names, dev, lefts[0].dtype)["split"] if half_out(lefts[0]) else None
+                self._sketch(state, names, grouped.unstacked_project(lefts, rights, keep, blocks["p_rows"],
+                                                                     blocks["p_cols"], split))
 
     def _stack(self, names: tuple[str, ...], device, acc: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """A stack's table rows (``index``) and count-sketch ``bucket`` and ``sign`` of its columns; with
