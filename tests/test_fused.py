@@ -178,3 +178,23 @@ def test_members_in_place_equal_the_stack(interpret, monkeypatch, half_sketch):
     torch.testing.assert_close(got[:, 1], want[:, 1], rtol=1e-2, atol=0)  # squares: G rounded to bf16 in `want`
     torch.testing.assert_close(got[:, 2:], want[:, 2:], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(sketch, want_sketch, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_that_fails_its_probe_leaves_the_formed_path(interpret, monkeypatch, caplog):
+    """A device where the kernel does not compile or run (no bf16 tensor cores, too little shared memory)
+    or gives a wrong number is found once, said in the log, and the formed path is used."""
+    monkeypatch.setattr(fused, "_WORKS", {})
+    x = torch.zeros((1, 2, 2), dtype=torch.float16)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory, Required: 98304, Hardware limit: 65536")
+
+    monkeypatch.setattr(fused, "tile_moments", broken)
+    with caplog.at_level("WARNING", logger="grads_ray"):
+        assert not fused.usable(x) and not fused.usable(x)
+    assert caplog.text.count("out of resources") == 1
+    monkeypatch.setattr(fused, "_WORKS", {})
+    monkeypatch.setattr(fused, "tile_moments", lambda *a, **k: torch.zeros((1, 1, 4)))
+    assert not fused.usable(x)
+    monkeypatch.undo()
+    assert fused.usable(x)

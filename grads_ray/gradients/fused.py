@@ -18,9 +18,12 @@ Shapes: E = N·B (parameters × examples), P positions, left (E, P, R), right (E
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+log = logging.getLogger("grads_ray")
 
 # One tile shape, never autotuned: another shape sums a tile in another order (the last bits move), and
 # a run must be deterministic. 128 x 128 x 64 in 8 warps is Triton's usual bf16 GEMM tile on an H100;
@@ -35,16 +38,41 @@ def set_tiles(m: int, n: int, k: int, warps: int, stages: int) -> None:
     BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = m, n, k, warps, stages
 
 
+_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether the fused kernel can take factors like x: half precision, on CUDA (or on a CPU under
-    Triton's interpreter), with Triton importable."""
+    Triton's interpreter), with Triton importable, and the kernel compiled and right on a small
+    problem on this device (once per device and dtype: a GPU without bfloat16 tensor cores, or with
+    less shared memory than the tiles need, keeps the formed path, said once in the log)."""
     if x.dtype not in (torch.float16, torch.bfloat16) and x.device.type == "cuda":
         return False
     if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
+    key = (str(x.device), x.dtype)
+    if key not in _WORKS:
+        _WORKS[key] = _probe(x.device, x.dtype)
+    return _WORKS[key]
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    """The kernel on one small known problem: G = 1·1ᵀ summed over 3 positions, every entry 3."""
     try:
         import triton  # noqa: F401
     except ImportError:
+        log.warning("[grads-ray] score.fused_moments: triton is not installed; the formed path is used")
+        return False
+    ones = torch.ones((1, 3, 5), dtype=dtype, device=device)
+    try:
+        s, ss, mx, mn = (float(v) for v in block_moments(ones, ones))
+    except Exception as exc:  # noqa: BLE001 - whatever stops the kernel here, the formed path stands
+        log.warning("[grads-ray] score.fused_moments: the kernel does not run on %s in %s (%s: %s); the formed "
+                    "path is used", device, dtype, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return False
+    if (s, ss, mx, mn) != (75.0, 225.0, 3.0, 3.0):
+        log.warning("[grads-ray] score.fused_moments: the kernel gave %s on a known problem on %s; the formed path "
+                    "is used", (s, ss, mx, mn), device)
         return False
     return True
 
