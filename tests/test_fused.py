@@ -128,11 +128,11 @@ def test_engine_with_fused_moments(tmp_path, interpret, monkeypatch, tied):
 def test_mixture_of_experts_blocks_through_the_kernel(tmp_path, interpret, monkeypatch):
     """Qwen3-MoE in bfloat16: the experts' (expert, example) blocks go through the kernel too; the
     statistics stay within bfloat16's rounding of the formed path's, every column."""
+    import traceback
+
     from grads_ray.gradients.engine import BatchedGradStats
     from tests.families import build_family
     from tests.reference import pad, random_examples
-
-    import traceback
 
     calls = []  # whether each call reduced an experts weight
     real = fused.tile_moments
