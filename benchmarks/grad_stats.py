@@ -916,19 +916,17 @@ def main() -> None:
         summary["best_fraction_of_matmul"] = round(max(r["fraction_of_matmul"] for r in rows), 3)
     if mem:
         summary["peak_mem_vs_plain"] = round(mem["ratio"], 2)
+    at_b, at_t = (int(x) for x in args.profile_at.split(","))
+
+    def at_profile_shape(name: str, report, seed: int) -> None:  # a section on one batch of --profile-at's shape
+        if wanted(name):
+            section(summary, name, lambda: report(
+                model, make_batch(at_b, at_t, model.config.vocab_size, seed, device), args, device))
+
     # the newest questions first: a device check's time limit takes the last sections, not these
-    if wanted("fused"):
-        fb, ft = (int(x) for x in args.profile_at.split(","))
-        section(summary, "fused", lambda: fused_report(
-            model, make_batch(fb, ft, model.config.vocab_size, 7, device), args, device))
-    if wanted("graphs"):
-        gb, gt = (int(x) for x in args.profile_at.split(","))
-        section(summary, "graphs", lambda: graphs_report(
-            model, make_batch(gb, gt, model.config.vocab_size, 6, device), args, device))
-    if wanted("profile"):
-        pb, pt = (int(x) for x in args.profile_at.split(","))
-        section(summary, "profile", lambda: device_profile(
-            model, make_batch(pb, pt, model.config.vocab_size, 1, device), args, device))
+    at_profile_shape("fused", fused_report, 7)
+    at_profile_shape("graphs", graphs_report, 6)
+    at_profile_shape("profile", device_profile, 1)
     moe_model = args.moe_model or ("moe-small" if cuda and (wanted("moe") or chosen is not None) else None)
     if wanted("determinism"):
         section(summary, "det", lambda: determinism_report(
@@ -942,18 +940,9 @@ def main() -> None:
     if wanted("moe") and moe_model:
         args.moe_model = moe_model
         section(summary, "moe", lambda: moe_report(args, device, *(int(x) for x in args.moe_at.split(","))))
-    if wanted("extrema"):
-        xb, xt = (int(x) for x in args.profile_at.split(","))
-        section(summary, "extrema", lambda: extrema_report(
-            model, make_batch(xb, xt, model.config.vocab_size, 5, device), args, device))
-    if wanted("chunk"):
-        kb, kt = (int(x) for x in args.profile_at.split(","))
-        section(summary, "chunk", lambda: chunk_report(
-            model, make_batch(kb, kt, model.config.vocab_size, 3, device), args, device))
-    if wanted("compile"):
-        cb, ct = (int(x) for x in args.profile_at.split(","))
-        section(summary, "compile", lambda: compile_report(
-            model, make_batch(cb, ct, model.config.vocab_size, 2, device), args, device))
+    at_profile_shape("extrema", extrema_report, 5)
+    at_profile_shape("chunk", chunk_report, 3)
+    at_profile_shape("compile", compile_report, 2)
     if wanted("auto_batch"):
         del engine, loop, model  # the scorer loads its own copy
         torch.cuda.empty_cache()

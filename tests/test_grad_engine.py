@@ -313,6 +313,27 @@ def test_norm_jacobian_closed_form_or_forward_ad(module, closed):
         torch.testing.assert_close(fast[i], want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_hat_of_half_input_is_transformers_own(dtype):
+    """A half-precision RMSNorm's x̂ (its input read as it is, the mean square in one float32
+    reduction) against transformers' own float32 arithmetic, whose x̂ times the weight the module
+    returns: the same half values but for rounding ties (the mean square summed in another order)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from grads_ray.gradients.rules import NormHat, norm_jacobian
+
+    module = LlamaRMSNorm(64, eps=1e-6).to(dtype)
+    hat = norm_jacobian(module, "weight")
+    assert hat == NormHat("rms32", 1e-6)
+    x = (torch.randn((4, 7, 64), generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+        want = module(x)  # weight 1: the module's own x̂ in its dtype
+    got = hat(module, "weight", x)
+    assert got.dtype == dtype
+    assert (got != want).float().mean() < 0.01 and torch.allclose(got.float(), want.float(), rtol=1e-2, atol=0)
+
+
 def test_a_vocabulary_sized_block_sums_its_squares_without_drift():
     """Four million float32 entries (a head's gradient, 8192 x 512) squared and summed: along a row in
     float32, across rows in float64. One float32 sum over all of them drifts by 2e-4 relative, which

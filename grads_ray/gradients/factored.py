@@ -80,7 +80,8 @@ def half_out(x: torch.Tensor) -> bool:
     if how == "native" and str(x.device) not in _NATIVE_OK:  # once per device: a torch without out_dtype says so
         probe = torch.ones((1, 2, 2), dtype=x.dtype, device=x.device)
         try:
-            _NATIVE_OK[str(x.device)] = torch.bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+            _NATIVE_OK[str(x.device)] = (torch.bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+                                         and torch.mm(probe[0], probe[0], out_dtype=torch.float32).dtype == torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             _NATIVE_OK[str(x.device)] = False
     return how == "emulate" or _NATIVE_OK[str(x.device)]

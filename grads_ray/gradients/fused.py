@@ -88,8 +88,8 @@ def _kernel(interpret: bool):
                 s_ie, s_ip, s_we, s_wp, s_wc, s_ke, s_kp, tiles_n,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ROWS: tl.constexpr,
                 KEEP: tl.constexpr):
-        e = tl.program_id(0).to(tl.int64)  # a stack's offsets can pass 2^31
-        tile = tl.program_id(1)
+        tile = tl.program_id(0)  # tiles on the grid's first axis: a vocabulary-sized head has more than 65,535
+        e = tl.program_id(1).to(tl.int64)  # a stack's offsets can pass 2^31
         rows = (tile // tiles_n) * BM + tl.arange(0, BM)
         cols = (tile % tiles_n) * BN + tl.arange(0, BN)
         ks = tl.arange(0, BK)
@@ -123,7 +123,7 @@ def _kernel(interpret: bool):
         ss = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
         hi = tl.max(tl.max(tl.where(inside, acc, float("-inf")), axis=1), axis=0)
         lo = tl.min(tl.min(tl.where(inside, acc, float("inf")), axis=1), axis=0)
-        at = out + (e * tl.num_programs(1) + tile) * 4
+        at = out + (e * tl.num_programs(0) + tile) * 4
         tl.store(at, total)
         tl.store(at + 1, ss)
         tl.store(at + 2, hi)
@@ -158,15 +158,14 @@ def tile_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | 
     if not rows:  # unused arguments (their branches are compiled out)
         index, rows_right = torch.zeros((1, 1), dtype=torch.long, device=left.device), right
     masked = keep is not None
-    if not masked:
-        keep = index
+    keep = keep.view(torch.uint8) if masked and keep.dtype == torch.bool else keep if masked else index
     q = index.shape[1] if rows else 0
     n_tiles = tiles(r, c)
     if out is None:
         out = torch.empty((e, n_tiles, 4), dtype=torch.float32, device=left.device)
     interpret = left.device.type == "cpu"
     extra = {} if interpret else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
-    _kernel(interpret)[(e, n_tiles)](
+    _kernel(interpret)[(n_tiles, e)](
         left, right, index, rows_right, keep, out, p, q, r, c, *left.stride(), *right.stride(), *index.stride(),
         *rows_right.stride(), *keep.stride(), -(-c // BLOCK_N), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
         UPCAST=interpret, ROWS=rows, KEEP=masked, **extra)

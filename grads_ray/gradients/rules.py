@@ -234,6 +234,10 @@ class NormHat:
             return torch.ones_like(x)
         if self.kind == "layer":
             return nn.functional.layer_norm(x, self.shape, None, None, self.eps)
+        if self.kind == "rms32" and x.dtype in (torch.float16, torch.bfloat16):  # half x read as it is: its mean
+            # square in one float32 reduction, no float32 copy of x nor of its square (a stack of every layer's)
+            ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_().div_(x.shape[-1])
+            return (x * torch.rsqrt(ms + self.eps)).to(x.dtype)
         xf = x.float() if self.kind == "rms32" else x
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
