@@ -34,7 +34,7 @@ def _factors(seed: int, e: int, p: int, r: int, c: int, dtype, sign: float = 1.0
     return torch.where(keep[..., None], left, 0), torch.where(keep[..., None], right, 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape, sign", [((5, 37, 150, 70), 1.0), ((3, 64, 128, 256), 1.0), ((4, 9, 33, 130), -1.0)])
 def test_fused_moments_against_float64(dtype, shape, sign, interpret):
     left, right = _factors(sum(shape), *shape, dtype, sign)
@@ -73,7 +73,8 @@ def test_fused_moments_with_tied_rows(dtype, interpret):
 
 
 def test_fused_is_not_used_where_it_cannot_run(monkeypatch):
-    """Without the interpreter a CPU tensor is not the kernel's."""
+    """Without the interpreter a CPU tensor is not the kernel's; float64 never is."""
+    assert not fused.usable(torch.zeros((1, 2, 2), dtype=torch.float64))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not fused.usable(torch.zeros((1, 2, 2), dtype=torch.bfloat16))
 
@@ -198,3 +199,31 @@ def test_a_kernel_that_fails_its_probe_leaves_the_formed_path(interpret, monkeyp
     assert not fused.usable(x)
     monkeypatch.undo()
     assert fused.usable(x)
+
+
+def test_a_kernel_off_by_one_percent_is_caught_by_the_self_check(tmp_path, interpret, monkeypatch):
+    """A bfloat16 model's self-check runs its float32 pass through the kernel too (IEEE float32
+    products): a kernel whose sums of squares are 2% off (norms 1%), which bfloat16's tolerance would
+    let through, is caught there, and ``score.engine=auto`` scores one example at a time."""
+    from grads_ray.gradients.selfcheck import build_engine, synthetic_examples
+    from grads_ray.gradients.stats import LoopGradStats
+    from tests.conftest import VOCAB, save_tiny_model
+
+    real = fused.tile_moments
+
+    def off(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[..., 1] *= 1.02
+        return out
+
+    monkeypatch.setattr(fused, "tile_moments", off)
+    # past the start-up probe, which would find this kernel wrong on its own small problem
+    monkeypatch.setattr(fused, "_WORKS", {("cpu", torch.bfloat16): True, ("cpu", torch.float32): True})
+    model = save_tiny_model("qwen2", tmp_path / "qwen2").eval().to(torch.bfloat16)
+    settings = {"engine": "auto", "proj_dim": 0, "fisher_dim": 0, "fused_moments": True}
+    engine, result = build_engine(model, settings, synthetic_examples(VOCAB, n=3, seed=1), pad_id=0)
+    assert isinstance(engine, LoopGradStats) and not result.passed
+    assert result.float32 is not None and not result.float32["passed"], result
+    monkeypatch.setattr(fused, "tile_moments", real)
+    engine, result = build_engine(model, settings, synthetic_examples(VOCAB, n=3, seed=1), pad_id=0)
+    assert result.passed and result.float32["passed"], result.reason

@@ -155,6 +155,28 @@ def test_bfloat16_model_checked_in_its_dtype_and_in_float32(family, family_dir):
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_gpus_paths_pass_the_self_check_in_bfloat16(family, family_dir, monkeypatch):
+    """What a GPU runs in bfloat16, here on the CPU: the sketch of half factors with float32 results
+    (``factored.HALF_OUT``, emulated) and ``score.fused_moments``'s kernel (Triton's interpreter). The
+    self-check passes on every family, in bfloat16 and in float32, and the kernel took part in both."""
+    import os
+
+    from grads_ray.gradients import factored, fused
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or not fused.usable(torch.zeros((1, 1, 1), dtype=torch.bfloat16)):
+        pytest.skip("no Triton interpreter here (tests/conftest.py sets it where there is no GPU)")
+    monkeypatch.setitem(factored.HALF_OUT, "cpu", "emulate")
+    calls = []
+    real = fused.tile_moments
+    monkeypatch.setattr(fused, "tile_moments", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    model = _model(family, family_dir).to(torch.bfloat16)
+    engine, result = build_engine(model, {"engine": "batched", "proj_dim": 16, "proj_rank": 4, "fisher_dim": 0,
+                                          "fused_moments": True}, synthetic_examples(VOCAB, n=3, seed=4), pad_id=0)
+    assert result.passed and result.float32["passed"], result.reason
+    assert {torch.bfloat16, torch.float32} <= set(calls)  # the kernel in both passes
+
+
 def test_loop_engine_covers_what_the_batched_engine_refuses(family_dir):
     """A model with no batched rule for one parameter: ``auto`` scores it with the loop and says why."""
     from grads_ray.gradients import rules

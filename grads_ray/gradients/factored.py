@@ -114,7 +114,7 @@ def half_matmul(x: torch.Tensor, split: torch.Tensor, halves: bool = False) -> t
 
 
 def fused_usable(terms: list[Dense | Rows]) -> bool:
-    """Whether ``gradients.fused``'s kernel takes these terms: every factor of one half dtype, where it runs."""
+    """Whether ``gradients.fused``'s kernel takes these terms: every factor of one dtype it takes, where it runs."""
     from grads_ray.gradients import fused
 
     tensors = [x for t in terms for x in ((t.left, t.right) if isinstance(t, Dense) else (t.right,))]

@@ -8,9 +8,11 @@ written and 32 GB read a pass (``benchmarks/traffic.py``). Here one Triton kerne
 keeps only the tile's sum, sum of squares, max and min; the tiles' partials are then reduced per example
 (float64 across tiles, in a fixed order: deterministic). Nothing but (E, tiles, 4) numbers is written.
 
-For half-precision factors on a CUDA device (a float32 factor would go through TF32 there, less exact
-than the formed path's float32 products), with ``score.fused_moments`` on. On a CPU the same kernel
-runs in Triton's interpreter (``TRITON_INTERPRET=1``, numpy): the tests check it there against float64.
+For bfloat16/float16 factors on a CUDA device, with ``score.fused_moments`` on; float32 factors too
+(the products then in IEEE float32, not TF32): a half-precision model's self-check runs its float32
+pass through the kernel, where a wrong kernel cannot hide in bfloat16's rounding. On a CPU the same
+kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, numpy): the tests check it there against
+float64.
 
 Shapes: E = N·B (parameters × examples), P positions, left (E, P, R), right (E, P, C); padding zero.
 """
@@ -42,11 +44,11 @@ _WORKS: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether the fused kernel can take factors like x: half precision, on CUDA (or on a CPU under
+    """Whether the fused kernel can take factors like x: half precision or float32, on CUDA (or on a CPU under
     Triton's interpreter), with Triton importable, and the kernel compiled and right on a small
     problem on this device (once per device and dtype: a GPU without bfloat16 tensor cores, or with
     less shared memory than the tiles need, keeps the formed path, said once in the log)."""
-    if x.dtype not in (torch.float16, torch.bfloat16) and x.device.type == "cuda":
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
@@ -87,7 +89,7 @@ def _kernel(interpret: bool):
     def moments(left, right, index, rows_right, keep, out, P, Q, R, C, s_le, s_lp, s_lr, s_re, s_rp, s_rc,
                 s_ie, s_ip, s_we, s_wp, s_wc, s_ke, s_kp, tiles_n,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ROWS: tl.constexpr,
-                KEEP: tl.constexpr):
+                KEEP: tl.constexpr, IEEE: tl.constexpr):
         tile = tl.program_id(0)  # tiles on the grid's first axis: a vocabulary-sized head has more than 65,535
         e = tl.program_id(1).to(tl.int64)  # a stack's offsets can pass 2^31
         rows = (tile // tiles_n) * BM + tl.arange(0, BM)
@@ -106,7 +108,10 @@ def _kernel(interpret: bool):
             if UPCAST:  # the interpreter's dot of bfloat16 is wrong (triton 3.9); float32 products of
                 a = a.to(tl.float32)  # half values are exact, so the numbers are the GPU's
                 b = b.to(tl.float32)
-            acc += tl.dot(a, b)
+            if IEEE:  # float32 factors: exact float32 products, as the formed path's (not TF32)
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
         if ROWS:  # sparse rows (an embedding tied to the head): Σ_q e_{index[e, q]} ⊗ rows_right[e, q, cols]
             for k0 in range(0, Q, BK):
                 k = k0 + ks
@@ -116,6 +121,8 @@ def _kernel(interpret: bool):
                 hot = at[None, :] == rows[:, None]  # (BM, BK) one-hot, in registers only
                 if UPCAST:
                     acc += tl.dot(hot.to(tl.float32), b.to(tl.float32))
+                elif IEEE:
+                    acc += tl.dot(hot.to(b.dtype), b, input_precision="ieee")
                 else:
                     acc += tl.dot(hot.to(b.dtype), b)
         inside = (rows[:, None] < R) & (cols[None, :] < C)
@@ -165,10 +172,12 @@ def tile_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | 
         out = torch.empty((e, n_tiles, 4), dtype=torch.float32, device=left.device)
     interpret = left.device.type == "cpu"
     extra = {} if interpret else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+    ieee = left.dtype == torch.float32
+    block_k = BLOCK_K // 2 if ieee else BLOCK_K  # float32 tiles in the shared memory of an A100 too
     _kernel(interpret)[(n_tiles, e)](
         left, right, index, rows_right, keep, out, p, q, r, c, *left.stride(), *right.stride(), *index.stride(),
-        *rows_right.stride(), *keep.stride(), -(-c // BLOCK_N), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
-        UPCAST=interpret, ROWS=rows, KEEP=masked, **extra)
+        *rows_right.stride(), *keep.stride(), -(-c // BLOCK_N), BM=BLOCK_M, BN=BLOCK_N, BK=block_k,
+        UPCAST=interpret, ROWS=rows, KEEP=masked, IEEE=ieee and not interpret, **extra)
     return out
 
 
