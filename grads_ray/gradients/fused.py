@@ -170,6 +170,7 @@ def tile_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | 
     n_tiles = tiles(r, c)
     if out is None:
         out = torch.empty((e, n_tiles, 4), dtype=torch.float32, device=left.device)
+    assert out.shape == (e, n_tiles, 4) and out.is_contiguous() and (not masked or keep.shape == left.shape[:2])
     interpret = left.device.type == "cpu"
     extra = {} if interpret else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
     ieee = left.dtype == torch.float32

@@ -25,6 +25,7 @@ from grads_ray.gradients import grouped
 from grads_ray.gradients.factored import (
     HALF,
     Dense,
+    Rows,
     acc_dtype,
     half_out,
     matrix_moments,
@@ -147,7 +148,12 @@ class Reducer:
                 self.flush(state)
             return
         with part("alone"):  # a tied or several-times-used weight, an embedding, a replayed matrix
-            self._reduce_alone(state, name, [self._materialize(h) for h in held])
+            dense = [h for h in held if h.kind == "dense"]
+            rows = [h.value for h in held if h.kind == "term" and isinstance(h.value, Rows)]
+            if len(dense) == 1 and len(dense) + len(rows) == len(held) <= 2 and self._unstacked(dense[0]):
+                self._reduce_alone_fused(state, name, dense[0], rows[0] if rows else None)
+            else:
+                self._reduce_alone(state, name, [self._materialize(h) for h in held])
 
     def _materialize(self, held: Held):
         """One use as a term of ``factored``, padding zeroed (a formed (B, …) tensor for vectors)."""
@@ -317,6 +323,26 @@ class Reducer:
                                                        per[..., 3].amin(0), 1))
         if self.projector:
             self._sketch(state, (name,), sketch.view(n_experts, b, -1).sum(0)[None])
+
+    def _reduce_alone_fused(self, state: PassState, name: str, held: Held, rows: Rows | None) -> None:
+        """A head (tied to its embedding: ``rows``, or untied and too large to wait for a stack) through
+        ``gradients.fused``'s kernel with its factors as the pass left them: the padding masked as the
+        kernel loads them and on the sketch's small products, never on a (B, T, vocabulary) copy."""
+        from grads_ray.gradients import fused
+
+        p = self.params[name]
+        m = fused.reduce_tiles(fused.tile_moments(held.left, held.right, *((rows.index, rows.right) if rows else ()),
+                                                  keep=held.keep))
+        self._store(state, (name,), grouped.table_rows(*m, 1))
+        if self.projector:
+            dev = held.left.device
+            p_rows, p_cols = self.projector.on(dev, acc_dtype(p))[0][name]
+            split = self.projector.split_on(dev, held.left.dtype, name) if half_out(held.left) else None
+            inner = grouped.unstacked_project([held.left], [held.right], held.keep, p_rows[None], p_cols[None],
+                                              (split[0][None], split[1][None]) if split else None)[0]
+            if rows is not None:  # the embedding's rows: masked already (index -1, δ zero)
+                inner = inner + project_terms([rows], p_rows, p_cols)
+            self._sketch(state, (name,), inner[None])
 
     def _reduce_alone(self, state: PassState, name: str, terms: list) -> None:
         """One parameter whose uses are not stackable: moments and sketch from its terms."""
