@@ -20,7 +20,7 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
     python benchmarks/grad_stats.py --quick --model moe-small        # the MoE rules beside "small" (Llama)
 
 On CUDA, sections follow the main table, each printing the figures so far first, in this order (the
-newest questions first): fused, graphs, profile, determinism, MoE, extrema, chunk, compile, auto batch.
+newest questions first): fused, profile, graphs, determinism, MoE, extrema, chunk, compile, auto batch.
 - MoE (``--moe-model``, moe-small by default; ``--no-moe`` skips it): the experts' grouped-matmul path against the padded
   stacks and a plain step at B = 16, T = 512, and the self-check on the GPU;
 - profile (``--no-profile`` skips it, chunk and extrema): one engine pass and one plain step at
@@ -925,8 +925,8 @@ def main() -> None:
 
     # the newest questions first: a device check's time limit takes the last sections, not these
     at_profile_shape("fused", fused_report, 7)
-    at_profile_shape("graphs", graphs_report, 6)
     at_profile_shape("profile", device_profile, 1)
+    at_profile_shape("graphs", graphs_report, 6)  # after the profile: a capture that breaks cannot take it
     moe_model = args.moe_model or ("moe-small" if cuda and (wanted("moe") or chosen is not None) else None)
     if wanted("determinism"):
         section(summary, "det", lambda: determinism_report(
