@@ -398,10 +398,10 @@ def fused_report(model, data, args, device: str) -> dict:
     """The engine with ``fused_moments`` (the stacks' per-example blocks reduced by one Triton kernel
     that never writes them, ``gradients/fused.py``) against the formed path and a plain step on one
     batch: time, peak, how far the statistics move (the formed path rounds each entry to the model's
-    dtype first), and the self-check with the kernel on (CUDA: half precision only)."""
+    dtype first), and the self-check with the kernel on (a CUDA device, or a CPU under Triton's interpreter)."""
     from grads_ray.gradients import fused
     from grads_ray.gradients.engine import BatchedGradStats
-    from grads_ray.gradients.selfcheck import run_check
+    from grads_ray.gradients.selfcheck import build_engine, synthetic_examples
 
     if not fused.usable(next(model.parameters())):
         print(f"# fused: the kernel does not run here ({device}, {args.dtype}; triton importable: "
@@ -422,9 +422,8 @@ def fused_report(model, data, args, device: str) -> dict:
     peak_off = PEAKS.get("last")
     t_plain = timed(lambda: plain_step(model, *data), device, 5)
     model.zero_grad(set_to_none=True)
-    rows = [(list(map(int, x[:n])), list(map(int, y[:n]))) for x, y, n in
-            zip(data[0].tolist(), data[1].tolist(), data[2].sum(1).tolist(), strict=True)][:4]
-    check = run_check(on, model, [(x, [v if v >= 0 else IGNORE_INDEX for v in y]) for x, y in rows], 0, None)
+    _, check = build_engine(model, {"engine": "auto", "proj_dim": 64, "fisher_dim": 0, "fused_moments": True},
+                            synthetic_examples(model.config.vocab_size, n=4), pad_id=0)
     tiles = {}
     for spec in filter(None, (args.fused_tiles or "").split(";")):  # other tile shapes: m,n,k,warps,stages
         shape = tuple(int(v) for v in spec.split(","))

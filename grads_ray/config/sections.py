@@ -150,7 +150,7 @@ class ScoreConfig:
     # else 2^26 (grads_ray/gradients/memory.py, measured). Changes no number beyond rounding (not fingerprinted)
     chunk_elements: int | str = "auto"
     # the stacked weights' max/min/sum of squares from one Triton kernel that never writes a per-example
-    # gradient (gradients/fused.py: bf16/fp16 on a GPU; elsewhere the formed path). Off until measured
+    # gradient (gradients/fused.py: bf16/fp16/fp32 on a GPU; elsewhere the formed path). Off until measured
     # on a GPU (benchmarks/grad_stats.py fused section). Changes no number beyond rounding (not fingerprinted)
     fused_moments: bool = False
     fisher_dim: int = 64  # FisherSFT summary: last hidden state projected to this size (0: off)

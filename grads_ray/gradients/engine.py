@@ -104,7 +104,7 @@ class BatchedGradStats:
     ``keep_params`` adds every parameter's per-example moments to the output. ``hold_bytes`` bounds
     the factors held for grouped reduction (more: fewer, larger stacks; the peak grows by about that).
     ``fused_moments`` reduces the stacked matrices' per-example blocks in one Triton kernel that never
-    writes them (``gradients.fused``: half precision on a GPU; elsewhere the formed path).
+    writes them (``gradients.fused``: bf16/fp16/fp32 on a GPU; elsewhere the formed path).
     By default 1 GiB on a GPU, where the pass is bound by launches, and 64 MiB elsewhere, where
     larger stacks only cost memory traffic (measured: 16 x 512 on the CPU, 1 GiB is 9% slower).
     """

@@ -265,7 +265,7 @@ def matrix_moments(terms: list[Dense | Rows], rows: int, cols: int, *, extrema: 
                    chunk_elements: int = 1 << 26, fused: bool = False) -> Moments:
     """Moments of Σ_terms G_i for a (rows × cols) parameter; picks the cheapest exact method:
     sparse rows for an embedding alone, the ghost norm when no extrema are asked and it is cheaper,
-    ``gradients.fused``'s kernel (``fused``: one dense term, and at most one of rows, in half precision
+    ``gradients.fused``'s kernel (``fused``: one dense term, and at most one of rows, in a dtype it takes
     where it runs), else formed blocks."""
     dense = [t for t in terms if isinstance(t, Dense)]
     sparse = [t for t in terms if isinstance(t, Rows)]

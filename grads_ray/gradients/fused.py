@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from grads_ray.gradients.factored import HALF
+
 log = logging.getLogger("grads_ray")
 
 # One tile shape, never autotuned: another shape sums a tile in another order (the last bits move), and
@@ -48,7 +50,7 @@ def usable(x: torch.Tensor) -> bool:
     Triton's interpreter), with Triton importable, and the kernel compiled and right on a small
     problem on this device (once per device and dtype: a GPU without bfloat16 tensor cores, or with
     less shared memory than the tiles need, keeps the formed path, said once in the log)."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype not in (*HALF, torch.float32):
         return False
     if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
@@ -141,7 +143,7 @@ def _kernel(interpret: bool):
 
 def block_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | None = None,
                   rows_right: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """left (E, P, R), right (E, P, C), half precision, padding zero -> per example e the sum, sum of
+    """left (E, P, R), right (E, P, C), in one dtype :func:`usable` takes, padding zero -> per example e the sum, sum of
     squares, max and min of G_e's entries, G_e = Σ_p left[e, p] ⊗ right[e, p], (E,) float64 each. With ``index``
     (E, Q) long (-1: no row) and ``rows_right`` (E, Q, C) (``factored.Rows``, an embedding tied to the
     head), G_e also gets Σ_q e_{index[e, q]} ⊗ rows_right[e, q], the one-hot rows built in registers."""

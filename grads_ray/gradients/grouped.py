@@ -22,8 +22,8 @@ from grads_ray.gradients.factored import (
     vector_moments,
 )
 
-__all__ = ["dense_moments", "dense_project", "stacked", "zero_padding_", "table_rows", "vector_moments_stack", "vector_project",
-           "group_statistics"]
+__all__ = ["dense_moments", "dense_project", "stacked", "zero_padding_", "table_rows", "unstacked_moments",
+           "unstacked_project", "vector_moments_stack", "vector_project", "group_statistics"]
 
 
 def zero_padding_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -50,8 +50,8 @@ def table_rows(s: torch.Tensor, ss: torch.Tensor, mx: torch.Tensor, mn: torch.Te
 def dense_moments(left: torch.Tensor, right: torch.Tensor, *, extrema: bool, chunk_elements: int,
                   fused: bool = False) -> torch.Tensor:
     """G_{j,i} = Σ_p left[j,i,p] ⊗ right[j,i,p] for N matrices: left (N, B, P, R), right (N, B, P, C),
-    padding zero in both -> (N, 4, B) float64 moments. ``fused`` (``score.fused_moments``): max, min and
-    the sum of squares from ``gradients.fused``'s kernel, which never writes G, where it can run."""
+    padding zero in both -> (N, 4, B) float64 moments. ``fused`` (``score.fused_moments``): all four from
+    ``gradients.fused``'s kernel, which never writes G, where it takes the factors."""
     n, b, p, r = left.shape
     m = matrix_moments([Dense(left.reshape(n * b, p, r), right.reshape(n * b, p, -1))], r, right.shape[-1],
                        extrema=extrema, chunk_elements=chunk_elements, fused=fused)
@@ -79,7 +79,7 @@ def dense_project(left: torch.Tensor, right: torch.Tensor, p_rows: torch.Tensor,
 
 def unstacked_moments(lefts: list[torch.Tensor], rights: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
     """N matrices' moments from their factors as the pass captured them, unstacked and unmasked: lefts
-    N × (B, P, R), rights N × (B, P, C) in one half dtype, keep (B, P) bool -> (N, 4, B) float64, as
+    N × (B, P, R), rights N × (B, P, C) in one dtype ``gradients.fused`` takes, keep (B, P) bool -> (N, 4, B) float64, as
     :func:`dense_moments` with ``fused`` (``gradients.fused``'s kernel reads the real positions of each
     member in place: no stacked copy of the factors, no masked copy)."""
     from grads_ray.gradients import fused

@@ -27,6 +27,7 @@ from grads_ray.gradients.factored import (
     Dense,
     Rows,
     acc_dtype,
+    fused_usable,
     half_out,
     matrix_moments,
     project_terms,
@@ -112,7 +113,7 @@ class Reducer:
     ``params``: the trainable parameters by name (the table's rows in this order); ``projector``: the
     count-sketch projection (None: no sketch); ``extrema`` False skips max/min; ``chunk_elements``
     bounds formed gradient blocks; ``hold_bytes`` bounds the factors held before a flush; ``fused``
-    reduces the stacks' blocks with ``gradients.fused`` where it can run."""
+    reduces the matrices' blocks with ``gradients.fused`` where it can run."""
 
     def __init__(self, params: dict[str, nn.Parameter], projector: Projector | None, *, extrema: bool,
                  chunk_elements: int, hold_bytes: int, fused: bool = False):
@@ -210,12 +211,9 @@ class Reducer:
                                      grouped.vector_project(g, self._stack(names, g.device, acc_dtype(g))["p_vec"]))
 
     def _unstacked(self, first: Held) -> bool:
-        """Whether a dense stack is reduced member by member in place (``fused`` on, where its kernel runs,
-        with extrema, both factors of one half dtype): no stacked, masked copy of the factors."""
-        from grads_ray.gradients import fused
-
-        return (self.fused and self.extrema and first.left.dtype == first.right.dtype
-                and fused.usable(first.left))
+        """Whether a dense use is reduced in place, unmasked, by ``gradients.fused``'s kernel (``fused`` on,
+        with extrema, where the kernel takes its factors): no stacked or masked copy of them."""
+        return self.fused and self.extrema and fused_usable([Dense(first.left, first.right)])
 
     def _flush_unstacked(self, state: PassState, names: tuple[str, ...], helds: list[Held]) -> None:
         lefts, rights, keep = [h.left for h in helds], [h.right for h in helds], helds[0].keep

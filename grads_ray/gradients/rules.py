@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from grads_ray.gradients.factored import HALF
+
 REPLAY_MAX = 1 << 20  # entries of a parameter the replay rule forms per example
 LOOP_HINT = "score.engine=loop (or auto) scores it one example at a time"
 
@@ -234,7 +236,7 @@ class NormHat:
             return torch.ones_like(x)
         if self.kind == "layer":
             return nn.functional.layer_norm(x, self.shape, None, None, self.eps)
-        if self.kind == "rms32" and x.dtype in (torch.float16, torch.bfloat16):  # half x read as it is: its mean
+        if self.kind == "rms32" and x.dtype in HALF:  # half x read as it is: its mean
             # square in one float32 reduction, no float32 copy of x nor of its square (a stack of every layer's)
             ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_().div_(x.shape[-1])
             return (x * torch.rsqrt(ms + self.eps)).to(x.dtype)
