@@ -48,7 +48,7 @@ def test_bfloat16_model_stays_within_bfloat16_precision(arch, sketch, tmp_path, 
     if sketch == "half":
         monkeypatch.setitem(factored.HALF_OUT, "cpu", "emulate")
         real = factored.half_matmul
-        monkeypatch.setattr(factored, "half_matmul", lambda x, s: calls.append(x.shape) or real(x, s))
+        monkeypatch.setattr(factored, "half_matmul", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
         from grads_ray.gradients import grouped
         monkeypatch.setattr(grouped, "half_matmul", factored.half_matmul)
     model = save_tiny_model(arch, tmp_path / arch).eval()
