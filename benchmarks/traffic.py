@@ -8,7 +8,9 @@ as it does on a GPU: ``chunk_elements`` 2^28 (``auto`` on a GPU of 40 GiB or mor
 ``hold_bytes``, and the half-precision sketch with float32 results (``factored.HALF_OUT``, which a
 meta tensor takes as a GPU's). The pass ends before its copy to the host (``device_pass``).
 
-Ops counted are those that reach the device (``TorchDispatchMode``, below autograd: a view or an empty
+FLOPs are those of the matrix products and attention (torch's flop counter's formulas; the fused
+kernel's stand-in adds its tiles' products): the arithmetic floor of a pass, where the GPU's time cannot go
+below FLOPs / the matmul rate. Ops counted are those that reach the device (``TorchDispatchMode``, below autograd: a view or an empty
 allocation is not counted); on a GPU most are one kernel each. Bytes written are the sum of each op's
 outputs: a proxy for memory traffic (reads are about as many). Both are proxies, not times: the
 GPU's profile (``grad_stats.py`` profile section) says what the kernels take. Data-dependent checks in
@@ -45,13 +47,26 @@ PARTIAL = {"index_add_", "index_copy_", "index_put_", "scatter_add_", "scatter_"
            "_index_put_impl_"}
 
 
+ACTIVE: list[Count] = []  # the mode counting now (the fused kernel's stand-in adds its FLOPs to it)
+
+
 class Count(TorchDispatchMode):
-    """Ops that reach the device and the bytes of their outputs, by (engine site, op)."""
+    """Ops that reach the device, the bytes of their outputs and the FLOPs of their matrix products
+    (``torch.utils.flop_counter``'s formulas, and ``_grouped_mm``'s), by (engine site, op)."""
 
     def __init__(self):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
         self.bytes: collections.Counter = collections.Counter()
+        self.flops: collections.Counter = collections.Counter()
+
+    def __enter__(self):
+        ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        ACTIVE.remove(self)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -59,6 +74,7 @@ class Count(TorchDispatchMode):
         if name not in NOT_OPS:
             key = (site(), name)
             self.ops[key] += 1
+            self.flops[key] += flops_of(func, args, kwargs or {}, out)
             if name in PARTIAL:  # in place into part of its output: what it writes is its source's size
                 written = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)][-1:]
             else:
@@ -67,6 +83,22 @@ class Count(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.bytes[key] += t.numel() * t.element_size()
         return out
+
+
+def flops_of(func, args, kwargs, out) -> int:
+    """FLOPs of one matrix product or attention op (0 for the others)."""
+    from torch.utils.flop_counter import flop_registry
+
+    packet = func.overloadpacket
+    if packet in flop_registry:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("out", "out_dtype")}  # (the result: out_val)
+        if packet.__name__ in ("mm", "bmm"):
+            args = args[:2]  # (an out_dtype overload's third argument)
+        return int(flop_registry[packet](*args, **kwargs, out_val=out))
+    if packet.__name__ == "_grouped_mm":  # (M, K) @ (G, K, N) by groups of rows: each row once, 2·M·K·N
+        a, b = args[0], args[1]
+        return 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (1 if a.dim() == 2 else a.shape[0])
+    return 0
 
 
 def site() -> str:
@@ -93,7 +125,16 @@ def stand_in_fused_kernel() -> None:
         if out is None:
             out = torch.empty((left.shape[0], fused.tiles(left.shape[-1], right.shape[-1]), 4), dtype=torch.float32,
                               device=left.device)
-        return out.zero_()  # counted as the kernel's launch and what it writes
+        e, p, r = left.shape
+        work = 2 * e * p * r * right.shape[-1]  # the dense term's products, tile by tile
+        if index is not None:  # and the one-hot rows': a (BM x BK) @ (BK x C) product per (row tile, chunk of
+            q = index.shape[1]  # tokens) holding a hit, at most one per token (an upper bound: no data on meta)
+            pairs = min(q, -(-q // fused.BLOCK_K) * -(-r // fused.BLOCK_M))
+            work += 2 * e * pairs * fused.BLOCK_M * fused.BLOCK_K * right.shape[-1]
+        out.zero_()  # counted as the kernel's launch and what it writes
+        for mode in ACTIVE:
+            mode.flops[(site(), "zero_")] += work
+        return out
 
     fused.usable = lambda x: x.dtype in (torch.float16, torch.bfloat16)
     fused.tile_moments = tile_moments
@@ -141,24 +182,30 @@ def main() -> None:
 
     e_ops, p_ops = sum(eng.ops.values()), sum(plain.ops.values())
     e_gb, p_gb = sum(eng.bytes.values()) / 1e9, sum(plain.bytes.values()) / 1e9
-    print(f"# {args.model} {args.dtype} B={b} T={t}: engine {e_ops} device ops writing {e_gb:.1f} GB, plain step "
-          f"{p_ops} writing {p_gb:.1f} GB: {e_ops / p_ops:.2f}x ops, {e_gb / p_gb:.2f}x bytes ({seconds:.0f} s)")
+    e_tf, p_tf = sum(eng.flops.values()) / 1e12, sum(plain.flops.values()) / 1e12
+    print(f"# {args.model} {args.dtype} B={b} T={t}: engine {e_ops} device ops writing {e_gb:.1f} GB, {e_tf:.2f} "
+          f"TFLOP of products; plain step {p_ops} writing {p_gb:.1f} GB, {p_tf:.2f} TFLOP: {e_ops / p_ops:.2f}x ops, "
+          f"{e_gb / p_gb:.2f}x bytes, {e_tf / p_tf:.2f}x FLOPs ({seconds:.0f} s)")
     by_site: collections.Counter = collections.Counter()
     by_site_gb: collections.Counter = collections.Counter()
+    by_site_tf: collections.Counter = collections.Counter()
     for (where, _), n in eng.ops.items():
         by_site[where] += n
     for (where, _), n in eng.bytes.items():
         by_site_gb[where] += n / 1e9
-    print("# engine by site (ops, GB written); device_pass holds the model's own forward and backward:")
+    for (where, _), n in eng.flops.items():
+        by_site_tf[where] += n / 1e12
+    print("# engine by site (ops, GB written, TFLOP); device_pass holds the model's own forward and backward:")
     for where, gb in by_site_gb.most_common(args.top):
-        print(f"#   {by_site[where]:6d} {gb:8.2f}  {where}")
+        print(f"#   {by_site[where]:6d} {gb:8.2f} {by_site_tf[where]:7.3f}  {where}")
     print("# engine ops writing the most:")
     for (where, op), n in sorted(eng.bytes.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"#   {eng.ops[(where, op)]:6d} {n / 1e9:8.2f}  {op:26s} {where}")
     summary = {"model": args.model, "dtype": args.dtype, "batch": b, "length": t, "fused": args.fused,
                "engine_ops": e_ops, "plain_ops": p_ops, "ops_ratio": round(e_ops / p_ops, 3),
                "engine_gb_written": round(e_gb, 2), "plain_gb_written": round(p_gb, 2),
-               "bytes_ratio": round(e_gb / p_gb, 3)}
+               "bytes_ratio": round(e_gb / p_gb, 3), "engine_tflop": round(e_tf, 3), "plain_tflop": round(p_tf, 3),
+               "flops_ratio": round(e_tf / p_tf, 3)}
     print(json.dumps(summary))
 
 

@@ -50,16 +50,23 @@ def test_fused_moments_against_float64(dtype, shape, sign, interpret):
         assert (mx < 0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_moments_with_tied_rows(dtype, interpret):
+@pytest.mark.parametrize("dtype,q", [(torch.bfloat16, 17), (torch.float16, 17), (torch.bfloat16, 150)])
+def test_fused_moments_with_tied_rows(dtype, q, interpret):
     """A head tied to its embedding: dense rows plus one-hot rows e_index ⊗ rows_right (index -1: none;
-    repeated indices add up), built in the kernel's registers, against float64."""
-    e, p, r, c = 3, 21, 140, 40
+    repeated indices add up), built in the kernel's registers, against float64. At q = 150 (three chunks
+    of tokens, three row tiles) some (tile, chunk) pairs hold no hit and are skipped, others do not."""
+    e, p, r, c = 3, 21, 300, 40
     left, right = _factors(11, e, p, r, c, dtype)
     g = torch.Generator().manual_seed(12)
-    index = torch.randint(-1, r, (e, 17), generator=g)
+    index = torch.randint(-1, r, (e, q), generator=g)
     index[:, :3] = 5  # one row hit three times
-    rows_right = torch.randn((e, 17, c), generator=g).to(dtype)
+    if q > 64:
+        index[:, 64:128] = torch.randint(0, 128, (e, 64), generator=g)  # the second chunk: the first tile only
+        index[1, 128:] = -1  # the third chunk of example 1: no row at all
+        index[2, 140] = 299  # the last row of the last (partial) tile
+        index[0, 128:] = -1  # the third chunk of example 0: only the rows either side of a tile's edge
+        index[0, 130], index[0, 131] = 128, 127
+    rows_right = torch.randn((e, q, c), generator=g).to(dtype)
     s, ss, mx, mn = fused.block_moments(left, right, index, rows_right)
     want = torch.einsum("epr,epc->erc", left.double(), right.double())
     hot = torch.nn.functional.one_hot(index.clamp(min=0), r).double() * (index >= 0)[..., None]  # (E, Q, R)

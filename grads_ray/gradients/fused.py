@@ -118,15 +118,19 @@ def _kernel(interpret: bool):
             for k0 in range(0, Q, BK):
                 k = k0 + ks
                 at = tl.load(index + e * s_ie + k * s_ip, mask=k < Q, other=-1)  # (BK,), -1: no row
-                b = tl.load(rows_right + e * s_we + k[:, None] * s_wp + cols[None, :] * s_wc,
-                            mask=(k[:, None] < Q) & (cols[None, :] < C), other=0.0)
-                hot = at[None, :] == rows[:, None]  # (BM, BK) one-hot, in registers only
-                if UPCAST:
-                    acc += tl.dot(hot.to(tl.float32), b.to(tl.float32))
-                elif IEEE:
-                    acc += tl.dot(hot.to(b.dtype), b, input_precision="ieee")
-                else:
-                    acc += tl.dot(hot.to(b.dtype), b)
+                first = (tile // tiles_n) * BM
+                # A chunk of tokens none of which is one of this tile's rows adds nothing: skipped, so a
+                # vocabulary's head (T tokens hit at most T of its ~V/BM row tiles) costs little here
+                if tl.sum(((at >= first) & (at < first + BM)).to(tl.int32), axis=0) > 0:
+                    b = tl.load(rows_right + e * s_we + k[:, None] * s_wp + cols[None, :] * s_wc,
+                                mask=(k[:, None] < Q) & (cols[None, :] < C), other=0.0)
+                    hot = at[None, :] == rows[:, None]  # (BM, BK) one-hot, in registers only
+                    if UPCAST:
+                        acc += tl.dot(hot.to(tl.float32), b.to(tl.float32))
+                    elif IEEE:
+                        acc += tl.dot(hot.to(b.dtype), b, input_precision="ieee")
+                    else:
+                        acc += tl.dot(hot.to(b.dtype), b)
         inside = (rows[:, None] < R) & (cols[None, :] < C)
         total = tl.sum(tl.sum(acc, axis=1), axis=0)  # entries outside the matrix are 0
         ss = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
