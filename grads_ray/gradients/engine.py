@@ -204,6 +204,8 @@ class BatchedGradStats:
                     for name in [n for n, k in state.pending.items() if k > 0]:  # uses that got no δ
                         self.reducer.complete(state, name)
                     self.reducer.flush(state)
+                    if self.projector:
+                        self.reducer.finish_sketch(state)
                 with part("finish"):
                     return self._pieces(state, labels, per_example.detach(), n_resp)
         finally:

@@ -80,8 +80,10 @@ def half_out(x: torch.Tensor) -> bool:
     if how == "native" and str(x.device) not in _NATIVE_OK:  # once per device: a torch without out_dtype says so
         probe = torch.ones((1, 2, 2), dtype=x.dtype, device=x.device)
         try:
+            into = torch.empty((2, 2), dtype=torch.float32, device=x.device)
             _NATIVE_OK[str(x.device)] = (torch.bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
-                                         and torch.mm(probe[0], probe[0], out_dtype=torch.float32).dtype == torch.float32)
+                                         and torch.mm(probe[0], probe[0], out_dtype=torch.float32).dtype == torch.float32
+                                         and torch.mm(probe[0], probe[0], out_dtype=torch.float32, out=into) is into)
         except (TypeError, RuntimeError, NotImplementedError):
             _NATIVE_OK[str(x.device)] = False
     return how == "emulate" or _NATIVE_OK[str(x.device)]
@@ -96,15 +98,18 @@ def split_half(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([hi, lo], dim=-1)
 
 
-def half_matmul(x: torch.Tensor, split: torch.Tensor, halves: bool = False) -> torch.Tensor:
+def half_matmul(x: torch.Tensor, split: torch.Tensor, halves: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """x (…, R) in half precision times a :func:`split_half` matrix (R, 2k) -> (…, k) float32, or x
     (N, M, R) times (N, R, 2k) -> (N, M, k):
     exact products, float32 sums (CUDA's ``out_dtype``), the two halves added in float32 (``halves``:
-    not yet added, (…, 2k), for a caller that adds many at once)."""
+    not yet added, (…, 2k), for a caller that adds many at once; then ``out``, contiguous float32
+    (…, 2k), takes the product where given: a stack's members written in place, no stacking copy)."""
     if HALF_OUT.get(x.device.type) == "emulate":
-        out = torch.matmul(x.float(), split.float())
+        out = torch.matmul(x.float(), split.float(), **({"out": out} if halves and out is not None else {}))
     elif split.dim() == 2:  # one matrix for every row of x
-        out = torch.mm(x.reshape(-1, x.shape[-1]), split, out_dtype=torch.float32).view(*x.shape[:-1], -1)
+        into = {"out": out.view(-1, out.shape[-1])} if halves and out is not None else {}
+        out = torch.mm(x.reshape(-1, x.shape[-1]), split, out_dtype=torch.float32, **into).view(*x.shape[:-1], -1)
     else:  # x (N, M, R), split (N, R, 2k)
         out = torch.bmm(x, split, out_dtype=torch.float32)
     if halves:
@@ -133,9 +138,11 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 def vector_moments(g: torch.Tensor, extrema: bool = True) -> Moments:
     """Per-example gradient of a vector parameter, g (B, n), formed already."""
     acc = g.to(acc_dtype(g))
-    nan = torch.full((g.shape[0],), torch.nan, dtype=torch.float64, device=g.device)
-    return Moments(g.shape[1], acc.sum(1, dtype=torch.float64), (acc * acc).sum(1, dtype=torch.float64),
-                   _f64(g.amax(1)) if extrema else nan, _f64(g.amin(1)) if extrema else nan)
+    s, ss = acc.sum(1, dtype=torch.float64), (acc * acc).sum(1, dtype=torch.float64)
+    if not extrema:
+        nan = torch.full((g.shape[0],), torch.nan, dtype=torch.float64, device=g.device)
+        return Moments(g.shape[1], s, ss, nan, nan)
+    return Moments(g.shape[1], s, ss, _f64(g.amax(1)), _f64(g.amin(1)))
 
 
 def entry_sum(terms: list[Dense | Rows]) -> torch.Tensor:

@@ -151,7 +151,7 @@ def block_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor |
     squares, max and min of G_e's entries, G_e = Σ_p left[e, p] ⊗ right[e, p], (E,) float64 each. With ``index``
     (E, Q) long (-1: no row) and ``rows_right`` (E, Q, C) (``factored.Rows``, an embedding tied to the
     head), G_e also gets Σ_q e_{index[e, q]} ⊗ rows_right[e, q], the one-hot rows built in registers."""
-    return reduce_tiles(tile_moments(left, right, index, rows_right))
+    return reduce_tiles(tile_moments(left, right, index, rows_right)).unbind(-1)
 
 
 def tiles(rows: int, cols: int) -> int:
@@ -188,8 +188,8 @@ def tile_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | 
     return out
 
 
-def reduce_tiles(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def reduce_tiles(out: torch.Tensor) -> torch.Tensor:
     """Tiles' numbers (…, tiles, 4) -> per example the sum and sum of squares (float64 across tiles),
-    max and min, (…,) float64 each, in a fixed order."""
-    sums = out[..., :2].to(torch.float64).sum(-2)
-    return sums[..., 0], sums[..., 1], out[..., 2].amax(-1).to(torch.float64), out[..., 3].amin(-1).to(torch.float64)
+    max and min, (…, 4) float64, in a fixed order; four ops, whatever the stack."""
+    sums = out[..., :2].sum(-2, dtype=torch.float64)  # float32 tiles summed in float64 (no float64 copy)
+    return torch.cat([sums, out[..., 2:3].amax(-2), out[..., 3:4].amin(-2)], dim=-1)  # (exact: float32 -> 64)

@@ -16,6 +16,7 @@ import torch
 
 from grads_ray.gradients.factored import (
     Dense,
+    acc_dtype,
     half_matmul,
     half_out,
     matrix_moments,
@@ -43,7 +44,8 @@ def stacked(parts: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
 
 
 def table_rows(s: torch.Tensor, ss: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor, n: int) -> torch.Tensor:
-    """Moments over N·B rows (parameter-major) -> (N, 4, B): entry sum, sum of squares, max, min."""
+    """Moments over N·B rows (parameter-major) -> (N, 4, B) float64: entry sum, sum of squares, max, min
+    (extrema of a narrower dtype are promoted by the stack, exactly)."""
     return torch.stack([s, ss, mx, mn]).view(4, n, -1).transpose(0, 1)
 
 
@@ -88,7 +90,7 @@ def unstacked_moments(lefts: list[torch.Tensor], rights: list[torch.Tensor], kee
     out = torch.empty((n, b, fused.tiles(r, c), 4), dtype=torch.float32, device=lefts[0].device)
     for j in range(n):
         fused.tile_moments(lefts[j], rights[j], keep=keep, out=out[j])
-    return torch.stack(fused.reduce_tiles(out), dim=1)  # (N, 4, B)
+    return fused.reduce_tiles(out).transpose(1, 2)  # (N, 4, B), a view
 
 
 def unstacked_project(lefts: list[torch.Tensor], rights: list[torch.Tensor], keep: torch.Tensor,
@@ -99,23 +101,33 @@ def unstacked_project(lefts: list[torch.Tensor], rights: list[torch.Tensor], kee
     products zeroed (the same as zeroing the factors' rows first) -> (N, B, k_r·k_c)."""
     acc, (b, p, _), n = p_rows.dtype, lefts[0].shape, len(lefts)
     half = split is not None and half_out(lefts[0])
+    drop = ~keep[None, :, :, None]
     sides = []
     for xs, mats, cut in ((lefts, p_rows, 0), (rights, p_cols, 1)):
-        if half:  # one product a member, the halves added for the whole stack at once
-            got = torch.stack([half_matmul(x, split[cut][j], halves=True) for j, x in enumerate(xs)])
-            k = got.shape[-1] // 2
-            got = got[..., :k] + got[..., k:]
-        else:
-            got = torch.stack([x.to(acc) @ mats[j].T for j, x in enumerate(xs)])  # (N, B, P, k)
-        sides.append(torch.where(keep[None, :, :, None], got, 0.0).view(n * b, p, -1))
+        width = split[cut].shape[-1] if half else mats.shape[1]
+        got = torch.empty((n, b, p, width), dtype=acc, device=xs[0].device)  # each member's product in its slot
+        for j, x in enumerate(xs):
+            if half:  # the halves added for the whole stack at once
+                half_matmul(x, split[cut][j], halves=True, out=got[j])
+            else:
+                torch.matmul(x.to(acc), mats[j].T, out=got[j])
+        if half:
+            got = got[..., :width // 2] + got[..., width // 2:]
+        sides.append(got.masked_fill_(drop, 0.0).view(n * b, p, -1))  # both: padding may hold NaN
     return torch.bmm(sides[0].transpose(1, 2), sides[1]).view(n, b, -1)
 
 
 def vector_moments_stack(g: torch.Tensor, *, extrema: bool) -> torch.Tensor:
     """N vector parameters' per-example gradients g (N, B, n), formed -> (N, 4, B) float64 moments."""
     n, b, k = g.shape
-    m = vector_moments(g.reshape(n * b, k), extrema)
-    return table_rows(m.s, m.ss, m.mx, m.mn, n)
+    if not extrema:
+        m = vector_moments(g.reshape(n * b, k), extrema)
+        return table_rows(m.s, m.ss, m.mx, m.mn, n)
+    flat = g.reshape(n * b, k)
+    acc = flat.to(acc_dtype(flat))
+    # the extrema in g's dtype: exact in float64, where the stack promotes them (no cast of their own)
+    return table_rows(acc.sum(1, dtype=torch.float64), (acc * acc).sum(1, dtype=torch.float64), flat.amax(1),
+                      flat.amin(1), n)
 
 
 def vector_project(g: torch.Tensor, p_vec: torch.Tensor) -> torch.Tensor:

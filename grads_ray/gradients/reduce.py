@@ -73,12 +73,13 @@ class Held:
 class PassState:
     mask: torch.Tensor  # (B, T) bool, real tokens
     table: torch.Tensor  # (params, 4, B) float64: every parameter's per-example moments (zero: unused)
-    sketch: torch.Tensor | None  # (B, proj_dim) float64, the projected gradient as stacks add to it
+    sketch: torch.Tensor | None  # (B, proj_dim) float64, the projected gradient (``Reducer.finish_sketch``)
     pending: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     terms: dict[str, list[Held]] = field(default_factory=lambda: defaultdict(list))
     ready: list[tuple[str, Held]] = field(default_factory=list)  # complete, waiting for their stack
     held: int = 0  # bytes in ``ready``
     keeps: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    inner: list[tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=list)  # stage-1 sketches, by stack
     hidden: torch.Tensor | None = None
     replaying: bool = False  # the engine's own module calls (replay rule): hooks stand aside
     modes: list[TorchFunctionMode] = field(default_factory=list)
@@ -257,10 +258,33 @@ class Reducer:
         state.table.index_copy_(0, self._stack(names, state.table.device)["index"], moments)
 
     def _sketch(self, state: PassState, names: tuple[str, ...], inner: torch.Tensor) -> None:
-        """Stage-1 sketches (N, B, w) of these parameters -> added into the count sketch (B, dim)."""
-        blocks = self._stack(names, state.sketch.device)
-        flat = inner.transpose(0, 1).reshape(inner.shape[1], -1).to(torch.float64)  # (B, N·w), parameter-major
-        state.sketch.index_add_(1, blocks["bucket"], flat * blocks["sign"])
+        """Stage-1 sketches (N, B, w) of these parameters, kept for :meth:`finish_sketch` (a few MB a pass)."""
+        state.inner.append((names, inner))
+
+    def finish_sketch(self, state: PassState) -> None:
+        """Every stage-1 sketch of the pass -> the count sketch (B, dim), in one scatter: each entry
+        (n, b, j) of a stack's (N, B, w) added, times its column's sign, at (b, bucket of column (n, j)).
+        Four ops a pass, where a scatter per stack took four or five each."""
+        if not state.inner:
+            return
+        flat = torch.cat([x.reshape(-1) for _, x in state.inner]).to(torch.float64)
+        where = [self._targets(names, x.shape[1], state.sketch.device) for names, x in state.inner]
+        at, sign = (torch.cat([w[i] for w in where]) for i in range(2))
+        state.sketch.view(-1).index_add_(0, at, flat * sign)
+        state.inner = []
+
+    def _targets(self, names: tuple[str, ...], b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stack's (N, B, w) entries' places in a (B, dim) count sketch, flattened, and their signs."""
+        key = (names, str(device), "targets", b)
+        if key not in self._stacks:
+            blocks = self._stack(names, device)
+            n = len(names)
+            bucket = blocks["bucket"].view(n, 1, -1)  # (N, 1, w): each column's bucket
+            rows = torch.arange(b, device=device).view(1, b, 1) * self.projector.dim
+            sign = blocks["sign"].to(torch.float64).view(n, 1, -1).expand(n, b, -1)
+            self._stacks[key] = {"at": (rows + bucket).reshape(-1), "sign": sign.reshape(-1)}
+        got = self._stacks[key]
+        return got["at"], got["sign"]
 
     def _reduce_experts(self, state: PassState, name: str, pieces: list[Held]) -> None:
         """A mixture of experts' 3-D weight (E, R, C) or bias (E, out) from its calls' pairs (``left`` δ
@@ -330,8 +354,8 @@ class Reducer:
 
         p = self.params[name]
         m = fused.reduce_tiles(fused.tile_moments(held.left, held.right, *((rows.index, rows.right) if rows else ()),
-                                                  keep=held.keep))
-        self._store(state, (name,), grouped.table_rows(*m, 1))
+                                                  keep=held.keep))  # (B, 4)
+        self._store(state, (name,), m.T[None])
         if self.projector:
             dev = held.left.device
             p_rows, p_cols = self.projector.on(dev, acc_dtype(p))[0][name]
