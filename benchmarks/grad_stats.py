@@ -554,17 +554,23 @@ def graphs_report(model, data, args, device: str) -> dict:
     skips its own mask checks while a stream captures), whether a replay gives the eager pass's bits on
     the captured batch and on another batch of the same shape (a value baked into the graph would
     show there), and a replay's time (inputs copied in, results to the host) against an eager pass's.
-    In torch's default mode, then in the job's deterministic mode. What CUDA graphs per (B, T) bucket
-    would save, measured before the job uses them. CUDA only."""
+    In torch's default mode, then in the job's deterministic mode, then deterministic with
+    ``score.fused_moments`` (its Triton kernel in the graph) where the kernel runs. What CUDA graphs per
+    (B, T) bucket would save, measured before the job uses them. CUDA only."""
     from grads_ray.determinism import deterministic
+    from grads_ray.gradients import fused
     from grads_ray.gradients.engine import BatchedGradStats
 
-    engine = BatchedGradStats(model, **engine_kwargs(args))
     other = make_batch(data[0].shape[0], data[0].shape[1], model.config.vocab_size, 99, device)
     out: dict = {}
-    for tag, det in (("default", False), ("deterministic", True)):
+    trials = [("default", False, False), ("deterministic", True, False)]
+    if fused.usable(next(model.parameters())):
+        trials.append(("fused", True, True))
+    for tag, det, on in trials:
+        engine = BatchedGradStats(model, **engine_kwargs(args), fused_moments=on)
         with deterministic(det):
             out.update(graph_trial(engine, data, other, tag))
+        del engine
         torch.cuda.empty_cache()
     return out
 
