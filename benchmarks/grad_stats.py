@@ -318,6 +318,7 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from grads_ray.determinism import deterministic
+    from grads_ray.gradients import fused
     from grads_ray.gradients.engine import BatchedGradStats
     from grads_ray.gradients.profiling import PREFIX
 
@@ -328,6 +329,14 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
             engine(*data)
 
     runs = {"engine": lambda: engine(*data), "engine_det": engine_det, "plain": lambda: plain_step(model, *data)}
+    if fused.usable(next(model.parameters())):  # the candidate GPU default: the job's mode with the fused kernel
+        engine_on = BatchedGradStats(model, **engine_kwargs(args), fused_moments=True)
+
+        def engine_fused():
+            with deterministic(True):
+                engine_on(*data)
+
+        runs["engine_fused"] = engine_fused
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     out: dict = {}
     for which, fn in runs.items():
@@ -360,11 +369,16 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
               f"{got['kernel_ms']:.1f} ms of {got['wall_ms']:.1f} ms wall (busy {got['busy']:.0%})", flush=True)
         for ms, n, name in got["top"]:
             print(f"#   {ms:9.2f} ms {n:6d}x  {name}")
-    if out["engine"]["parts"]:  # grads_ray.<part> ranges (gradients/profiling.py); backward holds the hooks' parts
-        print("# engine parts, device ms / host ms (calls): " + ", ".join(
-            f"{k} {d:.1f} / {h:.1f} ({n})" for k, (d, h, n) in sorted(out["engine"]["parts"].items(),
-                                                                       key=lambda kv: -kv[1][0] - kv[1][1])))
+    for which in ("engine", "engine_fused"):  # grads_ray.<part> ranges (gradients/profiling.py); backward holds
+        if out.get(which, {}).get("parts"):  # the hooks' parts
+            print(f"# {which} parts, device ms / host ms (calls): " + ", ".join(
+                f"{k} {d:.1f} / {h:.1f} ({n})" for k, (d, h, n) in sorted(out[which]["parts"].items(),
+                                                                           key=lambda kv: -kv[1][0] - kv[1][1])))
     e, p, d = out["engine"], out["plain"], out["engine_det"]
+    f = out.get("engine_fused")
+    fused_keys = {"profile_wall_ms_engine_fused": round(f["wall_ms"], 1), "profile_kernel_ms_engine_fused":
+                  round(f["kernel_ms"], 1), "profile_busy_engine_fused": round(f["busy"], 3),
+                  "profile_launches_engine_fused": f["launches"]} if f else {}
     return {"profile_launches_engine": e["launches"], "profile_launches_plain": p["launches"],
             "profile_kernel_ms_engine_det": round(d["kernel_ms"], 1), "profile_wall_ms_engine_det": round(d["wall_ms"], 1),
             "profile_wall_ms_engine": round(e["wall_ms"], 1), "profile_wall_ms_plain": round(p["wall_ms"], 1),
@@ -373,7 +387,8 @@ def device_profile(model, data, args, device: str, top: int = 12) -> dict:
             "profile_host_waits_engine": e["syncs"], "profile_host_waits_plain": p["syncs"],
             "profile_busy_engine": round(e["busy"], 3), "profile_busy_plain": round(p["busy"], 3),
             "profile_kernel_ms_engine": round(e["kernel_ms"], 1), "profile_kernel_ms_plain": round(p["kernel_ms"], 1),
-            **{f"profile_part_{k}_ms": round(d if device == "cuda" else h, 1) for k, (d, h, _) in e["parts"].items()}}
+            **{f"profile_part_{k}_ms": round(d if device == "cuda" else h, 1) for k, (d, h, _) in e["parts"].items()},
+            **fused_keys}
 
 
 def extrema_report(model, data, args, device: str) -> dict:
