@@ -77,16 +77,63 @@ def test_half_factors_sketched_without_a_float32_copy(dtype, monkeypatch):
     torch.testing.assert_close(grouped.dense_project(ml, mr, p_rows, p_cols, split), cast, rtol=0, atol=0)
 
 
-def test_a_stack_of_vectors_equals_each_vector_alone():
-    g = torch.randn((4, 3, 9), dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_a_stack_of_vectors_equals_each_vector_alone(dtype):
+    """The stack's table is float64 whatever g's dtype (its extrema promoted by the stack, exactly)."""
+    g = torch.randn((4, 3, 9), dtype=torch.float64).to(dtype)
     got = grouped.vector_moments_stack(g, extrema=True)
+    assert got.dtype == torch.float64 and got.shape == (4, 4, 3)
     p_vec = torch.randn((4, 5, 9), dtype=torch.float64)
     sketch = grouped.vector_project(g, p_vec)
     for j in range(4):
         m = factored.vector_moments(g[j])
         for k, v in enumerate((m.s, m.ss, m.mx, m.mn)):
-            torch.testing.assert_close(got[j, k], v)
-        torch.testing.assert_close(sketch[j], g[j] @ p_vec[j].T)
+            torch.testing.assert_close(got[j, k], v, rtol=0, atol=0)
+        torch.testing.assert_close(sketch[j], g[j].double() @ p_vec[j].T)
+    off = grouped.vector_moments_stack(g, extrema=False)
+    assert off[:, 2:].isnan().all() and torch.equal(off[:, :2], got[:, :2])
+
+
+@pytest.mark.parametrize("into", [True, False])
+def test_unstacked_sketch_written_in_place_or_copied(into, monkeypatch):
+    """The GPU's half sketch of unstacked members (``mm`` with ``out_dtype``, each member written into
+    its slot with ``out=``, or copied there where a torch takes no ``out=`` with ``out_dtype``), faked
+    on the CPU: the same numbers as the emulated path, and the float64 sketch to float32's rounding."""
+    real_mm, real_bmm = torch.mm, torch.bmm
+
+    def fake_mm(a, b, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        if out is not None and not into:
+            raise RuntimeError("mm.dtype_out: not here")
+        got = real_mm(a.float(), b.float())
+        return got if out is None else out.copy_(got)
+
+    def fake_bmm(a, b, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_bmm(a, b) if out is None else real_bmm(a, b, out=out)
+        return real_bmm(a.float(), b.float())
+
+    left, right, keep = _stack(5, n=3, b=4, p=6, r=40, c=24)
+    left[:, ~keep] = float("nan")  # the members as the pass left them: padding unmasked
+    lefts, rights = [x.to(torch.bfloat16) for x in left], [x.to(torch.bfloat16) for x in right]
+    g = torch.Generator().manual_seed(2)
+    p_rows, p_cols = torch.randn((3, 4, 40), generator=g), torch.randn((3, 4, 24), generator=g)
+    split = tuple(factored.split_half(m.transpose(1, 2), torch.bfloat16) for m in (p_rows, p_cols))
+    monkeypatch.setitem(factored.HALF_OUT, "cpu", "emulate")
+    want = grouped.unstacked_project(lefts, rights, keep, p_rows, p_cols, split)
+    monkeypatch.setitem(factored.HALF_OUT, "cpu", "native")
+    monkeypatch.setattr(factored, "_NATIVE_OK", {})
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    monkeypatch.setattr(torch, "bmm", fake_bmm)
+    assert factored.half_out(lefts[0]) and factored._NATIVE_OK["cpu:into"] is into
+    got = grouped.unstacked_project(lefts, rights, keep, p_rows, p_cols, split)
+    monkeypatch.undo()
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    ml = grouped.zero_padding_(torch.stack(lefts).double(), keep)
+    exact = grouped.dense_project(ml, torch.stack(rights).double(), p_rows.double(), p_cols.double())
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 3e-5
 
 
 def test_group_statistics_equal_merged_moments():

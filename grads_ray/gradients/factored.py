@@ -80,12 +80,15 @@ def half_out(x: torch.Tensor) -> bool:
     if how == "native" and str(x.device) not in _NATIVE_OK:  # once per device: a torch without out_dtype says so
         probe = torch.ones((1, 2, 2), dtype=x.dtype, device=x.device)
         try:
-            into = torch.empty((2, 2), dtype=torch.float32, device=x.device)
             _NATIVE_OK[str(x.device)] = (torch.bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
-                                         and torch.mm(probe[0], probe[0], out_dtype=torch.float32).dtype == torch.float32
-                                         and torch.mm(probe[0], probe[0], out_dtype=torch.float32, out=into) is into)
+                                         and torch.mm(probe[0], probe[0], out_dtype=torch.float32).dtype == torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             _NATIVE_OK[str(x.device)] = False
+        into = torch.empty((2, 2), dtype=torch.float32, device=x.device)
+        try:  # the same with ``out=`` (:func:`half_matmul`'s ``out``; else a copy into it)
+            _NATIVE_OK[f"{x.device}:into"] = torch.mm(probe[0], probe[0], out_dtype=torch.float32, out=into) is into
+        except (TypeError, RuntimeError, NotImplementedError):
+            _NATIVE_OK[f"{x.device}:into"] = False
     return how == "emulate" or _NATIVE_OK[str(x.device)]
 
 
@@ -108,8 +111,11 @@ def half_matmul(x: torch.Tensor, split: torch.Tensor, halves: bool = False,
     if HALF_OUT.get(x.device.type) == "emulate":
         out = torch.matmul(x.float(), split.float(), **({"out": out} if halves and out is not None else {}))
     elif split.dim() == 2:  # one matrix for every row of x
-        into = {"out": out.view(-1, out.shape[-1])} if halves and out is not None else {}
-        out = torch.mm(x.reshape(-1, x.shape[-1]), split, out_dtype=torch.float32, **into).view(*x.shape[:-1], -1)
+        into = halves and out is not None
+        if into and not _NATIVE_OK.get(f"{x.device}:into"):  # a torch whose mm takes no out= with out_dtype
+            return out.copy_(half_matmul(x, split, halves=True))
+        kw = {"out": out.view(-1, out.shape[-1])} if into else {}
+        out = torch.mm(x.reshape(-1, x.shape[-1]), split, out_dtype=torch.float32, **kw).view(*x.shape[:-1], -1)
     else:  # x (N, M, R), split (N, R, 2k)
         out = torch.bmm(x, split, out_dtype=torch.float32)
     if halves:
