@@ -153,6 +153,10 @@ class ScoreConfig:
     # gradient (gradients/fused.py: bf16/fp16/fp32 on a GPU; elsewhere the formed path). Off until measured
     # on a GPU (benchmarks/grad_stats.py fused section). Changes no number beyond rounding (not fingerprinted)
     fused_moments: bool = False
+    # the engine's pass replayed from a CUDA graph per batch shape (gradients/graphs.py; batch lengths padded
+    # to a multiple of 64; each graph trusted once it gave an eager pass's bits; GPU only). Off until measured
+    # on a GPU. Changes no number beyond rounding (not fingerprinted); batch_size=auto budgets half the memory
+    cuda_graphs: bool = False
     fisher_dim: int = 64  # FisherSFT summary: last hidden state projected to this size (0: off)
     fisher_rank: int = 4  # ... and kept as a rank-r factor per example
     # loss of the response without its prompt (IFD's denominator): one more forward pass, off by

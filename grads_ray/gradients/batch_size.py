@@ -6,9 +6,10 @@ run"), so 16 rows leave it mostly idle, while a 7B model at 2,048 tokens may not
 measured, once per run, on the scoring model itself: the largest power of two up to ``AUTO_CAP``
 whose worst batch (every row ``data.max_length`` tokens, or a learned-positions model's limit where
 that is smaller, every token a response token) peaks below
-``MEMORY_FRACTION`` of the memory the process can reach. Real batches are never wider (rows are at
-most ``max_length``; batches are length-sorted), and the fraction leaves room for what a probe
-does not see (allocator fragmentation, a mixture of experts routing real text more unevenly than
+``MEMORY_FRACTION`` of the memory the process can reach (half that with ``score.cuda_graphs``,
+whose pool stays held). Real batches are never wider (rows are at most ``max_length``, with graphs
+padded to the next multiple of 64 as the probe's are; batches are length-sorted), and the fraction
+leaves room for what a probe does not see (allocator fragmentation, a mixture of experts routing real text more unevenly than
 random tokens). On a CPU, ``auto`` is ``AUTO_CPU`` rows, the old default (memory is rarely the limit
 there, and the engine's rate hardly depends on it: 18 to 26 examples/s from B = 1 to 16 at T = 128).
 
@@ -127,6 +128,8 @@ def size_scorer(scorer: Any, max_length: int, cap: int = AUTO_CAP, **probe_kwarg
     refusal stops the run there). -> ``{"batch_size", "length", ...}`` as :func:`probe`, or with
     ``reason`` instead of a trace, or ``{"error"}`` when not even one row fits."""
     length = probe_length(scorer.model, max_length)
+    if getattr(scorer, "graphs", None) is not None:  # score.cuda_graphs pads batches a little wider
+        length = scorer.graph_length(length)
 
     def on_the_loop(why: str) -> dict[str, Any]:
         return {"batch_size": AUTO_CPU, "length": length, "reason": why}
@@ -155,7 +158,14 @@ def measure(model_path: str, *, settings: dict[str, Any], max_length: int, trust
                     check=check)
     if scorer.device.type != "cuda":
         return {"error": "score.batch_size=auto: the task meant to measure the GPU's memory found no GPU"}
-    return size_scorer(scorer, max_length, cap)
+    # score.cuda_graphs: the graphs' pool stays held beside an eager pass's peak (gradients/graphs.py)
+    return size_scorer(scorer, max_length, cap, fraction=graphs_fraction(settings))
+
+
+def graphs_fraction(settings: dict[str, Any]) -> float:
+    """The fraction of the GPU's memory a probed batch may peak at: ``MEMORY_FRACTION``, halved with
+    ``score.cuda_graphs`` (a graph's pool holds about one pass's peak while an eager check runs)."""
+    return MEMORY_FRACTION / 2 if settings.get("cuda_graphs") else MEMORY_FRACTION
 
 
 def describe(found: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from grads_ray import determinism
 from grads_ray.columns import finite_mask, shaped_field
 from grads_ray.data.batching import pad_batch
 from grads_ray.gradients.features import mean_token_losses, response_only
+from grads_ray.gradients.graphs import GraphedPass, graph_backend, pad_to, padded_length, same_attention
 
 log = logging.getLogger("grads_ray")
 
@@ -40,9 +42,10 @@ FEATURE_COLUMNS = ("hidden_mean", "grad_proj", "fisher_factor", "fisher_energy")
 
 def engine_settings(score_cfg: Any, seed: int, deterministic: bool) -> dict[str, Any]:
     """The score config keys the engine reads (these, with the model, decide every number written, but
-    for ``chunk_elements``, ``fused_moments`` and ``deterministic``, which change none beyond rounding)."""
-    keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fused_moments", "fisher_dim",
-            "fisher_rank", "response_only_loss", "check_tolerance")
+    for ``chunk_elements``, ``fused_moments``, ``cuda_graphs`` and ``deterministic``, which change none
+    beyond rounding)."""
+    keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fused_moments", "cuda_graphs",
+            "fisher_dim", "fisher_rank", "response_only_loss", "check_tolerance")
     return {**{k: getattr(score_cfg, k) for k in keys}, "seed": seed, "deterministic": deterministic}
 
 
@@ -67,6 +70,7 @@ class Scorer:
 
         settings = dict(settings or {})
         self.response_only_loss = settings.pop("response_only_loss", False)
+        cuda_graphs = settings.pop("cuda_graphs", False)
         # every pass (the self-check's, the corpus's, the batch size probe's) in deterministic kernels
         self.deterministic = settings.pop("deterministic", True)
         if self.deterministic:
@@ -105,6 +109,17 @@ class Scorer:
                 settings["engine"] = "loop"  # (shapes below only; nothing is scored)
                 self.engine, self.check = build_engine(self.model, settings, examples, self.pad_id)
                 self.check.reason = self.refusal
+        # score.cuda_graphs: the batched engine's passes replayed from CUDA graphs, one per batch shape
+        self.graphs = None
+        if cuda_graphs and self.check.engine == "batched":
+            backend = graph_backend(self.device)
+            if backend is None:
+                log.info("[grads-ray] score.cuda_graphs: no CUDA device here; every pass runs eagerly")
+            else:
+                from grads_ray.gradients.batch_size import probe_length
+
+                self.graphs = GraphedPass(self.engine, backend)
+                self.position_limit = probe_length(self.model, 1 << 30)  # learned positions: never padded past
         cfg = self.model.config
         vocab = self.model.get_input_embeddings().num_embeddings
         starts = [t[0] if isinstance(t, list) else t for t in (cfg.bos_token_id, cfg.eos_token_id, self.pad_id)]
@@ -118,7 +133,7 @@ class Scorer:
         """A block of rows (whole units, any shards) -> the same rows scored. The engine's batches are
         cut inside each unit (rows of one shard with equal ``pos // unit_rows``) after sorting its rows
         by length, so little is spent on padding and a row's batch mates never depend on the run."""
-        with determinism.deterministic(self.deterministic):
+        with determinism.deterministic(self.deterministic), same_attention() if self.graphs else nullcontext():
             return self._call(batch)
 
     def _call(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -131,6 +146,8 @@ class Scorer:
                 _test_hooks(self.hooks, self.calls, b)
             ids, lab, mask = pad_batch([batch["input_ids"][i] for i in rows], [batch["labels"][i] for i in rows],
                                        self.pad_id)
+            if self.graphs is not None:  # one graph per multiple of LENGTH_STEP
+                ids, lab, mask = pad_to(ids, lab, mask, self.graph_length(ids.shape[1]), self.pad_id)
             got = self._score(ids.to(self.device), lab.to(self.device), mask.to(self.device))
             for c, values in got.columns.items():
                 columns.setdefault(c, np.full(n, math.nan))[rows] = values
@@ -151,6 +168,11 @@ class Scorer:
         out.update({k: (v[:, 0] if k == "fisher_energy" else v) for k, v in feats.items()})
         return out
 
+    def graph_length(self, t: int) -> int:
+        """A batch of length t as ``score.cuda_graphs`` pads it: the next multiple of ``LENGTH_STEP``, within
+        a learned-positions model's limit."""
+        return max(t, min(padded_length(t), self.position_limit))
+
     def score_padded(self, ids, lab, mask):
         """A padded batch's whole work on the device, nothing kept: the engine's pass, and the
         response-only forward when it is on (what ``score.batch_size=auto`` measures)."""
@@ -169,10 +191,13 @@ class Scorer:
         from grads_ray.gradients.stats import LoopGradStats
 
         try:
+            if self.graphs is not None:
+                return self.engine.scores(self.graphs(ids, lab, mask))
             return self.engine(ids, lab, mask, left_padded=False)  # pad_batch pads on the right
         except UnsupportedModel as exc:
             if self.mode == "batched":
                 raise ModelRefused(f"score.engine=batched: {exc}") from None
+            self.graphs = None
             log.warning("[grads-ray] score: %s; scoring one example at a time from here on (score.engine=auto)", exc)
             engine = self.engine
             self.engine = LoopGradStats(self.model, proj_dim=engine.projector.dim if engine.projector else 0,

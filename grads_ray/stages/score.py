@@ -70,13 +70,14 @@ def _engine_numbers(cfg) -> tuple:
 
     settings = engine_settings(cfg.score, cfg.seed, cfg.deterministic)
     return cfg.data.max_length, cfg.data.on_long, {k: v for k, v in settings.items()
-                                                   if k not in ("chunk_elements", "fused_moments", "deterministic")}
+                                                   if k not in ("chunk_elements", "fused_moments", "cuda_graphs",
+                                                                "deterministic")}
 
 
 def _numbers(ctx, model: ModelRef) -> str:
     """What decides a shard's numbers besides its rows (the key of the score cache, which outlives
     run folders): the model and the engine's settings (the memory bound ``chunk_elements`` and the
-    choices of kernels ``fused_moments`` and ``deterministic`` change none beyond rounding)."""
+    choices of kernels ``fused_moments``, ``cuda_graphs`` and ``deterministic`` change none beyond rounding)."""
     return fingerprint("score", model.fingerprint, *_engine_numbers(ctx.cfg))
 
 
