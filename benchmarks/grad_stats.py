@@ -20,7 +20,7 @@ allocator peaks; CPU: each pass in a fresh process, peak RSS above the model and
     python benchmarks/grad_stats.py --quick --model moe-small        # the MoE rules beside "small" (Llama)
 
 On CUDA, sections follow the main table, each printing the figures so far first, in this order (the
-newest questions first): fused, profile, graphs, determinism, MoE, extrema, chunk, compile, auto batch.
+newest questions first): fused, profile, graphs, scorer, determinism, MoE, extrema, chunk, compile, auto batch.
 - MoE (``--moe-model``, moe-small by default; ``--no-moe`` skips it): the experts' grouped-matmul path against the padded
   stacks and a plain step at B = 16, T = 512, and the self-check on the GPU;
 - profile (``--no-profile`` skips it, chunk and extrema): one engine pass and one plain step at
@@ -33,9 +33,11 @@ newest questions first): fused, profile, graphs, determinism, MoE, extrema, chun
 - extrema: the engine with ``extrema`` off against on and a plain step (what forming gradients costs);
 - fused: the engine with ``fused_moments`` (one Triton kernel reduces the stacks' per-example blocks
   without writing them) against the formed path and a plain step: time, peak, statistics, self-check;
-- graphs: the engine's device pass captured as a CUDA graph and replayed, by default and in the
-  deterministic mode: whether it captures, whether a replay gives the eager pass's bits (on the
-  captured batch and another), and a replay's time against an eager pass's;
+- graphs: the engine's device pass captured as a CUDA graph and replayed, by default, in the
+  deterministic mode and with the fused kernel: whether it captures, whether a replay gives the eager
+  pass's bits (on the captured batch and another), and a replay's time against an eager pass's;
+- scorer: the job's scorer on ``--scorer-rows`` corpus-like rows, with the defaults, ``fused_moments``,
+  ``cuda_graphs`` and both: rows/s each, graphs trusted, how far the numbers move (what a run gains);
 - compile (only with ``--compile``, any device: compiling takes a while): the engine with its block
   reduction compiled against eager: speed, compile time, how far the statistics move;
 - auto batch (``--no-auto-batch`` skips it): the size ``score.batch_size=auto`` picks for ``--model``
@@ -710,6 +712,77 @@ def auto_batch_report(args, length: int) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def corpus_unit(n: int, length: int, vocab: int, seed: int = 0) -> dict:
+    """A scorer's unit of ``n`` corpus-like rows (lengths uniform in [T/2, T], the first fifth a prompt)."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(0, vocab, size=int(k)) for k in rng.integers(length // 2, length + 1, n)]
+    return {"id": np.array([f"r{i}" for i in range(n)], dtype=object), "shard": np.zeros(n, np.int64),
+            "source": np.array(["bench"] * n, dtype=object), "line": np.arange(n), "pos": np.arange(n),
+            "input_ids": rows, "labels": [np.where(np.arange(len(r)) < len(r) // 5, IGNORE_INDEX, r) for r in rows],
+            "reason": np.array([""] * n, dtype=object), "detail": np.array([""] * n, dtype=object),
+            "truncated": np.zeros(n, dtype=bool)}
+
+
+def scorer_report(args, length: int, device: str) -> dict:
+    """The job's scorer (``gradients/scorer.py``: ``--model`` saved and loaded, its self-check, length-
+    sorted batches of 16) on ``--scorer-rows`` corpus-like rows of up to ``length`` tokens, four ways: the
+    engine's defaults, ``score.fused_moments``, ``score.cuda_graphs`` and both. Rows/s of each on its
+    second call over the rows (the first compiles and captures), the graphs' shapes trusted and refused,
+    and how far each way's numbers are from the defaults' (loss and gradient norm, largest relative
+    difference). What the job gains from each; on a CPU only the code path (no graphs, no kernel)."""
+    import gc
+    import shutil
+    import tempfile
+
+    from grads_ray.gradients.scorer import Scorer
+
+    folder = tempfile.mkdtemp(prefix="grads-scorer-")
+    out: dict = {}
+    try:
+        build_model(args.model, getattr(torch, args.dtype), "cpu").save_pretrained(folder)
+        base, unit = None, None
+        for tag, extra in (("eager", {}), ("fused", {"fused_moments": True}), ("graphs", {"cuda_graphs": True}),
+                           ("fused_graphs", {"fused_moments": True, "cuda_graphs": True})):
+            settings = {"dtype": args.dtype, "proj_dim": args.proj_dim, "proj_rank": args.proj_rank, **extra}
+            scorer = Scorer(folder, use_gpu=device == "cuda", settings=settings, batch_size=16,
+                            unit_rows=args.scorer_rows)
+            if unit is None:
+                unit = corpus_unit(args.scorer_rows, length, scorer.model.get_input_embeddings().num_embeddings)
+            scorer(unit)  # compiles, captures
+            sync(device)
+            t0 = time.perf_counter()
+            got = scorer(unit)
+            sync(device)
+            rate = args.scorer_rows / (time.perf_counter() - t0)
+            out[f"scorer_{tag}_rows_per_s"] = round(rate, 2)
+            line = f"# scorer {tag}: {rate:.2f} rows/s"
+            if scorer.graphs is not None:
+                shapes = scorer.graphs.summary()
+                trusted = sum(v["trusted"] for v in shapes.values())
+                refused = sorted({v["refused"] for v in shapes.values() if v.get("refused")})
+                out[f"scorer_{tag}_shapes_trusted"] = trusted
+                out[f"scorer_{tag}_shapes"] = len(shapes)
+                if refused:
+                    out[f"scorer_{tag}_refused"] = refused[0][:200]
+                line += f"; graphs: {trusted} of {len(shapes)} shapes trusted" + (f" ({refused[0][:160]})" if refused else "")
+            if base is None:
+                base = got
+            else:
+                _, worst = column_differences({k: got[k] for k in ("loss", "grad_norm")},
+                                              {k: base[k] for k in ("loss", "grad_norm")})
+                out[f"scorer_{tag}_max_rel_diff"] = float(f"{worst:.2e}")
+                out[f"scorer_{tag}_vs_eager"] = round(rate / out["scorer_eager_rows_per_s"], 3)
+                line += f"; {out[f'scorer_{tag}_vs_eager']}x the defaults, loss and norms within {worst:.1e}"
+            print(line, flush=True)
+            del scorer
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        return out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def memory_ratio(args, batch: int, length: int, device: str, model=None) -> dict:
     """Peak memory of the engine and of the plain step above the model and batch."""
     if device == "cuda":
@@ -810,7 +883,8 @@ def main() -> None:
                          "('' for none)")
     ap.add_argument("--sections", default=None,
                     help="run only these sections (comma-separated: moe, determinism, profile, chunk, extrema, "
-                         "fused, graphs, compile, auto_batch), without the main table")
+                         "fused, graphs, scorer, compile, auto_batch), without the main table")
+    ap.add_argument("--scorer-rows", type=int, default=320, help="rows of the scorer section (batches of 16)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the engine with its block reduction compiled (torch.compile), against eager")
     ap.add_argument("--no-auto-batch", action="store_true",
@@ -846,7 +920,7 @@ def main() -> None:
     cuda = device == "cuda"
     default = {"moe": (cuda and not args.no_moe) or args.moe_model is not None, "determinism": cuda, "profile": (cuda and not args.no_profile) or args.profile,
                "chunk": cuda and not args.no_profile, "extrema": cuda and not args.no_profile, "compile": args.compile,
-               "auto_batch": cuda and not args.no_auto_batch, "graphs": cuda, "fused": cuda}
+               "auto_batch": cuda and not args.no_auto_batch, "graphs": cuda, "fused": cuda, "scorer": cuda}
     chosen = None if args.sections is None else set(args.sections.split(","))
     if chosen is not None and chosen - set(default):
         ap.error(f"--sections: unknown {sorted(chosen - set(default))} (known: {sorted(default)})")
@@ -940,6 +1014,8 @@ def main() -> None:
     at_profile_shape("fused", fused_report, 7)
     at_profile_shape("profile", device_profile, 1)
     at_profile_shape("graphs", graphs_report, 6)  # after the profile: a capture that breaks cannot take it
+    if wanted("scorer"):  # the job's scorer four ways: what each setting would give a run
+        section(summary, "scorer", lambda: scorer_report(args, at_t, device))
     moe_model = args.moe_model or ("moe-small" if cuda and (wanted("moe") or chosen is not None) else None)
     if wanted("determinism"):
         section(summary, "det", lambda: determinism_report(
