@@ -588,6 +588,8 @@ def graphs_report(model, data, args, device: str) -> dict:
         with deterministic(det):
             out.update(graph_trial(engine, data, other, tag))
         del engine
+        if not out[f"graphs_{tag}_captured"]:  # a torch before 2.12 is left mid-capture by a failed one
+            break  # (pytorch#180395): no other capture, no empty_cache
         torch.cuda.empty_cache()
     return out
 
@@ -774,8 +776,11 @@ def scorer_report(args, length: int, device: str) -> dict:
                 out[f"scorer_{tag}_vs_eager"] = round(rate / out["scorer_eager_rows_per_s"], 3)
                 line += f"; {out[f'scorer_{tag}_vs_eager']}x the defaults, loss and norms within {worst:.1e}"
             print(line, flush=True)
+            failed = scorer.graphs is not None and scorer.graphs.off.startswith("a capture failed")
             del scorer
             gc.collect()
+            if failed:  # a torch before 2.12 is left mid-capture (pytorch#180395): no empty_cache, no more
+                break
             if device == "cuda":
                 torch.cuda.empty_cache()
         return out

@@ -117,8 +117,9 @@ def on_meta_data_checks() -> None:
 
 
 def stand_in_fused_kernel() -> None:
-    """A meta stand-in for ``gradients/fused.py``'s kernel: one op writing its one output, (E, tiles, 4)
-    float32 (a Triton kernel cannot run on meta); the reductions after it run as they are."""
+    """Meta stand-ins for ``gradients/fused.py``'s kernels: one op writing its one output, (E, tiles, 4)
+    float32, or a vector's (B, chunks, n) (a Triton kernel cannot run on meta); the reductions after them
+    run as they are."""
     from grads_ray.gradients import fused
 
     def tile_moments(left, right, index=None, rows_right=None, *, keep=None, out=None):
@@ -136,8 +137,15 @@ def stand_in_fused_kernel() -> None:
             mode.flops[(site(), "zero_")] += work
         return out
 
+    def vector_sums(delta, x, keep, mode, eps=0.0, out=None):  # the vector kernel: its (B, chunks, n) partial sums
+        if out is None:
+            b, p, n = delta.shape
+            out = torch.empty((b, -(-p // fused.VEC_ROWS), n), dtype=torch.float32, device=delta.device)
+        return out.zero_()
+
     fused.usable = lambda x: x.dtype in (torch.float16, torch.bfloat16)
     fused.tile_moments = tile_moments
+    fused.vector_sums = vector_sums
 
 
 def count(fn) -> Count:

@@ -5,6 +5,7 @@ replay; a capture computes nothing) or break them as a faulty capture would."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -25,10 +26,20 @@ class _Graph:
 class Graphs:
     """A CUDA graph's semantics on a CPU: the capture computes nothing (its outputs hold NaN until a
     replay), a replay runs the captured function again on the captured inputs and writes the results
-    into the captured outputs, in place."""
+    into the captured outputs, in place. ``waits``: the eager passes wait for the device (as torch's
+    sync debug mode would say); ``short``: what ``room`` answers (a capture would not fit)."""
+
+    waits, short = False, ""
 
     def __init__(self):
         self.captures = self.replays = 0
+
+    def eager(self, fn):
+        return fn(), self.waits, 1000
+
+    def room(self, peak):
+        assert peak == 1000
+        return self.short
 
     def capture(self, fn):
         self.captures += 1
@@ -64,8 +75,8 @@ class Idle(Graphs):
         self.replays += 1
 
 
-class Broken:
-    """A capture that fails, as one does where the pass waits for the device."""
+class Broken(Graphs):
+    """A capture that fails (one the sync debug mode did not foresee)."""
 
     calls = 0
 
@@ -142,44 +153,132 @@ def test_a_capture_that_computes_nothing_is_caught_on_its_own_batch(tmp_path):
     assert "on the captured batch" in run.summary()["3x16"]["refused"]
 
 
-def test_a_failed_capture_leaves_every_shape_eager(tmp_path, caplog):
-    """A pass that cannot be captured (it waits for the device) is so at every shape: one line in the
-    log, no other capture tried."""
+def test_a_failed_capture_stops_all_captures(tmp_path, caplog):
+    """A capture that fails: no other is tried (a failed capture leaves an old torch's allocator
+    mid-capture); one line in the log; every result the eager pass's."""
     engine = _engine(tmp_path)
     backend = Broken()
     run = graphs.GraphedPass(engine, backend)
     with caplog.at_level(logging.WARNING, logger="grads_ray"):
         for batch in _batches(16, seeds=(1, 2, 3)) + _batches(32, seeds=(1, 2, 3)):
             assert _same(run(*batch), graphs.to_host(engine.device_pass(*batch, left_padded=False)))
-    why = "the capture failed (RuntimeError: operation not permitted when stream is capturing)"
-    assert run.summary()["3x16"] == {"eager": 3, "replayed": 0, "refused": f"{why}; so is every other shape",
-                                     "trusted": False}
+    why = "a capture failed (RuntimeError: operation not permitted when stream is capturing)"
+    assert run.summary()["3x16"] == {"eager": 3, "replayed": 0, "refused": why, "trusted": False}
     assert run.summary()["3x32"]["refused"] == why and backend.calls == 1
-    assert caplog.text.count("run eagerly") == 1 and "3 x 16 run eagerly: the capture failed" in caplog.text
+    assert caplog.text.count("cuda_graphs") == 1 and f"{why}; shapes not captured yet run eagerly" in caplog.text
 
 
-def test_a_capture_out_of_memory_leaves_only_its_shape_eager(tmp_path):
+def test_a_pass_that_waits_for_the_device_is_never_captured(tmp_path, caplog):
+    backend = Graphs()
+    backend.waits = True
+    run = graphs.GraphedPass(_engine(tmp_path), backend)
+    with caplog.at_level(logging.WARNING, logger="grads_ray"):
+        for batch in _batches(16, seeds=(1, 2, 3)):
+            run(*batch)
+    assert backend.captures == 0 and "waits for the device" in run.summary()["3x16"]["refused"]
+    assert caplog.text.count("cuda_graphs") == 1
+
+
+def test_a_mixture_of_experts_is_never_captured(tmp_path):
+    from tests.families import build_family
+
+    model = build_family("qwen3_moe", tmp_path / "moe")
+    backend = Graphs()
+    run = graphs.GraphedPass(BatchedGradStats(model, proj_dim=8, fisher_dim=0), backend)
+    batch = pad(random_examples(3, seed=1, vocab=model.config.vocab_size), "right")
+    for _ in range(3):
+        run(*batch)
+    assert "mixture of experts" in run.off and backend.captures == 0
+
+
+def test_a_capture_waits_for_the_room_it_needs(tmp_path):
+    """Free memory short of the shape's eager peak: no capture now; a later batch, with room, captures."""
+    engine = _engine(tmp_path)
+    backend = Graphs()
+    backend.short = "1.0 GiB free, 2.0 GiB needed"
+    run = graphs.GraphedPass(engine, backend)
+    batches = _batches(16, seeds=(1, 2, 3, 4, 5, 6))
+    for batch in batches[:3]:
+        run(*batch)
+    assert backend.captures == 0 and not run.off
+    backend.short = ""
+    for batch in batches[3:]:
+        assert _same(run(*batch), graphs.to_host(engine.device_pass(*batch, left_padded=False)))
+    assert backend.captures == 1 and run.summary()["3x16"]["trusted"]
+
+
+def test_replays_that_differ_on_several_shapes_stop_all_captures(tmp_path):
+    engine = _engine(tmp_path)
+    backend = Baked()
+    run = graphs.GraphedPass(engine, backend, max_differ=2)
+    for length in (16, 32, 48, 64):
+        for batch in _batches(length, seeds=(1, 2, 3)):
+            assert _same(run(*batch), graphs.to_host(engine.device_pass(*batch, left_padded=False)))
+    assert backend.captures == 2 and "the replays of 2 shapes differ" in run.off
+    assert run.summary()["3x64"] == {"eager": 3, "replayed": 0, "refused": run.off, "trusted": False}
+
+
+def test_a_capture_out_of_memory_stops_captures_too(tmp_path):
+    """(On a torch before 2.12 a capture out of memory surfaces as an invalidated capture: no telling it
+    apart; the room check before each capture is what keeps it from happening.)"""
+
     class Full(Graphs):
         def capture(self, fn):
-            if self.captures == 0:
-                self.captures += 1
-                raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
-            return super().capture(fn)
+            self.captures += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
 
     engine = _engine(tmp_path)
     run = graphs.GraphedPass(engine, Full())
     for batch in _batches(16, seeds=(1, 2, 3)) + _batches(32, seeds=(1, 2, 3)):
         assert _same(run(*batch), graphs.to_host(engine.device_pass(*batch, left_padded=False)))
-    assert "OutOfMemoryError" in run.summary()["3x16"]["refused"] and run.summary()["3x32"]["replayed"] == 2
+    assert "OutOfMemoryError" in run.off and run.backend.captures == 1
 
 
-def test_shapes_past_the_cap_run_eagerly(tmp_path):
+def test_captures_past_the_cap_are_not_tried(tmp_path):
     engine = _engine(tmp_path)
     run = graphs.GraphedPass(engine, Graphs(), max_graphs=1)
-    for batch in _batches(16, seeds=(1, 2)) + _batches(32, seeds=(1, 2, 3)):
+    for batch in _batches(16, seeds=(1, 2, 3, 4)) + _batches(32, seeds=(1, 2, 3)):
         run(*batch)
-    assert run.summary()["3x16"]["trusted"] is False and run.summary()["3x16"]["replayed"] == 1
-    assert run.summary()["3x32"]["refused"] == "more than 1 shapes"
+    assert run.summary()["3x16"]["trusted"] is True and run.summary()["3x16"]["replayed"] == 3
+    assert run.summary()["3x32"]["refused"] == "more than 1 captures" and run.backend.captures == 1
+
+
+class Capturing(Graphs):
+    """As :class:`Graphs`, with transformers seeing a capture underway in the capture and the replays, as
+    on a GPU (``torch.cuda.is_current_stream_capturing``): it builds the attention mask even for a batch
+    without padding, where an eager pass would skip it."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.mp = monkeypatch
+
+    def _capturing(self, fn, *args):
+        with self.mp.context() as m:
+            m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+            return fn(*args)
+
+    def capture(self, fn):
+        return self._capturing(super().capture, fn)
+
+    def replay(self, graph):
+        return self._capturing(super().replay, graph)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_without_the_same_attention_a_batch_without_padding_is_refused(same, tmp_path, monkeypatch):
+    """A batch with no padding: eager passes skip the causal mask, a capture builds it; their bits differ
+    (on this CPU too), and the shape would run eagerly. :func:`same_attention` around every pass (as the
+    scorer does) makes them the same kernels: the graph is trusted."""
+    engine = _engine(tmp_path)
+    run = graphs.GraphedPass(engine, Capturing(monkeypatch))
+    g = torch.Generator().manual_seed(0)
+    batches = [(ids, ids.clone(), torch.ones_like(ids)) for ids in (torch.randint(3, VOCAB, (3, 64), generator=g)
+                                                                       for _ in range(4))]
+    with graphs.same_attention() if same else contextlib.nullcontext():
+        for batch in batches:
+            run(*batch)
+    shape = run.summary()["3x64"]
+    assert shape["trusted"] is same and ("refused" in shape) is not same, shape
 
 
 def test_the_mask_shortcut_is_off_inside_and_back_after():
@@ -236,13 +335,18 @@ def test_the_scorer_with_graphs_gives_its_eager_numbers(arch, tmp_path, monkeypa
     np.testing.assert_allclose(gram[0], gram[1], rtol=0, atol=2e-4 * np.abs(gram[1]).max())
 
 
-def test_graphs_need_a_device_and_the_batched_engine(tmp_path):
+def test_graphs_need_a_device_and_the_batched_engine(tmp_path, monkeypatch):
+    from grads_ray.gradients import scorer as scorer_mod
     from grads_ray.gradients.scorer import Scorer
 
     save_tiny_model("llama", tmp_path / "m")
     assert graphs.graph_backend(torch.device("cpu")) is None
     assert Scorer(str(tmp_path / "m"), settings={"proj_dim": 8, "cuda_graphs": True}).graphs is None  # a CPU
-    assert isinstance(graphs.graph_backend(torch.device("cuda")), graphs.CudaGraphs)
+    monkeypatch.setattr(graphs, "CudaGraphs", lambda: "CUDA's")
+    assert graphs.graph_backend(torch.device("cuda")) == "CUDA's"
+    monkeypatch.setattr(scorer_mod, "graph_backend", lambda device: Graphs())
+    looped = Scorer(str(tmp_path / "m"), settings={"engine": "loop", "proj_dim": 8, "cuda_graphs": True})
+    assert looped.graphs is None  # the per-example loop has no device pass to capture
 
 
 def test_graphs_halve_the_auto_batch_budget_and_are_not_fingerprinted():

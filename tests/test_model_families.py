@@ -167,14 +167,18 @@ def test_the_gpus_paths_pass_the_self_check_in_bfloat16(family, family_dir, monk
     if os.environ.get("TRITON_INTERPRET") != "1" or not fused.usable(torch.zeros((1, 1, 1), dtype=torch.bfloat16)):
         pytest.skip("no Triton interpreter here (tests/conftest.py sets it where there is no GPU)")
     monkeypatch.setitem(factored.HALF_OUT, "cpu", "emulate")
-    calls = []
-    real = fused.tile_moments
+    calls, vectors = [], []
+    real, real_vectors = fused.tile_moments, fused.vector_sums
     monkeypatch.setattr(fused, "tile_moments", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    monkeypatch.setattr(fused, "vector_sums", lambda *a, **k: vectors.append((a[0].dtype, a[3])) or real_vectors(*a, **k))
     model = _model(family, family_dir).to(torch.bfloat16)
     engine, result = build_engine(model, {"engine": "batched", "proj_dim": 16, "proj_rank": 4, "fisher_dim": 0,
                                           "fused_moments": True}, synthetic_examples(VOCAB, n=3, seed=4), pad_id=0)
     assert result.passed and result.float32["passed"], result.reason
     assert {torch.bfloat16, torch.float32} <= set(calls)  # the kernel in both passes
+    # the vector kernel too (biases, norm weights), but for Cohere, whose LayerNorm is not torch's: its
+    # ∂y/∂w comes from forward-mode AD (rules.norm_jacobian), formed before any stack
+    assert ({d for d, _ in vectors} == {torch.bfloat16, torch.float32}) != (family == "cohere"), vectors
 
 
 def test_loop_engine_covers_what_the_batched_engine_refuses(family_dir):

@@ -193,3 +193,98 @@ def reduce_tiles(out: torch.Tensor) -> torch.Tensor:
     max and min, (…, 4) float64, in a fixed order; four ops, whatever the stack."""
     sums = out[..., :2].sum(-2, dtype=torch.float64)  # float32 tiles summed in float64 (no float64 copy)
     return torch.cat([sums, out[..., 2:3].amax(-2), out[..., 3:4].amin(-2)], dim=-1)  # (exact: float32 -> 64)
+
+
+# -- vector parameters: a bias's or a norm weight's per-example gradient, its factors read in place ----------
+
+VEC_ROWS, VEC_COLS = 32, 128  # positions and features of one program's tile (one tile shape: deterministic)
+VEC_MODES = {"bias": 0, "ones": 0, "rms": 1, "rms32": 1, "layer": 2}
+ROUNDING = {torch.float16: 1, torch.bfloat16: 2}  # x̂ rounded to x's dtype, as the module rounds it
+
+
+@functools.cache
+def _vector_kernel(interpret: bool):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def vector_sums(delta, x, keep, out, P, N, s_db, s_dp, s_dn, s_xb, s_xp, s_xn, s_kb, s_kp, eps,
+                    BP: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, ROUND: tl.constexpr):
+        """out[b, chunk, i] = Σ_{p in chunk, kept} δ[b, p, i] · ∂y/∂w[b, p, i] over one chunk of BP positions:
+        MODE 0 a bias (∂y/∂w = 1), 1 an RMSNorm's x̂ = x / rms(x), 2 a LayerNorm's x̂ = (x - mean) / std;
+        x̂ from float32 row statistics, rounded to x's dtype when ``ROUND`` (as the module rounds it)."""
+        chunk = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        rows = chunk * BP + tl.arange(0, BP)
+        cols = tl.arange(0, BN)
+        real = (rows < P) & (tl.load(keep + b * s_kb + rows * s_kp, mask=rows < P, other=0) != 0)
+        if MODE != 0:  # each row's statistics over all N features, in float32
+            total = tl.zeros((BP,), dtype=tl.float32)
+            for i0 in range(0, N, BN):
+                xs = tl.load(x + b * s_xb + rows[:, None] * s_xp + (i0 + cols)[None, :] * s_xn,
+                             mask=real[:, None] & ((i0 + cols) < N)[None, :], other=0.0).to(tl.float32)
+                if MODE == 2:
+                    total += tl.sum(xs, axis=1)
+                else:
+                    total += tl.sum(xs * xs, axis=1)
+            mean = tl.zeros((BP,), dtype=tl.float32)
+            if MODE == 2:  # the variance about the mean: a second read of the row
+                mean = total / N
+                total = tl.zeros((BP,), dtype=tl.float32)
+                for i0 in range(0, N, BN):
+                    xs = tl.load(x + b * s_xb + rows[:, None] * s_xp + (i0 + cols)[None, :] * s_xn,
+                                 mask=real[:, None] & ((i0 + cols) < N)[None, :], other=0.0).to(tl.float32)
+                    centred = tl.where(real[:, None] & ((i0 + cols) < N)[None, :], xs - mean[:, None], 0.0)
+                    total += tl.sum(centred * centred, axis=1)
+            scale = 1.0 / tl.sqrt(total / N + eps)
+        for i0 in range(0, N, BN):
+            inside = real[:, None] & ((i0 + cols) < N)[None, :]
+            d = tl.load(delta + b * s_db + rows[:, None] * s_dp + (i0 + cols)[None, :] * s_dn,
+                        mask=inside, other=0.0).to(tl.float32)
+            if MODE != 0:
+                xs = tl.load(x + b * s_xb + rows[:, None] * s_xp + (i0 + cols)[None, :] * s_xn,
+                             mask=inside, other=0.0)
+                hat = (xs.to(tl.float32) - mean[:, None]) * scale[:, None]
+                if ROUND == 2:  # to bfloat16, to nearest even, by its bits: Triton 3.9's interpreter
+                    bits = hat.to(tl.int32, bitcast=True)  # truncates a cast (the GPU does not)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                    hat = bits.to(tl.float32, bitcast=True)
+                elif ROUND == 1:  # to float16
+                    hat = hat.to(tl.float16).to(tl.float32)
+                d = tl.where(inside, d * hat, 0.0)
+            tl.store(out + (b * tl.num_programs(0) + chunk) * N + i0 + cols, tl.sum(d, axis=0), mask=(i0 + cols) < N)
+
+    return vector_sums
+
+
+def vector_mode(kind: str, hat, x: torch.Tensor | None) -> int | None:
+    """The kernel's mode for a held vector use (``reduce.Held``: ``bias``, or ``norm`` with its
+    ``NormHat``), or None where it does not apply: an ``rms`` norm computing in half precision (its
+    arithmetic rounds as the kernel's float32 does not), a LayerNorm over more than the last axis."""
+    if kind == "bias":
+        return 0
+    if kind != "norm" or hat is None or hat.kind not in VEC_MODES:
+        return None
+    if hat.kind == "rms" and x.dtype != torch.float32 or hat.kind == "layer" and len(hat.shape) != 1:
+        return None
+    return VEC_MODES[hat.kind]
+
+
+def vector_sums(delta: torch.Tensor, x: torch.Tensor | None, keep: torch.Tensor, mode: int, eps: float = 0.0,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """δ (B, P, n) and, for a norm, its input x (B, P, n), keep (B, P) bool, as the pass left them (padding
+    read as zeros whatever it holds) -> per chunk of ``VEC_ROWS`` positions Σ δ ⊙ ∂y/∂w, (B, chunks, n)
+    float32, into ``out`` when given; ``.sum(1)`` is each example's gradient (:func:`vector_mode`'s modes)."""
+    b, p, n = delta.shape
+    chunks = -(-p // VEC_ROWS)
+    if out is None:
+        out = torch.empty((b, chunks, n), dtype=torch.float32, device=delta.device)
+    assert out.shape == (b, chunks, n) and out.is_contiguous() and keep.shape == (b, p)
+    xs = delta if x is None else x
+    kb = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
+    interpret = delta.device.type == "cpu"
+    extra = {} if interpret else {"num_warps": 4}
+    _vector_kernel(interpret)[(chunks, b)](
+        delta, xs, kb, out, p, n, *delta.stride(), *xs.stride(), *kb.stride(), float(eps),
+        BP=VEC_ROWS, BN=VEC_COLS, MODE=mode, ROUND=ROUNDING.get(None if x is None else x.dtype, 0), **extra)
+    return out

@@ -171,12 +171,33 @@ class Reducer:
         if kind == "vector":
             return torch.stack([h.value for h in members])
         first = members[0]
+        if self.fused:
+            got = self._vectors_in_place(kind, members)
+            if got is not None:
+                return got
         delta = grouped.stacked([h.left for h in members], first.keep)  # (N, B, P, n)
         if kind == "bias":
             return delta.sum(2)
         x = torch.stack([h.right for h in members])  # norm: (N, *input), its x̂ once for the stack
         hat = first.hat(None, None, x).reshape(delta.shape)
         return (delta * grouped.zero_padding_(hat, first.keep)).sum(2)
+
+    def _vectors_in_place(self, kind: str, members: list[Held]) -> torch.Tensor | None:
+        """:meth:`_vectors` by ``gradients.fused``'s vector kernel (``fused`` on, where it runs and the
+        use's rule is one of its modes): each member's δ (and a norm's input) read where the pass left
+        them, x̂ formed in registers; no stack, no x̂, no product in memory. -> (N, B, n) float32, or None."""
+        from grads_ray.gradients import fused
+
+        first = members[0]
+        mode = fused.vector_mode(kind, first.hat, first.right)
+        if mode is None or not fused.usable(first.left):
+            return None
+        b, p, n = first.left.shape
+        out = torch.empty((len(members), b, -(-p // fused.VEC_ROWS), n), dtype=torch.float32, device=first.left.device)
+        for j, h in enumerate(members):
+            x = None if mode == 0 else h.layout.view(h.right)
+            fused.vector_sums(h.left, x, h.keep, mode, h.hat.eps if h.hat else 0.0, out=out[j])
+        return out.sum(2)
 
     def flush(self, state: PassState) -> None:
         """Reduce every stack of the uses that are ready: one pass of kernels per distinct shape."""

@@ -175,8 +175,9 @@ class Scorer:
 
     def score_padded(self, ids, lab, mask):
         """A padded batch's whole work on the device, nothing kept: the engine's pass, and the
-        response-only forward when it is on (what ``score.batch_size=auto`` measures)."""
-        with determinism.deterministic(self.deterministic):
+        response-only forward when it is on (what ``score.batch_size=auto`` measures; with graphs, the
+        attention of a graphed scorer's passes)."""
+        with determinism.deterministic(self.deterministic), same_attention() if self.graphs else nullcontext():
             got = self._score(ids, lab, mask)
             if self.response_only_loss:
                 mean_token_losses(self.model, ids, lab, mask)
