@@ -359,3 +359,74 @@ def test_graphs_halve_the_auto_batch_budget_and_are_not_fingerprinted():
     on, off = load_config(None, ["score.cuda_graphs=true"]), load_config(None, [])
     assert on.score.cuda_graphs and not off.score.cuda_graphs
     assert _engine_numbers(on) == _engine_numbers(off)
+
+
+def _fake_cuda(monkeypatch, calls: list):
+    """torch.cuda's calls that :class:`graphs.CudaGraphs` makes, recorded, on a CPU."""
+
+    class Stream:
+        def wait_stream(self, other):
+            calls.append("wait")
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    main = Stream()
+    state = {"mode": 0, "free": 10 << 30}
+    fakes = {"Stream": Stream, "graph_pool_handle": lambda: (0, 7), "current_device": lambda: 0,
+             "current_stream": lambda: main, "stream": lambda s: contextlib.nullcontext(), "CUDAGraph": Graph,
+             "set_stream": lambda s: calls.append(("set_stream", s is main)),
+             "memory_allocated": lambda: 100, "max_memory_allocated": lambda: 350,
+             "reset_peak_memory_stats": lambda: None, "get_sync_debug_mode": lambda: state["mode"],
+             "set_sync_debug_mode": lambda m: state.update(mode=m), "mem_get_info": lambda: (state["free"], 1 << 40),
+             "empty_cache": lambda: calls.append("empty_cache")}
+    for name, value in fakes.items():
+        monkeypatch.setattr(torch.cuda, name, value, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda d, p: calls.append(("end_pool", d, p)),
+                        raising=False)
+    return state
+
+
+def test_cuda_graphs_watch_the_eager_pass_and_keep_its_warnings(monkeypatch):
+    import warnings
+
+    state = _fake_cuda(monkeypatch, [])
+    backend = graphs.CudaGraphs()
+
+    def waits():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("the pass's own", RuntimeWarning, stacklevel=1)
+        return {"x": torch.zeros(1)}
+
+    with pytest.warns(RuntimeWarning, match="the pass's own"):
+        out, waited, peak = backend.eager(waits)
+    assert waited and peak == 250 and state["mode"] == 0  # the debug mode put back
+    assert backend.eager(lambda: {})[1] is False
+
+
+def test_cuda_graphs_room_releases_the_cache_first(monkeypatch):
+    calls = []
+    state = _fake_cuda(monkeypatch, calls)
+    backend = graphs.CudaGraphs()
+    assert backend.room(4 << 30) == "" and "empty_cache" not in calls
+    state["free"] = 2 << 30
+    assert backend.room(4 << 30) == "2.0 GiB free, 5.0 GiB needed" and "empty_cache" in calls
+
+
+def test_a_failed_cuda_capture_puts_the_stream_and_the_pool_back(monkeypatch):
+    calls = []
+    _fake_cuda(monkeypatch, calls)
+
+    @contextlib.contextmanager
+    def failing(graph, pool=None, stream=None):
+        calls.append(("capture", pool, stream is backend.stream))
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", failing)
+    backend = graphs.CudaGraphs()
+    with pytest.raises(RuntimeError, match="not permitted"):
+        backend.capture(lambda: calls.append("pass") or {})
+    assert calls == ["wait", "pass", "wait", ("capture", (0, 7), True), ("set_stream", True), ("end_pool", 0, (0, 7))]
+    assert backend.kept == []
