@@ -158,7 +158,7 @@ def entry_sum(terms: list[Dense | Rows]) -> torch.Tensor:
         acc = acc_dtype(term.right)
         rsum = term.right.sum(-1, dtype=acc)  # (B, T)
         lsum = term.left.sum(-1, dtype=acc) if isinstance(term, Dense) else (term.index >= 0).to(acc)
-        part = _f64((lsum * rsum).sum(1))
+        part = (lsum * rsum).sum(1, dtype=torch.float64)  # rows' products in acc, their sum in float64
         total = part if total is None else total + part
     return total
 
@@ -214,9 +214,7 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
     step = max(1, min(rows, chunk_elements // max(1, b * cols)))
     if step < rows and step >= 64:  # blocks start at multiples of 64 rows: aligned operands for a GPU's GEMM
         step -= step % 64
-    ss = torch.zeros(b, dtype=torch.float64, device=dev)
-    mx = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
-    mn = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
+    ss = mx = mn = None  # the first block's, then each block's added (ss) or compared in turn
     rows_terms = [(t.index.reshape(-1), t.right.reshape(-1, cols),  # (B·T,) index, (B·T, C), example of each
                    torch.arange(b, device=dev)[:, None].expand(t.index.shape).reshape(-1))
                   for t in terms if isinstance(t, Rows)]
@@ -236,7 +234,10 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
                 target = torch.where(hit, owner * (r1 - r0) + index - r0, 0)
                 flat.index_add_(0, target, torch.where(hit[:, None], right, 0.0).to(dt))
         part, hi, lo = block_moments(block, acc, extrema)
-        ss += part
+        if ss is None:  # one block (most weights at a GPU's chunk_elements): no accumulators to fill
+            ss, mx, mn = part, hi, lo
+            continue
+        ss = ss + part
         if extrema:
             mx = torch.maximum(mx, hi)
             mn = torch.minimum(mn, lo)

@@ -37,10 +37,21 @@ def stacked(parts: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
     once and written once into its slot (a stack is the largest allocation of the reduction)."""
     out = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, device=parts[0].device)
     k = keep[..., None]
-    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    zero = _zero(out.dtype, out.device)
     for j, part in enumerate(parts):
         torch.where(k, part, zero, out=out[j])
     return out
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim zero on ``device``, made once (a fill kernel per stack on a GPU otherwise)."""
+    key = (dtype, str(device))
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros((), dtype=dtype, device=device)
+    return _ZEROS[key]
 
 
 def table_rows(s: torch.Tensor, ss: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor, n: int) -> torch.Tensor:
