@@ -197,7 +197,7 @@ def block_moments(block: torch.Tensor, acc: torch.dtype, extrema: bool
     rows: one float32 sum over millions of entries (a vocabulary-sized head) drifts by 1e-4
     relative, which the self-check would see. Called by name from :func:`formed_moments`, so a
     benchmark can swap in a compiled copy (``grad_stats.py --compile``)."""
-    ss = _f64(torch.linalg.vector_norm(block, dim=2, dtype=acc)).square().sum(1)
+    ss = torch.linalg.vector_norm(block, dim=2, dtype=acc).square().sum(1, dtype=torch.float64)
     if not extrema:
         return ss, None, None
     hi, lo = block_extrema(block)
