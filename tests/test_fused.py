@@ -6,6 +6,7 @@ reference and against the formed path."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 
 import numpy as np
@@ -167,6 +168,23 @@ def test_vector_kernel_against_float64(kind, dtype, interpret):
         ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
         loose = (delta.double() * hat(None, None, x.float()).double() * keep[..., None]).sum(1)
         assert err(want) < ulp / 2 and err(want) < err(loose) / 4, (err(want), err(loose))
+
+
+def test_vector_kernel_is_probed_once_and_a_failing_one_is_not_used(interpret, monkeypatch, caplog):
+    """Per device, dtypes and mode: the kernel on a known problem; one that raises or is wrong there
+    leaves the formed path, said once."""
+    monkeypatch.setattr(fused, "_VECTOR_WORKS", {})
+    delta, x = torch.zeros((1, 2, 2), dtype=torch.bfloat16), torch.zeros((1, 2, 2), dtype=torch.bfloat16)
+    assert all(fused.vector_usable(delta, None if m == 0 else x, m) for m in (0, 1, 2))
+    assert len(fused._VECTOR_WORKS) == 3
+    real = fused.vector_sums
+    monkeypatch.setattr(fused, "_VECTOR_WORKS", {})
+    monkeypatch.setattr(fused, "vector_sums", lambda *a, **k: real(*a, **k) * 1.01)  # 1% off
+    with caplog.at_level(logging.WARNING, logger="grads_ray"):
+        assert not fused.vector_usable(delta, x, 1) and not fused.vector_usable(delta, x, 1)
+    assert caplog.text.count("the vector kernel gave") == 1
+    monkeypatch.setattr(fused, "vector_sums", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no shared memory")))
+    assert not fused.vector_usable(delta, None, 0) and "does not run" in caplog.text
 
 
 def test_vector_kernel_modes():

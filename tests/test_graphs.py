@@ -179,6 +179,22 @@ def test_a_pass_that_waits_for_the_device_is_never_captured(tmp_path, caplog):
     assert caplog.text.count("cuda_graphs") == 1
 
 
+def test_a_wait_on_a_shapes_first_pass_only_is_a_cache_filled(tmp_path):
+    """A probe that reads the device once (a kernel checked on its first use) is no reason to give up."""
+
+    class Once(Graphs):
+        def eager(self, fn):
+            out, _, peak = super().eager(fn)
+            self.calls = getattr(self, "calls", 0) + 1
+            return out, self.calls == 1, peak
+
+    backend = Once()
+    run = graphs.GraphedPass(_engine(tmp_path), backend)
+    for batch in _batches(16, seeds=(1, 2, 3)):
+        run(*batch)
+    assert backend.captures == 1 and not run.off and run.summary()["3x16"]["trusted"]
+
+
 def test_a_mixture_of_experts_is_never_captured(tmp_path):
     from tests.families import build_family
 

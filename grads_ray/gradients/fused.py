@@ -270,6 +270,43 @@ def vector_mode(kind: str, hat, x: torch.Tensor | None) -> int | None:
     return VEC_MODES[hat.kind]
 
 
+_VECTOR_WORKS: dict[tuple, bool] = {}
+
+
+def vector_usable(delta: torch.Tensor, x: torch.Tensor | None, mode: int) -> bool:
+    """Whether the vector kernel takes δ like ``delta`` (and an input like ``x``) in ``mode``: where the
+    tile kernel runs (:func:`usable`), and right on a small known problem on this device, once per
+    device, dtypes and mode (else the formed path, said once in the log)."""
+    if not usable(delta):
+        return False
+    key = (str(delta.device), delta.dtype, None if x is None else x.dtype, mode)
+    if key not in _VECTOR_WORKS:
+        _VECTOR_WORKS[key] = _vector_probe(delta.device, delta.dtype, None if x is None else x.dtype, mode)
+    return _VECTOR_WORKS[key]
+
+
+def _vector_probe(device: torch.device, dtype: torch.dtype, x_dtype: torch.dtype | None, mode: int) -> bool:
+    """δ = 1 at 3 positions of 2 features; x = (2, 2) (an RMSNorm: x̂ = 1) or (1, 3) (a LayerNorm: x̂ =
+    (-1, 1)), eps 0: the sums are (3, 3), or (-3, 3)."""
+    delta = torch.ones((1, 3, 2), dtype=dtype, device=device)
+    x = None if mode == 0 else torch.tensor([[2.0, 2.0]] * 3 if mode == 1 else [[1.0, 3.0]] * 3,
+                                            dtype=x_dtype, device=device)[None]
+    keep = torch.ones((1, 3), dtype=torch.bool, device=device)
+    want = [-3.0, 3.0] if mode == 2 else [3.0, 3.0]
+    try:
+        got = vector_sums(delta, x, keep, mode).sum(1)[0].tolist()
+    except Exception as exc:  # noqa: BLE001 - whatever stops the kernel here, the formed path stands
+        log.warning("[grads-ray] score.fused_moments: the vector kernel does not run on %s in %s (%s: %s); the "
+                    "formed path is used for biases and norms", device, dtype, type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "")
+        return False
+    if got != want:
+        log.warning("[grads-ray] score.fused_moments: the vector kernel gave %s on a known problem on %s (%s "
+                    "wanted); the formed path is used for biases and norms", got, device, want)
+        return False
+    return True
+
+
 def vector_sums(delta: torch.Tensor, x: torch.Tensor | None, keep: torch.Tensor, mode: int, eps: float = 0.0,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """δ (B, P, n) and, for a norm, its input x (B, P, n), keep (B, P) bool, as the pass left them (padding

@@ -190,7 +190,7 @@ class Reducer:
 
         first = members[0]
         mode = fused.vector_mode(kind, first.hat, first.right)
-        if mode is None or not fused.usable(first.left):
+        if mode is None or not fused.vector_usable(first.left, None if mode == 0 else first.right, mode):
             return None
         b, p, n = first.left.shape
         out = torch.empty((len(members), b, -(-p // fused.VEC_ROWS), n), dtype=torch.float32, device=first.left.device)
