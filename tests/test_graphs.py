@@ -221,6 +221,11 @@ def test_a_capture_waits_for_the_room_it_needs(tmp_path):
     for batch in batches[3:]:
         assert _same(run(*batch), graphs.to_host(engine.device_pass(*batch, left_padded=False)))
     assert backend.captures == 1 and run.summary()["3x16"]["trusted"]
+    backend.short = "1.0 GiB free, 2.0 GiB needed"
+    for batch in _batches(32, seeds=(1, 2, 3, 4, 5)):
+        run(*batch)
+    assert run.summary()["3x32"]["refused"] == "no room for a capture (1.0 GiB free, 2.0 GiB needed)"
+    assert backend.captures == 1 and not run.off  # after 3 tries; other shapes may still find room
 
 
 def test_replays_that_differ_on_several_shapes_stop_all_captures(tmp_path):

@@ -46,6 +46,7 @@ LENGTH_STEP = 64  # batch lengths are padded up to a multiple of this with graph
 CHECKS = 2  # batches of a shape run both ways (replay and eager) before its graph is trusted
 MAX_GRAPHS = 24  # captures per scorer; later shapes run eagerly
 MAX_DIFFER = 3  # shapes whose replay differs from their eager pass before no more are captured
+ROOM_TRIES = 3  # batches of a shape that find too little free memory for its capture before it runs eagerly
 
 
 def padded_length(t: int, step: int = LENGTH_STEP) -> int:
@@ -180,6 +181,7 @@ def graph_backend(device: Any) -> CudaGraphs | None:
 class _Shape:
     seen: int = 0
     peak: int = 0  # an eager pass's peak bytes
+    short: int = 0  # captures put off for want of free memory
     graph: Any = None
     static: tuple = ()
     out: dict | None = None
@@ -254,9 +256,11 @@ class GraphedPass:
 
     def _capture(self, key, shape: _Shape, ids, labels, mask, want) -> None:
         short = self.backend.room(shape.peak)
-        if short:  # not now; a later batch of the shape may find the room
-            shape.seen = 1
-            log.info("[grads-ray] score.cuda_graphs: %d x %d not captured yet: %s", *key, short)
+        if short:  # not now; one of the next batches of the shape may find the room
+            shape.short += 1
+            if shape.short >= ROOM_TRIES:
+                shape.refused = f"no room for a capture ({short})"
+                log.info("[grads-ray] score.cuda_graphs: batches of %d x %d run eagerly: %s", *key, shape.refused)
             return
         self.captures += 1
         static = tuple(t.clone() for t in (ids, labels, mask))
