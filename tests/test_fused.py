@@ -136,7 +136,7 @@ def test_engine_with_fused_moments(tmp_path, interpret, monkeypatch, tied):
 
 @pytest.mark.parametrize("kind,dtype", [("bias", torch.bfloat16), ("ones", torch.float32), ("rms32", torch.bfloat16),
                                         ("rms32", torch.float16), ("rms32", torch.float32), ("rms", torch.float32),
-                                        ("layer", torch.bfloat16), ("layer", torch.float32)])
+                                        ("layer", torch.bfloat16), ("layer", torch.float16), ("layer", torch.float32)])
 def test_vector_kernel_against_float64(kind, dtype, interpret):
     """A bias's or a norm weight's per-example gradient Σ_p δ ⊙ x̂ from the vector kernel, δ and x as a
     pass leaves them (views with strides, NaN at padding, positions and features that are not
@@ -168,6 +168,17 @@ def test_vector_kernel_against_float64(kind, dtype, interpret):
         ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
         loose = (delta.double() * hat(None, None, x.float()).double() * keep[..., None]).sum(1)
         assert err(want) < ulp / 2 and err(want) < err(loose) / 4, (err(want), err(loose))
+
+
+def test_vector_kernel_writes_its_slot_only(interpret):
+    """``out=``: one member's slot of a stack's buffer, the others untouched (``Reducer._vectors_in_place``)."""
+    g = torch.Generator().manual_seed(9)
+    delta, x = torch.randn((2, 40, 130), generator=g), torch.randn((2, 40, 130), generator=g)
+    keep = torch.rand((2, 40), generator=g) > 0.2
+    alone = fused.vector_sums(delta, x, keep, 1, 1e-6)
+    stack = torch.full((3, 2, 2, 130), 7.0)
+    fused.vector_sums(delta, x, keep, 1, 1e-6, out=stack[1])
+    assert torch.equal(stack[1], alone) and (stack[0] == 7).all() and (stack[2] == 7).all()
 
 
 def test_vector_kernel_is_probed_once_and_a_failing_one_is_not_used(interpret, monkeypatch, caplog):

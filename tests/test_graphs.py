@@ -195,6 +195,18 @@ def test_a_wait_on_a_shapes_first_pass_only_is_a_cache_filled(tmp_path):
     assert backend.captures == 1 and not run.off and run.summary()["3x16"]["trusted"]
 
 
+def test_the_totals_for_the_manifest(tmp_path):
+    engine = _engine(tmp_path)
+    run = graphs.GraphedPass(engine, Baked(), max_differ=2)
+    for length in (16, 32, 48):
+        for batch in _batches(length, seeds=(1, 2, 3)):
+            run(*batch)
+    stopped = "the replays of 2 shapes differ from their eager passes"
+    assert run.totals() == {"shapes": 3, "trusted": 0, "replayed": 4, "eager": 9, "stopped": stopped,
+                            "refused": {"its replay differs from the eager pass on a later batch (columns, "
+                                        "hidden_mean, grad_proj, fisher_gram)": 2, stopped: 1}}
+
+
 def test_a_mixture_of_experts_is_never_captured(tmp_path):
     from tests.families import build_family
 

@@ -85,8 +85,9 @@ def half_out(x: torch.Tensor) -> bool:
         except (TypeError, RuntimeError, NotImplementedError):
             _NATIVE_OK[str(x.device)] = False
         into = torch.empty((2, 2), dtype=torch.float32, device=x.device)
-        try:  # the same with ``out=`` (:func:`half_matmul`'s ``out``; else a copy into it)
-            _NATIVE_OK[f"{x.device}:into"] = torch.mm(probe[0], probe[0], out_dtype=torch.float32, out=into) is into
+        try:  # the same with ``out=`` (:func:`half_matmul`'s ``out``; else a copy into it), and right
+            _NATIVE_OK[f"{x.device}:into"] = (torch.mm(probe[0], probe[0], out_dtype=torch.float32, out=into) is into
+                                              and bool((into == 2).all()))
         except (TypeError, RuntimeError, NotImplementedError):
             _NATIVE_OK[f"{x.device}:into"] = False
     return how == "emulate" or _NATIVE_OK[str(x.device)]
@@ -117,7 +118,8 @@ def half_matmul(x: torch.Tensor, split: torch.Tensor, halves: bool = False,
         kw = {"out": out.view(-1, out.shape[-1])} if into else {}
         out = torch.mm(x.reshape(-1, x.shape[-1]), split, out_dtype=torch.float32, **kw).view(*x.shape[:-1], -1)
     else:  # x (N, M, R), split (N, R, 2k)
-        out = torch.bmm(x, split, out_dtype=torch.float32)
+        got = torch.bmm(x, split, out_dtype=torch.float32)
+        out = out.copy_(got) if halves and out is not None else got
     if halves:
         return out
     k = out.shape[-1] // 2

@@ -93,10 +93,10 @@ def _kernel(interpret: bool):
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ROWS: tl.constexpr,
                 KEEP: tl.constexpr, IEEE: tl.constexpr):
         tile = tl.program_id(0)  # tiles on the grid's first axis: a vocabulary-sized head has more than 65,535
-        e = tl.program_id(1).to(tl.int64)  # a stack's offsets can pass 2^31
-        rows = (tile // tiles_n) * BM + tl.arange(0, BM)
-        cols = (tile % tiles_n) * BN + tl.arange(0, BN)
-        ks = tl.arange(0, BK)
+        e = tl.program_id(1).to(tl.int64)  # offsets in int64: a stack's, and one example's of a vocabulary-
+        rows = ((tile // tiles_n) * BM + tl.arange(0, BM)).to(tl.int64)  # wide δ (T·V), can pass 2^31
+        cols = ((tile % tiles_n) * BN + tl.arange(0, BN)).to(tl.int64)
+        ks = tl.arange(0, BK).to(tl.int64)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, P, BK):  # the dense term: Σ_p left[e, p, rows] ⊗ right[e, p, cols]
             k = k0 + ks
@@ -214,9 +214,9 @@ def _vector_kernel(interpret: bool):
         MODE 0 a bias (∂y/∂w = 1), 1 an RMSNorm's x̂ = x / rms(x), 2 a LayerNorm's x̂ = (x - mean) / std;
         x̂ from float32 row statistics, rounded to x's dtype when ``ROUND`` (as the module rounds it)."""
         chunk = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        rows = chunk * BP + tl.arange(0, BP)
-        cols = tl.arange(0, BN)
+        b = tl.program_id(1).to(tl.int64)  # offsets in int64: a head's bias δ (T·V an example) can pass 2^31
+        rows = (chunk * BP + tl.arange(0, BP)).to(tl.int64)
+        cols = tl.arange(0, BN).to(tl.int64)
         real = (rows < P) & (tl.load(keep + b * s_kb + rows * s_kp, mask=rows < P, other=0) != 0)
         if MODE != 0:  # each row's statistics over all N features, in float32
             total = tl.zeros((BP,), dtype=tl.float32)

@@ -240,6 +240,18 @@ class GraphedPass:
                              "trusted": s.graph is not None and s.checked >= self.checks}
                 for (b, t), s in self.shapes.items()}
 
+    def totals(self) -> dict[str, Any]:
+        """The scorer's graphs in a few numbers (the score stage's manifest): shapes seen and trusted,
+        batches replayed and run eagerly, why captures stopped, and the shapes refused by reason."""
+        refused: dict[str, int] = {}
+        for s in self.shapes.values():
+            if s.refused:
+                refused[s.refused] = refused.get(s.refused, 0) + 1
+        summary = self.summary().values()
+        return {"shapes": len(self.shapes), "trusted": sum(v["trusted"] for v in summary),
+                "replayed": sum(v["replayed"] for v in summary), "eager": sum(v["eager"] for v in summary),
+                "stopped": self.off, "refused": refused}
+
     def _eager(self, shape: _Shape, ids, labels, mask) -> dict[str, np.ndarray]:
         shape.counts["eager"] += 1
         return to_host(self.engine.device_pass(ids, labels, mask, left_padded=False))

@@ -201,6 +201,7 @@ class Score(Stage):
                 "first_unit_seconds": ran["first_unit_seconds"],
                 "engine": cfg.score.engine, "engine_used": sorted({c["engine"] for c in ran.get("checks", [])}),
                 "self_check": ran.get("checks", []), "device": "gpu" if use_gpu else "cpu",
+                **({"cuda_graphs": ran["graphs"]} if ran.get("graphs") else {}),
                 "examples_per_s": round(ran["rows_scored"] / max(time.time() - t0, 1e-9), 2)}
 
     def value(self, ctx, out: Outputs, info: dict[str, Any]) -> ModelRef:

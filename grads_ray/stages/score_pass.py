@@ -141,10 +141,12 @@ class UnitScorer:
             rows.append(len(out["id"]))
         n = len(rows)
         check = json.dumps(self.scorer.check.to_dict()) if self.scorer else "{}"
+        graphs = self.scorer.graphs if self.scorer else None  # score.cuda_graphs: this scorer's so far
+        graphs = json.dumps({"scorer": f"{self.node}:{os.getpid()}", **graphs.totals()}) if graphs else ""
         return {"shard": np.asarray(batch["shard"], np.int64), "start": np.asarray(batch["start"], np.int64),
                 "rows": np.asarray(rows, np.int64), "node": np.full(n, self.node, dtype=object),
                 "error": np.full(n, error, dtype=object), "failure": np.full(n, self.failure, dtype=object),
-                "check": np.full(n, check, dtype=object)}
+                "check": np.full(n, check, dtype=object), "graphs": np.full(n, graphs, dtype=object)}
 
 
 def run_scoring(rows: StageDir, expected: dict[int, int], stats: StageDir, features: StageDir, job: ScoringJob, *,
@@ -239,6 +241,9 @@ def _score_pass(rows: StageDir, expected: dict[int, int], stats: StageDir, featu
             if receipt["failure"]:  # an error that would recur: one line, exit 2, no retry
                 raise ScorerFailed(str(receipt["failure"]))
             note_check(result, receipt)
+            if receipt.get("graphs"):  # each scorer's latest totals (score.cuda_graphs)
+                got = json.loads(receipt["graphs"])
+                result.setdefault("graphs", {})[got.pop("scorer")] = got
             s = int(receipt["shard"])
             left[s] -= 1
             result["units_scored"] += 1
@@ -338,4 +343,4 @@ def _stream_receipts(items: list[dict[str, int]], rows: StageDir, expected: dict
     ds.context.execution_options.preserve_order = False
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["shard"])):
-            yield {k: batch[k][i] for k in ("shard", "start", "rows", "node", "error", "failure", "check")}
+            yield {k: batch[k][i] for k in ("shard", "start", "rows", "node", "error", "failure", "check", "graphs")}
