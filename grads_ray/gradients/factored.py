@@ -243,6 +243,10 @@ def formed_moments(terms: list[Dense | Rows], rows: int, cols: int, chunk_elemen
         if extrema:
             mx = torch.maximum(mx, hi)
             mn = torch.minimum(mn, lo)
+    if ss is None:  # no rows: nothing formed (as the accumulators started before)
+        ss = torch.zeros(b, dtype=torch.float64, device=dev)
+        mx = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
+        mn = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
     if not extrema:
         mx = mn = torch.full((b,), torch.nan, dtype=torch.float64, device=dev)
     return ss, mx, mn
