@@ -143,10 +143,15 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64)
 
 
+def row_sums(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g (B, n) formed -> its rows' entry sum and sum of squares, (B,) float64 each (squares in ``acc_dtype``)."""
+    acc = g.to(acc_dtype(g))
+    return acc.sum(1, dtype=torch.float64), (acc * acc).sum(1, dtype=torch.float64)
+
+
 def vector_moments(g: torch.Tensor, extrema: bool = True) -> Moments:
     """Per-example gradient of a vector parameter, g (B, n), formed already."""
-    acc = g.to(acc_dtype(g))
-    s, ss = acc.sum(1, dtype=torch.float64), (acc * acc).sum(1, dtype=torch.float64)
+    s, ss = row_sums(g)
     if not extrema:
         nan = torch.full((g.shape[0],), torch.nan, dtype=torch.float64, device=g.device)
         return Moments(g.shape[1], s, ss, nan, nan)

@@ -68,15 +68,23 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
         log.warning("[grads-ray] score.fused_moments: triton is not installed; the formed path is used")
         return False
     ones = torch.ones((1, 3, 5), dtype=dtype, device=device)
+    return _known("the kernel", device, dtype, lambda: [float(v) for v in block_moments(ones, ones)],
+                  [75.0, 225.0, 3.0, 3.0], "")
+
+
+def _known(what: str, device: torch.device, dtype: torch.dtype, run, want: list[float], where: str) -> bool:
+    """Whether ``run()`` gives ``want`` on this device; a kernel that raises or answers otherwise keeps the
+    formed path (``where``: for which parameters), said in the log (the callers keep the verdict: once)."""
     try:
-        s, ss, mx, mn = (float(v) for v in block_moments(ones, ones))
+        got = run()
     except Exception as exc:  # noqa: BLE001 - whatever stops the kernel here, the formed path stands
-        log.warning("[grads-ray] score.fused_moments: the kernel does not run on %s in %s (%s: %s); the formed "
-                    "path is used", device, dtype, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        log.warning("[grads-ray] score.fused_moments: %s does not run on %s in %s (%s: %s); the formed path is "
+                    "used%s", what, device, dtype, type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "", where)
         return False
-    if (s, ss, mx, mn) != (75.0, 225.0, 3.0, 3.0):
-        log.warning("[grads-ray] score.fused_moments: the kernel gave %s on a known problem on %s; the formed path "
-                    "is used", (s, ss, mx, mn), device)
+    if got != want:
+        log.warning("[grads-ray] score.fused_moments: %s gave %s on a known problem on %s (%s wanted); the formed "
+                    "path is used%s", what, got, device, want, where)
         return False
     return True
 
@@ -292,19 +300,8 @@ def _vector_probe(device: torch.device, dtype: torch.dtype, x_dtype: torch.dtype
     x = None if mode == 0 else torch.tensor([[2.0, 2.0]] * 3 if mode == 1 else [[1.0, 3.0]] * 3,
                                             dtype=x_dtype, device=device)[None]
     keep = torch.ones((1, 3), dtype=torch.bool, device=device)
-    want = [-3.0, 3.0] if mode == 2 else [3.0, 3.0]
-    try:
-        got = vector_sums(delta, x, keep, mode).sum(1)[0].tolist()
-    except Exception as exc:  # noqa: BLE001 - whatever stops the kernel here, the formed path stands
-        log.warning("[grads-ray] score.fused_moments: the vector kernel does not run on %s in %s (%s: %s); the "
-                    "formed path is used for biases and norms", device, dtype, type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "")
-        return False
-    if got != want:
-        log.warning("[grads-ray] score.fused_moments: the vector kernel gave %s on a known problem on %s (%s "
-                    "wanted); the formed path is used for biases and norms", got, device, want)
-        return False
-    return True
+    return _known("the vector kernel", device, dtype, lambda: vector_sums(delta, x, keep, mode).sum(1)[0].tolist(),
+                  [-3.0, 3.0] if mode == 2 else [3.0, 3.0], " for biases and norms")
 
 
 def vector_sums(delta: torch.Tensor, x: torch.Tensor | None, keep: torch.Tensor, mode: int, eps: float = 0.0,

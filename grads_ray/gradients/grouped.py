@@ -16,10 +16,10 @@ import torch
 
 from grads_ray.gradients.factored import (
     Dense,
-    acc_dtype,
     half_matmul,
     half_out,
     matrix_moments,
+    row_sums,
     vector_moments,
 )
 
@@ -135,10 +135,8 @@ def vector_moments_stack(g: torch.Tensor, *, extrema: bool) -> torch.Tensor:
         m = vector_moments(g.reshape(n * b, k), extrema)
         return table_rows(m.s, m.ss, m.mx, m.mn, n)
     flat = g.reshape(n * b, k)
-    acc = flat.to(acc_dtype(flat))
     # the extrema in g's dtype: exact in float64, where the stack promotes them (no cast of their own)
-    return table_rows(acc.sum(1, dtype=torch.float64), (acc * acc).sum(1, dtype=torch.float64), flat.amax(1),
-                      flat.amin(1), n)
+    return table_rows(*row_sums(flat), flat.amax(1), flat.amin(1), n)
 
 
 def vector_project(g: torch.Tensor, p_vec: torch.Tensor) -> torch.Tensor:
