@@ -91,7 +91,7 @@ def _known(what: str, device: torch.device, dtype: torch.dtype, run, want: list[
 
 @functools.cache
 def _kernel(interpret: bool):
-    """The Triton kernel, made once per mode (the interpreter is chosen when a kernel is defined)."""
+    """The tile kernel, made once per mode (the interpreter is chosen when a kernel is defined)."""
     import triton
     import triton.language as tl
 
@@ -173,6 +173,17 @@ def tile_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | 
     """As :func:`block_moments`, each tile's sum, sum of squares, max and min, (E, tiles, 4) float32, into
     ``out`` when given. ``keep`` (E, P) bool: the positions that count; the others are read as zeros
     whatever they hold, so unmasked factors (views of what the pass captured) can come as they are."""
+    kernel, grid, args, options = moments_launch(left, right, index, rows_right, keep=keep, out=out)
+    kernel[grid](*args, **options)
+    return args[5]
+
+
+def moments_launch(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | None = None,
+                   rows_right: torch.Tensor | None = None, *, keep: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, interpret: bool | None = None) -> tuple:
+    """:func:`tile_moments`' launch, not run: (kernel, grid, arguments, options), ``arguments[5]`` the
+    output. ``interpret`` None: as the device says (the interpreter on a CPU); False: the compiled kernel
+    whatever the tensors' device (``fused_build`` compiles it for a GPU from CPU tensors)."""
     e, p, r = left.shape
     c = right.shape[-1]
     rows = index is not None
@@ -185,15 +196,24 @@ def tile_moments(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor | 
     if out is None:
         out = torch.empty((e, n_tiles, 4), dtype=torch.float32, device=left.device)
     assert out.shape == (e, n_tiles, 4) and out.is_contiguous() and (not masked or keep.shape == left.shape[:2])
-    interpret = left.device.type == "cpu"
-    extra = {} if interpret else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+    interpret = left.device.type == "cpu" if interpret is None else interpret
     ieee = left.dtype == torch.float32
     block_k = BLOCK_K // 2 if ieee else BLOCK_K  # float32 tiles in the shared memory of an A100 too
-    _kernel(interpret)[(n_tiles, e)](
-        left, right, index, rows_right, keep, out, p, q, r, c, *left.stride(), *right.stride(), *index.stride(),
-        *rows_right.stride(), *keep.stride(), -(-c // BLOCK_N), BM=BLOCK_M, BN=BLOCK_N, BK=block_k,
-        UPCAST=interpret, ROWS=rows, KEEP=masked, IEEE=ieee and not interpret, **extra)
-    return out
+    args = (left, right, index, rows_right, keep, out, p, q, r, c, *left.stride(), *right.stride(), *index.stride(),
+            *rows_right.stride(), *keep.stride(), -(-c // BLOCK_N))
+    constants = dict(BM=BLOCK_M, BN=BLOCK_N, BK=block_k, UPCAST=interpret, ROWS=rows, KEEP=masked,
+                     IEEE=ieee and not interpret)
+    return _kernel(interpret), (n_tiles, e), args, constants | _options(interpret, NUM_WARPS, NUM_STAGES)
+
+
+def _options(interpret: bool, warps: int, stages: int | None) -> dict:
+    """A compiled kernel's launch options, fixed here rather than left to Triton's defaults: its warps and
+    pipeline stages, and no contraction of a product and a sum into one fused multiply-add (Triton 3.9
+    contracts by default and 3.10 will not; the interpreter, which the tests check, never does), so a
+    kernel's numbers do not move with the Triton version."""
+    if interpret:
+        return {}
+    return {"num_warps": warps, "enable_fp_fusion": False} | ({} if stages is None else {"num_stages": stages})
 
 
 def reduce_tiles(out: torch.Tensor) -> torch.Tensor:
@@ -206,12 +226,14 @@ def reduce_tiles(out: torch.Tensor) -> torch.Tensor:
 # -- vector parameters: a bias's or a norm weight's per-example gradient, its factors read in place ----------
 
 VEC_ROWS, VEC_COLS = 32, 128  # positions and features of one program's tile (one tile shape: deterministic)
+VEC_WARPS, VEC_STAGES = 4, None  # None: Triton's default pipelining
 VEC_MODES = {"bias": 0, "ones": 0, "rms": 1, "rms32": 1, "layer": 2}
 ROUNDING = {torch.float16: 1, torch.bfloat16: 2}  # x̂ rounded to x's dtype, as the module rounds it
 
 
 @functools.cache
 def _vector_kernel(interpret: bool):
+    """The vector kernel, made once per mode (as :func:`_kernel`)."""
     import triton
     import triton.language as tl
 
@@ -309,6 +331,15 @@ def vector_sums(delta: torch.Tensor, x: torch.Tensor | None, keep: torch.Tensor,
     """δ (B, P, n) and, for a norm, its input x (B, P, n), keep (B, P) bool, as the pass left them (padding
     read as zeros whatever it holds) -> per chunk of ``VEC_ROWS`` positions Σ δ ⊙ ∂y/∂w, (B, chunks, n)
     float32, into ``out`` when given; ``.sum(1)`` is each example's gradient (:func:`vector_mode`'s modes)."""
+    kernel, grid, args, options = vector_launch(delta, x, keep, mode, eps, out)
+    kernel[grid](*args, **options)
+    return args[3]
+
+
+def vector_launch(delta: torch.Tensor, x: torch.Tensor | None, keep: torch.Tensor, mode: int, eps: float = 0.0,
+                  out: torch.Tensor | None = None, interpret: bool | None = None) -> tuple:
+    """:func:`vector_sums`' launch, not run: (kernel, grid, arguments, options), ``arguments[3]`` the output
+    (``interpret`` as in :func:`moments_launch`)."""
     b, p, n = delta.shape
     chunks = -(-p // VEC_ROWS)
     if out is None:
@@ -316,9 +347,7 @@ def vector_sums(delta: torch.Tensor, x: torch.Tensor | None, keep: torch.Tensor,
     assert out.shape == (b, chunks, n) and out.is_contiguous() and keep.shape == (b, p)
     xs = delta if x is None else x
     kb = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
-    interpret = delta.device.type == "cpu"
-    extra = {} if interpret else {"num_warps": 4}
-    _vector_kernel(interpret)[(chunks, b)](
-        delta, xs, kb, out, p, n, *delta.stride(), *xs.stride(), *kb.stride(), float(eps),
-        BP=VEC_ROWS, BN=VEC_COLS, MODE=mode, ROUND=ROUNDING.get(None if x is None else x.dtype, 0), **extra)
-    return out
+    interpret = delta.device.type == "cpu" if interpret is None else interpret
+    args = (delta, xs, kb, out, p, n, *delta.stride(), *xs.stride(), *kb.stride(), float(eps))
+    constants = dict(BP=VEC_ROWS, BN=VEC_COLS, MODE=mode, ROUND=ROUNDING.get(None if x is None else x.dtype, 0))
+    return _vector_kernel(interpret), (chunks, b), args, constants | _options(interpret, VEC_WARPS, VEC_STAGES)
