@@ -25,7 +25,8 @@ def _build(*args: str) -> list[fused_build.Built]:
     run = subprocess.run([sys.executable, "-m", "grads_ray.gradients.fused_build", *args], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
-    return [fused_build.Built(**json.loads(line)) for line in run.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return [fused_build.Built(**{**row, "narrow": tuple(row["narrow"])}) for row in rows]
 
 
 @needs_ptxas
@@ -51,6 +52,26 @@ def test_problems_name_what_a_gpu_would_not_take():
     assert "spilled" in fused_build.problems(spills)[0]
     check_pass = fused_build.Built("moments", 80, "fp32 keep", 8, 65_536, 255, 176)  # the self-check's float32
     assert fused_build.problems(check_pass) == []
+    wraps = fused_build.Built("moments", 90, "bf16", 8, 98_304, 98, 0, ("%a = arith.muli %e, %s_le : i32",))
+    assert "32-bit product" in fused_build.problems(wraps)[0]
+
+
+def test_narrow_products_are_those_of_two_run_time_values():
+    """What the kernels' IR had with an example's program id left in int32 (found by taking the kernels'
+    ``.to(tl.int64)`` out: 183 such products over the 33 builds), beside what stays legitimately 32-bit."""
+    ttir = """
+    %c128_i32 = arith.constant 128 : i32 loc(#loc1)
+    %rows = arith.constant 32 : i32 loc(#loc92)
+    %cst_3 = arith.constant dense<16> : tensor<32x128xi32> loc(#loc1)
+    %t = arith.muli %tile, %c128_i32 : i32 loc(#loc108)
+    %r = arith.muli %chunk, %rows : i32 loc(#loc92)
+    %s = arith.muli %bits, %cst_3 : tensor<32x128xi32> loc(#loc3)
+    %a_43 = arith.muli %e, %s_le : i32 loc(#loc9)
+    %w = arith.muli %k, %s_lp : tensor<1x64xi32> loc(#loc10)
+    %ok = arith.muli %e_4, %s_le64 : i64 loc(#loc122)
+    """
+    assert fused_build.narrow_products(ttir) == ["%a_43 = arith.muli %e, %s_le : i32",
+                                                 "%w = arith.muli %k, %s_lp : tensor<1x64xi32>"]
 
 
 def test_a_build_refuses_an_interpreting_process(monkeypatch):

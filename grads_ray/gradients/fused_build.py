@@ -50,6 +50,7 @@ class Built:
     shared: int  # bytes of shared memory a program (Triton's figure: what a launch asks for)
     registers: int | None  # a thread
     spilled: int | None  # bytes of stack a thread (register spills and local arrays: slow local memory)
+    narrow: tuple[str, ...] = ()  # products of two run-time values in 32 bits (``narrow_products``)
 
 
 def available() -> bool:
@@ -126,6 +127,21 @@ def resources(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(found[1]), int(found[2])) if found else (None, None)
 
 
+_CONSTANT = re.compile(r"(%[\w.]+) = arith\.constant\b")
+_PRODUCT = re.compile(r"(%[\w.]+) = arith\.muli (%[\w.]+), (%[\w.]+) : (?:tensor<[^>]*xi32>|i32\b)")
+
+
+def narrow_products(ttir: str) -> list[str]:
+    """The 32-bit integer products of two run-time values in a kernel's Triton IR (``arith.muli`` on i32,
+    neither side a constant). An offset so formed wraps past 2^31 elements, which one example's
+    vocabulary-wide δ (T·V) passes at T ≥ 14,135 for Qwen's vocabulary, and a wrapped offset reads another
+    example's numbers without an error: the kernels take their program ids and indices to int64 first,
+    so the only 32-bit products left are a program id by a tile size. No test can reach such a size; this
+    reads the arithmetic instead."""
+    constants = set(_CONSTANT.findall(ttir))
+    return [m[0].strip() for m in _PRODUCT.finditer(ttir) if m[2] not in constants and m[3] not in constants]
+
+
 def _name(dtype: torch.dtype | None) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", None: "none"}[dtype]
 
@@ -156,10 +172,11 @@ def vector_launches(positions: int = 61, size: int = 896):
 
 
 def problems(built: Built) -> list[str]:
-    """What would cost a GPU dearly in one build: more shared memory than a block of its architecture may
-    take (the launch fails; the engine's probe then keeps the formed path), or registers spilled to local
-    memory in a half-precision specialisation (the corpus pass; float32 is the self-check's few rows)."""
-    found = []
+    """What would cost a GPU dearly in one build: an offset's product in 32 bits (wrong numbers at large
+    sizes, :func:`narrow_products`), more shared memory than a block of its architecture may take (the
+    launch fails; the engine's probe then keeps the formed path), or registers spilled to local memory in
+    a half-precision specialisation (the corpus pass; float32 is the self-check's few rows)."""
+    found = [f"32-bit product of run-time values: {line}" for line in built.narrow]
     limit = SHARED_LIMIT.get(built.arch)
     if limit is not None and built.shared > limit:
         found.append(f"{built.shared:,} bytes of shared memory, over sm_{built.arch}'s {limit:,}")
@@ -179,7 +196,7 @@ def build_all(arch: int, kernels: tuple[str, ...] = ("moments", "vector")) -> li
             compiled = build(launch, arch)
             registers, spilled = resources(compiled.asm["cubin"])
             out.append(Built(kernel, arch, what, compiled.metadata.num_warps, compiled.metadata.shared,
-                             registers, spilled))
+                             registers, spilled, tuple(narrow_products(compiled.asm["ttir"]))))
     return out
 
 
