@@ -285,6 +285,16 @@ def test_a_kernel_that_fails_its_probe_leaves_the_formed_path(interpret, monkeyp
     assert fused.usable(x)
 
 
+def test_a_gpu_before_ampere_keeps_the_formed_path(monkeypatch, caplog):
+    """A T4 (compute capability 7.5): the kernels compile for it but spill 7 KB a thread (fused_build), and it
+    has no bfloat16 tensor cores; refused before any tensor is made on it, said once."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with caplog.at_level("WARNING", logger="grads_ray"):
+        assert not fused._probe(torch.device("cuda", 0), torch.float16)
+    assert "compute capability 7.5" in caplog.text and "formed path" in caplog.text
+
+
 def test_a_kernel_off_by_one_percent_is_caught_by_the_self_check(tmp_path, interpret, monkeypatch):
     """A bfloat16 model's self-check runs its float32 pass through the kernel too (IEEE float32
     products): a kernel whose sums of squares are 2% off (norms 1%), which bfloat16's tolerance would

@@ -43,6 +43,7 @@ def set_tiles(m: int, n: int, k: int, warps: int, stages: int) -> None:
 
 
 _WORKS: dict[tuple[str, torch.dtype], bool] = {}
+MIN_CAPABILITY = (8, 0)  # Ampere: bfloat16 tensor cores, and the tiles' registers (gradients/fused_build.py)
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -66,6 +67,11 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
         import triton  # noqa: F401
     except ImportError:
         log.warning("[grads-ray] score.fused_moments: triton is not installed; the formed path is used")
+        return False
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+        log.warning("[grads-ray] score.fused_moments: %s is compute capability %d.%d; the kernels need %d.%d or later "
+                    "(built for sm_75, the tiles spill 7 KB a thread to local memory); the formed path is used",
+                    device, *torch.cuda.get_device_capability(device), *MIN_CAPABILITY)
         return False
     ones = torch.ones((1, 3, 5), dtype=dtype, device=device)
     return _known("the kernel", device, dtype, lambda: [float(v) for v in block_moments(ones, ones)],

@@ -34,8 +34,8 @@ import torch
 from grads_ray.gradients import fused
 
 # The GPUs the project meets, by compute capability; shared memory a block may take (CUDA's per-arch limits)
-ARCHS = {80: "A100", 89: "L4/L40S", 90: "H100/H200"}
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+ARCHS = {80: "A100", 89: "L4/L40S", 90: "H100/H200", 100: "B200"}
+SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
