@@ -40,10 +40,14 @@ STAT_BASE = ["id", "n_tokens", "loss", "grad_norm", "grad_mean", "grad_std", "gr
 FEATURE_COLUMNS = ("hidden_mean", "grad_proj", "fisher_factor", "fisher_energy")
 
 
+# settings that choose how the engine computes, not what: they move no number beyond rounding, so a shard
+# scored with other values is not scored again (kept out of the score cache's key, stages/score.py)
+ROUNDING_ONLY = ("chunk_elements", "fused_moments", "cuda_graphs", "deterministic")
+
+
 def engine_settings(score_cfg: Any, seed: int, deterministic: bool) -> dict[str, Any]:
     """The score config keys the engine reads (these, with the model, decide every number written, but
-    for ``chunk_elements``, ``fused_moments``, ``cuda_graphs`` and ``deterministic``, which change none
-    beyond rounding)."""
+    for :data:`ROUNDING_ONLY`)."""
     keys = ("engine", "dtype", "extrema", "proj_dim", "proj_rank", "chunk_elements", "fused_moments", "cuda_graphs",
             "fisher_dim", "fisher_rank", "response_only_loss", "check_tolerance")
     return {**{k: getattr(score_cfg, k) for k in keys}, "seed": seed, "deterministic": deterministic}

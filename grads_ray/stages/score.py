@@ -66,18 +66,16 @@ def _model_id(cfg) -> str:
 
 
 def _engine_numbers(cfg) -> tuple:
-    from grads_ray.gradients.scorer import engine_settings
+    from grads_ray.gradients.scorer import ROUNDING_ONLY, engine_settings
 
     settings = engine_settings(cfg.score, cfg.seed, cfg.deterministic)
-    return cfg.data.max_length, cfg.data.on_long, {k: v for k, v in settings.items()
-                                                   if k not in ("chunk_elements", "fused_moments", "cuda_graphs",
-                                                                "deterministic")}
+    return cfg.data.max_length, cfg.data.on_long, {k: v for k, v in settings.items() if k not in ROUNDING_ONLY}
 
 
 def _numbers(ctx, model: ModelRef) -> str:
     """What decides a shard's numbers besides its rows (the key of the score cache, which outlives
-    run folders): the model and the engine's settings (the memory bound ``chunk_elements`` and the
-    choices of kernels ``fused_moments``, ``cuda_graphs`` and ``deterministic`` change none beyond rounding)."""
+    run folders): the model and the engine's settings but those that change no number beyond rounding
+    (``scorer.ROUNDING_ONLY``: the memory bound, the choices of kernels)."""
     return fingerprint("score", model.fingerprint, *_engine_numbers(ctx.cfg))
 
 
