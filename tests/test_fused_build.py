@@ -44,15 +44,15 @@ def test_every_specialisation_builds_for_the_gpus_within_their_limits():
 
 
 def test_problems_name_what_a_gpu_would_not_take():
-    fits = fused_build.Built("moments", 90, "bf16 keep", 8, 98_304, 100, 0)
+    fits = fused_build.Built("moments", 90, "bf16 keep", "bf16", 8, 98_304, 100, 0)
     assert fused_build.problems(fits) == []
-    over = fused_build.Built("moments", 80, "bf16", 8, 196_608, 255, 0)  # 256 × 256 × 64 tiles, 4 stages
+    over = fused_build.Built("moments", 80, "bf16", "bf16", 8, 196_608, 255, 0)  # 256 × 256 × 64 tiles, 4 stages
     assert "over sm_80's" in fused_build.problems(over)[0]
-    spills = fused_build.Built("vector", 90, "delta=bf16 x=bf16 mode=1", 4, 1024, 255, 40)
+    spills = fused_build.Built("vector", 90, "delta=bf16 x=bf16 mode=1", "bf16", 4, 1024, 255, 40)
     assert "spilled" in fused_build.problems(spills)[0]
-    check_pass = fused_build.Built("moments", 80, "fp32 keep", 8, 65_536, 255, 176)  # the self-check's float32
+    check_pass = fused_build.Built("moments", 80, "fp32 keep", "fp32", 8, 65_536, 255, 176)  # the self-check's float32
     assert fused_build.problems(check_pass) == []
-    wraps = fused_build.Built("moments", 90, "bf16", 8, 98_304, 98, 0, ("%a = arith.muli %e, %s_le : i32",))
+    wraps = fused_build.Built("moments", 90, "bf16", "bf16", 8, 98_304, 98, 0, ("%a = arith.muli %e, %s_le : i32",))
     assert "32-bit product" in fused_build.problems(wraps)[0]
 
 

@@ -6,7 +6,7 @@ no 32-bit overflow. Here each specialisation the engine launches (``fused.moment
 ``fused.vector_launch``: the same arguments and options as a real launch, from CPU tensors) is compiled to
 a cubin for a named architecture, with Triton's JIT specialising the arguments as on a GPU, and read back:
 registers a thread, bytes spilled to local memory, shared memory a program. ``tests/test_fused_build.py``
-builds every specialisation for the GPUs this project meets; ``benchmarks/kernels.py`` prints the table.
+builds every specialisation for the GPUs this project meets; the command below prints them.
 
 The device is stood in for by a driver that only names the target: compiling needs nothing else, and a
 launch (which would need one) is never made. The kernels' compile caches are keyed by that stand-in, so
@@ -46,6 +46,7 @@ class Built:
     kernel: str  # moments | vector
     arch: int
     what: str  # the specialisation, e.g. "bf16 rows keep" or "delta=bf16 x=fp32 mode=1"
+    dtype: str  # the factors' (the tile kernel) or δ's (the vector kernel): bf16 | fp16 | fp32
     warps: int
     shared: int  # bytes of shared memory a program (Triton's figure: what a launch asks for)
     registers: int | None  # a thread
@@ -180,8 +181,7 @@ def problems(built: Built) -> list[str]:
     limit = SHARED_LIMIT.get(built.arch)
     if limit is not None and built.shared > limit:
         found.append(f"{built.shared:,} bytes of shared memory, over sm_{built.arch}'s {limit:,}")
-    half = not built.what.startswith("fp32") and "delta=fp32" not in built.what
-    if half and built.spilled:
+    if built.dtype != "fp32" and built.spilled:
         found.append(f"{built.spilled} bytes a thread spilled to local memory ({built.registers} registers)")
     return found
 
@@ -195,7 +195,8 @@ def build_all(arch: int, kernels: tuple[str, ...] = ("moments", "vector")) -> li
         for what, launch in launches():
             compiled = build(launch, arch)
             registers, spilled = resources(compiled.asm["cubin"])
-            out.append(Built(kernel, arch, what, compiled.metadata.num_warps, compiled.metadata.shared,
+            dtype = _name(launch[2][0].dtype)  # the first argument: the left factor, or δ
+            out.append(Built(kernel, arch, what, dtype, compiled.metadata.num_warps, compiled.metadata.shared,
                              registers, spilled, tuple(narrow_products(compiled.asm["ttir"]))))
     return out
 
